@@ -1,0 +1,1 @@
+"""agent-factory: multi-provider PostgreSQL with bounded failover."""
