@@ -1,0 +1,124 @@
+"""The exceptions of agent-factory.
+
+Every error the package raises on its own derives from `AgentFactoryError`.
+Errors about reaching a database also derive from `psycopg.OperationalError`,
+so handlers written for psycopg keep working. SQL errors raised by a server
+(syntax, constraint, permission...) are *not* wrapped: they propagate with
+their own psycopg type, carrying the provider's name in ``exc.provider``.
+
+    AgentFactoryError
+    ├── ConfigurationError (also ValueError)    bad or missing settings
+    │   └── NoProvidersConfiguredError           nothing to connect to
+    ├── ManagerClosedError                       used after close_all()
+    └── ProviderError (also OperationalError)    a provider could not serve
+        ├── ProviderUnavailableError             the statement never ran there
+        ├── HangTimeoutError                     no answer within the deadline
+        ├── OutcomeUnknownError                  a write was sent, its fate unknown
+        └── AllProvidersUnavailableError         every candidate failed
+
+Messages name the provider and never contain a password.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import psycopg
+
+__all__ = [
+    "AgentFactoryError",
+    "AllProvidersUnavailableError",
+    "ConfigurationError",
+    "HangTimeoutError",
+    "ManagerClosedError",
+    "NoProvidersConfiguredError",
+    "OutcomeUnknownError",
+    "ProviderError",
+    "ProviderUnavailableError",
+]
+
+
+class AgentFactoryError(Exception):
+    """Root of every exception raised by agent-factory itself."""
+
+    __module__ = "agent_factory.errors"
+
+
+class ConfigurationError(AgentFactoryError, ValueError):
+    """A setting is missing or invalid; the message names it and how to fix it."""
+
+    __module__ = "agent_factory.errors"
+
+
+class NoProvidersConfiguredError(ConfigurationError):
+    """No database provider has usable credentials."""
+
+    __module__ = "agent_factory.errors"
+
+
+class ManagerClosedError(AgentFactoryError, psycopg.InterfaceError):
+    """The manager was closed; create a new one to run more queries."""
+
+    __module__ = "agent_factory.errors"
+
+
+class ProviderError(AgentFactoryError, psycopg.OperationalError):
+    """A provider could not serve a statement.
+
+    ``provider`` is the provider's name and ``reason`` a short text without
+    secrets.
+    """
+
+    __module__ = "agent_factory.errors"
+
+    def __init__(self, provider: str, reason: str, message: str | None = None) -> None:
+        super().__init__(message or f"provider {provider!r} unavailable: {reason}")
+        self.provider = provider
+        self.reason = reason
+
+
+class ProviderUnavailableError(ProviderError):
+    """The statement never reached this provider (connect or checkout failed)."""
+
+    __module__ = "agent_factory.errors"
+
+
+class HangTimeoutError(ProviderError):
+    """The provider stopped answering and the call was abandoned at its deadline."""
+
+    __module__ = "agent_factory.errors"
+
+
+class OutcomeUnknownError(ProviderError):
+    """A write reached the provider but its connection failed before the answer.
+
+    The write may or may not have committed there. It was not retried
+    anywhere else, so it was applied at most once. Check and, if needed,
+    retry it yourself, or pass ``idempotent=True`` for statements that are
+    safe to run twice.
+    """
+
+    __module__ = "agent_factory.errors"
+
+    def __init__(self, provider: str, reason: str) -> None:
+        super().__init__(
+            provider,
+            reason,
+            f"outcome unknown on provider {provider!r}: the statement was sent but the "
+            f"connection failed before it was acknowledged ({reason}); it may or may not "
+            "have committed there and was not retried elsewhere",
+        )
+
+
+class AllProvidersUnavailableError(AgentFactoryError, psycopg.OperationalError):
+    """Every provider that could serve the statement failed.
+
+    ``reasons`` maps each provider tried or skipped to why it was not used.
+    """
+
+    __module__ = "agent_factory.errors"
+
+    def __init__(self, reasons: Mapping[str, str]) -> None:
+        detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+        super().__init__(f"All database providers failed ({detail})")
+        self.reasons = dict(reasons)

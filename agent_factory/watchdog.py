@@ -1,0 +1,170 @@
+"""A client-side deadline that really interrupts a call blocked on a silent server.
+
+libpq's timeouts do not cover a server that accepted TCP and then stopped
+answering (SIGSTOP, a blackhole): a query waits forever. The watchdog keeps
+the socket of every call in flight and, when the call's deadline passes,
+shuts that socket down; the blocked psycopg call then fails at once with a
+connection error, which the manager treats as the provider being down.
+
+Two kinds of deadline:
+
+* *liveness*: a query may run as long as it likes while its server shows
+  signs of life. The deadline is ``hang_timeout`` after the later of the
+  call's start and the server's last sign of life. When a call has waited
+  ``probe_after`` without news, the watchdog asks the provider for a probe on
+  a separate connection; a probe answer refreshes the sign of life.
+* *hard*: an absolute deadline, used for the probes themselves.
+
+One daemon thread serves a whole manager; it starts on first use, holds no
+lock while shutting sockets, and stops on `close()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+logger = logging.getLogger("agent_factory.core.database_manager")
+
+
+class Liveness(Protocol):
+    """What the watchdog needs to know about a provider."""
+
+    name: str
+    last_alive: float
+    hang_timeout: float
+
+    def request_probe(self) -> None: ...
+
+
+class Watch:
+    """One call in flight."""
+
+    __slots__ = ("fd", "started", "target", "hard_deadline", "probed", "fired")
+
+    def __init__(
+        self, fd: int, started: float, target: Liveness, hard_deadline: float | None
+    ) -> None:
+        self.fd = fd
+        self.started = started
+        self.target = target
+        self.hard_deadline = hard_deadline
+        self.probed = 0.0
+        self.fired = False
+
+    def deadline(self) -> float:
+        if self.hard_deadline is not None:
+            return self.hard_deadline
+        t = self.target
+        return max(self.started, t.last_alive) + t.hang_timeout
+
+    def probe_due(self, probe_after: float) -> float | None:
+        """When to ask for a probe, or None for hard deadlines."""
+        if self.hard_deadline is not None:
+            return None
+        news = max(self.started, self.target.last_alive, self.probed)
+        return news + probe_after
+
+
+class Watchdog:
+    """Shuts down the sockets of calls whose deadline passed."""
+
+    def __init__(
+        self,
+        *,
+        probe_after: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._probe_after = probe_after
+        self._clock = clock
+        self._cond = threading.Condition(threading.Lock())
+        self._watches: set[Watch] = set()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def watch(self, fd: int, target: Liveness, hard_deadline: float | None = None) -> Watch:
+        w = Watch(fd, self._clock(), target, hard_deadline)
+        with self._cond:
+            if self._closed:
+                return w
+            self._watches.add(w)
+            if self._thread is None:
+                self._start()
+            elif len(self._watches) == 1 or hard_deadline is not None:
+                self._cond.notify()
+        return w
+
+    def unwatch(self, w: Watch) -> None:
+        with self._cond:
+            self._watches.discard(w)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._watches.clear()
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name="agent-factory-watchdog", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            to_fire: list[Watch] = []
+            to_probe: list[Watch] = []
+            with self._cond:
+                if self._closed:
+                    return
+                now = self._clock()
+                wake = self._scan(now, to_fire, to_probe)
+                if not to_fire and not to_probe:
+                    self._cond.wait(None if wake is None else max(wake - now, 0.001))
+                    continue
+            for w in to_probe:
+                w.target.request_probe()
+            for w in to_fire:
+                _shutdown(w.fd, w.target.name)
+
+    def _scan(self, now: float, to_fire: list[Watch], to_probe: list[Watch]) -> float | None:
+        wake: float | None = None
+        for w in list(self._watches):
+            due = w.deadline()
+            if now >= due:
+                w.fired = True
+                self._watches.discard(w)
+                to_fire.append(w)
+                continue
+            probe_at = w.probe_due(self._probe_after)
+            if probe_at is not None:
+                if now >= probe_at:
+                    w.probed = now
+                    to_probe.append(w)
+                    probe_at = now + self._probe_after
+                due = min(due, probe_at)
+            wake = due if wake is None else min(wake, due)
+        return wake
+
+
+def _shutdown(fd: int, provider: str) -> None:
+    logger.warning("provider %r gave no answer within its deadline; abandoning the call", provider)
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        s.close()
+
