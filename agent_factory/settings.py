@@ -274,6 +274,8 @@ def connection_params(url: str, setting: str) -> dict[str, str]:
     params = {k: str(v) for k, v in raw.items() if v is not None}
     if not params.get("host") and not params.get("hostaddr"):
         raise ConfigurationError(f"{setting} has no host; expected postgresql://user:pw@host/db")
+    if not all(p.strip().isdigit() for p in params.get("port", "5432").split(",")):
+        raise ConfigurationError(f"{setting} has a port that is not a number")
     return with_defaults(params)
 
 
