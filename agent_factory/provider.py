@@ -17,24 +17,41 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import pq
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from .policy import Health, Kind, classify
+from .errors import HangTimeoutError, OutcomeUnknownError, ProviderUnavailableError
+from .policy import Health, Kind, classify, may_retry_after_send
 from .settings import ProviderSettings, Settings
 from .watchdog import Watchdog
 
 logger = logging.getLogger("agent_factory.core.database_manager")
 
 Fetch = Callable[[psycopg.Cursor[Any]], Any]
+FetchMode = Literal["all", "one", "none"]
 HealthCallback = Callable[["DatabaseProvider", bool, "str | None"], None]
 
 # How often a caller waiting for a pooled connection looks whether the
 # provider went down meanwhile (a pool connection attempt failed).
 _CHECKOUT_SLICE = 0.02
+
+
+def _fetch_all(cur: psycopg.Cursor[Any]) -> Any:
+    return cur.fetchall() if cur.description is not None else []
+
+
+def _fetch_one(cur: psycopg.Cursor[Any]) -> Any:
+    return cur.fetchone() if cur.description is not None else None
+
+
+def _fetch_none(cur: psycopg.Cursor[Any]) -> None:
+    return None
+
+
+FETCHERS: dict[str, Fetch] = {"all": _fetch_all, "one": _fetch_one, "none": _fetch_none}
 
 
 class Unavailable(Exception):
@@ -110,6 +127,22 @@ class DatabaseProvider:
             pool.putconn(conn)
         self.last_alive = self._clock()
         return result
+
+    def execute_query(
+        self, query: Any, params: Any = None, fetch_mode: FetchMode = "all"
+    ) -> Any:
+        """Run one statement on this provider only (no failover)."""
+        fetch = FETCHERS.get(fetch_mode)
+        if fetch is None:
+            raise ValueError(f"fetch_mode must be 'all', 'one' or 'none', got {fetch_mode!r}")
+        try:
+            return self.run(query, params, fetch)
+        except Unavailable as exc:
+            self.mark_down(exc.reason)
+            if exc.sent and not may_retry_after_send(query, None, None):
+                raise OutcomeUnknownError(self.name, exc.reason) from exc.__cause__
+            error = HangTimeoutError if exc.hung else ProviderUnavailableError
+            raise error(self.name, exc.reason) from exc.__cause__
 
     def checkout(self) -> tuple[ConnectionPool[Any], psycopg.Connection[Any]]:
         """A live pooled connection, or `Unavailable` (never sent) within the deadline."""

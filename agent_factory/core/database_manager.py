@@ -31,7 +31,7 @@ from ..errors import (
 )
 from ..events import Dispatcher, Listener
 from ..policy import Kind, candidates, classify, may_retry_after_send
-from ..provider import DatabaseProvider, Fetch, Unavailable
+from ..provider import FETCHERS, DatabaseProvider, FetchMode, Unavailable
 from ..settings import Settings
 from ..watchdog import Watchdog
 
@@ -39,22 +39,6 @@ __all__ = ["DatabaseManager", "DatabaseProvider", "FetchMode"]
 
 logger = logging.getLogger("agent_factory.core.database_manager")
 
-FetchMode = Literal["all", "one", "none"]
-
-
-def _fetch_all(cur: psycopg.Cursor[Any]) -> Any:
-    return cur.fetchall() if cur.description is not None else []
-
-
-def _fetch_one(cur: psycopg.Cursor[Any]) -> Any:
-    return cur.fetchone() if cur.description is not None else None
-
-
-def _fetch_none(cur: psycopg.Cursor[Any]) -> None:
-    return None
-
-
-_FETCHERS: dict[str, Fetch] = {"all": _fetch_all, "one": _fetch_one, "none": _fetch_none}
 
 
 class DatabaseManager:
@@ -188,7 +172,7 @@ class DatabaseManager:
         statement may be retried on another provider after its connection
         broke mid-flight; by default plain SELECTs are, writes are not.
         """
-        fetch = _FETCHERS.get(fetch_mode)
+        fetch = FETCHERS.get(fetch_mode)
         if fetch is None:
             raise ValueError(f"fetch_mode must be 'all', 'one' or 'none', got {fetch_mode!r}")
         if self._closed:
