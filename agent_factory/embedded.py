@@ -1,0 +1,544 @@
+"""Real PostgreSQL servers on loopback, for the demo and the tests.
+
+The ``postgres`` binary is run directly (not through ``pg_ctl``) in a session of its
+own, so that we hold the postmaster's pid and can reach all of its processes: that
+is what lets ``kill()`` crash every backend at once and ``hang()`` freeze them, the
+way a provider outage looks from the client. Binaries come from ``bin_dir``, else
+``PG_BIN``, else the ``pgserver`` wheel (``pip install 'agent-factory[embedded]'``).
+
+PostgreSQL refuses to run as root, so under root the server runs as the system user
+``agentfactory-pg``, created on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from types import TracebackType
+from typing import TypedDict
+from urllib.parse import quote
+
+import psycopg
+
+__all__ = [
+    "RUN_AS_USER",
+    "EmbeddedPostgres",
+    "EmbeddedPostgresError",
+    "PostgresNotFoundError",
+    "find_bin_dir",
+    "free_port",
+    "pgvector_available",
+]
+
+logger = logging.getLogger("agent_factory.embedded")
+
+RUN_AS_USER = "agentfactory-pg"
+_HOST = "127.0.0.1"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# Durability is traded for speed: these servers hold throwaway data.
+_DEFAULT_SETTINGS: Mapping[str, str] = {
+    "listen_addresses": _HOST,
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "wal_level": "logical",
+    "max_wal_senders": "10",
+    "max_replication_slots": "10",
+    "max_connections": "100",
+    "shared_buffers": "32MB",
+}
+_INSTALL_HINT = (
+    "install the 'embedded' extra (pip install 'agent-factory[embedded]') "
+    "or set PG_BIN to the bin/ directory of a PostgreSQL installation"
+)
+_SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; keep room for ".s.PGSQL.<port>"
+_STOP_TIMEOUT = 30.0
+_account_lock = threading.Lock()  # useradd must not race with itself
+
+
+class EmbeddedPostgresError(RuntimeError):
+    """An embedded server could not be set up, started or stopped."""
+
+
+class PostgresNotFoundError(EmbeddedPostgresError):
+    """No usable PostgreSQL binaries; the message says how to install them."""
+
+
+def find_bin_dir(bin_dir: Path | None = None) -> Path:
+    """Return the directory holding ``initdb`` and ``postgres``.
+
+    An explicit choice (argument, then ``PG_BIN``) that is wrong is an error rather
+    than a silent fall back, so a typo never runs a different PostgreSQL.
+    """
+    if bin_dir is not None:
+        candidate, origin = Path(bin_dir), "bin_dir"
+    elif os.environ.get("PG_BIN"):
+        candidate, origin = Path(os.environ["PG_BIN"]), "PG_BIN"
+    else:
+        # find_spec locates the wheel without importing it (its import has side effects).
+        spec = find_spec("pgserver")
+        if spec is None or spec.origin is None:
+            raise PostgresNotFoundError(f"no PostgreSQL binaries found: {_INSTALL_HINT}")
+        candidate, origin = Path(spec.origin).parent / "pginstall" / "bin", "pgserver"
+    for program in ("initdb", "postgres"):
+        if not (candidate / program).is_file():
+            raise PostgresNotFoundError(
+                f"no {program} in {candidate} (from {origin}): {_INSTALL_HINT}"
+            )
+    return candidate
+
+
+def pgvector_available(bin_dir: Path | None = None) -> bool:
+    """Tell whether the installation next to ``bin_dir`` ships the pgvector extension."""
+    try:
+        bin_dir = find_bin_dir(bin_dir)
+    except PostgresNotFoundError:
+        return False
+    share_dirs = [bin_dir.parent / "share" / "postgresql", bin_dir.parent / "share"]
+    pg_config = bin_dir / "pg_config"
+    if pg_config.is_file():
+        try:
+            out = subprocess.run(
+                [str(pg_config), "--sharedir"], capture_output=True, text=True, timeout=10
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                share_dirs.append(Path(out.stdout.strip()))
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return any((d / "extension" / "vector.control").is_file() for d in share_dirs)
+
+
+def free_port(host: str = _HOST) -> int:
+    """Return a TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class _Account:
+    uid: int
+    gid: int
+
+
+def _service_account() -> _Account | None:
+    """Return the unprivileged account to run as, or None when we are not root."""
+    if os.geteuid() != 0:
+        return None
+    with _account_lock:
+        try:
+            entry = pwd.getpwnam(RUN_AS_USER)
+        except KeyError:
+            logger.info("running as root: creating system user %s for PostgreSQL", RUN_AS_USER)
+            useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+            cmd = [useradd, "--system", "--user-group", "--no-create-home",
+                   "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", RUN_AS_USER]
+            try:
+                result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+                detail = result.stderr.strip()
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                detail = str(exc)
+            try:  # another process may have created it concurrently
+                entry = pwd.getpwnam(RUN_AS_USER)
+            except KeyError:
+                raise EmbeddedPostgresError(
+                    f"PostgreSQL refuses to run as root and creating the system user "
+                    f"{RUN_AS_USER} failed: {detail}; create it or run as another user"
+                ) from None
+    return _Account(entry.pw_uid, entry.pw_gid)
+
+
+def _make_traversable(path: Path, account: _Account) -> None:
+    """Let ``account`` reach ``path``: add o+x to the directories that block it, only."""
+    resolved = path.resolve()
+    for directory in [*reversed(resolved.parents), resolved]:
+        st = directory.stat()
+        if st.st_uid == account.uid:
+            ok = bool(st.st_mode & stat.S_IXUSR)
+        elif st.st_gid == account.gid:
+            ok = bool(st.st_mode & stat.S_IXGRP)
+        else:
+            ok = bool(st.st_mode & stat.S_IXOTH)
+        if not ok:
+            logger.info("adding o+x to %s so %s can reach PostgreSQL files", directory, RUN_AS_USER)
+            os.chmod(directory, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _process_table() -> dict[int, tuple[str, int]]:
+    """Map pid to (state, parent pid), from /proc or else from ps."""
+    table: dict[int, tuple[str, int]] = {}
+    if os.path.isdir("/proc"):
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # exited meanwhile
+            table[int(name)] = (fields[0], int(fields[1]))
+        return table
+    out = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "stat=", "-o", "ppid="],
+                         capture_output=True, text=True, timeout=10).stdout
+    for line in out.splitlines():
+        pid, state, ppid = line.split()
+        table[int(pid)] = (state[0], int(ppid))
+    return table
+
+
+def _wait_stopped(pid: int) -> None:
+    """Wait (briefly) until SIGSTOP took effect: only then can it no longer fork."""
+    deadline = time.monotonic() + 2.0
+    while _process_table().get(pid, ("T", 0))[0] not in ("T", "Z", "X"):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.001)
+
+
+@dataclass
+class _Process:
+    """What the finalizer needs: kept apart from EmbeddedPostgres so it can be collected."""
+
+    popen: subprocess.Popen[bytes] | None = None
+    hung: bool = False
+
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal_server(self, sig: signal.Signals) -> list[int]:
+        """Signal the postmaster and every child; return the pids signalled.
+
+        Each backend calls setsid() when forked, so the postmaster's process group
+        holds only the postmaster: its children are found by parent pid instead.
+        The postmaster is frozen first so that it cannot fork while we look.
+        """
+        if self.popen is None:
+            return []
+        postmaster = self.popen.pid
+        if sig != signal.SIGCONT:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(postmaster, signal.SIGSTOP)
+            _wait_stopped(postmaster)
+        children = [pid for pid, (_, ppid) in _process_table().items() if ppid == postmaster]
+        for pid in [*children, postmaster]:
+            # The group catches what a backend spawned (archive_command, COPY PROGRAM).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, sig)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return [postmaster, *children]
+
+
+def _reap(process: _Process, remove: Path | None) -> None:
+    """Last-resort cleanup (close() or interpreter exit): never leave a server behind."""
+    if process.popen is not None:
+        process.signal_server(signal.SIGKILL)
+        try:
+            process.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            logger.warning("postgres pid %d did not exit after SIGKILL", process.popen.pid)
+        process.popen = None
+    if remove is not None:
+        shutil.rmtree(remove, ignore_errors=True)
+
+
+def _all_gone(pids: list[int]) -> bool:
+    """True when none of ``pids`` is alive; zombies count as gone.
+
+    pid 1 of a container may never reap orphaned backends, and a zombie holds no
+    shared memory that would stop the next postmaster from starting.
+    """
+    table = _process_table()
+    return all(table.get(pid, ("X", 0))[0] in ("Z", "X") for pid in pids)
+
+
+class EmbeddedPostgres:
+    """One PostgreSQL server on 127.0.0.1 with password (SCRAM) authentication.
+
+    The data directory is ``base_dir/name``; an existing cluster there is reused
+    (pass its password). ``is_running()`` stays true while the server is hung.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        port: int | None = None,
+        base_dir: Path | None = None,
+        bin_dir: Path | None = None,
+        password: str | None = None,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"server name must be a simple file name, got {name!r}")
+        if port is not None and not 0 < port < 65536:
+            raise ValueError(f"port out of range: {port}")
+        if password == "":
+            raise ValueError("password must not be empty")
+        self.bin_dir = find_bin_dir(bin_dir)  # first: a missing install leaves nothing behind
+        self.name = name
+        self.host = _HOST
+        self.user = "postgres"
+        self.dbname = "postgres"
+        self.password = password if password is not None else secrets.token_urlsafe(24)
+        self._auto_port = port is None
+        self.port = port if port is not None else free_port()
+        self._settings = {**_DEFAULT_SETTINGS, **(settings or {})}
+        if base_dir is None:
+            self.base_dir = Path(tempfile.mkdtemp(prefix="agent-factory-pg-"))
+            owned: Path | None = self.base_dir
+        else:
+            self.base_dir = Path(base_dir)
+            owned = None if (self.base_dir / name).exists() else self.base_dir / name
+        self.data_dir = self.base_dir / name
+        self._process = _Process()
+        self._started_once = False
+        self._finalizer = weakref.finalize(self, _reap, self._process, owned)
+
+    @property
+    def url(self) -> str:
+        """The connection URL; it contains the password, so never log it."""
+        secret = quote(self.password, safe="")
+        return f"postgresql://{self.user}:{secret}@{self.host}:{self.port}/{self.dbname}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "postgres.log"
+
+    @property
+    def pid(self) -> int | None:
+        popen = self._process.popen
+        return popen.pid if popen is not None and self._process.running() else None
+
+    def is_running(self) -> bool:
+        return self._process.running()
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Create the cluster if needed, start the server, return once it accepts logins."""
+        if not self._finalizer.alive:
+            raise EmbeddedPostgresError(f"{self.name}: server was closed")
+        if self.is_running():
+            return
+        account = _service_account()
+        self._prepare(account)
+        # An auto-picked port can be taken between picking and binding: pick again.
+        attempts = 3 if self._auto_port and not self._started_once else 1
+        for attempt in range(attempts):
+            try:
+                self._launch(account)
+                self._wait_ready(time.monotonic() + timeout)
+                break
+            except EmbeddedPostgresError as exc:
+                if attempt + 1 == attempts or "could not bind" not in str(exc):
+                    raise
+                self.port = free_port()
+        self._started_once = True
+        logger.info("%s: PostgreSQL running on %s:%d (pid %s)", self.name, self.host,
+                    self.port, self.pid)
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT): sessions are ended, committed data is kept."""
+        popen = self._process.popen
+        if popen is None or popen.poll() is not None:
+            self._process.popen = None
+            return
+        self.resume()
+        popen.send_signal(signal.SIGINT)
+        try:
+            popen.wait(_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s: no exit %ss after SIGINT, killing", self.name, _STOP_TIMEOUT)
+            self._process.signal_server(signal.SIGKILL)
+            popen.wait(_STOP_TIMEOUT)
+        self._process.popen = None
+        logger.info("%s: stopped", self.name)
+
+    def kill(self) -> None:
+        """Crash the server: SIGKILL every process, return once the port refuses."""
+        popen = self._process.popen
+        if popen is None:
+            return
+        killed = self._process.signal_server(signal.SIGKILL)
+        popen.wait(_STOP_TIMEOUT)
+        self._process.popen = None
+        self._process.hung = False
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        while not (_all_gone(killed) and self._port_refuses()):
+            if time.monotonic() > deadline:
+                raise EmbeddedPostgresError(f"{self.name}: still reachable after SIGKILL")
+            time.sleep(0.01)
+        logger.info("%s: killed", self.name)
+
+    def hang(self) -> None:
+        """Freeze every process (SIGSTOP): the kernel still accepts TCP, nobody answers."""
+        if not self.is_running():
+            raise EmbeddedPostgresError(f"{self.name}: cannot hang a server that is not running")
+        self._process.signal_server(signal.SIGSTOP)
+        self._process.hung = True
+        logger.info("%s: hung", self.name)
+
+    def resume(self) -> None:
+        """Undo ``hang()``; a no-op when the server is not hung."""
+        if self._process.hung:
+            self._process.signal_server(signal.SIGCONT)
+            self._process.hung = False
+            logger.info("%s: resumed", self.name)
+
+    def restart(self) -> None:
+        """Start again on the same port and data; after ``kill()`` this runs crash recovery."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Stop the server and delete the data directory if this object created it."""
+        if self.is_running():
+            self.stop()
+        self._finalizer()
+
+    def __enter__(self) -> EmbeddedPostgres:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "hung" if self._process.hung else "running" if self.is_running() else "stopped"
+        return f"EmbeddedPostgres(name={self.name!r}, port={self.port}, state={state})"
+
+    def _child_env(self) -> dict[str, str]:
+        # PG* variables of the caller (PGDATA, PGPORT...) must not steer our servers.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["LC_ALL"] = "C"
+        return env
+
+    def _prepare(self, account: _Account | None) -> None:
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if account is not None:
+            os.chown(self.data_dir, account.uid, account.gid)
+            _make_traversable(self.base_dir, account)
+            _make_traversable(self.bin_dir, account)
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb(account)
+        self._socket_dir.mkdir(mode=0o700, exist_ok=True)
+        if account is not None:
+            os.chown(self._socket_dir, account.uid, account.gid)
+
+    @property
+    def _socket_dir(self) -> Path:
+        return self.data_dir / "sockets"
+
+    def _initdb(self, account: _Account | None) -> None:
+        fd, pwfile = tempfile.mkstemp(prefix=".pwfile-", dir=self.base_dir)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(self.password + "\n")
+            if account is not None:
+                os.chown(pwfile, account.uid, account.gid)
+            cmd = [str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.user,
+                   "--auth=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8",
+                   "--no-locale", "--no-sync", "--no-instructions"]
+            logger.info("%s: initdb in %s", self.name, self.data_dir)
+            result = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=300, cwd=self.data_dir,
+                env=self._child_env(), **_identity(account),
+            )
+        finally:
+            os.unlink(pwfile)
+        if result.returncode != 0:
+            output = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
+            raise EmbeddedPostgresError(f"{self.name}: initdb failed:\n{output}")
+
+    def _launch(self, account: _Account | None) -> None:
+        socket_dir = str(self._socket_dir)
+        if len(socket_dir) > _SOCKET_PATH_MAX:
+            socket_dir = ""  # too long for a Unix socket: TCP only
+        cmd = [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
+               "-h", self.host, "-k", socket_dir]
+        for key, value in self._settings.items():
+            cmd += ["-c", f"{key}={value}"]
+        with open(self.log_path, "ab") as log:
+            self._process.popen = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.data_dir, env=self._child_env(), start_new_session=True,
+                **_identity(account),
+            )
+
+    def _wait_ready(self, deadline: float) -> None:
+        popen = self._process.popen
+        assert popen is not None
+        while True:
+            code = popen.poll()
+            if code is not None:
+                self._process.popen = None
+                raise EmbeddedPostgresError(
+                    f"{self.name}: postgres exited with code {code} while starting; "
+                    f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
+                )
+            try:
+                with psycopg.connect(self.url, connect_timeout=2, autocommit=True) as conn:
+                    conn.execute("SELECT 1")
+                return
+            except psycopg.OperationalError as exc:
+                last = exc
+            if time.monotonic() > deadline:
+                self._process.signal_server(signal.SIGKILL)
+                popen.wait(_STOP_TIMEOUT)
+                self._process.popen = None
+                raise EmbeddedPostgresError(
+                    f"{self.name}: not accepting connections in time ({last}); "
+                    f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
+                )
+            time.sleep(0.05)
+
+    def _port_refuses(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1):
+                return False
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+
+
+class _Identity(TypedDict):
+    user: int | None
+    group: int | None
+    extra_groups: list[int] | None
+
+
+def _identity(account: _Account | None) -> _Identity:
+    """Process identity arguments: drop root, including its supplementary groups."""
+    if account is None:
+        return _Identity(user=None, group=None, extra_groups=None)
+    return _Identity(user=account.uid, group=account.gid, extra_groups=[])

@@ -1,0 +1,182 @@
+"""FaultProxy against a real PostgreSQL server: every fault is a real socket event."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from fleet import Fleet, wait_until
+
+from agent_factory.embedded import EmbeddedPostgres
+from agent_factory.faultproxy import FaultProxy
+
+
+@pytest.fixture
+def server(healthy_fleet: Fleet) -> EmbeddedPostgres:
+    return healthy_fleet["supabase"].server
+
+
+@pytest.fixture
+def proxy(server: EmbeddedPostgres) -> Iterator[FaultProxy]:
+    """A private proxy, so mode changes never leak into the fleet's own proxies."""
+    with FaultProxy(server.host, server.port) as fresh:
+        yield fresh
+
+
+def round_trip(conn: psycopg.Connection[tuple[object, ...]]) -> float:
+    started = time.monotonic()
+    conn.execute("SELECT 1").fetchone()
+    return time.monotonic() - started
+
+
+def test_pass_forwards_queries_and_counts_connections(
+    proxy: FaultProxy, server: EmbeddedPostgres
+) -> None:
+    assert proxy.mode == "pass" and proxy.connection_count == 0
+    with psycopg.connect(proxy.url_for(server.url), connect_timeout=5) as conn:
+        assert conn.execute("SELECT inet_server_port()").fetchone() == (server.port,)
+        assert proxy.connection_count == 1
+    wait_until(lambda: proxy.connection_count == 0, message="the link to close")
+
+
+def test_latency_delays_each_direction_and_keeps_order(
+    proxy: FaultProxy, server: EmbeddedPostgres
+) -> None:
+    latency = 0.15
+    with psycopg.connect(proxy.url_for(server.url), autocommit=True) as conn:
+        proxy.set_latency(latency)
+        assert round_trip(conn) >= 2 * latency  # request and answer are each delayed
+        # Several megabytes arrive as many chunks; any reordering breaks the digest.
+        big = conn.execute("SELECT repeat(md5(g::text), 1000) FROM generate_series(1, 100) g")
+        received = hashlib.md5("".join(row[0] for row in big.fetchall()).encode()).hexdigest()
+        expected = conn.execute(
+            "SELECT md5(string_agg(repeat(md5(g::text), 1000), '' ORDER BY g))"
+            " FROM generate_series(1, 100) g"
+        ).fetchone()
+        assert expected == (received,)
+        proxy.set_latency(0)
+        assert proxy.latency == 0 and conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_blackhole_accepts_and_never_answers(proxy: FaultProxy, server: EmbeddedPostgres) -> None:
+    proxied = proxy.url_for(server.url)
+    before = psycopg.connect(proxied, autocommit=True)
+    answers: list[object] = []
+
+    def query() -> None:
+        try:
+            answers.append(before.execute("SELECT 1").fetchone())
+        except psycopg.Error as exc:
+            answers.append(exc)
+
+    proxy.set_mode("blackhole")
+    worker = threading.Thread(target=query, daemon=True)
+    try:
+        worker.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(proxied, connect_timeout=2)
+        assert time.monotonic() - started >= 1.5, "blackhole must time out, not refuse"
+        with socket.create_connection((proxy.host, proxy.port), timeout=2) as raw:
+            raw.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")  # SSLRequest: never answered
+            raw.settimeout(0.3)
+            with pytest.raises(socket.timeout):
+                raw.recv(1)
+        assert worker.is_alive() and not answers
+        with psycopg.connect(server.url, connect_timeout=5) as direct:
+            assert direct.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        proxy.set_mode("reset")  # frees the stuck query
+        worker.join(5)
+        before.close()
+    assert len(answers) == 1 and isinstance(answers[0], psycopg.OperationalError)
+    proxy.set_mode("pass")
+    with psycopg.connect(proxied, connect_timeout=5) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_reset_breaks_open_connections_at_once(
+    proxy: FaultProxy, server: EmbeddedPostgres
+) -> None:
+    conn = psycopg.connect(proxy.url_for(server.url), autocommit=True)
+    try:
+        proxy.set_mode("reset")
+        assert proxy.connection_count == 0
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(proxy.url_for(server.url), connect_timeout=10)
+        assert time.monotonic() - started < 5
+    finally:
+        conn.close()
+    proxy.set_mode("pass")
+    with psycopg.connect(proxy.url_for(server.url), connect_timeout=5) as again:
+        assert again.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_refuse_stops_listening_and_pass_listens_again(
+    proxy: FaultProxy, server: EmbeddedPostgres
+) -> None:
+    port = proxy.port
+    conn = psycopg.connect(proxy.url_for(server.url), autocommit=True)
+    try:
+        proxy.set_mode("refuse")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((proxy.host, port), timeout=2)
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError, match="refused"):
+            psycopg.connect(proxy.url_for(server.url), connect_timeout=10)
+        assert time.monotonic() - started < 5
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+    finally:
+        conn.close()
+    proxy.set_mode("pass")
+    assert proxy.port == port
+    with psycopg.connect(proxy.url_for(server.url), connect_timeout=5) as again:
+        assert again.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_close_is_prompt_with_busy_connections(server: EmbeddedPostgres) -> None:
+    proxy = FaultProxy(server.host, server.port)
+    proxy.start()
+    name = f"faultproxy-{proxy.port}-"
+    live = psycopg.connect(proxy.url_for(server.url), autocommit=True)
+    proxy.set_latency(5.0)
+    proxy.set_mode("blackhole")
+    silent = socket.create_connection((proxy.host, proxy.port), timeout=2)
+    wait_until(lambda: proxy.connection_count == 2, message="both connections accepted")
+    started = time.monotonic()
+    proxy.close()
+    assert time.monotonic() - started < 3
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith(name)],
+               timeout=5, message="the proxy's threads to end")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((proxy.host, proxy.port), timeout=2)
+    live.close()
+    silent.close()
+
+
+def test_url_for_replaces_only_host_and_port(proxy: FaultProxy) -> None:
+    url = "postgresql://user:p%40ss@db.example.com:6543/app?sslmode=disable"
+    assert proxy.url_for(url) == (
+        f"postgresql://user:p%40ss@127.0.0.1:{proxy.port}/app?sslmode=disable"
+    )
+    assert proxy.url_for("postgres://[::1]:5432/x") == f"postgres://127.0.0.1:{proxy.port}/x"
+    with pytest.raises(ValueError):
+        proxy.url_for("mysql://h:1/x")
+
+
+def test_bad_arguments_are_rejected(proxy: FaultProxy) -> None:
+    with pytest.raises(ValueError):
+        proxy.set_mode("flaky")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        proxy.set_latency(-1)
+    with pytest.raises(ValueError):
+        FaultProxy("127.0.0.1", 0)
