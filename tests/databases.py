@@ -1,0 +1,31 @@
+"""Fresh databases on every fleet server, so test modules never share tables."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+from fleet import Fleet
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    """The same connection target with another database name."""
+    return make_conninfo("", **{**conninfo_to_dict(url), "dbname": dbname})
+
+
+def create_databases(fleet: Fleet, prefix: str = "t") -> dict[str, str]:
+    """One new empty database per provider; returns proxied URLs by provider name."""
+    dbname = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    for member in fleet:
+        with psycopg.connect(member.direct_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{dbname}"')
+    return {member.name: with_dbname(member.url, dbname) for member in fleet}
+
+
+def drop_databases(fleet: Fleet, urls: dict[str, str]) -> None:
+    """Drop what `create_databases` made (the fleet must be healthy)."""
+    for member in fleet:
+        dbname = conninfo_to_dict(urls[member.name])["dbname"]
+        with psycopg.connect(member.direct_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
