@@ -52,11 +52,13 @@ logger = logging.getLogger("agent_factory.embedded")
 RUN_AS_USER = "agentfactory-pg"
 _HOST = "127.0.0.1"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-# Durability is traded for speed: these servers hold throwaway data.
+# fsync is off (throwaway data, only a machine crash would lose it), but
+# synchronous_commit stays on: an acknowledged commit must survive kill(),
+# which is what the demo and the failover tests crash the server with.
 _DEFAULT_SETTINGS: Mapping[str, str] = {
     "listen_addresses": _HOST,
     "fsync": "off",
-    "synchronous_commit": "off",
+    "synchronous_commit": "on",
     "full_page_writes": "off",
     "wal_level": "logical",
     "max_wal_senders": "10",

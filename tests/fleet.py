@@ -19,10 +19,6 @@ from agent_factory.faultproxy import FaultProxy
 
 PROVIDERS = ("supabase", "railway", "neon")
 START_TIMEOUT = 60.0  # three initdb runs share two cores on CI
-# kill() is a real SIGKILL of every server process: an asynchronous commit still in
-# the WAL buffers would be lost. Synchronous commit (with fsync off, only a write()
-# to the OS) makes "committed" mean "survives kill()", as on a managed provider.
-FLEET_SETTINGS = {"synchronous_commit": "on"}
 
 
 def wait_until(
@@ -120,7 +116,7 @@ class Fleet:
 
 def start_fleet(names: Sequence[str] = PROVIDERS) -> Fleet:
     """Start one server per name (in parallel: initdb dominates) and front each with a proxy."""
-    servers = [EmbeddedPostgres(name, settings=FLEET_SETTINGS) for name in names]
+    servers = [EmbeddedPostgres(name) for name in names]
     try:
         with ThreadPoolExecutor(len(servers)) as pool:
             list(pool.map(lambda server: server.start(START_TIMEOUT), servers))
