@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("AGENT_FACTORY_VENV", ROOT / ".venv"))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
+LINTED = ("agent_factory", "tests", "bench", "scripts", "examples", "dev.py")
 
 
 def ensure_venv() -> None:
@@ -56,7 +57,8 @@ def main(argv: list[str]) -> None:
     if what == "demo":
         run([str(BIN / "agent-factory-db"), "demo", *rest])
     elif what == "test":
-        run([str(PY), "-m", "ruff", "check", "agent_factory", "tests", "bench", "scripts", "dev.py"])
+        paths = [p for p in LINTED if (ROOT / p).exists()]
+        run([str(PY), "-m", "ruff", "check", *paths])
         run([str(PY), "-m", "mypy"])
         run([str(PY), "-m", "pytest", *rest])
     else:
