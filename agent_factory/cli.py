@@ -1,0 +1,359 @@
+"""The ``agent-factory-db`` command: a live failover demo, health and stats.
+
+    agent-factory-db demo [--no-live] [--no-hang] [--down-seconds N]
+    agent-factory-db health [--json]     exit 0 ok, 1 primary down, 2 bad configuration
+    agent-factory-db stats [--json]
+
+Rich draws for a terminal only and is imported inside the commands that use
+it, so importing this module stays cheap; pipes, logs and machines without
+Rich get plain aligned text. Nothing printed here contains a password: only names,
+hosts and ports leave the manager, and every cell is scrubbed once more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+    from .core.database_manager import DatabaseManager
+    from .demo import Demo, DemoConfig, DemoResult, DemoView
+
+__all__ = ["main"]
+
+_PROG = "agent-factory-db"
+_INSTALL = "pip install 'agent-factory[embedded]'"
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+_ROLE_STYLE = {"primary": "green", "serving": "yellow", "backup": "cyan", "down": "bold red"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Library warnings (pool reconnects, failover notices) would garble the
+    # tables; the demo shows the same facts as events. The level goes on the
+    # handler too: psycopg sets its own logger to WARNING.
+    level = logging.INFO if args.verbose else logging.ERROR
+    handler = logging.StreamHandler()
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    command: Callable[[argparse.Namespace], int] = args.command
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=_PROG, description="Multi-provider PostgreSQL with automatic failover."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="three embedded providers, a crash and a hang of the primary, live"
+    )
+    demo.add_argument("--no-live", action="store_true",
+                      help="plain line-by-line output (automatic when stdout is not a terminal)")
+    demo.add_argument("--hang", action=argparse.BooleanOptionalAction, default=True,
+                      help="also hang the primary (SIGSTOP) after the crash (default: yes)")
+    demo.add_argument("--down-seconds", type=_positive, default=4.0, metavar="N",
+                      help="how long the primary stays down per fault (default: 4)")
+    demo.set_defaults(command=_demo)
+
+    health = sub.add_parser("health", help="probe every configured provider")
+    health.add_argument("--json", action="store_true", help="machine-readable output")
+    health.set_defaults(command=_health)
+
+    stats = sub.add_parser("stats", help="per-provider statistics of the configured manager")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.set_defaults(command=_stats)
+    return parser
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+# -- health and stats ----------------------------------------------------------
+
+
+def _open_manager() -> DatabaseManager | None:
+    """The manager configured by the environment, or None after printing why not."""
+    from .core.database_manager import DatabaseManager
+    from .errors import ConfigurationError
+
+    try:
+        return DatabaseManager()
+    except ConfigurationError as exc:  # its message names the setting, never a password
+        print(f"{_PROG}: configuration error: {exc}", file=sys.stderr)
+        return None
+
+
+def _health(args: argparse.Namespace) -> int:
+    db = _open_manager()
+    if db is None:
+        return EXIT_CONFIG
+    try:
+        healthy = db.health_check_all(max_age=0)
+        stats = db.get_provider_stats()
+        primary = db.primary_provider
+        secrets = _passwords(db)
+    finally:
+        db.close_all()
+    report = {
+        name: {
+            "healthy": healthy.get(name, False),
+            "role": s["role"],
+            "host": s["connection_string_host"],
+            "port": s["port"],
+            "latency_ms": s["last_latency_ms"] if healthy.get(name) else None,
+            "error": None if healthy.get(name) else s["last_error"],
+        }
+        for name, s in stats.items()
+    }
+    up = healthy.get(primary, False)
+    if args.json:
+        doc = {"primary": primary, "primary_healthy": up, "providers": report}
+        print(_scrub(json.dumps(doc, indent=2), secrets))
+    else:
+        rows = [
+            [name, _yes_no(r["healthy"]), f"{r['host']}:{r['port']}",
+             _ms(r["latency_ms"]), r["error"] or ""]
+            for name, r in report.items()
+        ]
+        _print_table("Provider health", ["provider", "healthy", "host:port", "latency", "error"],
+                     rows, secrets)
+        print(f"primary {primary}: {'healthy' if up else 'DOWN'}")
+    return EXIT_OK if up else EXIT_FAILED
+
+
+def _stats(args: argparse.Namespace) -> int:
+    db = _open_manager()
+    if db is None:
+        return EXIT_CONFIG
+    try:
+        # Unprobed providers count as healthy; probe so the table tells the truth.
+        db.health_check_all()
+        stats = db.get_provider_stats()
+        secrets = _passwords(db)
+    finally:
+        db.close_all()
+    if args.json:
+        print(_scrub(json.dumps(stats, indent=2, default=str), secrets))
+        return EXIT_OK
+    rows = [
+        [name, s["role"], _yes_no(s["healthy"]), f"{s['connection_string_host']}:{s['port']}",
+         f"{s['pool_size']} ({s['pool_idle']} idle, {s['pool_waiting']} waiting)",
+         _ms(s["last_latency_ms"]), str(s["consecutive_failures"]), s["last_error"] or ""]
+        for name, s in stats.items()
+    ]
+    headers = ["provider", "role", "healthy", "host:port", "pool", "latency",
+               "failures", "last error"]
+    _print_table("Provider stats", headers, rows, secrets)
+    return EXIT_OK
+
+
+def _passwords(db: DatabaseManager) -> list[str]:
+    return [p.password for p in db.settings.providers.values() if p.password]
+
+
+def _scrub(text: str, secrets: Sequence[str]) -> str:
+    # The manager's outputs hold no password; this guards against a future
+    # field or error text that would.
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+# -- output helpers ------------------------------------------------------------
+
+
+def _console() -> Console | None:
+    """Rich for a terminal; None (plain, greppable text) for pipes or without Rich."""
+    if not sys.stdout.isatty():
+        return None
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    return Console()
+
+
+def _print_table(
+    title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
+    secrets: Sequence[str] = (),
+) -> None:
+    rows = [[_scrub(cell, secrets) for cell in row] for row in rows]
+    console = _console()
+    if console is None:
+        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+        print(title)
+        for line in [list(headers), *rows]:
+            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+        return
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for h in headers:
+        table.add_column(h, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _yes_no(value: object) -> str:
+    return "yes" if value is True else "no" if value is False else "?"
+
+
+def _ms(value: object) -> str:
+    return f"{value:.1f} ms" if isinstance(value, (int, float)) else "-"
+
+
+def _secs(value: float | None) -> str:
+    return "never" if value is None else f"{value:.3f} s"
+
+
+# -- demo ----------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .embedded import PostgresNotFoundError, find_bin_dir
+
+    try:
+        find_bin_dir()
+    except PostgresNotFoundError as exc:
+        print(f"{_PROG}: the demo needs PostgreSQL binaries: {exc}\n"
+              f"install them with: {_INSTALL}", file=sys.stderr)
+        return EXIT_CONFIG
+    from .demo import Demo, DemoConfig
+
+    config = DemoConfig(hang=args.hang, down_seconds=args.down_seconds)
+    live = not args.no_live and _console() is not None
+    _terminate_as_interrupt()
+    try:
+        result = _run_live(Demo(config)) if live else _run_plain(config)
+    except PostgresNotFoundError as exc:
+        print(f"{_PROG}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as exc:  # servers are already stopped; say what went wrong, briefly
+        print(f"{_PROG}: demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    _print_summary(result)
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _terminate_as_interrupt() -> None:
+    """Make SIGTERM clean up like Ctrl-C (the servers must not outlive the demo)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def _run_live(demo: Demo) -> DemoResult:
+    from rich.live import Live
+
+    with Live(get_renderable=lambda: _render(demo.view()), refresh_per_second=4,
+              console=_console()):
+        return demo.run()
+
+
+def _run_plain(config: DemoConfig) -> DemoResult:
+    from .demo import Demo
+
+    lock = threading.Lock()
+
+    def emit(line: str) -> None:
+        with lock:
+            print(line, flush=True)
+
+    demo = Demo(config, on_log=emit)
+    done = threading.Event()
+
+    def tick() -> None:
+        # A status line per second shows the traffic between events.
+        while not done.wait(1.0):
+            emit(_status_line(demo.view(events=0)))
+
+    ticker = threading.Thread(target=tick, name="demo-status", daemon=True)
+    ticker.start()
+    try:
+        return demo.run()
+    finally:
+        done.set()
+        ticker.join()
+
+
+def _status_line(view: DemoView) -> str:
+    parts = []
+    for p in view.providers:
+        mark = "" if p.healthy is not False else " DOWN"
+        parts.append(f"{p.name}[{p.role}{mark}] r={p.reads} w={p.writes}")
+    c = view.counts
+    return (f"+{view.elapsed:6.2f}s  status: {' | '.join(parts)} | failed reads={c.failed_reads}"
+            f" unknown writes={c.unknown_writes} failed writes={c.failed_writes}")
+
+
+def _render(view: DemoView) -> RenderableType:
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"agent-factory failover demo  +{view.elapsed:.1f}s  [{view.phase}]",
+                  title_justify="left", expand=True)
+    for header in ("provider", "role", "healthy", "reads", "writes", "errors", "pool",
+                   "last latency"):
+        table.add_column(header, justify="left" if header in ("provider", "role") else "right")
+    for p in view.providers:
+        style = _ROLE_STYLE.get(p.role, "dim")
+        # Not pool_waiting: psycopg_pool keeps timed-out waiters queued and the
+        # provider polls getconn() in short slices, so it overcounts callers.
+        pool = f"{p.pool_used}/{p.pool_size} of {p.pool_max}"
+        table.add_row(p.name, Text(p.role, style=style), _yes_no(p.healthy), str(p.reads),
+                      str(p.writes), str(p.errors), pool, _ms(p.latency_ms))
+    c = view.counts
+    totals = Text(f"failed reads {c.failed_reads}   unknown-outcome writes {c.unknown_writes}"
+                  f"   failed writes {c.failed_writes}",
+                  style="bold red" if c.failed_reads or c.failed_writes else "")
+    events = Text("\n".join(view.events) or "(no events yet)")
+    return Group(table, totals, Panel(events, title="events", title_align="left"))
+
+
+def _print_summary(result: DemoResult) -> None:
+    rows = [
+        [f.fault, _secs(f.failover_s), str(f.failed_reads), str(f.unknown_writes),
+         str(f.failed_writes), _secs(f.back_to_primary_s)]
+        for f in result.faults
+    ]
+    headers = ["fault", "first op on a backup", "failed reads", "unknown-outcome writes",
+               "failed writes", "back on primary"]
+    _print_table("Failover summary", headers, rows)
+    t = result.totals
+    verdict = "PASS" if result.ok else "FAIL"
+    print(f"{verdict}: {t.reads} reads, {t.writes} writes in {result.duration_s:.1f}s; "
+          f"failover bound {result.failover_bound_s:g}s (hang_timeout + 1s); "
+          "'back on primary' counts from the server being up again")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
