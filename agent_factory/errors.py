@@ -122,3 +122,79 @@ class AllProvidersUnavailableError(AgentFactoryError, psycopg.OperationalError):
         detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
         super().__init__(f"All database providers failed ({detail})")
         self.reasons = dict(reasons)
+
+
+# -- schema deploy, verify and copy (agent_factory.schema) ---------------------
+#
+#   AgentFactoryError
+#   └── SchemaError                              a schema command failed on a provider
+#       ├── MigrationError                       a migration failed and was rolled back
+#       ├── MigrationDriftError                  an applied migration no longer matches
+#       ├── ExtensionUnavailableError            the server lacks a required extension
+#       └── CopyError                            a data copy cannot proceed
+
+
+class SchemaError(AgentFactoryError):
+    """A schema deploy, verify or copy failed on one provider, named in ``provider``."""
+
+    __module__ = "agent_factory.errors"
+
+    def __init__(self, provider: str, message: str) -> None:
+        super().__init__(message)
+        self.provider = provider
+
+
+class MigrationError(SchemaError):
+    """A migration failed on a provider; its transaction was rolled back.
+
+    ``migration`` is the migration's label (``0003_knowledge_atoms``) and
+    ``reason`` the database's message.
+    """
+
+    __module__ = "agent_factory.errors"
+
+    def __init__(self, provider: str, migration: str, reason: str) -> None:
+        super().__init__(
+            provider,
+            f"provider {provider!r}: migration {migration} failed and was rolled back: {reason}",
+        )
+        self.migration = migration
+        self.reason = reason
+
+
+class MigrationDriftError(SchemaError):
+    """Migrations recorded on a provider differ from the shipped ones.
+
+    ``migrations`` lists the labels concerned. Nothing was applied.
+    """
+
+    __module__ = "agent_factory.errors"
+
+    def __init__(self, provider: str, migrations: tuple[str, ...], message: str) -> None:
+        super().__init__(provider, message)
+        self.migrations = migrations
+
+
+class ExtensionUnavailableError(SchemaError):
+    """A required extension (pgvector) is not installed on the provider's server."""
+
+    __module__ = "agent_factory.errors"
+
+    def __init__(self, provider: str, extension: str, message: str) -> None:
+        super().__init__(provider, message)
+        self.extension = extension
+
+
+class CopyError(SchemaError):
+    """Copying data between two providers cannot proceed (schemas differ, table missing)."""
+
+    __module__ = "agent_factory.errors"
+
+
+__all__ += [
+    "CopyError",
+    "ExtensionUnavailableError",
+    "MigrationDriftError",
+    "MigrationError",
+    "SchemaError",
+]

@@ -30,7 +30,11 @@ CREATE INDEX IF NOT EXISTS session_memories_created_idx ON session_memories (cre
 CREATE OR REPLACE FUNCTION agent_factory_touch_updated_at() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    NEW.updated_at := now();
+    -- An UPDATE that sets updated_at itself (a copy between providers keeps the
+    -- source's timestamp) is left alone; any other UPDATE is stamped now().
+    IF NEW.updated_at IS NOT DISTINCT FROM OLD.updated_at THEN
+        NEW.updated_at := now();
+    END IF;
     RETURN NEW;
 END;
 $$;
