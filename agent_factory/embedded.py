@@ -70,7 +70,8 @@ _INSTALL_HINT = (
     "install the 'embedded' extra (pip install 'agent-factory[embedded]') "
     "or set PG_BIN to the bin/ directory of a PostgreSQL installation"
 )
-_SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; keep room for ".s.PGSQL.<port>"
+# sun_path holds 107 bytes plus NUL; PostgreSQL appends "/.s.PGSQL.<port>" (up to 16).
+_SOCKET_PATH_MAX = 107 - 16
 _STOP_TIMEOUT = 30.0
 _account_lock = threading.Lock()  # useradd must not race with itself
 

@@ -35,8 +35,10 @@ FetchMode = Literal["all", "one", "none"]
 HealthCallback = Callable[["DatabaseProvider", bool, "str | None"], None]
 
 # How often a caller waiting for a pooled connection looks whether the
-# provider went down meanwhile (a pool connection attempt failed).
-_CHECKOUT_SLICE = 0.02
+# provider went down meanwhile (a pool connection attempt failed): first
+# after 20 ms, then at doubling intervals up to 250 ms.
+_FIRST_SLICE = 0.02
+_MAX_SLICE = 0.25
 
 
 def _fetch_all(cur: psycopg.Cursor[Any]) -> Any:
@@ -99,6 +101,8 @@ class DatabaseProvider:
         self.health = Health()
         self.last_alive = 0.0
         self.errors = 0
+        self._waiting = 0
+        self._generation = 0
         self._lock = threading.Lock()
         self._probe_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
@@ -146,32 +150,54 @@ class DatabaseProvider:
 
     def checkout(self) -> tuple[ConnectionPool[Any], psycopg.Connection[Any]]:
         """A live pooled connection, or `Unavailable` (never sent) within the deadline."""
+        pool = self._pool
+        try:
+            conn = pool.getconn(timeout=_FIRST_SLICE)
+        except (PoolTimeout, PoolClosed):
+            return self._checkout_slow()
+        if _is_dead(conn):
+            pool.putconn(conn)
+            return self._checkout_slow()
+        return pool, conn
+
+    def _checkout_slow(self) -> tuple[ConnectionPool[Any], psycopg.Connection[Any]]:
+        # Wait in growing slices so that a provider marked down meanwhile (a
+        # pool connect failed) ends the wait early; each timed-out slice
+        # leaves a stale waiter in psycopg_pool's queue, hence not too many.
         deadline = self._clock() + self._settings.checkout_timeout
-        while True:
-            pool = self._pool
-            try:
-                conn = pool.getconn(timeout=_CHECKOUT_SLICE)
-            except PoolTimeout:
-                if not self.health.up:
-                    raise Unavailable(self.health.last_error or "down", sent=False) from None
-                if self._clock() >= deadline:
-                    raise Unavailable(
-                        f"no connection within {self._settings.checkout_timeout:g}s "
-                        "(pool exhausted or server not answering)",
-                        sent=False,
-                    ) from None
-                continue
-            except PoolClosed:
-                if self._closed or pool is self._pool:
-                    raise Unavailable("closed", sent=False) from None
-                continue
-            if _is_dead(conn):
-                # The server closed it while idle (crash, restart, idle
-                # timeout). The pool replaces it; a failed reconnect marks
-                # the provider down and ends the wait above.
-                pool.putconn(conn)
-                continue
-            return pool, conn
+        slice_ = _FIRST_SLICE
+        with self._lock:
+            self._waiting += 1
+        try:
+            while True:
+                pool = self._pool
+                try:
+                    conn = pool.getconn(timeout=slice_)
+                except PoolTimeout:
+                    if not self.health.up:
+                        raise Unavailable(self.health.last_error or "down", sent=False) from None
+                    if self._clock() >= deadline:
+                        raise Unavailable(
+                            f"no connection within {self._settings.checkout_timeout:g}s "
+                            "(pool exhausted or server not answering)",
+                            sent=False,
+                        ) from None
+                    slice_ = min(slice_ * 2, _MAX_SLICE)
+                    continue
+                except PoolClosed:
+                    if self._closed or pool is self._pool:
+                        raise Unavailable("closed", sent=False) from None
+                    continue
+                if _is_dead(conn):
+                    # Closed by the server while idle (crash, restart, idle
+                    # timeout). The pool replaces it; a failed reconnect
+                    # marks the provider down and ends the wait above.
+                    pool.putconn(conn)
+                    continue
+                return pool, conn
+        finally:
+            with self._lock:
+                self._waiting -= 1
 
     def tag(self, exc: BaseException) -> None:
         """Name the provider on an error that propagates unchanged."""
@@ -278,10 +304,21 @@ class DatabaseProvider:
             self._cond.notify()
 
     def _next_probe(self) -> bool:
-        """Wait until a probe is due; False when closed."""
+        """Wait until a probe is due; False when closed.
+
+        While up, probes run on request only (the watchdog asks when a call
+        waits long). While down, probes are spaced by ``probe_interval``
+        whatever was requested, so ``recovery_probes`` good probes really
+        span that much time.
+        """
         with self._cond:
-            if not self._probe_wanted:
-                self._cond.wait(None if self.health.up else self._settings.probe_interval)
+            if self.health.up:
+                while not (self._probe_wanted or self._closed or not self.health.up):
+                    self._cond.wait()
+            else:
+                deadline = self._clock() + self._settings.probe_interval
+                while not self._closed and (left := deadline - self._clock()) > 0:
+                    self._cond.wait(left)
             self._probe_wanted = False
             return not self._closed
 
@@ -298,9 +335,10 @@ class DatabaseProvider:
 
     def _new_pool(self) -> ConnectionPool[Any]:
         s = self._settings
+        self._generation += 1
         pool: ConnectionPool[Any] = ConnectionPool(
             self._conninfo,
-            connection_class=_observed_class(self),
+            connection_class=_observed_class(self, self._generation),
             kwargs={"autocommit": True},
             min_size=s.pool_min_size,
             max_size=s.pool_max_size,
@@ -311,8 +349,10 @@ class DatabaseProvider:
         pool.open(wait=False)
         return pool
 
-    def _connect_failed(self, exc: BaseException) -> None:
-        if self._closed:
+    def _connect_failed(self, generation: int, exc: BaseException) -> None:
+        # A connect started by a pool replaced since (at recovery) says
+        # nothing about the provider now.
+        if self._closed or generation != self._generation:
             return
         if isinstance(exc, psycopg.Error) and exc.sqlstate:
             self.last_alive = self._clock()
@@ -338,7 +378,7 @@ class DatabaseProvider:
             "pool_active": self.pool_active,
             "pool_size": p.get("pool_size", 0),
             "pool_idle": p.get("pool_available", 0),
-            "pool_waiting": p.get("requests_waiting", 0),
+            "pool_waiting": self._waiting,
             "pool_max": self._settings.pool_max_size,
             "last_error": h.last_error,
             "consecutive_failures": h.consecutive_failures,
@@ -391,8 +431,8 @@ def _is_dead(conn: psycopg.Connection[Any]) -> bool:
     return pgconn.status != pq.ConnStatus.OK
 
 
-def _observed_class(provider: DatabaseProvider) -> type[psycopg.Connection[Any]]:
-    """A connection class that tells the provider how the pool's connects go."""
+def _observed_class(provider: DatabaseProvider, generation: int) -> type[psycopg.Connection[Any]]:
+    """A connection class that tells the provider how one pool's connects go."""
     ref = weakref.ref(provider)
 
     class ObservedConnection(psycopg.Connection[Any]):
@@ -403,7 +443,7 @@ def _observed_class(provider: DatabaseProvider) -> type[psycopg.Connection[Any]]
             except Exception as exc:
                 p = ref()
                 if p is not None:
-                    p._connect_failed(exc)
+                    p._connect_failed(generation, exc)
                 raise
             p = ref()
             if p is not None:

@@ -370,3 +370,46 @@ def test_passwords_never_leak(healthy_fleet: Fleet, caplog: pytest.LogCaptureFix
     assert "127.0.0.1" in blob  # the check looks at real output
     for secret in secrets:
         assert secret not in blob
+
+
+class TimedRecorder(Recorder):
+    def on_health_change(self, provider: str, healthy: bool, reason: str | None) -> None:
+        self.events.append(("health", provider, healthy, time.monotonic()))
+
+
+def test_recovery_does_not_flap_from_stale_pool_connects(
+    make_db: MakeDb, healthy_fleet: Fleet
+) -> None:
+    """A connect started by the pool replaced at recovery must not mark it down again."""
+    recorder = TimedRecorder()
+    db = make_db(listeners=[recorder], pool_min_size=2)
+    assert served_by(db, healthy_fleet) == "supabase"
+    healthy_fleet["supabase"].proxy.set_mode("blackhole")
+    assert served_by(db, healthy_fleet) == "railway"
+    healthy_fleet["supabase"].proxy.set_mode("pass")
+    wait_until(lambda: served_by(db, healthy_fleet) == "supabase", timeout=20,
+               message="traffic back on the primary")
+    # The old pool's blackholed connects time out 2 s (libpq's floor) later;
+    # watch past that point: the primary must stay up.
+    until = time.monotonic() + 3.0
+    while time.monotonic() < until:
+        assert served_by(db, healthy_fleet) == "supabase"
+        time.sleep(0.05)
+    downs = [e for e in recorder.events if e[:3] == ("health", "supabase", False)]
+    assert len(downs) == 1
+
+
+def test_recovery_probes_are_spaced(make_db: MakeDb, healthy_fleet: Fleet) -> None:
+    recorder = TimedRecorder()
+    db = make_db(listeners=[recorder], probe_interval=0.4, recovery_probes=3)
+    assert served_by(db, healthy_fleet) == "supabase"
+    healthy_fleet["supabase"].server.hang()
+    assert served_by(db, healthy_fleet) == "railway"
+    healthy_fleet["supabase"].server.resume()
+    wait_until(lambda: db.get_provider_stats()["supabase"]["healthy"], timeout=20,
+               message="primary healthy again")
+    down = next(e[3] for e in recorder.events if e[:3] == ("health", "supabase", False))
+    up = next(e[3] for e in recorder.events if e[:3] == ("health", "supabase", True))
+    # Three good probes, the last two each after a full probe_interval.
+    assert up - down >= 2 * 0.4
+

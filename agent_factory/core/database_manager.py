@@ -81,6 +81,14 @@ class DatabaseManager:
         self._lock = threading.Lock()
         self._closed = False
         self._watchdog = Watchdog(probe_after=settings.hang_timeout / 4)
+        self._primary = settings.primary
+        self._failover_enabled = settings.failover_enabled
+        self._order = tuple(settings.failover_order)
+        self._serving: str | None = None
+        self._epoch = 0  # bumped on every health change
+        self._next_failover_log = 0.0
+        self._suppressed_logs = 0
+        # Pools start connecting (and may report failures) from here on.
         self.providers: dict[str, DatabaseProvider] = {
             name: DatabaseProvider(
                 name,
@@ -91,12 +99,6 @@ class DatabaseManager:
             )
             for name, target in settings.providers.items()
         }
-        self._primary = settings.primary
-        self._failover_enabled = settings.failover_enabled
-        self._order = tuple(settings.failover_order)
-        self._serving: str | None = None
-        self._next_failover_log = 0.0
-        self._suppressed_logs = 0
         self._plan: tuple[DatabaseProvider, ...] = ()
         self._replan()
 
@@ -181,6 +183,7 @@ class DatabaseManager:
         for provider in self._plan:
             if not provider.health.up:
                 continue
+            epoch = self._epoch
             try:
                 result = provider.run(query, params, fetch)
             except Unavailable as exc:
@@ -194,7 +197,12 @@ class DatabaseManager:
                 if self._events:
                     self._emit_query_error(provider.name, exc)
                 raise
-            if provider.name != self._serving or provider.name != self._primary:
+            # A call that started before the last health change (e.g. stuck
+            # on a hung primary that just resumed) says nothing about where
+            # traffic goes now.
+            if epoch == self._epoch and (
+                provider.name != self._serving or provider.name != self._primary
+            ):
                 self._served_by(provider.name, failures)
             return result
         raise self._all_failed(failures)
@@ -291,6 +299,7 @@ class DatabaseManager:
         )
 
     def _on_health_change(self, provider: DatabaseProvider, up: bool, reason: str | None) -> None:
+        self._epoch += 1
         name = provider.name
         self._events.emit(lambda li: li.on_health_change(name, up, reason))
 
