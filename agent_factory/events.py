@@ -26,20 +26,42 @@ class Listener:
         """A provider went down or came back up."""
 
     def on_query_error(self, provider: str, error: BaseException) -> None:
-        """A statement failed on a provider (SQL error or unavailability)."""
+        """A statement failed on a provider with a SQL error."""
+
+    def on_query(self, provider: str, seconds: float, outcome: str) -> None:
+        """One attempt of a statement on a provider finished.
+
+        ``outcome`` is ``"ok"``, ``"sql_error"``, ``"unavailable"`` (moved on
+        to the next provider) or ``"outcome_unknown"``. Called on the hot
+        path, and only for listeners that override it: keep it cheap.
+        """
 
 
 class Dispatcher:
     """Calls every listener, isolating their failures."""
 
     def __init__(self, listeners: Iterable[Listener] = ()) -> None:
-        self._listeners: tuple[Listener, ...] = tuple(listeners)
+        self._listeners: tuple[Listener, ...] = ()
+        #: Listeners that override `Listener.on_query`, checked per statement.
+        self.query_listeners: tuple[Listener, ...] = ()
+        for listener in listeners:
+            self.add(listener)
 
     def add(self, listener: Listener) -> None:
         self._listeners = (*self._listeners, listener)
+        if type(listener).on_query is not Listener.on_query:
+            self.query_listeners = (*self.query_listeners, listener)
 
     def remove(self, listener: Listener) -> None:
         self._listeners = tuple(x for x in self._listeners if x is not listener)
+        self.query_listeners = tuple(x for x in self.query_listeners if x is not listener)
+
+    def query_done(self, provider: str, seconds: float, outcome: str) -> None:
+        for listener in self.query_listeners:
+            try:
+                listener.on_query(provider, seconds, outcome)
+            except Exception:
+                logger.exception("listener %r failed", listener)
 
     def __bool__(self) -> bool:
         return bool(self._listeners)

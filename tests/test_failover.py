@@ -413,3 +413,40 @@ def test_recovery_probes_are_spaced(make_db: MakeDb, healthy_fleet: Fleet) -> No
     # Three good probes, the last two each after a full probe_interval.
     assert up - down >= 2 * 0.4
 
+
+
+class QueryLog(Listener):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def on_query(self, provider: str, seconds: float, outcome: str) -> None:
+        assert seconds >= 0
+        self.seen.append((provider, outcome))
+
+
+class Broken(Listener):
+    def on_query(self, provider: str, seconds: float, outcome: str) -> None:
+        raise RuntimeError("listener bug")
+
+    def on_failover(self, from_provider: str, to_provider: str, reason: str | None) -> None:
+        raise RuntimeError("listener bug")
+
+
+def test_query_events_and_broken_listeners(
+    make_db: MakeDb, table: str, healthy_fleet: Fleet
+) -> None:
+    log = QueryLog()
+    db = make_db(listeners=[Broken(), log])
+    db.execute_query("SELECT 1")
+    with pytest.raises(pge.SyntaxError):
+        db.execute_query("SELEC 1")
+    healthy_fleet["supabase"].server.hang()
+    with pytest.raises(OutcomeUnknownError):
+        db.execute_query(f"INSERT INTO {table} VALUES (1)", fetch_mode="none")
+    assert db.execute_query("SELECT 2") == [(2,)]  # the broken listener breaks nothing
+    assert log.seen == [
+        ("supabase", "ok"),
+        ("supabase", "sql_error"),
+        ("supabase", "outcome_unknown"),
+        ("railway", "ok"),
+    ]

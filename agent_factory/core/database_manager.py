@@ -180,23 +180,33 @@ class DatabaseManager:
         if self._closed:
             raise ManagerClosedError("DatabaseManager is closed; create a new one")
         failures: dict[str, str] | None = None
+        timed = bool(self._events.query_listeners)
         for provider in self._plan:
             if not provider.health.up:
                 continue
             epoch = self._epoch
+            t0 = time.perf_counter() if timed else 0.0
             try:
                 result = provider.run(query, params, fetch)
             except Unavailable as exc:
                 failures = failures or {}
                 failures[provider.name] = exc.reason
                 provider.mark_down(exc.reason)
-                if exc.sent and not may_retry_after_send(query, read_only, idempotent):
+                unknown = exc.sent and not may_retry_after_send(query, read_only, idempotent)
+                if timed:
+                    outcome = "outcome_unknown" if unknown else "unavailable"
+                    self._events.query_done(provider.name, time.perf_counter() - t0, outcome)
+                if unknown:
                     raise OutcomeUnknownError(provider.name, exc.reason) from exc.__cause__
                 continue
             except Exception as exc:
+                if timed:
+                    self._events.query_done(provider.name, time.perf_counter() - t0, "sql_error")
                 if self._events:
                     self._emit_query_error(provider.name, exc)
                 raise
+            if timed:
+                self._events.query_done(provider.name, time.perf_counter() - t0, "ok")
             # A call that started before the last health change (e.g. stuck
             # on a hung primary that just resumed) says nothing about where
             # traffic goes now.
