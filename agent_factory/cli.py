@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="per-provider statistics of the configured manager")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.set_defaults(command=_stats)
+
+    from .schema.command import add_schema_commands
+
+    add_schema_commands(sub)
     return parser
 
 

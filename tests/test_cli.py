@@ -269,3 +269,15 @@ def test_demo_command_plain_output(short_tmp: Path) -> None:
     assert "Failover summary" in out and "PASS:" in out
     assert "hang (SIGSTOP)" not in out
     assert "postgresql://" not in out + proc.stderr
+
+
+def test_schema_commands_are_wired(
+    servers: dict[str, EmbeddedPostgres], workdir: Path
+) -> None:
+    env = _env(servers)
+    dry = _cli(["schema", "deploy", "--dry-run", "--embedding-dim", "8"], env, workdir, servers)
+    assert dry.returncode == 0, dry.stderr
+    assert "vector(8)" in dry.stdout
+    status = _cli(["schema", "status"], env, workdir, servers)
+    assert status.returncode in (0, 1), status.stderr
+    assert "supabase" in status.stdout and "railway" in status.stdout
