@@ -1,17 +1,15 @@
 """Settings, parsed and validated once, frozen afterwards.
 
-`Settings.from_env()` is the only place that reads the environment (and a
-``.env`` file, which never overrides a real variable). Everything below this
-layer receives a `Settings` value. Every error names the setting, says what is
-wrong and how to fix it, and never echoes a password.
+`Settings.from_env()` (see `environment`) is the only place that reads the
+environment; everything below this layer receives a `Settings` value. Every
+error names the setting, says what is wrong and how to fix it, and never
+echoes a password.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import logging
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,34 +20,61 @@ from psycopg import conninfo as pg_conninfo
 
 from .errors import ConfigurationError, NoProvidersConfiguredError
 
-logger = logging.getLogger("agent_factory.core.database_manager")
-
-DEFAULT_PRIMARY = "supabase"
-DEFAULT_ORDER = ("supabase", "railway", "neon")
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
+NO_PROVIDERS = (
+    "No database providers configured. Set at least one of SUPABASE_DB_HOST + "
+    "SUPABASE_DB_PASSWORD (or SUPABASE_DB_URL), RAILWAY_DB_URL, NEON_DB_URL, or "
+    "<NAME>_DB_URL for a provider NAME listed in DATABASE_FAILOVER_ORDER; "
+    "values must not be empty or placeholders."
+)
+READ_ROUTING = ("primary", "nearest", "round_robin", "least_busy")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _PLACEHOLDER = re.compile(
     r"your[_-][a-z_-]*[_-]here|\[[a-z _-]+\]|<[a-z _-]+>|^changeme$|^x{3,}$", re.IGNORECASE
 )
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
-
-def is_placeholder(value: str) -> bool:
-    """True for empty values and the template text people forget to replace."""
-    return not value.strip() or bool(_PLACEHOLDER.search(value))
+#: Settings a single provider may override, with their types.
+PROVIDER_OPTIONS: dict[str, type] = {
+    "pool_min_size": int,
+    "pool_max_size": int,
+    "checkout_timeout": float,
+    "connect_timeout": float,
+    "hang_timeout": float,
+    "weight": int,
+    "serverless": bool,
+    "prepare": bool,
+}
 
 
 @dataclass(frozen=True)
 class ProviderSettings:
-    """One provider: a name and libpq connection parameters.
+    """One provider: a name, libpq connection parameters and its own options.
 
     The parameters hold the password, so they are kept out of ``repr``;
-    use `describe()` for anything shown to a person.
+    use `describe()` for anything shown to a person. ``options`` override
+    the manager-wide settings for this provider (see `PROVIDER_OPTIONS`).
     """
 
     name: str
     params: Mapping[str, str] = field(repr=False)
-    serverless: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, value in self.options.items():
+            kind = PROVIDER_OPTIONS.get(key)
+            where = f"providers[{self.name!r}][{key!r}]"
+            if kind is None:
+                raise ConfigurationError(
+                    f"{where}: unknown provider option; valid: {', '.join(PROVIDER_OPTIONS)}"
+                )
+            if kind is bool and not isinstance(value, bool):
+                raise ConfigurationError(f"{where} must be true or false, got {value!r}")
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if kind is not bool and not numeric:
+                raise ConfigurationError(f"{where} must be a number, got {value!r}")
+            if kind is int and value != int(value):
+                raise ConfigurationError(f"{where} must be a whole number, got {value!r}")
+            if kind is not bool and value <= 0 and key != "pool_min_size":
+                raise ConfigurationError(f"{where} must be > 0, got {value!r}")
 
     @property
     def host(self) -> str:
@@ -62,6 +87,18 @@ class ProviderSettings:
     @property
     def password(self) -> str:
         return self.params.get("password", "")
+
+    @property
+    def serverless(self) -> bool:
+        """Neon (and anything marked so) may sleep: waking is not an outage."""
+        default = self.host.endswith(".neon.tech")
+        return bool(self.options.get("serverless", default))
+
+    @property
+    def prepare(self) -> bool:
+        """Prepared statements break behind a transaction-mode pooler (Supabase 6543)."""
+        pooler = self.port == "6543" or "pooler.supabase.com" in self.host
+        return bool(self.options.get("prepare", not pooler))
 
     def conninfo(self, **overrides: Any) -> str:
         """The libpq connection string (contains the password: never log it)."""
@@ -78,14 +115,36 @@ class ProviderSettings:
 
 
 @dataclass(frozen=True)
+class Tuning:
+    """The effective settings of one provider (manager-wide, then its own)."""
+
+    pool_min_size: int
+    pool_max_size: int
+    checkout_timeout: float
+    connect_timeout: float
+    hang_timeout: float
+    weight: int
+    serverless: bool
+    prepare: bool
+    probe_interval: float
+    recovery_probes: int
+    monitor_interval: float
+    health_ttl: float
+    failure_threshold: int
+    failure_window: float
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a `DatabaseManager` needs, validated.
 
     Times are float seconds. ``hang_timeout`` bounds how long a provider may
     stay silent (no answer to queries nor to a liveness probe) before calls
-    on it are abandoned; ``connect_timeout`` bounds opening a connection;
+    on it are abandoned; ``connect_timeout`` bounds opening a connection
+    (``serverless_connect_timeout`` for providers that sleep);
     ``checkout_timeout`` bounds waiting for a free pooled connection of a
-    healthy provider.
+    healthy provider. ``failure_threshold`` failures within
+    ``failure_window`` open a provider's breaker (1: down at once).
     """
 
     providers: Mapping[str, ProviderSettings]
@@ -96,50 +155,91 @@ class Settings:
     pool_max_size: int = 10
     checkout_timeout: float = 5.0
     connect_timeout: float = 2.0
+    serverless_connect_timeout: float = 10.0
     hang_timeout: float = 2.0
     probe_interval: float = 0.5
     recovery_probes: int = 2
+    monitor_interval: float = 5.0
+    failure_threshold: int = 1
+    failure_window: float = 30.0
     health_ttl: float = 60.0
     failover_log_interval: float = 10.0
+    read_routing: str = "primary"
+    read_your_writes: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.providers:
-            raise NoProvidersConfiguredError(_NO_PROVIDERS)
+            raise NoProvidersConfiguredError(NO_PROVIDERS)
         if self.primary not in self.providers:
             raise ConfigurationError(
                 f"primary provider {self.primary!r} is not configured; "
                 f"configured: {', '.join(self.providers)}"
             )
-        for name in ("checkout_timeout", "connect_timeout", "hang_timeout", "probe_interval"):
+        for name in ("checkout_timeout", "connect_timeout", "hang_timeout", "probe_interval",
+                     "serverless_connect_timeout", "failure_window"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
-        if self.health_ttl < 0 or self.failover_log_interval < 0:
-            raise ConfigurationError("health_ttl and failover_log_interval must be >= 0")
-        if self.recovery_probes < 1:
-            raise ConfigurationError(f"recovery_probes must be >= 1, got {self.recovery_probes}")
-        if not 0 <= self.pool_min_size <= self.pool_max_size or self.pool_max_size < 1:
+        for name in ("health_ttl", "failover_log_interval", "monitor_interval",
+                     "read_your_writes"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
+        for name in ("recovery_probes", "failure_threshold"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.read_routing not in READ_ROUTING:
             raise ConfigurationError(
-                "pool sizes must satisfy 0 <= pool_min_size <= pool_max_size and "
-                f"pool_max_size >= 1, got {self.pool_min_size}/{self.pool_max_size}"
+                f"read_routing={self.read_routing!r} is not one of {', '.join(READ_ROUTING)}"
             )
+        for name in self.providers:
+            t = self.tuning(name)
+            if not 0 <= t.pool_min_size <= t.pool_max_size or t.pool_max_size < 1:
+                raise ConfigurationError(
+                    f"pool sizes of provider {name!r} must satisfy 0 <= pool_min_size <= "
+                    f"pool_max_size and pool_max_size >= 1, got "
+                    f"{t.pool_min_size}/{t.pool_max_size}"
+                )
+
+    def tuning(self, name: str) -> Tuning:
+        """The effective settings of provider ``name``."""
+        p = self.providers[name]
+        o = p.options
+        connect = self.serverless_connect_timeout if p.serverless else self.connect_timeout
+        return Tuning(
+            pool_min_size=int(o.get("pool_min_size", self.pool_min_size)),
+            pool_max_size=int(o.get("pool_max_size", self.pool_max_size)),
+            checkout_timeout=float(o.get("checkout_timeout", self.checkout_timeout)),
+            connect_timeout=float(o.get("connect_timeout", connect)),
+            hang_timeout=float(o.get("hang_timeout", self.hang_timeout)),
+            weight=int(o.get("weight", 1)),
+            serverless=p.serverless,
+            prepare=p.prepare,
+            probe_interval=self.probe_interval,
+            recovery_probes=self.recovery_probes,
+            monitor_interval=self.monitor_interval,
+            health_ttl=self.health_ttl,
+            failure_threshold=self.failure_threshold,
+            failure_window=self.failure_window,
+        )
 
     def replace(self, **changes: Any) -> Settings:
+        check_options(changes, allow_structure=True)
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def build(
         cls,
-        providers: Mapping[str, str],
+        providers: Mapping[str, str | Mapping[str, Any]],
         *,
         order: list[str] | tuple[str, ...] | None = None,
         primary: str | None = None,
         **options: Any,
     ) -> Settings:
-        """Settings from provider URLs given in code (no environment read)."""
-        parsed = {}
-        for name, url in providers.items():
-            _check_name(name, "providers")
-            parsed[name] = ProviderSettings(name, connection_params(url, f"providers[{name!r}]"))
+        """Settings from providers given in code (no environment read).
+
+        Each provider is a URL, or a mapping with ``url`` and provider
+        options, e.g. ``{"url": ..., "serverless": True, "weight": 2}``.
+        """
+        parsed = {name: provider_settings(name, spec) for name, spec in providers.items()}
         names = list(parsed)
         order_t = tuple(order) if order is not None else tuple(names)
         unknown = [n for n in order_t if n not in parsed]
@@ -148,7 +248,7 @@ class Settings:
                 f"order names unconfigured providers {unknown}; configured: {', '.join(names)}"
             )
         chosen = primary if primary is not None else (order_t[0] if order_t else names[0])
-        _check_options(options)
+        check_options(options)
         return cls(providers=parsed, primary=chosen, failover_order=order_t, **options)
 
     @classmethod
@@ -156,108 +256,27 @@ class Settings:
         cls, environ: Mapping[str, str] | None = None, *, dotenv: str | Path | None = ".env"
     ) -> Settings:
         """Settings from environment variables, with a ``.env`` file as fallback."""
-        env = dict(read_dotenv(Path(dotenv))) if dotenv else {}
-        env.update(os.environ if environ is None else environ)
-        return _from_mapping(env)
+        from .environment import settings_from_env
+
+        return settings_from_env(environ, dotenv=dotenv)
 
 
-_NO_PROVIDERS = (
-    "No database providers configured. Set at least one of SUPABASE_DB_HOST + "
-    "SUPABASE_DB_PASSWORD (or SUPABASE_DB_URL), RAILWAY_DB_URL, NEON_DB_URL, or "
-    "<NAME>_DB_URL for a provider NAME listed in DATABASE_FAILOVER_ORDER; "
-    "values must not be empty or placeholders."
-)
-
-# Numeric settings read from the environment: variable -> (field, type).
-ENV_OPTIONS: dict[str, tuple[str, type]] = {
-    "DATABASE_POOL_MIN_SIZE": ("pool_min_size", int),
-    "DATABASE_POOL_MAX_SIZE": ("pool_max_size", int),
-    "DATABASE_CHECKOUT_TIMEOUT": ("checkout_timeout", float),
-    "DATABASE_CONNECT_TIMEOUT": ("connect_timeout", float),
-    "DATABASE_HANG_TIMEOUT": ("hang_timeout", float),
-    "DATABASE_PROBE_INTERVAL": ("probe_interval", float),
-    "DATABASE_RECOVERY_PROBES": ("recovery_probes", int),
-    "DATABASE_HEALTH_TTL": ("health_ttl", float),
-    "DATABASE_FAILOVER_LOG_INTERVAL": ("failover_log_interval", float),
-}
+def is_placeholder(value: str) -> bool:
+    """True for empty values and the template text people forget to replace."""
+    return not value.strip() or bool(_PLACEHOLDER.search(value))
 
 
-def _from_mapping(env: Mapping[str, str]) -> Settings:
-    enabled = parse_bool("DATABASE_FAILOVER_ENABLED", env.get("DATABASE_FAILOVER_ENABLED", "true"))
-    order_raw = env.get("DATABASE_FAILOVER_ORDER", "")
-    order = tuple(n.strip().lower() for n in order_raw.split(",") if n.strip()) or DEFAULT_ORDER
-    for n in order:
-        _check_name(n, "DATABASE_FAILOVER_ORDER")
-    explicit_primary = env.get("DATABASE_PROVIDER", "").strip().lower()
-    providers: dict[str, ProviderSettings] = {}
-    for name in dict.fromkeys((*order, *DEFAULT_ORDER, explicit_primary or DEFAULT_PRIMARY)):
-        found = _provider_from_env(name, env)
-        if found is not None:
-            providers[name] = found
-    if not providers:
-        raise NoProvidersConfiguredError(_NO_PROVIDERS)
-    missing = [n for n in order if n not in providers]
-    if missing and order_raw.strip():
-        logger.warning(
-            "DATABASE_FAILOVER_ORDER names providers without credentials, skipped: %s",
-            ", ".join(missing),
-        )
-    order = tuple(n for n in order if n in providers)
-    if explicit_primary:
-        if explicit_primary not in providers:
-            raise ConfigurationError(
-                f"DATABASE_PROVIDER={explicit_primary!r} has no credentials; configured "
-                f"providers: {', '.join(providers)}. Set its variables or change "
-                "DATABASE_PROVIDER."
-            )
-        primary = explicit_primary
-    elif DEFAULT_PRIMARY in providers:
-        primary = DEFAULT_PRIMARY
-    else:
-        primary = (order or tuple(providers))[0]
-        logger.warning("default primary %r not configured; using %r", DEFAULT_PRIMARY, primary)
-    options: dict[str, Any] = {}
-    for var, (attr, kind) in ENV_OPTIONS.items():
-        if env.get(var, "").strip():
-            options[attr] = parse_number(var, env[var], kind)
-    return Settings(
-        providers=providers,
-        primary=primary,
-        failover_order=order,
-        failover_enabled=enabled,
-        **options,
-    )
-
-
-def _provider_from_env(name: str, env: Mapping[str, str]) -> ProviderSettings | None:
-    prefix = name.upper()
-    url_var = f"{prefix}_DB_URL"
-    url = env.get(url_var, "")
-    serverless = parse_bool(f"{prefix}_DB_SERVERLESS", env.get(f"{prefix}_DB_SERVERLESS", "false"))
-    if url.strip():
-        if is_placeholder(url):
-            logger.info("%s holds a placeholder; provider %r not configured", url_var, name)
-            return None
-        return ProviderSettings(name, connection_params(url, url_var), serverless)
-    if name != "supabase":
-        return None
-    host = env.get("SUPABASE_DB_HOST", "")
-    password = env.get("SUPABASE_DB_PASSWORD", "")
-    if not host.strip() and not password.strip():
-        return None
-    for var, value in (("SUPABASE_DB_HOST", host), ("SUPABASE_DB_PASSWORD", password)):
-        if is_placeholder(value):
-            logger.info("%s is empty or a placeholder; provider 'supabase' not configured", var)
-            return None
-    params = {
-        "host": host.strip(),
-        "port": env.get("SUPABASE_DB_PORT", "").strip() or "5432",
-        "user": env.get("SUPABASE_DB_USER", "").strip() or "postgres",
-        "password": password,
-        "dbname": env.get("SUPABASE_DB_NAME", "").strip() or "postgres",
-    }
-    parse_number("SUPABASE_DB_PORT", params["port"], int)
-    return ProviderSettings(name, with_defaults(params), serverless)
+def provider_settings(name: str, spec: str | Mapping[str, Any]) -> ProviderSettings:
+    """A provider from a URL or a ``{"url": ..., option: value}`` mapping."""
+    check_name(name, "providers")
+    where = f"providers[{name!r}]"
+    if isinstance(spec, str):
+        return ProviderSettings(name, connection_params(spec, where))
+    options = dict(spec)
+    url = options.pop("url", None)
+    if not isinstance(url, str):
+        raise ConfigurationError(f"{where} needs a 'url' (a PostgreSQL connection URL)")
+    return ProviderSettings(name, connection_params(url, where), options)
 
 
 def connection_params(url: str, setting: str) -> dict[str, str]:
@@ -305,26 +324,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def parse_bool(name: str, value: str) -> bool:
-    v = value.strip().lower()
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise ConfigurationError(
-        f"{name}={value!r} is not a boolean; use one of true/false, 1/0, yes/no, on/off"
-    )
-
-
-def parse_number(name: str, value: str, kind: type) -> Any:
-    try:
-        return kind(value.strip())
-    except ValueError:
-        what = "an integer" if kind is int else "a number of seconds"
-        raise ConfigurationError(f"{name}={value!r} is not {what}") from None
-
-
-def _check_name(name: str, setting: str) -> None:
+def check_name(name: str, setting: str) -> None:
     if not _NAME.match(name):
         raise ConfigurationError(
             f"{setting}: provider name {name!r} must be lowercase letters, digits and "
@@ -332,35 +332,13 @@ def _check_name(name: str, setting: str) -> None:
         )
 
 
-def _check_options(options: Mapping[str, Any]) -> None:
-    known = {f.name for f in dataclasses.fields(Settings)} - {
-        "providers",
-        "primary",
-        "failover_order",
-    }
+def check_options(options: Mapping[str, Any], *, allow_structure: bool = False) -> None:
+    """Refuse unknown keyword options, naming the valid ones."""
+    known = {f.name for f in dataclasses.fields(Settings)}
+    if not allow_structure:
+        known -= {"providers", "primary", "failover_order"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigurationError(
             f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
         )
-
-
-def read_dotenv(path: Path) -> dict[str, str]:
-    """Read KEY=VALUE lines from a ``.env`` file; a missing file is empty."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError):
-        return {}
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.removeprefix("export ").partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
-        out[key.strip()] = value
-    return out

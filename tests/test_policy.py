@@ -7,7 +7,7 @@ import pytest
 from psycopg import errors as pge
 from psycopg_pool import PoolTimeout
 
-from agent_factory.policy import Health, Kind, candidates, classify, is_read_only
+from agent_factory.policy import Breaker, Kind, State, candidates, classify, is_read_only
 from agent_factory.policy import may_retry_after_send as may_retry
 
 
@@ -104,16 +104,72 @@ def test_candidates() -> None:
     assert candidates("neon", ("supabase", "railway"), False) == ("neon",)
 
 
-def test_health_goes_down_at_once_and_up_with_hysteresis() -> None:
-    h = Health()
-    assert h.up and not h.checked
-    assert h.fail("refused", 1.0) is True
-    assert not h.up and h.last_error == "refused" and h.changed_at == 1.0
-    assert h.fail("refused", 1.5) is False
-    assert h.consecutive_failures == 2
-    assert h.succeed(2.0, 0.001, required=2) is False
-    assert not h.up
-    assert h.fail("flap", 2.2) is False  # a failure resets the streak
-    assert h.succeed(2.5, 0.001, required=2) is False
-    assert h.succeed(3.0, 0.001, required=2) is True
-    assert h.up and h.consecutive_failures == 0 and h.changed_at == 3.0
+def test_breaker_opens_at_once_and_closes_with_hysteresis() -> None:
+    b = Breaker()
+    assert b.up and not b.checked and b.state is State.CLOSED
+    assert b.fail("refused", 1.0) is True
+    assert not b.up and b.state is State.OPEN and b.last_error == "refused"
+    assert b.changed_at == 1.0
+    assert b.fail("refused", 1.5) is False
+    assert b.consecutive_failures == 2
+    assert b.succeed(2.0, 0.001, required=2) is False
+    assert b.state is State.HALF_OPEN and not b.up
+    assert b.fail("flap", 2.2) is False  # a failure while half-open reopens it
+    assert b.state is State.OPEN
+    assert b.succeed(2.5, 0.001, required=2) is False
+    assert b.closes_on_next_success(2)
+    assert b.succeed(3.0, 0.001, required=2) is True
+    assert b.up and b.state is State.CLOSED and b.consecutive_failures == 0
+    assert b.changed_at == 3.0
+
+
+def test_breaker_threshold_counts_failures_in_a_window() -> None:
+    b = Breaker(threshold=3, window=10.0)
+    assert b.fail("x", 0.0) is False
+    assert b.fail("x", 5.0) is False
+    assert b.up
+    # The first failure left the window: still two within it.
+    assert b.fail("x", 10.5) is False
+    assert b.up
+    assert b.fail("x", 11.0) is True
+    assert not b.up and b.state is State.OPEN
+
+
+class _H:
+    def __init__(self, up: bool, latency: float | None, in_flight: int, weight: int) -> None:
+        self.breaker = Breaker()
+        self.breaker.up = up
+        self.latency_ewma = latency
+        self.in_flight = in_flight
+        self.tuning = type("T", (), {"weight": weight})()
+
+
+class _P:
+    def __init__(self, name: str, up: bool = True, latency: float | None = None,
+                 in_flight: int = 0, weight: int = 1) -> None:
+        self.name = name
+        self.health = _H(up, latency, in_flight, weight)
+
+
+def names(ps: list[_P]) -> list[str]:
+    return [p.name for p in ps]
+
+
+def test_read_routing_policies() -> None:
+    from agent_factory.policy import order_reads
+
+    a, b, c = _P("a", latency=0.020), _P("b", latency=0.001), _P("c", latency=0.005)
+    plan = [a, b, c]
+    assert names(order_reads(plan, "primary", 0)) == ["a", "b", "c"]
+    assert names(order_reads(plan, "nearest", 0)) == ["b", "c", "a"]
+    down = _P("b", up=False, latency=0.0001)
+    assert names(order_reads([a, down, c], "nearest", 0)) == ["c", "a", "b"]
+    unmeasured = _P("u")
+    assert names(order_reads([unmeasured, a], "nearest", 0)) == ["a", "u"]
+    firsts = [order_reads(plan, "round_robin", t)[0].name for t in range(6)]
+    assert firsts == ["a", "b", "c", "a", "b", "c"]
+    heavy = _P("h", weight=2)
+    firsts = [order_reads([heavy, a], "round_robin", t)[0].name for t in range(6)]
+    assert firsts.count("h") == 4 and firsts.count("a") == 2
+    busy = [_P("x", in_flight=5), _P("y", in_flight=1), _P("z", in_flight=4, weight=8)]
+    assert names(order_reads(busy, "least_busy", 0)) == ["z", "y", "x"]

@@ -6,11 +6,13 @@ the failover order, and come back to the primary once it has passed
 consecutive probes. SQL errors are never retried elsewhere. A statement that
 was sent and then lost its connection is retried elsewhere only when it is
 read-only or declared idempotent; otherwise `OutcomeUnknownError` says so.
+
+The decisions live in `agent_factory.failover` (shared with
+`AsyncDatabaseManager`); this module is the thin synchronous shell.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -22,23 +24,47 @@ from typing import Any, Literal
 import psycopg
 
 from ..errors import (
-    AllProvidersUnavailableError,
-    ConfigurationError,
     HangTimeoutError,
     ManagerClosedError,
     OutcomeUnknownError,
     ProviderUnavailableError,
 )
 from ..events import Dispatcher, Listener
-from ..policy import Kind, candidates, classify, may_retry_after_send
-from ..provider import FETCHERS, DatabaseProvider, FetchMode, Unavailable
+from ..failover import Failover
+from ..policy import Kind, classify
+from ..provider import DatabaseProvider, FetchMode, Unavailable, fetcher, tag
 from ..settings import Settings
 from ..watchdog import Watchdog
 
-__all__ = ["DatabaseManager", "DatabaseProvider", "FetchMode"]
+__all__ = ["DatabaseManager", "DatabaseProvider", "FetchMode", "resolve_settings"]
 
-logger = logging.getLogger("agent_factory.core.database_manager")
+_CLOSED = "DatabaseManager is closed; create a new one"
 
+
+def resolve_settings(
+    providers: Mapping[str, Any] | None,
+    order: list[str] | tuple[str, ...] | None,
+    primary: str | None,
+    failover_enabled: bool | None,
+    settings: Settings | None,
+    dotenv: str | Path | None,
+    options: dict[str, Any],
+) -> Settings:
+    """The settings a manager's constructor arguments describe."""
+    if settings is None:
+        if providers is not None:
+            settings = Settings.build(providers, order=order, primary=primary, **options)
+        else:
+            settings = Settings.from_env(dotenv=dotenv)
+            overrides: dict[str, Any] = dict(options)
+            if order is not None:
+                overrides["failover_order"] = tuple(order)
+            if primary is not None:
+                overrides["primary"] = primary
+            settings = settings.replace(**overrides) if overrides else settings
+    if failover_enabled is not None:
+        settings = settings.replace(failover_enabled=failover_enabled)
+    return settings
 
 
 class DatabaseManager:
@@ -46,14 +72,15 @@ class DatabaseManager:
 
     ``DatabaseManager()`` reads the environment (and ``.env``);
     ``DatabaseManager(providers={"a": url, "b": url2}, order=["a", "b"])``
-    reads nothing. Keyword options override `Settings` fields, e.g.
-    ``hang_timeout=2.0``. Thread-safe; close it with `close_all()` or use it
-    as a context manager.
+    reads nothing. A provider may also be ``{"url": ..., "weight": 2,
+    "serverless": True, ...}``. Keyword options override `Settings` fields,
+    e.g. ``hang_timeout=2.0``. Thread-safe; close it with `close_all()` or
+    use it as a context manager.
     """
 
     def __init__(
         self,
-        providers: Mapping[str, str] | None = None,
+        providers: Mapping[str, Any] | None = None,
         *,
         order: list[str] | tuple[str, ...] | None = None,
         primary: str | None = None,
@@ -63,92 +90,54 @@ class DatabaseManager:
         dotenv: str | Path | None = ".env",
         **options: Any,
     ) -> None:
-        if settings is None:
-            if providers is not None:
-                settings = Settings.build(providers, order=order, primary=primary, **options)
-            else:
-                settings = Settings.from_env(dotenv=dotenv)
-                overrides: dict[str, Any] = dict(options)
-                if order is not None:
-                    overrides["failover_order"] = tuple(order)
-                if primary is not None:
-                    overrides["primary"] = primary
-                settings = settings.replace(**overrides) if overrides else settings
-        if failover_enabled is not None:
-            settings = settings.replace(failover_enabled=failover_enabled)
-        self._settings = settings
+        settings = resolve_settings(
+            providers, order, primary, failover_enabled, settings, dotenv, options
+        )
         self._events = Dispatcher(listeners)
-        self._lock = threading.Lock()
-        self._closed = False
         self._watchdog = Watchdog(probe_after=settings.hang_timeout / 4)
-        self._primary = settings.primary
-        self._failover_enabled = settings.failover_enabled
-        self._order = tuple(settings.failover_order)
-        self._serving: str | None = None
-        self._epoch = 0  # bumped on every health change
-        self._next_failover_log = 0.0
-        self._suppressed_logs = 0
+        self.providers: dict[str, DatabaseProvider] = {}
+        self._core: Failover[DatabaseProvider] = Failover(settings, self.providers, self._events)
         # Pools start connecting (and may report failures) from here on.
-        self.providers: dict[str, DatabaseProvider] = {
-            name: DatabaseProvider(
+        for name, target in settings.providers.items():
+            self.providers[name] = DatabaseProvider(
                 name,
                 target,
                 settings=settings,
                 watchdog=self._watchdog,
-                on_health_change=self._on_health_change,
+                on_health_change=self._core.on_health_change,
             )
-            for name, target in settings.providers.items()
-        }
-        self._plan: tuple[DatabaseProvider, ...] = ()
-        self._replan()
+        self._core.replan()
 
-    # -- configuration ---------------------------------------------------------
+    # -- configuration ---------------------------------------------------------------
 
     @property
     def settings(self) -> Settings:
-        return self._settings
+        return self._core.settings
 
     @property
     def primary_provider(self) -> str:
-        return self._primary
+        return self._core.primary
 
     @property
     def failover_enabled(self) -> bool:
-        return self._failover_enabled
+        return self._core.failover_enabled
 
     @failover_enabled.setter
     def failover_enabled(self, value: bool) -> None:
-        self._failover_enabled = bool(value)
-        self._replan()
+        self._core.failover_enabled = bool(value)
+        self._core.replan()
 
     @property
     def failover_order(self) -> list[str]:
-        return list(self._order)
+        return list(self._core.order)
 
     @failover_order.setter
     def failover_order(self, value: list[str]) -> None:
-        unknown = [n for n in value if n not in self.providers]
-        if unknown:
-            raise ConfigurationError(
-                f"failover_order names unconfigured providers {unknown}; "
-                f"available: {', '.join(self.providers)}"
-            )
-        self._order = tuple(value)
-        self._replan()
+        self._core.set_order(value)
 
     def set_provider(self, name: str) -> None:
         """Make ``name`` the primary: queries go there first from now on."""
-        if name not in self.providers:
-            raise ValueError(
-                f"Provider {name!r} not configured. Available: {', '.join(self.providers)}"
-            )
-        logger.info("primary provider set to %r", name)
-        self._primary = name
-        self._replan()
-
-    def _replan(self) -> None:
-        names = candidates(self._primary, self._order, self._failover_enabled)
-        self._plan = tuple(self.providers[n] for n in names)
+        self._core.set_primary(name)
 
     def add_listener(self, listener: Listener) -> None:
         self._events.add(listener)
@@ -156,7 +145,7 @@ class DatabaseManager:
     def remove_listener(self, listener: Listener) -> None:
         self._events.remove(listener)
 
-    # -- queries ---------------------------------------------------------------
+    # -- queries ---------------------------------------------------------------------
 
     def execute_query(
         self,
@@ -173,77 +162,78 @@ class DatabaseManager:
         None for ``"none"``. ``read_only``/``idempotent`` tell whether the
         statement may be retried on another provider after its connection
         broke mid-flight; by default plain SELECTs are, writes are not.
+        ``read_only=True`` also lets the read routing policy choose the
+        provider (see ``read_routing``).
         """
-        fetch = FETCHERS.get(fetch_mode)
-        if fetch is None:
-            raise ValueError(f"fetch_mode must be 'all', 'one' or 'none', got {fetch_mode!r}")
-        if self._closed:
-            raise ManagerClosedError("DatabaseManager is closed; create a new one")
+        fetch = fetcher(fetch_mode)
+        core = self._core
+        if core.closed:
+            raise ManagerClosedError(_CLOSED)
+        route = core.route(query, read_only, idempotent)
+        events = self._events
+        timed = bool(events.query_listeners)
         failures: dict[str, str] | None = None
-        timed = bool(self._events.query_listeners)
-        for provider in self._plan:
-            if not provider.health.up:
-                continue
-            epoch = self._epoch
+        for provider in route.providers:
+            epoch = core.epoch
             t0 = time.perf_counter() if timed else 0.0
             try:
                 result = provider.run(query, params, fetch)
             except Unavailable as exc:
                 failures = failures or {}
                 failures[provider.name] = exc.reason
-                provider.mark_down(exc.reason)
-                unknown = exc.sent and not may_retry_after_send(query, read_only, idempotent)
+                if exc.down:
+                    provider.health.mark_down(exc.reason)
+                unknown = exc.sent and not route.retry_after_send
                 if timed:
                     outcome = "outcome_unknown" if unknown else "unavailable"
-                    self._events.query_done(provider.name, time.perf_counter() - t0, outcome)
+                    events.query_done(provider.name, time.perf_counter() - t0, outcome)
                 if unknown:
                     raise OutcomeUnknownError(provider.name, exc.reason) from exc.__cause__
                 continue
             except Exception as exc:
                 if timed:
-                    self._events.query_done(provider.name, time.perf_counter() - t0, "sql_error")
-                if self._events:
+                    events.query_done(provider.name, time.perf_counter() - t0, "sql_error")
+                if events:
                     self._emit_query_error(provider.name, exc)
                 raise
             if timed:
-                self._events.query_done(provider.name, time.perf_counter() - t0, "ok")
-            # A call that started before the last health change (e.g. stuck
-            # on a hung primary that just resumed) says nothing about where
-            # traffic goes now.
-            if epoch == self._epoch and (
-                provider.name != self._serving or provider.name != self._primary
-            ):
-                self._served_by(provider.name, failures)
+                events.query_done(provider.name, time.perf_counter() - t0, "ok")
+            core.succeeded(provider, epoch, failures, route.write)
             return result
-        raise self._all_failed(failures)
+        raise core.all_failed(failures, route.write)
+
+    def read(self, query: Any, params: Any = None, fetch_mode: FetchMode = "all") -> Any:
+        """A read routed by the ``read_routing`` policy (``read_only=True``)."""
+        return self.execute_query(query, params, fetch_mode, read_only=True)
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:
         """Several statements in one transaction, pinned to one provider.
 
-        The provider is chosen like for `execute_query` (only a provider that
-        gave a live connection is used). If the connection is lost inside the
-        block, nothing was committed and `ProviderUnavailableError` is raised;
-        if it is lost during COMMIT, `OutcomeUnknownError`. The block is never
+        The provider is chosen like for a write (only a provider that gave a
+        live connection is used). If the connection is lost inside the block,
+        nothing was committed and `ProviderUnavailableError` is raised; if it
+        is lost during COMMIT, `OutcomeUnknownError`. The block is never
         replayed: retry it yourself if that is safe.
         """
-        if self._closed:
-            raise ManagerClosedError("DatabaseManager is closed; create a new one")
+        core = self._core
+        if core.closed:
+            raise ManagerClosedError(_CLOSED)
+        route = core.route("", False, False)
         failures: dict[str, str] = {}
-        for provider in self._plan:
-            if not provider.health.up:
-                continue
+        for provider in route.providers:
             try:
                 pool, conn = provider.checkout()
             except Unavailable as exc:
                 failures[provider.name] = exc.reason
-                provider.mark_down(exc.reason)
+                provider.health.mark_down(exc.reason)
                 continue
             break
         else:
-            raise self._all_failed(failures)
-        self._served_by(provider.name, failures or None)
-        w = self._watchdog.watch(conn.pgconn.socket, provider)
+            raise core.all_failed(failures, True)
+        core.succeeded(provider, core.epoch, failures or None, True)
+        health = provider.health
+        w = self._watchdog.watch(conn.pgconn.socket, health)
         phase = "body"
         try:
             with conn.transaction():
@@ -251,10 +241,10 @@ class DatabaseManager:
                 phase = "commit"
         except psycopg.Error as exc:
             if classify(exc) is Kind.SQL:
-                provider.tag(exc)
+                tag(exc, provider.name)
                 raise
-            reason = provider.failure_reason(exc, w.fired)
-            provider.mark_down(reason)
+            reason = health.failure_reason(exc, w.fired)
+            health.mark_down(reason)
             if phase == "commit":
                 raise OutcomeUnknownError(provider.name, reason) from exc
             error = HangTimeoutError if w.fired else ProviderUnavailableError
@@ -267,62 +257,22 @@ class DatabaseManager:
         finally:
             self._watchdog.unwatch(w)
             pool.putconn(conn)
-        provider.last_alive = time.monotonic()
+        health.last_alive = time.monotonic()
+        core.last_write = time.monotonic()
 
     def _emit_query_error(self, name: str, error: BaseException) -> None:
         self._events.emit(lambda li: li.on_query_error(name, error))
 
-    def _all_failed(self, failures: dict[str, str] | None) -> Exception:
-        if self._closed:
-            return ManagerClosedError("DatabaseManager is closed; create a new one")
-        reasons = dict(failures or {})
-        for provider in self._plan:
-            if provider.name not in reasons:
-                reasons[provider.name] = f"down: {provider.health.last_error or 'unavailable'}"
-        return AllProvidersUnavailableError(reasons)
-
-    def _served_by(self, name: str, failures: dict[str, str] | None) -> None:
-        primary = self._primary
-        with self._lock:
-            previous, self._serving = self._serving, name
-        if name == primary:
-            if previous is not None and previous != primary:
-                logger.warning("returned to primary provider %r (from %r)", primary, previous)
-                self._events.emit(lambda li: li.on_return_to_primary(primary, previous))
-            return
-        reason = (failures or {}).get(primary) or self.providers[primary].health.last_error
-        if previous != name:
-            self._events.emit(lambda li: li.on_failover(previous or primary, name, reason))
-        now = time.monotonic()
-        if now < self._next_failover_log:
-            self._suppressed_logs += 1
-            return
-        self._next_failover_log = now + self._settings.failover_log_interval
-        more = f" ({self._suppressed_logs} more since last log)" if self._suppressed_logs else ""
-        self._suppressed_logs = 0
-        logger.warning(
-            "Executed on failover provider %r (primary %r unavailable: %s)%s",
-            name,
-            primary,
-            reason,
-            more,
-        )
-
-    def _on_health_change(self, provider: DatabaseProvider, up: bool, reason: str | None) -> None:
-        self._epoch += 1
-        name = provider.name
-        self._events.emit(lambda li: li.on_health_change(name, up, reason))
-
-    # -- health and stats ------------------------------------------------------
+    # -- health and stats --------------------------------------------------------------
 
     @property
     def serving_provider(self) -> str | None:
         """The provider that served the last statement (None before the first)."""
-        return self._serving
+        return self._core.serving
 
     def health_check(self, name: str | None = None) -> bool:
         """Health of one provider (the primary by default), cached for health_ttl."""
-        provider = self.providers.get(name or self._primary)
+        provider = self.providers.get(name or self._core.primary)
         if provider is None:
             return False
         return provider.health_check()
@@ -339,38 +289,32 @@ class DatabaseManager:
         ]
         for t in threads:
             t.start()
-        limit = time.monotonic() + self._settings.connect_timeout + self._settings.hang_timeout + 2
+        s = self._core.settings
+        limit = time.monotonic() + s.serverless_connect_timeout + s.hang_timeout + 2
         for t in threads:
             t.join(timeout=max(0.0, limit - time.monotonic()))
         return {name: results.get(name, False) for name in self.providers}
 
     def get_provider_stats(self) -> dict[str, dict[str, Any]]:
-        """Per provider: health, host, pool usage, last error and latency, role."""
+        """Per provider: health, role, breaker, host, pool usage, last error, latency."""
         out = {}
         for name, provider in self.providers.items():
             stats = provider.stats()
-            stats["role"] = self._role(provider)
+            stats["role"] = self._core.role(provider)
             out[name] = stats
         return out
 
-    def _role(self, provider: DatabaseProvider) -> str:
-        if not provider.health.up:
-            return "down"
-        if provider.name == self._primary:
-            return "primary"
-        return "serving" if provider.name == self._serving else "backup"
-
-    # -- lifecycle ---------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._core.closed
 
     def close_all(self) -> None:
         """Close every pool and stop the background threads. Idempotent."""
-        if self._closed:
+        if self._core.closed:
             return
-        self._closed = True
+        self._core.closed = True
         for provider in self.providers.values():
             provider.close()
         self._watchdog.close()
@@ -378,8 +322,8 @@ class DatabaseManager:
     close = close_all
 
     def __enter__(self) -> DatabaseManager:
-        if self._closed:
-            raise ManagerClosedError("DatabaseManager is closed; create a new one")
+        if self._core.closed:
+            raise ManagerClosedError(_CLOSED)
         return self
 
     def __exit__(
@@ -392,8 +336,7 @@ class DatabaseManager:
         return False
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"serving={self._serving!r}"
-        return (
-            f"<DatabaseManager primary={self._primary!r} "
-            f"providers={list(self.providers)} {state}>"
-        )
+        core = self._core
+        state = "closed" if core.closed else f"serving={core.serving!r}"
+        names = list(self.providers)
+        return f"<DatabaseManager primary={core.primary!r} providers={names} {state}>"

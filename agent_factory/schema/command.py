@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 import psycopg
 
+from ..environment import read_dotenv
 from ..errors import (
     AgentFactoryError,
     ConfigurationError,
@@ -42,7 +43,7 @@ from ..errors import (
     ProviderError,
     ProviderUnavailableError,
 )
-from ..settings import ProviderSettings, Settings, read_dotenv
+from ..settings import ProviderSettings, Settings
 from .catalog import Catalog, diff_catalogs, format_differences, read_catalogs
 from .copy import DEFAULT_BATCH_SIZE, MANAGED_TABLES, ProgressCallback, TableReport, copy_tables
 from .migrations import (

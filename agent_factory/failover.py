@@ -1,0 +1,181 @@
+"""Where statements go and what a failure means: shared by both managers, no I/O.
+
+`Failover` holds the primary, the order, the routing policy and the events;
+the sync `DatabaseManager` and the `AsyncDatabaseManager` ask it for a
+`Route`, run the statement on each provider of the route in turn, and tell it
+how each attempt went.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from .errors import AllProvidersUnavailableError, ConfigurationError, ManagerClosedError
+from .events import Dispatcher
+from .health import ProviderHealth
+from .policy import candidates, is_read_only, may_retry_after_send, order_reads
+from .settings import Settings
+
+logger = logging.getLogger("agent_factory.core.database_manager")
+
+
+class HasHealth(Protocol):
+    name: str
+    health: ProviderHealth
+
+
+P = TypeVar("P", bound=HasHealth)
+
+
+@dataclass
+class Route(Generic[P]):
+    """The providers to try for one statement, and how to treat a lost connection."""
+
+    providers: list[P]
+    retry_after_send: bool
+    write: bool
+
+
+class Failover(Generic[P]):
+    """The decision logic of a manager, over its providers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        providers: Mapping[str, P],
+        events: Dispatcher,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.providers = providers
+        self.events = events
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.primary = settings.primary
+        self.order = tuple(settings.failover_order)
+        self.failover_enabled = settings.failover_enabled
+        self.serving: str | None = None
+        self.epoch = 0  # bumped on every health change
+        self.last_write = -1e18
+        self.closed = False
+        self._turn = 0
+        self._next_log = 0.0
+        self._suppressed = 0
+        # Filled by replan() once the shell has created its providers.
+        self.plan: tuple[P, ...] = ()
+
+    # -- configuration -------------------------------------------------------------
+
+    def replan(self) -> None:
+        names = candidates(self.primary, self.order, self.failover_enabled)
+        self.plan = tuple(self.providers[n] for n in names)
+
+    def set_primary(self, name: str) -> None:
+        if name not in self.providers:
+            raise ValueError(
+                f"Provider {name!r} not configured. Available: {', '.join(self.providers)}"
+            )
+        logger.info("primary provider set to %r", name)
+        self.primary = name
+        self.replan()
+
+    def set_order(self, order: list[str] | tuple[str, ...]) -> None:
+        unknown = [n for n in order if n not in self.providers]
+        if unknown:
+            raise ConfigurationError(
+                f"failover_order names unconfigured providers {unknown}; "
+                f"available: {', '.join(self.providers)}"
+            )
+        self.order = tuple(order)
+        self.replan()
+
+    # -- routing -------------------------------------------------------------------
+
+    def route(self, query: object, read_only: bool | None, idempotent: bool | None) -> Route[P]:
+        """Which providers to try, in order, for one statement."""
+        text = query if isinstance(query, str) else ""
+        reads = read_only if read_only is not None else bool(text) and is_read_only(text)
+        retry = may_retry_after_send(text, read_only, idempotent) if text else bool(
+            idempotent or read_only
+        )
+        plan: list[P] | tuple[P, ...] = self.plan
+        policy = self.settings.read_routing
+        if (
+            read_only
+            and policy != "primary"
+            and self._clock() - self.last_write >= self.settings.read_your_writes
+        ):
+            self._turn += 1
+            plan = order_reads(plan, policy, self._turn)
+        if reads:
+            return Route([p for p in plan if p.health.breaker.up], retry, False)
+        return Route(
+            [p for p in plan if p.health.breaker.up and p.health.writable], retry, True
+        )
+
+    # -- outcomes --------------------------------------------------------------------
+
+    def succeeded(self, provider: P, epoch: int, failures: dict[str, str] | None,
+                  write: bool) -> None:
+        if write:
+            self.last_write = self._clock()
+        # A call that started before the last health change (e.g. stuck on a
+        # hung primary that just resumed) says nothing about where traffic
+        # goes now.
+        name = provider.name
+        if epoch == self.epoch and (name != self.serving or name != self.primary):
+            self._served_by(name, failures)
+
+    def all_failed(self, failures: dict[str, str] | None, write: bool) -> Exception:
+        if self.closed:
+            return ManagerClosedError("DatabaseManager is closed; create a new one")
+        reasons = dict(failures or {})
+        for p in self.plan:
+            if p.name in reasons:
+                continue
+            h = p.health
+            if not h.breaker.up:
+                reasons[p.name] = f"down: {h.last_error or 'unavailable'}"
+            elif write and not h.writable:
+                reasons[p.name] = "read-only: cannot take writes"
+        return AllProvidersUnavailableError(reasons)
+
+    def on_health_change(self, name: str, up: bool, reason: str | None) -> None:
+        self.epoch += 1
+        self.events.emit(lambda li: li.on_health_change(name, up, reason))
+
+    def _served_by(self, name: str, failures: dict[str, str] | None) -> None:
+        primary = self.primary
+        with self._lock:
+            previous, self.serving = self.serving, name
+        if name == primary:
+            if previous is not None and previous != primary:
+                logger.warning("returned to primary provider %r (from %r)", primary, previous)
+                self.events.emit(lambda li: li.on_return_to_primary(primary, previous))
+            return
+        reason = (failures or {}).get(primary) or self.providers[primary].health.last_error
+        if previous != name:
+            self.events.emit(lambda li: li.on_failover(previous or primary, name, reason))
+        now = self._clock()
+        if now < self._next_log:
+            self._suppressed += 1
+            return
+        self._next_log = now + self.settings.failover_log_interval
+        more = f" ({self._suppressed} more since last log)" if self._suppressed else ""
+        self._suppressed = 0
+        logger.warning(
+            "Executed on failover provider %r (primary %r unavailable: %s)%s",
+            name, primary, reason, more,
+        )
+
+    def role(self, provider: P) -> str:
+        if not provider.health.breaker.up:
+            return "down"
+        if provider.name == self.primary:
+            return "primary"
+        return "serving" if provider.name == self.serving else "backup"

@@ -1,0 +1,288 @@
+"""The health of one provider: breaker, liveness, latency, writability, prober.
+
+Shared by the sync and async providers: it does its own I/O only on a
+dedicated monitor connection, from a daemon prober thread (or the caller of
+`probe()`), never on the caller's pool. A failure anywhere opens the
+breaker (after ``failure_threshold`` failures in ``failure_window``); the
+prober then probes every ``probe_interval`` until ``recovery_probes`` probes
+in a row pass. While the provider is up it is probed every
+``monitor_interval`` to measure latency and notice a demoted (read-only)
+server, and on request of the watchdog when a call waits long.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from .policy import Breaker
+from .settings import ProviderSettings, Tuning
+from .watchdog import Watchdog
+
+logger = logging.getLogger("agent_factory.core.database_manager")
+
+HealthCallback = Callable[[str, bool, "str | None"], None]
+_PROBE = "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')"
+
+
+class ProviderHealth:
+    """Breaker, liveness and probes of one provider."""
+
+    def __init__(
+        self,
+        target: ProviderSettings,
+        tuning: Tuning,
+        watchdog: Watchdog,
+        *,
+        on_change: HealthCallback | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = target.name
+        self.target = target
+        self.tuning = tuning
+        self.hang_timeout = tuning.hang_timeout
+        self.breaker = Breaker(tuning.failure_threshold, tuning.failure_window)
+        self.last_alive = 0.0
+        self.writable = True
+        self.in_flight = 0
+        self.waiting = 0
+        self.errors = 0
+        self.latency_ewma: float | None = None
+        self._latencies: collections.deque[float] = collections.deque(maxlen=200)
+        #: Called (by the prober) just before the breaker closes, so that the
+        #: I/O shell can replace its pool before traffic returns.
+        self.before_recovery: Callable[[], None] | None = None
+        self._watchdog = watchdog
+        self._on_change = on_change
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._probe_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._probe_wanted = False
+        self._prober: threading.Thread | None = None
+        self._monitor: psycopg.Connection[Any] | None = None
+        self._closed = False
+        self.conninfo = target.conninfo(
+            connect_timeout=str(max(2, math.ceil(tuning.connect_timeout)))
+        )
+        if tuning.monitor_interval > 0:
+            self._wake_prober(want_probe=False)
+
+    # -- state seen by the data path --------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        return self.breaker.up
+
+    @property
+    def last_error(self) -> str | None:
+        return self.breaker.last_error
+
+    def mark_down(self, reason: str) -> None:
+        """Record a failure; the breaker may open (logged, reported)."""
+        with self._lock:
+            self.errors += 1
+            opened = self.breaker.fail(reason, self._clock())
+        if opened:
+            logger.warning("provider %r is down: %s", self.name, reason)
+            self._notify(False, reason)
+        self._wake_prober(want_probe=False)
+
+    def mark_read_only(self, reason: str) -> None:
+        """The server refused a write: send writes elsewhere until a probe says otherwise."""
+        if self.writable:
+            logger.warning("provider %r is read-only: %s", self.name, reason)
+        self.writable = False
+        self.request_probe()
+
+    def failure_reason(self, exc: BaseException, hung: bool = False) -> str:
+        if hung:
+            return f"no answer within {self.hang_timeout:g}s (server hung or unreachable)"
+        text = str(exc).strip()
+        return self.redact(text.splitlines()[0] if text else type(exc).__name__)
+
+    def redact(self, text: str) -> str:
+        password = self.target.password
+        return text.replace(password, "***") if password else text
+
+    def connect_failed(self, exc: BaseException) -> None:
+        """A pool's connection attempt failed (reported by the I/O shell)."""
+        if self._closed:
+            return
+        if isinstance(exc, psycopg.Error) and exc.sqlstate:
+            self.last_alive = self._clock()  # the server answered
+        self.mark_down(self.failure_reason(exc))
+
+    def _notify(self, up: bool, reason: str | None) -> None:
+        if self._on_change is not None:
+            self._on_change(self.name, up, reason)
+
+    # -- probes ------------------------------------------------------------------
+
+    def health_check(self, *, max_age: float | None = None) -> bool:
+        """Cached health, re-probed when older than ``health_ttl`` (or max_age)."""
+        ttl = self.tuning.health_ttl if max_age is None else max_age
+        b = self.breaker
+        if b.checked and self._clock() - b.last_check < ttl:
+            return b.up
+        self.probe()
+        return self.breaker.up
+
+    def probe(self) -> bool:
+        """One bounded probe on the monitor connection: liveness, latency, role."""
+        with self._probe_lock:
+            if self._closed:
+                return False
+            t0 = self._clock()
+            try:
+                conn = self._monitor or self._connect_monitor()
+                w = self._watchdog.watch(conn.pgconn.socket, self, t0 + self.hang_timeout)
+                try:
+                    row = conn.execute(_PROBE).fetchone()
+                finally:
+                    self._watchdog.unwatch(w)
+            except psycopg.Error as exc:
+                self._drop_monitor()
+                if exc.sqlstate:  # the server answered: alive, but not usable
+                    self.last_alive = self._clock()
+                hung = self._clock() - t0 >= self.hang_timeout
+                self.mark_down(self.failure_reason(exc, hung))
+                return False
+            now = self._clock()
+            self.last_alive = now
+        self._record_latency(now - t0)
+        self._set_writable(row is not None and not row[0] and row[1] == "off")
+        self._probe_passed(now - t0)
+        return True
+
+    def _record_latency(self, seconds: float) -> None:
+        self._latencies.append(seconds)
+        ewma = self.latency_ewma
+        self.latency_ewma = seconds if ewma is None else 0.8 * ewma + 0.2 * seconds
+
+    def _set_writable(self, writable: bool) -> None:
+        if writable != self.writable:
+            state = "writable again" if writable else "read-only (in recovery or demoted)"
+            logger.warning("provider %r is %s", self.name, state)
+        self.writable = writable
+
+    def _probe_passed(self, latency: float) -> None:
+        required = self.tuning.recovery_probes
+        with self._lock:
+            if self.breaker.closes_on_next_success(required) and self.before_recovery:
+                # A fresh pool before traffic returns: connections from before
+                # the outage may sit on a dead or blackholed socket.
+                self.before_recovery()
+            closed = self.breaker.succeed(self._clock(), latency, required)
+        if closed:
+            logger.warning("provider %r is healthy again (%d consecutive probes)",
+                           self.name, required)
+            self._notify(True, None)
+
+    def request_probe(self) -> None:
+        """Ask the prober thread for a probe soon (non-blocking)."""
+        self._wake_prober(want_probe=True)
+
+    def _wake_prober(self, *, want_probe: bool) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._probe_wanted = self._probe_wanted or want_probe
+            if self._prober is None:
+                self._prober = threading.Thread(
+                    target=_probe_loop,
+                    args=(weakref.ref(self),),
+                    name=f"agent-factory-prober-{self.name}",
+                    daemon=True,
+                )
+                self._prober.start()
+            self._cond.notify()
+
+    def _next_probe(self) -> bool:
+        """Wait until a probe is due; False when closed.
+
+        While up: on request (the watchdog asks when a call waits long) or
+        every ``monitor_interval``. While down: every ``probe_interval``
+        whatever was requested, so ``recovery_probes`` good probes really
+        span that much time.
+        """
+        with self._cond:
+            if self.breaker.up:
+                every = self.tuning.monitor_interval or None
+                deadline = None if every is None else self._clock() + every
+                while not (self._probe_wanted or self._closed or not self.breaker.up):
+                    left = None if deadline is None else deadline - self._clock()
+                    if left is not None and left <= 0:
+                        break
+                    self._cond.wait(left)
+            else:
+                deadline = self._clock() + self.tuning.probe_interval
+                while not self._closed and (left := deadline - self._clock()) > 0:
+                    self._cond.wait(left)
+            self._probe_wanted = False
+            return not self._closed
+
+    def _connect_monitor(self) -> psycopg.Connection[Any]:
+        self._monitor = psycopg.Connection.connect(self.conninfo, autocommit=True)
+        return self._monitor
+
+    def _drop_monitor(self) -> None:
+        conn, self._monitor = self._monitor, None
+        if conn is not None:
+            conn.close()
+
+    # -- introspection and lifecycle ---------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        b = self.breaker
+        lat = sorted(self._latencies)
+        p99 = lat[min(len(lat) - 1, math.ceil(0.99 * len(lat)) - 1)] if lat else None
+        return {
+            "healthy": b.up,
+            "breaker": b.state.value,
+            "writable": self.writable,
+            "last_error": b.last_error,
+            "consecutive_failures": b.consecutive_failures,
+            "errors": self.errors,
+            "last_latency_ms": _ms(b.last_latency),
+            "latency_avg_ms": _ms(self.latency_ewma),
+            "latency_p99_ms": _ms(p99),
+            "in_flight": self.in_flight,
+            "pool_waiting": self.waiting,
+            "weight": self.tuning.weight,
+            "serverless": self.tuning.serverless,
+            "checked": b.checked,
+        }
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            prober = self._prober
+        if prober is not None and prober is not threading.current_thread():
+            prober.join(timeout=self.hang_timeout + self.tuning.connect_timeout + 1.0)
+        with self._probe_lock:
+            self._drop_monitor()
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)
+
+
+def _probe_loop(ref: weakref.ReferenceType[ProviderHealth]) -> None:
+    # Holds only a weak reference between probes, so a forgotten provider is
+    # collected and this thread ends.
+    while True:
+        health = ref()
+        if health is None or not health._next_probe():
+            return
+        health.probe()
+        del health
