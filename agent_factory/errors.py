@@ -198,3 +198,40 @@ __all__ += [
     "MigrationError",
     "SchemaError",
 ]
+
+
+# -- memory storage (agent_factory.memory) ------------------------------------
+#
+#   AgentFactoryError
+#   ├── MissingDependencyError (also ImportError)  an optional package is missing
+#   ├── MemoryStorageError                         a storage backend failed a request
+#   └── InvalidMemoryError (also ValueError)       a record the schema cannot hold
+
+
+class MissingDependencyError(AgentFactoryError, ImportError):
+    """An optional package a feature needs is not installed; the message says what to install."""
+
+    __module__ = "agent_factory.errors"
+
+
+class MemoryStorageError(AgentFactoryError):
+    """A memory storage backend failed or refused a request (e.g. the Supabase REST API).
+
+    ``code`` is the backend's error code when it gave one (a SQLSTATE for
+    PostgREST errors), else None.
+    """
+
+    __module__ = "agent_factory.errors"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidMemoryError(AgentFactoryError, ValueError):
+    """A message role, memory type or record that the memory schema cannot hold."""
+
+    __module__ = "agent_factory.errors"
+
+
+__all__ += ["InvalidMemoryError", "MemoryStorageError", "MissingDependencyError"]

@@ -1,0 +1,67 @@
+"""Conversation memory: messages, sessions, and where they are stored.
+
+    from agent_factory.memory import Session, PostgresMemoryStorage
+
+    storage = PostgresMemoryStorage()          # DatabaseManager() on first use: failover
+    session = Session(user_id="alice", storage=storage)
+    session.add_user_message("Hello")
+    session.save()                             # one statement, idempotent
+    loaded = storage.load_session(session.session_id)
+
+Storages: `InMemoryStorage`, `SQLiteStorage` (a local file),
+`PostgresMemoryStorage` (``session_memories`` through `DatabaseManager`),
+`SupabaseMemoryStorage` (the same table through Supabase's REST API; needs
+``pip install supabase``). `KnowledgeStore` holds `KnowledgeAtom` rows with
+pgvector embeddings. Importing this package imports neither psycopg nor
+supabase and opens nothing: the database-backed classes load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .history import ContextManager, Message, MessageHistory
+from .session import Session
+from .storage import InMemoryStorage, MemoryStorage, SQLiteStorage
+
+if TYPE_CHECKING:
+    from .knowledge import AtomMatch, KnowledgeAtom, KnowledgeStore
+    from .postgres import PostgresMemoryStorage
+    from .supabase import SupabaseMemoryStorage
+
+__all__ = [
+    "AtomMatch",
+    "ContextManager",
+    "InMemoryStorage",
+    "KnowledgeAtom",
+    "KnowledgeStore",
+    "MemoryStorage",
+    "Message",
+    "MessageHistory",
+    "PostgresMemoryStorage",
+    "SQLiteStorage",
+    "Session",
+    "SupabaseMemoryStorage",
+]
+
+_LAZY = {
+    "AtomMatch": "knowledge",
+    "KnowledgeAtom": "knowledge",
+    "KnowledgeStore": "knowledge",
+    "PostgresMemoryStorage": "postgres",
+    "SupabaseMemoryStorage": "supabase",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
