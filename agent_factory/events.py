@@ -56,6 +56,9 @@ class Dispatcher:
         self._listeners = tuple(x for x in self._listeners if x is not listener)
         self.query_listeners = tuple(x for x in self.query_listeners if x is not listener)
 
+    def query_error(self, provider: str, error: BaseException) -> None:
+        self.emit(lambda li: li.on_query_error(provider, error))
+
     def query_done(self, provider: str, seconds: float, outcome: str) -> None:
         for listener in self.query_listeners:
             try:

@@ -56,6 +56,10 @@ class ProviderHealth:
         self.waiting = 0
         self.errors = 0
         self.latency_ewma: float | None = None
+        #: The last failed pool connect: ends the waits that began before it,
+        #: even while the breaker (threshold > 1) stays closed.
+        self.connect_error: str | None = None
+        self.connect_failed_at = -1.0
         self._latencies: collections.deque[float] = collections.deque(maxlen=200)
         #: Called (by the prober) just before the breaker closes, so that the
         #: I/O shell can replace its pool before traffic returns.
@@ -119,7 +123,10 @@ class ProviderHealth:
             return
         if isinstance(exc, psycopg.Error) and exc.sqlstate:
             self.last_alive = self._clock()  # the server answered
-        self.mark_down(self.failure_reason(exc))
+        reason = self.failure_reason(exc)
+        self.connect_error = reason
+        self.connect_failed_at = self._clock()
+        self.mark_down(reason)
 
     def _notify(self, up: bool, reason: str | None) -> None:
         if self._on_change is not None:

@@ -168,19 +168,22 @@ class DatabaseProvider:
 
     def checkout(self) -> tuple[ConnectionPool[Any], psycopg.Connection[Any]]:
         """A live pooled connection, or `Unavailable` (never sent) within the deadline."""
+        started = self._clock()
         pool = self._pool
         try:
             conn = pool.getconn(timeout=FIRST_SLICE)
         except (PoolTimeout, PoolClosed):
-            return self._checkout_slow()
+            return self._checkout_slow(started)
         if is_dead(conn):
             pool.putconn(conn)
-            return self._checkout_slow()
+            return self._checkout_slow(started)
         return pool, conn
 
-    def _checkout_slow(self) -> tuple[ConnectionPool[Any], psycopg.Connection[Any]]:
+    def _checkout_slow(
+        self, started: float
+    ) -> tuple[ConnectionPool[Any], psycopg.Connection[Any]]:
         health = self.health
-        deadline = self._clock() + self.tuning.checkout_timeout
+        deadline = started + self.tuning.checkout_timeout
         slice_ = FIRST_SLICE
         health.waiting += 1
         try:
@@ -189,7 +192,7 @@ class DatabaseProvider:
                 try:
                     conn = pool.getconn(timeout=slice_)
                 except PoolTimeout:
-                    check_wait(health, self._clock() >= deadline)
+                    check_wait(health, started, self._clock(), deadline)
                     slice_ = min(slice_ * 2, MAX_SLICE)
                     continue
                 except PoolClosed:
@@ -270,11 +273,13 @@ class DatabaseProvider:
         return f"<DatabaseProvider {self.name!r} {self.target.describe()} {state}>"
 
 
-def check_wait(health: ProviderHealth, timed_out: bool) -> None:
-    """Between two slices of a checkout wait: give up when down or out of time."""
+def check_wait(health: ProviderHealth, started: float, now: float, deadline: float) -> None:
+    """Between two slices of a checkout wait: give up when down, unreachable or out of time."""
     if not health.up:
         raise Unavailable(health.last_error or "down", sent=False)
-    if timed_out:
+    if health.connect_failed_at >= started:
+        raise Unavailable(health.connect_error or "connect failed", sent=False)
+    if now >= deadline:
         raise Unavailable(
             f"no connection within {health.tuning.checkout_timeout:g}s "
             "(pool exhausted or server not answering)",

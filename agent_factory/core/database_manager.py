@@ -194,7 +194,7 @@ class DatabaseManager:
                 if timed:
                     events.query_done(provider.name, time.perf_counter() - t0, "sql_error")
                 if events:
-                    self._emit_query_error(provider.name, exc)
+                    events.query_error(provider.name, exc)
                 raise
             if timed:
                 events.query_done(provider.name, time.perf_counter() - t0, "ok")
@@ -259,9 +259,6 @@ class DatabaseManager:
             pool.putconn(conn)
         health.last_alive = time.monotonic()
         core.last_write = time.monotonic()
-
-    def _emit_query_error(self, name: str, error: BaseException) -> None:
-        self._events.emit(lambda li: li.on_query_error(name, error))
 
     # -- health and stats --------------------------------------------------------------
 

@@ -1,0 +1,226 @@
+"""One provider for the async manager: an `AsyncConnectionPool` around a `ProviderHealth`.
+
+The twin of `provider.DatabaseProvider`. Everything that decides (health,
+breaker, error translation, the dead-connection test, the wait slices) is
+shared; only the waiting is ``await``-ed. The health's prober and the
+watchdog are threads, so a hung server is noticed even when the event loop
+is busy, and a blocked ``await`` is interrupted by shutting its socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
+
+from .health import HealthCallback, ProviderHealth
+from .provider import FIRST_SLICE, MAX_SLICE, Unavailable, check_wait, is_dead, translate
+from .settings import Settings
+from .watchdog import Watchdog
+
+AsyncFetch = Callable[[psycopg.AsyncCursor[Any]], Awaitable[Any]]
+
+
+async def _fetch_all(cur: psycopg.AsyncCursor[Any]) -> Any:
+    return await cur.fetchall() if cur.description is not None else []
+
+
+async def _fetch_one(cur: psycopg.AsyncCursor[Any]) -> Any:
+    return await cur.fetchone() if cur.description is not None else None
+
+
+async def _fetch_none(cur: psycopg.AsyncCursor[Any]) -> None:
+    return None
+
+
+ASYNC_FETCHERS: dict[str, AsyncFetch] = {
+    "all": _fetch_all,
+    "one": _fetch_one,
+    "none": _fetch_none,
+}
+
+
+def async_fetcher(fetch_mode: str) -> AsyncFetch:
+    fetch = ASYNC_FETCHERS.get(fetch_mode)
+    if fetch is None:
+        raise ValueError(f"fetch_mode must be 'all', 'one' or 'none', got {fetch_mode!r}")
+    return fetch
+
+
+class AsyncProvider:
+    """A named PostgreSQL target with an async pool; opened by `open()`."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        settings: Settings,
+        watchdog: Watchdog,
+        on_health_change: HealthCallback | None = None,
+    ) -> None:
+        self.name = name
+        self.target = settings.providers[name]
+        self.tuning = settings.tuning(name)
+        self._watchdog = watchdog
+        self.health = ProviderHealth(
+            self.target, self.tuning, watchdog, on_change=on_health_change
+        )
+        # Called from the prober thread: the pool itself is renewed by the
+        # next caller, on the event loop.
+        self.health.before_recovery = self._mark_stale
+        self._stale = False
+        self._generation = 0
+        self._closed = False
+        self._pool: AsyncConnectionPool[Any] | None = None
+
+    async def open(self) -> None:
+        if self._pool is None:
+            self._pool = await self._new_pool()
+
+    # -- data path -------------------------------------------------------------------
+
+    async def run(self, query: Any, params: Any, fetch: AsyncFetch) -> Any:
+        pool, conn = await self.checkout()
+        health = self.health
+        w = self._watchdog.watch(conn.pgconn.socket, health)
+        health.in_flight += 1
+        try:
+            result = await fetch(await conn.execute(query, params))
+        except psycopg.Error as exc:
+            raise translate(health, exc, w.fired) from exc
+        finally:
+            health.in_flight -= 1
+            self._watchdog.unwatch(w)
+            await pool.putconn(conn)
+        health.last_alive = time.monotonic()
+        return result
+
+    async def checkout(self) -> tuple[AsyncConnectionPool[Any], psycopg.AsyncConnection[Any]]:
+        started = time.monotonic()
+        pool = await self._current_pool()
+        try:
+            conn = await pool.getconn(timeout=FIRST_SLICE)
+        except (PoolTimeout, PoolClosed):
+            return await self._checkout_slow(started)
+        if is_dead(conn):
+            await pool.putconn(conn)
+            return await self._checkout_slow(started)
+        return pool, conn
+
+    async def _checkout_slow(
+        self, started: float
+    ) -> tuple[AsyncConnectionPool[Any], psycopg.AsyncConnection[Any]]:
+        health = self.health
+        deadline = started + self.tuning.checkout_timeout
+        slice_ = FIRST_SLICE
+        health.waiting += 1
+        try:
+            while True:
+                pool = await self._current_pool()
+                try:
+                    conn = await pool.getconn(timeout=slice_)
+                except PoolTimeout:
+                    check_wait(health, started, time.monotonic(), deadline)
+                    slice_ = min(slice_ * 2, MAX_SLICE)
+                    continue
+                except PoolClosed:
+                    if self._closed or pool is self._pool:
+                        raise Unavailable("closed", sent=False) from None
+                    continue
+                if is_dead(conn):
+                    await pool.putconn(conn)
+                    continue
+                return pool, conn
+        finally:
+            health.waiting -= 1
+
+    # -- pool ------------------------------------------------------------------------
+
+    def _mark_stale(self) -> None:
+        self._stale = True
+        self._generation += 1  # connects of the old pool are ignored from now on
+
+    async def _current_pool(self) -> AsyncConnectionPool[Any]:
+        if self._pool is None:
+            raise Unavailable("not opened: use 'async with AsyncDatabaseManager(...)'",
+                              sent=False, down=False)
+        if self._stale and not self._closed:
+            self._stale = False
+            old, self._pool = self._pool, await self._new_pool()
+            asyncio.get_running_loop().create_task(old.close(timeout=0.0))
+        return self._pool
+
+    async def _new_pool(self) -> AsyncConnectionPool[Any]:
+        t = self.tuning
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if not t.prepare:
+            kwargs["prepare_threshold"] = None
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            self.health.conninfo,
+            connection_class=_observed_async_class(self, self._generation),
+            kwargs=kwargs,
+            min_size=t.pool_min_size,
+            max_size=t.pool_max_size,
+            timeout=t.checkout_timeout,
+            name=f"agent-factory-async-{self.name}",
+            open=False,
+        )
+        await pool.open(wait=False)
+        return pool
+
+    # -- introspection and lifecycle ---------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        p = self._pool.get_stats() if self._pool is not None else {}
+        out: dict[str, Any] = {
+            "healthy": self.health.up,
+            "connection_string_host": self.target.host,
+            "port": self.target.port,
+            "database": self.target.params.get("dbname", ""),
+            "pool_active": self._pool is not None and not self._pool.closed,
+            "pool_size": p.get("pool_size", 0),
+            "pool_idle": p.get("pool_available", 0),
+            "pool_max": self.tuning.pool_max_size,
+        }
+        out.update(self.health.stats())
+        return out
+
+    async def close(self) -> None:
+        self._closed = True
+        await asyncio.to_thread(self.health.close)
+        if self._pool is not None:
+            await self._pool.close(timeout=1.0)
+
+
+def _observed_async_class(
+    provider: AsyncProvider, generation: int
+) -> type[psycopg.AsyncConnection[Any]]:
+    """An async connection class reporting how one pool's connects go."""
+    ref = weakref.ref(provider)
+
+    def report(exc: BaseException | None) -> None:
+        p = ref()
+        if p is None or p._generation != generation:
+            return
+        if exc is None:
+            p.health.last_alive = time.monotonic()
+        else:
+            p.health.connect_failed(exc)
+
+    class ObservedAsyncConnection(psycopg.AsyncConnection[Any]):
+        @classmethod
+        async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+            try:
+                conn = await super().connect(conninfo, **kwargs)
+            except Exception as exc:
+                report(exc)
+                raise
+            report(None)
+            return conn
+
+    return ObservedAsyncConnection

@@ -1,0 +1,272 @@
+"""AsyncDatabaseManager: the `DatabaseManager` semantics for asyncio.
+
+The same `Failover` decisions, the same provider health, breaker, prober and
+watchdog; only the pools are `psycopg_pool.AsyncConnectionPool`. Use it as
+``async with AsyncDatabaseManager(...) as db:`` (or ``await db.open()`` and
+``await db.close()``). Cancelling a task that waits on a query is safe: the
+connection goes back to its pool (or is discarded) and nothing is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import psycopg
+
+from ..async_provider import AsyncProvider, async_fetcher
+from ..errors import (
+    HangTimeoutError,
+    ManagerClosedError,
+    OutcomeUnknownError,
+    ProviderUnavailableError,
+)
+from ..events import Dispatcher, Listener
+from ..failover import Failover
+from ..policy import Kind, classify
+from ..provider import FetchMode, Unavailable, tag
+from ..settings import Settings
+from ..watchdog import Watchdog
+from .database_manager import resolve_settings
+
+__all__ = ["AsyncDatabaseManager"]
+
+_CLOSED = "AsyncDatabaseManager is closed; create a new one"
+
+
+class AsyncDatabaseManager:
+    """Runs queries on the primary provider and fails over when it is down (asyncio)."""
+
+    def __init__(
+        self,
+        providers: Mapping[str, Any] | None = None,
+        *,
+        order: list[str] | tuple[str, ...] | None = None,
+        primary: str | None = None,
+        failover_enabled: bool | None = None,
+        settings: Settings | None = None,
+        listeners: tuple[Listener, ...] | list[Listener] = (),
+        dotenv: str | Path | None = ".env",
+        **options: Any,
+    ) -> None:
+        settings = resolve_settings(
+            providers, order, primary, failover_enabled, settings, dotenv, options
+        )
+        self._events = Dispatcher(listeners)
+        self._watchdog = Watchdog(probe_after=settings.hang_timeout / 4)
+        self.providers: dict[str, AsyncProvider] = {}
+        self._core: Failover[AsyncProvider] = Failover(settings, self.providers, self._events)
+        for name in settings.providers:
+            self.providers[name] = AsyncProvider(
+                name,
+                settings=settings,
+                watchdog=self._watchdog,
+                on_health_change=self._core.on_health_change,
+            )
+        self._core.replan()
+        self._opened = False
+
+    async def open(self) -> None:
+        """Open the pools (they connect in the background)."""
+        if self._core.closed:
+            raise ManagerClosedError(_CLOSED)
+        for provider in self.providers.values():
+            await provider.open()
+        self._opened = True
+
+    # -- configuration ---------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        return self._core.settings
+
+    @property
+    def primary_provider(self) -> str:
+        return self._core.primary
+
+    @property
+    def failover_enabled(self) -> bool:
+        return self._core.failover_enabled
+
+    @property
+    def failover_order(self) -> list[str]:
+        return list(self._core.order)
+
+    def set_provider(self, name: str) -> None:
+        self._core.set_primary(name)
+
+    def add_listener(self, listener: Listener) -> None:
+        self._events.add(listener)
+
+    # -- queries ---------------------------------------------------------------------
+
+    async def execute_query(
+        self,
+        query: Any,
+        params: Any = None,
+        fetch_mode: FetchMode = "all",
+        *,
+        read_only: bool | None = None,
+        idempotent: bool | None = None,
+    ) -> Any:
+        """Like `DatabaseManager.execute_query`, awaited."""
+        fetch = async_fetcher(fetch_mode)
+        core = self._core
+        if core.closed:
+            raise ManagerClosedError(_CLOSED)
+        if not self._opened:
+            await self.open()
+        route = core.route(query, read_only, idempotent)
+        events = self._events
+        timed = bool(events.query_listeners)
+        failures: dict[str, str] | None = None
+        for provider in route.providers:
+            epoch = core.epoch
+            t0 = time.perf_counter() if timed else 0.0
+            try:
+                result = await provider.run(query, params, fetch)
+            except Unavailable as exc:
+                failures = failures or {}
+                failures[provider.name] = exc.reason
+                if exc.down:
+                    provider.health.mark_down(exc.reason)
+                unknown = exc.sent and not route.retry_after_send
+                if timed:
+                    outcome = "outcome_unknown" if unknown else "unavailable"
+                    events.query_done(provider.name, time.perf_counter() - t0, outcome)
+                if unknown:
+                    raise OutcomeUnknownError(provider.name, exc.reason) from exc.__cause__
+                continue
+            except Exception as exc:
+                if timed:
+                    events.query_done(provider.name, time.perf_counter() - t0, "sql_error")
+                if events:
+                    events.query_error(provider.name, exc)
+                raise
+            if timed:
+                events.query_done(provider.name, time.perf_counter() - t0, "ok")
+            core.succeeded(provider, epoch, failures, route.write)
+            return result
+        raise core.all_failed(failures, route.write)
+
+    async def read(self, query: Any, params: Any = None, fetch_mode: FetchMode = "all") -> Any:
+        """A read routed by the ``read_routing`` policy (``read_only=True``)."""
+        return await self.execute_query(query, params, fetch_mode, read_only=True)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Several statements in one transaction, pinned to one provider."""
+        core = self._core
+        if core.closed:
+            raise ManagerClosedError(_CLOSED)
+        if not self._opened:
+            await self.open()
+        route = core.route("", False, False)
+        failures: dict[str, str] = {}
+        for provider in route.providers:
+            try:
+                pool, conn = await provider.checkout()
+            except Unavailable as exc:
+                failures[provider.name] = exc.reason
+                provider.health.mark_down(exc.reason)
+                continue
+            break
+        else:
+            raise core.all_failed(failures, True)
+        core.succeeded(provider, core.epoch, failures or None, True)
+        health = provider.health
+        w = self._watchdog.watch(conn.pgconn.socket, health)
+        phase = "body"
+        try:
+            async with conn.transaction():
+                yield conn
+                phase = "commit"
+        except psycopg.Error as exc:
+            if classify(exc) is Kind.SQL:
+                tag(exc, provider.name)
+                raise
+            reason = health.failure_reason(exc, w.fired)
+            health.mark_down(reason)
+            if phase == "commit":
+                raise OutcomeUnknownError(provider.name, reason) from exc
+            error = HangTimeoutError if w.fired else ProviderUnavailableError
+            raise error(
+                provider.name,
+                reason,
+                f"transaction on provider {provider.name!r} lost its connection before "
+                f"COMMIT ({reason}); nothing was committed",
+            ) from exc
+        finally:
+            self._watchdog.unwatch(w)
+            await pool.putconn(conn)
+        health.last_alive = time.monotonic()
+        core.last_write = time.monotonic()
+
+    # -- health and stats --------------------------------------------------------------
+
+    @property
+    def serving_provider(self) -> str | None:
+        return self._core.serving
+
+    async def health_check(self, name: str | None = None) -> bool:
+        provider = self.providers.get(name or self._core.primary)
+        if provider is None:
+            return False
+        return await asyncio.to_thread(provider.health.health_check)
+
+    async def health_check_all(self, *, max_age: float | None = None) -> dict[str, bool]:
+        names = list(self.providers)
+        results = await asyncio.gather(
+            *(
+                asyncio.to_thread(self.providers[n].health.health_check, max_age=max_age)
+                for n in names
+            )
+        )
+        return dict(zip(names, results, strict=True))
+
+    def get_provider_stats(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, provider in self.providers.items():
+            stats = provider.stats()
+            stats["role"] = self._core.role(provider)
+            out[name] = stats
+        return out
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    async def close(self) -> None:
+        """Close every pool and stop the background threads. Idempotent."""
+        if self._core.closed:
+            return
+        self._core.closed = True
+        for provider in self.providers.values():
+            await provider.close()
+        await asyncio.to_thread(self._watchdog.close)
+
+    async def __aenter__(self) -> AsyncDatabaseManager:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        await self.close()
+        return False
+
+    def __repr__(self) -> str:
+        core = self._core
+        state = "closed" if core.closed else f"serving={core.serving!r}"
+        names = list(self.providers)
+        return f"<AsyncDatabaseManager primary={core.primary!r} providers={names} {state}>"
