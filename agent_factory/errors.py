@@ -10,11 +10,19 @@ their own psycopg type, carrying the provider's name in ``exc.provider``.
     ├── ConfigurationError (also ValueError)    bad or missing settings
     │   └── NoProvidersConfiguredError           nothing to connect to
     ├── ManagerClosedError                       used after close_all()
-    └── ProviderError (also OperationalError)    a provider could not serve
-        ├── ProviderUnavailableError             the statement never ran there
-        ├── HangTimeoutError                     no answer within the deadline
-        ├── OutcomeUnknownError                  a write was sent, its fate unknown
-        └── AllProvidersUnavailableError         every candidate failed
+    ├── ProviderError (also OperationalError)    a provider could not serve
+    │   ├── ProviderUnavailableError             the statement never ran there
+    │   ├── HangTimeoutError                     no answer within the deadline
+    │   └── OutcomeUnknownError                  a write was sent, its fate unknown
+    ├── AllProvidersUnavailableError (also OperationalError)  every candidate failed
+    ├── SchemaError                              a schema command failed on a provider
+    │   ├── MigrationError                       a migration failed and was rolled back
+    │   ├── MigrationDriftError                  an applied migration no longer matches
+    │   ├── ExtensionUnavailableError            the server lacks a required extension
+    │   └── CopyError                            a data copy cannot proceed
+    ├── MissingDependencyError (also ImportError)  an optional package is missing
+    ├── MemoryStorageError                       a storage backend failed a request
+    └── InvalidMemoryError (also ValueError)     a record the schema cannot hold
 
 Messages name the provider and never contain a password.
 """
@@ -125,13 +133,6 @@ class AllProvidersUnavailableError(AgentFactoryError, psycopg.OperationalError):
 
 
 # -- schema deploy, verify and copy (agent_factory.schema) ---------------------
-#
-#   AgentFactoryError
-#   └── SchemaError                              a schema command failed on a provider
-#       ├── MigrationError                       a migration failed and was rolled back
-#       ├── MigrationDriftError                  an applied migration no longer matches
-#       ├── ExtensionUnavailableError            the server lacks a required extension
-#       └── CopyError                            a data copy cannot proceed
 
 
 class SchemaError(AgentFactoryError):
@@ -201,11 +202,6 @@ __all__ += [
 
 
 # -- memory storage (agent_factory.memory) ------------------------------------
-#
-#   AgentFactoryError
-#   ├── MissingDependencyError (also ImportError)  an optional package is missing
-#   ├── MemoryStorageError                         a storage backend failed a request
-#   └── InvalidMemoryError (also ValueError)       a record the schema cannot hold
 
 
 class MissingDependencyError(AgentFactoryError, ImportError):
