@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -65,8 +66,12 @@ def copy_tables(
     source_name: str = "source",
     target_name: str = "target",
     on_progress: ProgressCallback | None = None,
+    since: datetime | None = None,
 ) -> list[TableReport]:
     """Copy ``tables`` from ``source`` to ``target``; both must be idle connections.
+
+    With ``since``, only rows whose ``updated_at`` is at or after it are
+    copied (tables without ``updated_at`` are copied whole).
 
     Raises `CopyError` when a table is missing or its columns differ (deploy
     and verify first) and `ProviderUnavailableError` when a connection is
@@ -80,7 +85,10 @@ def copy_tables(
             source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             columns = {t: _matching_columns(source, target, t, names) for t in tables}
             return [
-                _copy_table(source, target, t, columns[t], batch_size, on_progress)
+                _copy_table(
+                    source, target, t, columns[t], batch_size, on_progress,
+                    _since_filter(columns[t], since),
+                )
                 for t in tables
             ]
     except psycopg.Error as exc:
@@ -104,9 +112,12 @@ def _copy_table(
     columns: tuple[str, ...],
     batch_size: int,
     on_progress: ProgressCallback | None,
+    only: sql.Composable,
 ) -> TableReport:
     ident = sql.Identifier(table)
-    count = source.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
+    count = source.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE {}").format(ident, only)
+    ).fetchone()
     report = TableReport(table, source_rows=count[0] if count else 0)
     keys = _unique_keys(target, table)
     upsert = _upsert_sql(table, columns, has_version=_VERSION in columns)
@@ -115,8 +126,10 @@ def _copy_table(
     if on_progress is not None:
         on_progress(table, 0, report.source_rows)
     while True:
-        upper = _batch_upper_bound(source, table, lower, batch_size)
-        rows = _copy_batch(source, target, table, columns, keys, upsert, lower, upper, report)
+        upper = _batch_upper_bound(source, table, lower, batch_size, only)
+        rows = _copy_batch(
+            source, target, table, columns, keys, upsert, lower, upper, report, only
+        )
         done += rows
         if on_progress is not None:
             on_progress(table, done, max(done, report.source_rows))
@@ -135,10 +148,11 @@ def _copy_batch(
     lower: Any,
     upper: Any,
     report: TableReport,
+    only: sql.Composable,
 ) -> int:
     """Stream ids in (lower, upper] into a temporary table, then upsert them."""
     cols = sql.SQL(", ").join(map(sql.Identifier, columns))
-    where: list[sql.Composable] = [sql.SQL("TRUE")]
+    where: list[sql.Composable] = [only]
     if lower is not None:
         where.append(sql.SQL("{} > {}").format(sql.Identifier(_KEY), sql.Literal(lower)))
     if upper is not None:
@@ -172,17 +186,24 @@ def _copy_batch(
 
 
 def _batch_upper_bound(
-    source: psycopg.Connection[Any], table: str, lower: Any, batch_size: int
+    source: psycopg.Connection[Any], table: str, lower: Any, batch_size: int,
+    only: sql.Composable,
 ) -> Any:
     """The last id of the next batch, or None when the rest fits in it."""
     key = sql.Identifier(_KEY)
-    after = sql.SQL("WHERE {} > %s").format(key) if lower is not None else sql.SQL("")
-    query = sql.SQL("SELECT {key} FROM {table} {after} ORDER BY {key} OFFSET %s LIMIT 1").format(
-        key=key, table=sql.Identifier(table), after=after
-    )
+    after = sql.SQL("AND {} > %s").format(key) if lower is not None else sql.SQL("")
+    query = sql.SQL(
+        "SELECT {key} FROM {table} WHERE {only} {after} ORDER BY {key} OFFSET %s LIMIT 1"
+    ).format(key=key, table=sql.Identifier(table), only=only, after=after)
     params = (lower, batch_size - 1) if lower is not None else (batch_size - 1,)
     row = source.execute(query, params).fetchone()
     return row[0] if row is not None else None
+
+
+def _since_filter(columns: tuple[str, ...], since: datetime | None) -> sql.Composable:
+    if since is None or _VERSION not in columns:
+        return sql.SQL("TRUE")
+    return sql.SQL("{} >= {}").format(sql.Identifier(_VERSION), sql.Literal(since))
 
 
 def _upsert_sql(table: str, columns: tuple[str, ...], *, has_version: bool) -> sql.Composed:
