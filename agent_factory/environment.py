@@ -51,6 +51,11 @@ ENV_OPTIONS: dict[str, tuple[str, type]] = {
     "DATABASE_FAILOVER_LOG_INTERVAL": ("failover_log_interval", float),
     "DATABASE_READ_ROUTING": ("read_routing", str),
     "DATABASE_READ_YOUR_WRITES": ("read_your_writes", float),
+    "DATABASE_FAILBACK_RECONCILE": ("failback_reconcile", bool),
+    "DATABASE_RECONCILE_TABLES": ("reconcile_tables", tuple),
+    "DATABASE_RECONCILE_MARGIN": ("reconcile_margin", float),
+    "DATABASE_WRITE_PAUSE_TIMEOUT": ("write_pause_timeout", float),
+    "DATABASE_MAX_REPLICATION_LAG": ("max_replication_lag", float),
 }
 
 
@@ -174,6 +179,8 @@ def parse_value(name: str, value: str, kind: type) -> Any:
         return parse_bool(name, value)
     if kind is str:
         return value.strip().lower()
+    if kind is tuple:
+        return tuple(part.strip() for part in value.split(",") if part.strip())
     try:
         return kind(value.strip())
     except ValueError:

@@ -25,6 +25,9 @@ class Listener:
     def on_health_change(self, provider: str, healthy: bool, reason: str | None) -> None:
         """A provider went down or came back up."""
 
+    def on_reconcile(self, primary: str, source: str, rows: int) -> None:
+        """Failback brought ``rows`` written on ``source`` back to the primary."""
+
     def on_query_error(self, provider: str, error: BaseException) -> None:
         """A statement failed on a provider with a SQL error."""
 

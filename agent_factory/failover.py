@@ -13,11 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Generic, Protocol, TypeVar
 
 from .errors import AllProvidersUnavailableError, ConfigurationError, ManagerClosedError
 from .events import Dispatcher
-from .health import ProviderHealth
+from .health import Lag, ProviderHealth
 from .policy import candidates, is_read_only, may_retry_after_send, order_reads
 from .settings import Settings
 
@@ -63,6 +64,14 @@ class Failover(Generic[P]):
         self.epoch = 0  # bumped on every health change
         self.last_write = -1e18
         self.closed = False
+        #: Backups that took writes while the primary was down, with the
+        #: (wall-clock, UTC) time from which their rows must be brought back.
+        self.diverged: dict[str, datetime] = {}
+        #: Writes are counted (and can be paused) only when failback needs it.
+        self.track_writes = settings.failback_reconcile
+        self._gate = threading.Condition(threading.Lock())
+        self._paused = False
+        self._writers = 0
         self._turn = 0
         self._next_log = 0.0
         self._suppressed = 0
@@ -114,9 +123,31 @@ class Failover(Generic[P]):
             plan = order_reads(plan, policy, self._turn)
         if reads:
             return Route([p for p in plan if p.health.breaker.up], retry, False)
+        bound = self.settings.max_replication_lag
         return Route(
-            [p for p in plan if p.health.breaker.up and p.health.writable], retry, True
+            [
+                p
+                for p in plan
+                if p.health.breaker.up
+                and p.health.writable
+                and (bound is None or self.lag_ok(p.name, bound))
+            ],
+            retry,
+            True,
         )
+
+    def lag(self, name: str) -> Lag | None:
+        """A backup's replication lag, last seen by the primary (None: unknown)."""
+        if name == self.primary:
+            return None
+        return self.providers[self.primary].health.replication.get(name)
+
+    def lag_ok(self, name: str, bound: float) -> bool:
+        """May this provider take writes under the RPO bound?"""
+        if name == self.primary:
+            return True
+        lag = self.lag(name)
+        return lag is not None and lag.seconds <= bound
 
     # -- outcomes --------------------------------------------------------------------
 
@@ -124,6 +155,11 @@ class Failover(Generic[P]):
                   write: bool) -> None:
         if write:
             self.last_write = self._clock()
+            if provider.name != self.primary and self.track_writes and (
+                provider.name not in self.diverged
+            ):
+                margin = timedelta(seconds=self.settings.reconcile_margin)
+                self.diverged[provider.name] = datetime.now(timezone.utc) - margin
         # A call that started before the last health change (e.g. stuck on a
         # hung primary that just resumed) says nothing about where traffic
         # goes now.
@@ -143,6 +179,13 @@ class Failover(Generic[P]):
                 reasons[p.name] = f"down: {h.last_error or 'unavailable'}"
             elif write and not h.writable:
                 reasons[p.name] = "read-only: cannot take writes"
+            elif write and (bound := self.settings.max_replication_lag) is not None:
+                lag = self.lag(p.name)
+                seen = "unknown" if lag is None else f"{lag.seconds:.1f}s"
+                reasons[p.name] = (
+                    f"stale: replication lag {seen} exceeds max_replication_lag {bound:g}s; "
+                    "writes refused so that nothing is written onto stale data"
+                )
         return AllProvidersUnavailableError(reasons)
 
     def on_health_change(self, name: str, up: bool, reason: str | None) -> None:
@@ -172,6 +215,55 @@ class Failover(Generic[P]):
             "Executed on failover provider %r (primary %r unavailable: %s)%s",
             name, primary, reason, more,
         )
+
+    # -- the write gate (failback) -------------------------------------------------
+
+    def enter_write(self, block: bool = True) -> bool | None:
+        """Count a write in, waiting while writes are paused (at most write_pause_timeout).
+
+        True when it waited (route the write again: the primary may be back),
+        False when it did not, None when ``block`` is False and it would wait.
+        """
+        with self._gate:
+            waited = self._paused
+            if waited:
+                if not block:
+                    return None
+                if not self._gate.wait_for(lambda: not self._paused,
+                                           self.settings.write_pause_timeout):
+                    logger.warning("writes paused longer than write_pause_timeout; going on")
+            self._writers += 1
+            return waited
+
+    def exit_write(self) -> None:
+        with self._gate:
+            self._writers -= 1
+            if self._paused and self._writers == 0:
+                self._gate.notify_all()
+
+    def pause_writes(self, timeout: float) -> bool:
+        """Stop new writes and wait for those in flight; False if they did not finish."""
+        with self._gate:
+            self._paused = True
+            return self._gate.wait_for(lambda: self._writers == 0, timeout)
+
+    def resume_writes(self) -> None:
+        with self._gate:
+            self._paused = False
+            self._gate.notify_all()
+
+    def describe(self, provider: P) -> dict[str, object]:
+        """What the manager adds to a provider's stats: role, lag, pending failback."""
+        lag = self.lag(provider.name)
+        bound = self.settings.max_replication_lag
+        since = self.diverged.get(provider.name)
+        return {
+            "role": self.role(provider),
+            "replication_lag_s": None if lag is None else lag.seconds,
+            "replication_lag_bytes": None if lag is None else lag.bytes,
+            "stale": bound is not None and not self.lag_ok(provider.name, bound),
+            "failback_pending_since": None if since is None else since.isoformat(),
+        }
 
     def role(self, provider: P) -> str:
         if not provider.health.breaker.up:

@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -31,6 +31,21 @@ logger = logging.getLogger("agent_factory.core.database_manager")
 
 HealthCallback = Callable[[str, bool, "str | None"], None]
 _PROBE = "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')"
+# How far each subscriber of ours is behind, seen from a publisher.
+_LAG = (
+    "SELECT application_name, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint, "
+    "coalesce(extract(epoch FROM replay_lag), 0)::float8 FROM pg_stat_replication "
+    "WHERE application_name LIKE 'agent\\_factory\\_%'"
+)
+SUBSCRIPTION_PREFIX = "agent_factory_"
+
+
+class Lag(NamedTuple):
+    """A subscriber's replication lag, as its publisher saw it at ``measured_at``."""
+
+    bytes: int | None
+    seconds: float
+    measured_at: float
 
 
 class ProviderHealth:
@@ -64,6 +79,12 @@ class ProviderHealth:
         #: Called (by the prober) just before the breaker closes, so that the
         #: I/O shell can replace its pool before traffic returns.
         self.before_recovery: Callable[[], None] | None = None
+        #: The manager's failback: may veto this recovery (False: stay open and
+        #: retry at the next probe); `after_recovery` always follows a True.
+        self.gate_recovery: Callable[[str], bool] | None = None
+        self.after_recovery: Callable[[str], None] | None = None
+        #: Replication lag of our subscribers, when this provider publishes.
+        self.replication: dict[str, Lag] = {}
         self._watchdog = watchdog
         self._on_change = on_change
         self._clock = clock
@@ -154,6 +175,13 @@ class ProviderHealth:
                 w = self._watchdog.watch(conn.pgconn.socket, self, t0 + self.hang_timeout)
                 try:
                     row = conn.execute(_PROBE).fetchone()
+                    if row is not None and not row[0]:
+                        lags = conn.execute(_LAG).fetchall()
+                        at = self._clock()
+                        self.replication = {
+                            name.removeprefix(SUBSCRIPTION_PREFIX): Lag(b, sec, at)
+                            for name, b, sec in lags
+                        }
                 finally:
                     self._watchdog.unwatch(w)
             except psycopg.Error as exc:
@@ -183,16 +211,27 @@ class ProviderHealth:
 
     def _probe_passed(self, latency: float) -> None:
         required = self.tuning.recovery_probes
-        with self._lock:
-            if self.breaker.closes_on_next_success(required) and self.before_recovery:
-                # A fresh pool before traffic returns: connections from before
-                # the outage may sit on a dead or blackholed socket.
-                self.before_recovery()
-            closed = self.breaker.succeed(self._clock(), latency, required)
-        if closed:
-            logger.warning("provider %r is healthy again (%d consecutive probes)",
-                           self.name, required)
-            self._notify(True, None)
+        if not self.breaker.closes_on_next_success(required):
+            with self._lock:
+                self.breaker.succeed(self._clock(), latency, required)
+            return
+        gate = self.gate_recovery
+        if gate is not None and not gate(self.name):
+            return  # stays half-open; the next probe tries again
+        try:
+            with self._lock:
+                if self.before_recovery is not None:
+                    # A fresh pool before traffic returns: connections from
+                    # before the outage may sit on a dead or blackholed socket.
+                    self.before_recovery()
+                closed = self.breaker.succeed(self._clock(), latency, required)
+            if closed:
+                logger.warning("provider %r is healthy again (%d consecutive probes)",
+                               self.name, required)
+                self._notify(True, None)
+        finally:
+            if gate is not None and self.after_recovery is not None:
+                self.after_recovery(self.name)
 
     def request_probe(self) -> None:
         """Ask the prober thread for a probe soon (non-blocking)."""

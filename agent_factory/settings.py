@@ -166,6 +166,11 @@ class Settings:
     failover_log_interval: float = 10.0
     read_routing: str = "primary"
     read_your_writes: float = 2.0
+    failback_reconcile: bool = True
+    reconcile_tables: tuple[str, ...] = ("session_memories", "knowledge_atoms")
+    reconcile_margin: float = 120.0
+    write_pause_timeout: float = 10.0
+    max_replication_lag: float | None = None
 
     def __post_init__(self) -> None:
         if not self.providers:
@@ -176,16 +181,19 @@ class Settings:
                 f"configured: {', '.join(self.providers)}"
             )
         for name in ("checkout_timeout", "connect_timeout", "hang_timeout", "probe_interval",
-                     "serverless_connect_timeout", "failure_window"):
+                     "serverless_connect_timeout", "failure_window", "write_pause_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         for name in ("health_ttl", "failover_log_interval", "monitor_interval",
-                     "read_your_writes"):
+                     "read_your_writes", "reconcile_margin"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
         for name in ("recovery_probes", "failure_threshold"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        lag = self.max_replication_lag
+        if lag is not None and not lag > 0:
+            raise ConfigurationError(f"max_replication_lag must be > 0 seconds or unset, got {lag}")
         if self.read_routing not in READ_ROUTING:
             raise ConfigurationError(
                 f"read_routing={self.read_routing!r} is not one of {', '.join(READ_ROUTING)}"

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import psycopg
 
-from ..async_provider import AsyncProvider, async_fetcher
+from ..async_provider import AsyncFetch, AsyncProvider, async_fetcher
 from ..errors import (
     HangTimeoutError,
     ManagerClosedError,
@@ -27,7 +27,8 @@ from ..errors import (
     ProviderUnavailableError,
 )
 from ..events import Dispatcher, Listener
-from ..failover import Failover
+from ..failback import Failback
+from ..failover import Failover, Route
 from ..policy import Kind, classify
 from ..provider import FetchMode, Unavailable, tag
 from ..settings import Settings
@@ -66,9 +67,15 @@ class AsyncDatabaseManager:
                 name,
                 settings=settings,
                 watchdog=self._watchdog,
-                on_health_change=self._core.on_health_change,
+                on_health_change=self._on_health_change,
             )
         self._core.replan()
+        self._failback = Failback(
+            self._core, {n: p.health.conninfo for n, p in self.providers.items()}, self._events
+        )
+        for provider in self.providers.values():
+            provider.health.gate_recovery = self._failback.before_return
+            provider.health.after_recovery = self._failback.after_return
         self._opened = False
 
     async def open(self) -> None:
@@ -103,6 +110,15 @@ class AsyncDatabaseManager:
     def add_listener(self, listener: Listener) -> None:
         self._events.add(listener)
 
+    def register_table(self, table: str) -> None:
+        """Also bring ``table``'s rows back to the primary at failback."""
+        self._failback.register_table(table)
+
+    def _on_health_change(self, name: str, up: bool, reason: str | None) -> None:
+        self._core.on_health_change(name, up, reason)
+        if up and hasattr(self, "_failback"):
+            self._failback.backup_healthy(name)
+
     # -- queries ---------------------------------------------------------------------
 
     async def execute_query(
@@ -122,6 +138,27 @@ class AsyncDatabaseManager:
         if not self._opened:
             await self.open()
         route = core.route(query, read_only, idempotent)
+        if route.write and core.track_writes:
+            if await self._enter_write():
+                route = core.route(query, read_only, idempotent)  # after a failback pause
+            try:
+                return await self._run(route, query, params, fetch)
+            finally:
+                core.exit_write()
+        return await self._run(route, query, params, fetch)
+
+    async def _enter_write(self) -> bool:
+        """Count a write in without blocking the event loop; True if it had to wait."""
+        waited = self._core.enter_write(block=False)
+        if waited is None:
+            await asyncio.to_thread(self._core.enter_write)
+            return True
+        return waited
+
+    async def _run(
+        self, route: Route[AsyncProvider], query: Any, params: Any, fetch: AsyncFetch
+    ) -> Any:
+        core = self._core
         events = self._events
         timed = bool(events.query_listeners)
         failures: dict[str, str] | None = None
@@ -166,7 +203,20 @@ class AsyncDatabaseManager:
             raise ManagerClosedError(_CLOSED)
         if not self._opened:
             await self.open()
-        route = core.route("", False, False)
+        if core.track_writes:
+            await self._enter_write()
+        try:
+            async with self._pinned(core.route("", False, False)) as conn:
+                yield conn
+        finally:
+            if core.track_writes:
+                core.exit_write()
+
+    @asynccontextmanager
+    async def _pinned(
+        self, route: Route[AsyncProvider]
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        core = self._core
         failures: dict[str, str] = {}
         for provider in route.providers:
             try:
@@ -233,7 +283,7 @@ class AsyncDatabaseManager:
         out = {}
         for name, provider in self.providers.items():
             stats = provider.stats()
-            stats["role"] = self._core.role(provider)
+            stats.update(self._core.describe(provider))
             out[name] = stats
         return out
 

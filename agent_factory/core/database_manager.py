@@ -30,9 +30,10 @@ from ..errors import (
     ProviderUnavailableError,
 )
 from ..events import Dispatcher, Listener
-from ..failover import Failover
+from ..failback import Failback
+from ..failover import Failover, Route
 from ..policy import Kind, classify
-from ..provider import DatabaseProvider, FetchMode, Unavailable, fetcher, tag
+from ..provider import DatabaseProvider, Fetch, FetchMode, Unavailable, fetcher, tag
 from ..settings import Settings
 from ..watchdog import Watchdog
 
@@ -104,9 +105,15 @@ class DatabaseManager:
                 target,
                 settings=settings,
                 watchdog=self._watchdog,
-                on_health_change=self._core.on_health_change,
+                on_health_change=self._on_health_change,
             )
         self._core.replan()
+        self._failback = Failback(
+            self._core, {n: p.health.conninfo for n, p in self.providers.items()}, self._events
+        )
+        for provider in self.providers.values():
+            provider.health.gate_recovery = self._failback.before_return
+            provider.health.after_recovery = self._failback.after_return
 
     # -- configuration ---------------------------------------------------------------
 
@@ -142,6 +149,20 @@ class DatabaseManager:
     def add_listener(self, listener: Listener) -> None:
         self._events.add(listener)
 
+    def register_table(self, table: str) -> None:
+        """Also bring ``table``'s rows back to the primary at failback.
+
+        The table needs a primary key column ``id`` (UUIDs recommended) and an
+        ``updated_at`` column that every write sets; sequences it owns are
+        moved past what a backup used.
+        """
+        self._failback.register_table(table)
+
+    def _on_health_change(self, name: str, up: bool, reason: str | None) -> None:
+        self._core.on_health_change(name, up, reason)
+        if up and hasattr(self, "_failback"):
+            self._failback.backup_healthy(name)
+
     def remove_listener(self, listener: Listener) -> None:
         self._events.remove(listener)
 
@@ -170,6 +191,17 @@ class DatabaseManager:
         if core.closed:
             raise ManagerClosedError(_CLOSED)
         route = core.route(query, read_only, idempotent)
+        if route.write and core.track_writes:
+            if core.enter_write():
+                route = core.route(query, read_only, idempotent)  # after a failback pause
+            try:
+                return self._run(route, query, params, fetch)
+            finally:
+                core.exit_write()
+        return self._run(route, query, params, fetch)
+
+    def _run(self, route: Route[DatabaseProvider], query: Any, params: Any, fetch: Fetch) -> Any:
+        core = self._core
         events = self._events
         timed = bool(events.query_listeners)
         failures: dict[str, str] | None = None
@@ -219,7 +251,18 @@ class DatabaseManager:
         core = self._core
         if core.closed:
             raise ManagerClosedError(_CLOSED)
-        route = core.route("", False, False)
+        if core.track_writes:
+            core.enter_write()
+        try:
+            with self._pinned(core.route("", False, False)) as conn:
+                yield conn
+        finally:
+            if core.track_writes:
+                core.exit_write()
+
+    @contextmanager
+    def _pinned(self, route: Route[DatabaseProvider]) -> Iterator[psycopg.Connection[Any]]:
+        core = self._core
         failures: dict[str, str] = {}
         for provider in route.providers:
             try:
@@ -297,7 +340,7 @@ class DatabaseManager:
         out = {}
         for name, provider in self.providers.items():
             stats = provider.stats()
-            stats["role"] = self._core.role(provider)
+            stats.update(self._core.describe(provider))
             out[name] = stats
         return out
 
