@@ -3,6 +3,8 @@
     agent-factory-db demo [--no-live] [--no-hang] [--down-seconds N]
     agent-factory-db health [--json]     exit 0 ok, 1 primary down, 2 bad configuration
     agent-factory-db stats [--json]
+    agent-factory-db dashboard [--host H] [--port P] [--token T] [--demo]
+    agent-factory-db monitor [--interval S] [--once]
 
 Rich draws for a terminal only and is imported inside the commands that use
 it, so importing this module stays cheap; pipes, logs and machines without
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
     from .core.database_manager import DatabaseManager
+    from .dashboard.demo import DemoFleet
     from .demo import Demo, DemoConfig, DemoResult, DemoView
 
 __all__ = ["main"]
@@ -78,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="per-provider statistics of the configured manager")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.set_defaults(command=_stats)
+
+    _add_dashboard_commands(sub)
 
     from .schema.command import add_schema_commands
 
@@ -357,6 +362,122 @@ def _print_summary(result: DemoResult) -> None:
     print(f"{verdict}: {t.reads} reads, {t.writes} writes in {result.duration_s:.1f}s; "
           f"failover bound {result.failover_bound_s:g}s (hang_timeout + 1s); "
           "'back on primary' counts from the server being up again")
+
+
+# -- dashboard and monitor -----------------------------------------------------
+
+_DASHBOARD_INSTALL = "pip install 'agent-factory[dashboard]'"
+
+
+def _add_dashboard_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dash = sub.add_parser(
+        "dashboard", help="web dashboard: health, latency, failover timeline, operator actions"
+    )
+    dash.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default: 127.0.0.1; others need a token)")
+    dash.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0: any)")
+    dash.add_argument("--token", default=None,
+                      help="required on every state-changing request "
+                           "(default: $AGENT_FACTORY_DASHBOARD_TOKEN)")
+    dash.add_argument("--demo", action="store_true",
+                      help="run against three embedded providers with a light load and "
+                           "buttons that crash, hang and restart the primary")
+    dash.set_defaults(command=_dashboard)
+
+    monitor = sub.add_parser("monitor", help="live health table of the configured providers")
+    monitor.add_argument("--interval", type=_positive, default=2.0, metavar="SECONDS",
+                         help="refresh period (default: 2)")
+    monitor.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    monitor.set_defaults(command=_monitor)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from .dashboard.app import create_app
+        from .dashboard.server import (
+            LOOPBACK_NAMES,
+            BindRefusedError,
+            bind,
+            check_bind,
+            is_loopback,
+            serve,
+        )
+    except ImportError as exc:
+        print(f"{_PROG}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    token = args.token or os.environ.get("AGENT_FACTORY_DASHBOARD_TOKEN") or None
+    try:
+        check_bind(args.host, token)
+        sock = bind(args.host, args.port)
+    except BindRefusedError as exc:
+        print(f"{_PROG}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"{_PROG}: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    _terminate_as_interrupt()
+    with sock:
+        demo, db, code = _dashboard_manager(args.demo)
+        if db is None:
+            return code
+        try:
+            # On loopback, answer only loopback Host headers (DNS rebinding).
+            hosts = [*LOOPBACK_NAMES, args.host] if is_loopback(args.host) else None
+            app = create_app(db, token=token, demo_controls=demo.controls() if demo else None,
+                             allowed_hosts=hosts)
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"dashboard on http://{host}:{sock.getsockname()[1]}/  (Ctrl-C to stop)"
+                  + ("\nactions need the token: open the page once with ?token=<token>"
+                     if token else ""), flush=True)
+            serve(app, sock)
+        finally:
+            if demo is not None:
+                print("stopping the demo servers", flush=True)
+                demo.close()
+            else:
+                db.close_all()
+    print("dashboard stopped", flush=True)
+    return EXIT_OK
+
+
+def _dashboard_manager(demo: bool) -> tuple[DemoFleet | None, DatabaseManager | None, int]:
+    """The manager to show (and the demo fleet behind it), or None and the exit code."""
+    if not demo:
+        return None, _open_manager(), EXIT_CONFIG
+    from .dashboard.demo import DemoFleet
+    from .embedded import PostgresNotFoundError
+
+    fleet = DemoFleet()
+    print("starting three embedded PostgreSQL servers for the demo", flush=True)
+    try:
+        return fleet, fleet.start(), EXIT_OK
+    except PostgresNotFoundError as exc:
+        print(f"{_PROG}: the demo needs PostgreSQL binaries: {exc}\n"
+              f"install them with: {_INSTALL}", file=sys.stderr)
+        return None, None, EXIT_CONFIG
+    except Exception as exc:  # start() stopped what it had started
+        print(f"{_PROG}: demo servers failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None, None, EXIT_FAILED
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from .monitor import run_monitor
+
+    db = _open_manager()
+    if db is None:
+        return EXIT_CONFIG
+    _terminate_as_interrupt()
+    try:
+        run_monitor(db, interval=args.interval, once=args.once, console=_console(),
+                    secrets=_passwords(db))
+    except KeyboardInterrupt:
+        pass  # the normal way to stop watching
+    finally:
+        db.close_all()
+    return EXIT_OK
 
 
 if __name__ == "__main__":
