@@ -86,7 +86,7 @@ class _State(NamedTuple):
 
 
 # Read at scrape time. A provider whose stats lack a key (or hold None) has no
-# sample: replication lag is reported once the manager measures it.
+# sample: replication lag appears once the manager has measured it.
 _STATES = (
     _State("role", f"{PREFIX}_provider_role",
            "1 for the provider's current role, 0 for the others.",
@@ -107,8 +107,12 @@ _GAUGES = (
            "Statements running on the provider now."),
     _Gauge("last_latency_ms", f"{PREFIX}_provider_probe_latency_seconds",
            "Round trip of the last health probe.", 1e-3),
-    _Gauge("replication_lag_seconds", f"{PREFIX}_replication_lag_seconds",
-           "How far the provider's data is behind the primary (not measured yet)."),
+    _Gauge("replication_lag_s", f"{PREFIX}_replication_lag_seconds",
+           "How far the provider's data is behind the primary's, when measured."),
+    _Gauge("replication_lag_bytes", f"{PREFIX}_replication_lag_bytes",
+           "WAL bytes the provider has yet to replay from the primary, when measured."),
+    _Gauge("stale", f"{PREFIX}_provider_stale",
+           "1 when the provider's replication lag exceeds max_replication_lag."),
 )
 
 
@@ -140,6 +144,10 @@ class MetricsListener(Listener):
         self._health_changes = Counter(f"{PREFIX}_health_changes",
                                        "A provider went down or came back up.",
                                        ["provider", "state"], registry=r)
+        self._reconciled = Counter(f"{PREFIX}_reconciled_rows",
+                                   "Rows written on a backup during an outage and brought "
+                                   "back to the primary by failback.",
+                                   ["provider", "from_provider"], registry=r)
         self._children: dict[tuple[str, str], _Record] = {}
 
     def prepare(self, providers: Iterable[str]) -> None:
@@ -171,6 +179,9 @@ class MetricsListener(Listener):
 
     def on_health_change(self, provider: str, healthy: bool, reason: str | None) -> None:
         self._health_changes.labels(provider, "up" if healthy else "down").inc()
+
+    def on_reconcile(self, primary: str, source: str, rows: int) -> None:
+        self._reconciled.labels(primary, source).inc(rows)
 
     # -- reading back (the dashboard) ----------------------------------------------
 
@@ -230,8 +241,8 @@ class ProviderStatsCollector:
                         family.add_metric([name, state], 1.0 if current == state else 0.0)
             for g, family in zip(_GAUGES, gauges, strict=True):
                 value = s.get(g.key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    family.add_metric([name], value * g.scale)
+                if isinstance(value, (int, float)):  # bool too: 1 or 0
+                    family.add_metric([name], float(value) * g.scale)
         yield up
         yield from states
         yield failures

@@ -236,9 +236,12 @@ def test_gauges_are_read_from_the_stats_at_scrape_time(
     failures = _value(m, "agent_factory_db_provider_failures_total", provider="neon")
     assert failures is not None and failures >= 1
     text = exposition(m.registry).decode()
-    # The placeholder: declared, no sample until the manager measures replication lag.
+    # Declared; no sample while the manager has not measured any replication lag.
     assert "# TYPE agent_factory_db_replication_lag_seconds gauge" in text
     assert "agent_factory_db_replication_lag_seconds{" not in text
+    m.on_reconcile("supabase", "railway", 12)
+    assert _value(m, "agent_factory_db_reconciled_rows_total", provider="supabase",
+                  from_provider="railway") == 12
     assert threading.active_count() < 50
 
 
