@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
+from psycopg import pq
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from .health import HealthCallback, ProviderHealth
@@ -23,15 +24,18 @@ from .provider import FIRST_SLICE, MAX_SLICE, Unavailable, check_wait, is_dead, 
 from .settings import Settings
 from .watchdog import Watchdog
 
+_ROWS = pq.ExecStatus.TUPLES_OK
 AsyncFetch = Callable[[psycopg.AsyncCursor[Any]], Awaitable[Any]]
 
 
 async def _fetch_all(cur: psycopg.AsyncCursor[Any]) -> Any:
-    return await cur.fetchall() if cur.description is not None else []
+    res = cur.pgresult
+    return await cur.fetchall() if res is not None and res.status == _ROWS else []
 
 
 async def _fetch_one(cur: psycopg.AsyncCursor[Any]) -> Any:
-    return await cur.fetchone() if cur.description is not None else None
+    res = cur.pgresult
+    return await cur.fetchone() if res is not None and res.status == _ROWS else None
 
 
 async def _fetch_none(cur: psycopg.AsyncCursor[Any]) -> None:

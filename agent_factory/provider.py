@@ -37,12 +37,18 @@ FIRST_SLICE = 0.02
 MAX_SLICE = 0.25
 
 
+_ROWS = pq.ExecStatus.TUPLES_OK
+
+
+# `pgresult.status` rather than `description`, which builds column objects.
 def _fetch_all(cur: psycopg.Cursor[Any]) -> Any:
-    return cur.fetchall() if cur.description is not None else []
+    res = cur.pgresult
+    return cur.fetchall() if res is not None and res.status == _ROWS else []
 
 
 def _fetch_one(cur: psycopg.Cursor[Any]) -> Any:
-    return cur.fetchone() if cur.description is not None else None
+    res = cur.pgresult
+    return cur.fetchone() if res is not None and res.status == _ROWS else None
 
 
 def _fetch_none(cur: psycopg.Cursor[Any]) -> None:

@@ -81,6 +81,10 @@ class Watchdog:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._probe_after = probe_after
+        # The thread wakes at least this often, so a new call never needs to
+        # wake it (its first action is due probe_after later).
+        self._tick = min(0.1, probe_after / 2)
+        self._next_wake = 0.0
         self._clock = clock
         self._cond = threading.Condition(threading.Lock())
         self._watches: set[Watch] = set()
@@ -88,14 +92,18 @@ class Watchdog:
         self._closed = False
 
     def watch(self, fd: int, target: Liveness, hard_deadline: float | None = None) -> Watch:
-        w = Watch(fd, self._clock(), target, hard_deadline)
+        now = self._clock()
+        w = Watch(fd, now, target, hard_deadline)
+        due = now + self._probe_after if hard_deadline is None else hard_deadline
         with self._cond:
             if self._closed:
                 return w
             self._watches.add(w)
             if self._thread is None:
                 self._start()
-            elif len(self._watches) == 1 or hard_deadline is not None:
+            elif due < self._next_wake:
+                # Waking the thread for every call would cost a GIL hand-over
+                # per query; it wakes by itself at least every tick.
                 self._cond.notify()
         return w
 
@@ -128,7 +136,9 @@ class Watchdog:
                 now = self._clock()
                 wake = self._scan(now, to_fire, to_probe)
                 if not to_fire and not to_probe:
-                    self._cond.wait(None if wake is None else max(wake - now, 0.001))
+                    tick = now + self._tick
+                    self._next_wake = tick if wake is None else min(wake, tick)
+                    self._cond.wait(max(self._next_wake - now, 0.001))
                     continue
             for w in to_probe:
                 w.target.request_probe()
