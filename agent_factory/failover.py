@@ -89,7 +89,11 @@ class Failover(Generic[P]):
             raise ValueError(
                 f"Provider {name!r} not configured. Available: {', '.join(self.providers)}"
             )
-        logger.info("primary provider set to %r", name)
+        if not self.providers[name].health.breaker.up:
+            logger.warning("primary set to %r, which is down: queries go to the next "
+                           "provider until it recovers", name)
+        else:
+            logger.info("primary provider set to %r", name)
         self.primary = name
         self.replan()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import select
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -238,7 +239,14 @@ class DatabaseProvider:
 
     def _renew_pool(self) -> None:
         old, self._pool = self._pool, self._new_pool()
-        old.close(timeout=0.0)
+        # Its workers may be stuck in a connect to a blackholed address for
+        # up to connect_timeout: close it in the background.
+        threading.Thread(
+            target=old.close,
+            kwargs={"timeout": self.tuning.connect_timeout + 1.0},
+            name=f"agent-factory-close-{self.name}",
+            daemon=True,
+        ).start()
 
     def current_generation(self) -> int:
         return self._generation
