@@ -156,7 +156,9 @@ class AsyncProvider:
         if self._stale and not self._closed:
             self._stale = False
             old, self._pool = self._pool, await self._new_pool()
-            asyncio.get_running_loop().create_task(old.close(timeout=0.0))
+            asyncio.get_running_loop().create_task(
+                old.close(timeout=self.tuning.connect_timeout + 1.0)
+            )
         return self._pool
 
     async def _new_pool(self) -> AsyncConnectionPool[Any]:
