@@ -81,6 +81,7 @@ class AsyncProvider:
         self._generation = 0
         self._closed = False
         self._pool: AsyncConnectionPool[Any] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         if self._pool is None:
@@ -156,9 +157,11 @@ class AsyncProvider:
         if self._stale and not self._closed:
             self._stale = False
             old, self._pool = self._pool, await self._new_pool()
-            asyncio.get_running_loop().create_task(
+            task = asyncio.get_running_loop().create_task(
                 old.close(timeout=self.tuning.connect_timeout + 1.0)
             )
+            self._closing.add(task)  # the loop keeps only a weak reference
+            task.add_done_callback(self._closing.discard)
         return self._pool
 
     async def _new_pool(self) -> AsyncConnectionPool[Any]:
