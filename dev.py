@@ -28,7 +28,7 @@ LINTED = ("agent_factory", "tests", "bench", "scripts", "examples", "dev.py")
 
 
 def ensure_venv() -> None:
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - dev.py itself may run on an old Python
         sys.exit("agent-factory needs Python 3.10 or newer; found " + sys.version.split()[0])
     if not PY.exists():
         print(f"creating virtual environment in {VENV}", flush=True)
