@@ -84,9 +84,11 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_dashboard_commands(sub)
 
+    from .replication_command import add_replication_commands
     from .schema.command import add_schema_commands
 
     add_schema_commands(sub)
+    add_replication_commands(sub)
     return parser
 
 

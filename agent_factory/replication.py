@@ -3,17 +3,19 @@
 The primary publishes the managed tables in the publication ``agent_factory``;
 backup ``NAME`` subscribes with the subscription ``agent_factory_NAME`` (its
 replication slot and its ``application_name`` on the primary carry the same
-name), ``WITH (origin = none, disable_on_error = true)``: rows that the failback
-reconciliation writes under a replication origin are not sent back, and an
-apply error stops the subscription instead of retrying it forever.
+name), ``WITH (origin = none)``: rows that the failback reconciliation writes
+under a replication origin are not sent back. After an outage of the primary
+the apply workers reconnect by themselves; an apply error (a conflicting row)
+is retried by PostgreSQL and shows in `replication_status` as a growing error
+count.
 
     setup_replication(settings)      publication + one subscription per backup; idempotent
     replication_status(settings)     one `BackupStatus` per backup
     teardown_replication(settings)   subscriptions, then the publication; idempotent
 
-A lost connection to the primary counts as an apply error: after an outage
-of the primary the subscriptions stay disabled until `setup_replication`
-enables them again, which suits failback (reconcile first, then resume).
+A lost connection to the primary counts as an apply error in PostgreSQL 16,
+so ``disable_on_error`` is not used: it would leave replication off after
+every restart of the primary.
 
 Sequences and DDL are not replicated. The subscription's connection string,
 password included, is stored in the backup's ``pg_subscription`` (readable by
@@ -110,7 +112,7 @@ def create_subscription_sql(name: str, conninfo: str, copy_data: bool) -> sql.Co
     """CREATE SUBSCRIPTION takes no bind parameters: the conninfo is a quoted literal."""
     return sql.SQL(
         "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH (origin = none, "
-        "disable_on_error = true, copy_data = {})"
+        "copy_data = {})"
     ).format(sql.Identifier(name), sql.Literal(conninfo), sql.Identifier(PUBLICATION),
              sql.SQL("true" if copy_data else "false"))
 
@@ -164,7 +166,7 @@ class BackupStatus:
         return next((why for failed, why in (
             (not self.backup_reachable, "backup unreachable"),
             (not self.present, "no subscription"),
-            (not self.enabled, f"disabled (disable_on_error) after {errors}"),
+            (not self.enabled, f"disabled after {errors}"),
             (not self.primary_reachable, "primary unreachable"),
             (self.worker_pid is None, f"apply worker not running ({errors})"),
             (not self.streaming, f"primary's WAL sender {self.sender_state or 'not connected'}"),

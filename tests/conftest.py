@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -27,3 +29,18 @@ def healthy_fleet(fleet: Fleet) -> Iterator[Fleet]:
     fleet.heal()
     yield fleet
     fleet.release_faults()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_leaked_managers() -> Iterator[None]:
+    """Every manager a test module opens is closed: its threads are gone afterwards."""
+    yield
+
+    def leaked() -> list[str]:
+        return [t.name for t in threading.enumerate()
+                if t.name.startswith(("agent-factory-prober", "agent-factory-watchdog"))]
+
+    deadline = time.monotonic() + 15
+    while leaked() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not leaked(), f"threads of unclosed managers: {leaked()}"

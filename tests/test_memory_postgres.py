@@ -202,7 +202,7 @@ def test_invalid_records_are_refused_before_sending(
 
 def test_concurrent_appends_lose_nothing(urls: dict[str, str], healthy_fleet: Fleet) -> None:
     base = rich_session()
-    with PostgresMemoryStorage(DatabaseManager(urls, order=ORDER, **FAST)) as setup:
+    with DatabaseManager(urls, order=ORDER, **FAST) as m, PostgresMemoryStorage(m) as setup:
         setup.save_session(base)
     barrier = threading.Barrier(2)
     errors: list[BaseException] = []
@@ -210,7 +210,8 @@ def test_concurrent_appends_lose_nothing(urls: dict[str, str], healthy_fleet: Fl
     def writer(name: str) -> None:
         try:
             # Own manager and pool: as separate as two processes.
-            with PostgresMemoryStorage(DatabaseManager(urls, order=ORDER, **FAST)) as mine:
+            with DatabaseManager(urls, order=ORDER, **FAST) as m, \
+                    PostgresMemoryStorage(m) as mine:
                 session = mine.load_session(base.session_id)
                 assert session is not None
                 barrier.wait()
@@ -226,7 +227,7 @@ def test_concurrent_appends_lose_nothing(urls: dict[str, str], healthy_fleet: Fl
     for t in threads:
         t.join(60)
     assert not errors
-    with PostgresMemoryStorage(DatabaseManager(urls, order=ORDER, **FAST)) as reader:
+    with DatabaseManager(urls, order=ORDER, **FAST) as m, PostgresMemoryStorage(m) as reader:
         loaded = reader.load_session(base.session_id)
     assert loaded is not None
     contents = [m.content for m in loaded.history]
