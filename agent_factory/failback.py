@@ -132,7 +132,30 @@ class Failback:
                     continue
                 with source:
                     rows += self._copy(source, target, backup, primary, since)
+                    self._spread(source, backup, primary, since)
         return rows
+
+    def _spread(self, source: psycopg.Connection[Any], backup: str, primary: str,
+                since: datetime) -> None:
+        """Copy the outage rows to the other subscribed backups too.
+
+        The primary's copies carry a replication origin, and subscriptions
+        with ``origin = none`` skip them: without this, a second backup would
+        never see the rows written on the first during the outage.
+        """
+        subscribers = self._core.providers[primary].health.subscribers
+        for other in self._core.providers:
+            if other in (primary, backup) or other not in subscribers:
+                continue
+            try:
+                with psycopg.connect(self._conninfos[other]) as dest:
+                    tables = tables_on_both(source, dest, self._tables)
+                    reconcile(source, dest, tables=tables, since=since,
+                              source_name=backup, target_name=other)
+            except Exception as exc:  # best effort: `sync` repairs it by hand
+                logger.warning("failback: rows of %r not copied to %r (%s); run "
+                               "'agent-factory-db sync --from %s --to %s'",
+                               backup, other, type(exc).__name__, backup, other)
 
     def _copy(self, source: psycopg.Connection[Any], target: psycopg.Connection[Any],
               backup: str, primary: str, since: datetime) -> int:

@@ -83,8 +83,10 @@ class ProviderHealth:
         #: retry at the next probe); `after_recovery` always follows a True.
         self.gate_recovery: Callable[[str], bool] | None = None
         self.after_recovery: Callable[[str], None] | None = None
-        #: Replication lag of our subscribers, when this provider publishes.
+        #: Replication lag of our subscribers, when this provider publishes,
+        #: and every subscriber ever seen (they reconnect a while after a restart).
         self.replication: dict[str, Lag] = {}
+        self.subscribers: set[str] = set()
         self._watchdog = watchdog
         self._on_change = on_change
         self._clock = clock
@@ -182,6 +184,7 @@ class ProviderHealth:
                             name.removeprefix(SUBSCRIPTION_PREFIX): Lag(b, sec, at)
                             for name, b, sec in lags
                         }
+                        self.subscribers.update(self.replication)
                 finally:
                     self._watchdog.unwatch(w)
             except psycopg.Error as exc:

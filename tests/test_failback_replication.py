@@ -1,0 +1,99 @@
+"""Replication + failback together: the chaos test that counts, and the RPO bound."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from databases import create_databases, drop_databases
+from fleet import Fleet, wait_until
+from test_failback import FAST, ORDER, Writer, ids_on
+
+from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.errors import AllProvidersUnavailableError
+from agent_factory.replication import setup_replication, teardown_replication
+from agent_factory.schema import apply_migrations
+from agent_factory.settings import Settings
+
+
+def direct(fleet: Fleet, urls: dict[str, str]) -> dict[str, str]:
+    return {m.name: urls[m.name].replace(str(m.proxy.port), str(m.server.port)) for m in fleet}
+
+
+@pytest.fixture
+def replicated(healthy_fleet: Fleet) -> Iterator[dict[str, str]]:
+    urls = create_databases(healthy_fleet, "rfb")
+    plain = direct(healthy_fleet, urls)
+    for url in plain.values():
+        apply_migrations(url, embedding_dim=8)
+    settings = Settings.build(plain, order=ORDER)
+    report = setup_replication(settings)
+    assert not report.errors, report.errors
+    yield urls
+    healthy_fleet.heal()
+    teardown_replication(settings)
+    drop_databases(healthy_fleet, urls)
+
+
+def test_crash_failover_failback_with_replication_loses_nothing(
+    healthy_fleet: Fleet, replicated: dict[str, str]
+) -> None:
+    plain = direct(healthy_fleet, replicated)
+    with DatabaseManager(replicated, order=ORDER, monitor_interval=0.2, **FAST) as db, \
+            Writer(db) as writer:
+        wait_until(lambda: len(writer.acked) > 100, timeout=30, message="writes on the primary")
+        wait_until(lambda: "railway" in db.providers["supabase"].health.replication,
+                   timeout=30, message="replication lag measured")
+        healthy_fleet["supabase"].server.kill()
+        wait_until(lambda: db.serving_provider == "railway", timeout=30, message="failover")
+        mark = len(writer.acked)
+        wait_until(lambda: len(writer.acked) > mark + 200, timeout=30,
+                   message="writes on the backup")
+        healthy_fleet["supabase"].server.restart()
+        wait_until(lambda: db.serving_provider == "supabase", timeout=30, message="failback")
+        mark = len(writer.acked)
+        wait_until(lambda: len(writer.acked) > mark + 100, timeout=30,
+                   message="writes after failback")
+    assert writer.errors == []
+    acked = set(writer.acked)
+    on_primary = ids_on(plain["supabase"])
+    assert len(on_primary) == len(set(on_primary))
+    assert acked <= set(on_primary), f"{len(acked - set(on_primary))} acknowledged writes lost"
+    # Every provider converges: railway through replication (after failback) and its
+    # own writes, neon through replication and the failback's copy of railway's rows.
+    for name in ("railway", "neon"):
+        try:
+            wait_until(lambda name=name: acked <= set(ids_on(plain[name])), timeout=30,
+                       message=f"{name} converged")
+        except AssertionError:
+            missing = acked - set(ids_on(plain[name]))
+            order = {i: n for n, i in enumerate(writer.acked)}
+            idx = sorted(order[i] for i in missing)
+            raise AssertionError(f"{name}: {len(missing)} missing, indexes {idx[:5]}..{idx[-5:]}"
+                                 f" of {len(writer.acked)}; outage mark {mark}") from None
+        rows = ids_on(plain[name])
+        assert len(rows) == len(set(rows))
+
+
+def test_writes_refuse_a_backup_beyond_the_replication_lag_bound(
+    healthy_fleet: Fleet, replicated: dict[str, str]
+) -> None:
+    plain = direct(healthy_fleet, replicated)
+    # neon stops replicating: its lag is unknown from now on.
+    with psycopg.connect(plain["neon"], autocommit=True) as conn:
+        conn.execute("ALTER SUBSCRIPTION agent_factory_neon DISABLE")
+    with DatabaseManager(replicated, order=["supabase", "neon"], monitor_interval=0.2,
+                         max_replication_lag=5.0, **FAST) as db:
+        wait_until(lambda: db.get_provider_stats()["railway"]["replication_lag_s"] is not None,
+                   timeout=30, message="lag measured")
+        assert db.get_provider_stats()["neon"]["stale"] is True
+        healthy_fleet["supabase"].server.kill()
+        with pytest.raises(AllProvidersUnavailableError, match="stale: replication lag"):
+            db.execute_query(
+                "INSERT INTO session_memories (session_id, memory_type, content) "
+                "VALUES ('x', 'log', '{}')", fetch_mode="none",
+            )
+        # Reads may still go to the stale backup.
+        assert db.execute_query("SELECT 1") == [(1,)]
+        assert db.serving_provider == "neon"
