@@ -16,10 +16,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Generic, Protocol, TypeVar
 
-from .errors import AllProvidersUnavailableError, ConfigurationError, ManagerClosedError
+import psycopg
+
+from .errors import (
+    AllProvidersUnavailableError,
+    ConfigurationError,
+    HangTimeoutError,
+    ManagerClosedError,
+    OutcomeUnknownError,
+    ProviderUnavailableError,
+)
 from .events import Dispatcher
 from .health import Lag, ProviderHealth
-from .policy import candidates, is_read_only, may_retry_after_send, order_reads
+from .policy import Kind, candidates, classify, is_read_only, may_retry_after_send, order_reads
+from .provider import Unavailable, tag
 from .settings import Settings
 
 logger = logging.getLogger("agent_factory.core.database_manager")
@@ -170,6 +180,55 @@ class Failover(Generic[P]):
         name = provider.name
         if epoch == self.epoch and (name != self.serving or name != self.primary):
             self._served_by(name, failures)
+
+    # -- one attempt, as both shells see it ---------------------------------------------
+
+    def attempt_unavailable(
+        self, provider: P, exc: Unavailable, route: Route[P], failures: dict[str, str],
+        t0: float | None,
+    ) -> Exception | None:
+        """A provider could not serve: the error to raise, or None to try the next one."""
+        failures[provider.name] = exc.reason
+        if exc.down:
+            provider.health.mark_down(exc.reason)
+        unknown = exc.sent and not route.retry_after_send
+        if t0 is not None:
+            outcome = "outcome_unknown" if unknown else "unavailable"
+            self.events.query_done(provider.name, time.perf_counter() - t0, outcome)
+        return OutcomeUnknownError(provider.name, exc.reason) if unknown else None
+
+    def attempt_error(self, provider: P, exc: BaseException, t0: float | None) -> None:
+        """The statement failed with a SQL error (it propagates unchanged)."""
+        if t0 is not None:
+            self.events.query_done(provider.name, time.perf_counter() - t0, "sql_error")
+        if self.events:
+            self.events.query_error(provider.name, exc)
+
+    def attempt_ok(self, provider: P, epoch: int, failures: dict[str, str] | None,
+                   route: Route[P], t0: float | None) -> None:
+        if t0 is not None:
+            self.events.query_done(provider.name, time.perf_counter() - t0, "ok")
+        self.succeeded(provider, epoch, failures, route.write)
+
+    def transaction_error(
+        self, provider: P, exc: psycopg.Error, phase: str, hung: bool
+    ) -> Exception | None:
+        """Why a pinned transaction failed; None for a SQL error (re-raise it unchanged)."""
+        if classify(exc) is Kind.SQL:
+            tag(exc, provider.name)
+            return None
+        health = provider.health
+        reason = health.failure_reason(exc, hung)
+        health.mark_down(reason)
+        if phase == "commit":
+            return OutcomeUnknownError(provider.name, reason)
+        error = HangTimeoutError if hung else ProviderUnavailableError
+        return error(
+            provider.name,
+            reason,
+            f"transaction on provider {provider.name!r} lost its connection before "
+            f"COMMIT ({reason}); nothing was committed",
+        )
 
     def all_failed(self, failures: dict[str, str] | None, write: bool) -> Exception:
         if self.closed:

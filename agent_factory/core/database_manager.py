@@ -24,16 +24,12 @@ from typing import Any, Literal
 import psycopg
 
 from ..errors import (
-    HangTimeoutError,
     ManagerClosedError,
-    OutcomeUnknownError,
-    ProviderUnavailableError,
 )
 from ..events import Dispatcher, Listener
 from ..failback import Failback
 from ..failover import Failover, Route
-from ..policy import Kind, classify
-from ..provider import DatabaseProvider, Fetch, FetchMode, Unavailable, fetcher, tag
+from ..provider import DatabaseProvider, Fetch, FetchMode, Unavailable, fetcher
 from ..settings import Settings
 from ..watchdog import Watchdog
 
@@ -203,34 +199,23 @@ class DatabaseManager:
     def _run(self, route: Route[DatabaseProvider], query: Any, params: Any, fetch: Fetch) -> Any:
         core = self._core
         events = self._events
-        timed = bool(events.query_listeners)
-        failures: dict[str, str] | None = None
+        t0: float | None = None
+        failures: dict[str, str] = {}
         for provider in route.providers:
             epoch = core.epoch
-            t0 = time.perf_counter() if timed else 0.0
+            if events.query_listeners:
+                t0 = time.perf_counter()
             try:
                 result = provider.run(query, params, fetch)
             except Unavailable as exc:
-                failures = failures or {}
-                failures[provider.name] = exc.reason
-                if exc.down:
-                    provider.health.mark_down(exc.reason)
-                unknown = exc.sent and not route.retry_after_send
-                if timed:
-                    outcome = "outcome_unknown" if unknown else "unavailable"
-                    events.query_done(provider.name, time.perf_counter() - t0, outcome)
-                if unknown:
-                    raise OutcomeUnknownError(provider.name, exc.reason) from exc.__cause__
+                error = core.attempt_unavailable(provider, exc, route, failures, t0)
+                if error is not None:
+                    raise error from exc.__cause__
                 continue
             except Exception as exc:
-                if timed:
-                    events.query_done(provider.name, time.perf_counter() - t0, "sql_error")
-                if events:
-                    events.query_error(provider.name, exc)
+                core.attempt_error(provider, exc, t0)
                 raise
-            if timed:
-                events.query_done(provider.name, time.perf_counter() - t0, "ok")
-            core.succeeded(provider, epoch, failures, route.write)
+            core.attempt_ok(provider, epoch, failures, route, t0)
             return result
         raise core.all_failed(failures, route.write)
 
@@ -283,20 +268,10 @@ class DatabaseManager:
                 yield conn
                 phase = "commit"
         except psycopg.Error as exc:
-            if classify(exc) is Kind.SQL:
-                tag(exc, provider.name)
+            error = core.transaction_error(provider, exc, phase, w.fired)
+            if error is None:
                 raise
-            reason = health.failure_reason(exc, w.fired)
-            health.mark_down(reason)
-            if phase == "commit":
-                raise OutcomeUnknownError(provider.name, reason) from exc
-            error = HangTimeoutError if w.fired else ProviderUnavailableError
-            raise error(
-                provider.name,
-                reason,
-                f"transaction on provider {provider.name!r} lost its connection before "
-                f"COMMIT ({reason}); nothing was committed",
-            ) from exc
+            raise error from exc
         finally:
             self._watchdog.unwatch(w)
             pool.putconn(conn)
