@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -30,8 +31,27 @@ import psycopg
 from .events import Dispatcher
 from .failover import Failover
 from .reconcile import reconcile, tables_on_both
+from .watchdog import Watchdog
 
 logger = logging.getLogger("agent_factory.core.database_manager")
+
+
+class _Stall:
+    """A watchdog target whose sign of life is the copy's progress."""
+
+    def __init__(self, name: str, hang_timeout: float) -> None:
+        self.name = name
+        self.hang_timeout = hang_timeout
+        self.last_alive = time.monotonic()
+
+    def alive(self) -> None:
+        self.last_alive = time.monotonic()
+
+    def progress(self, table: str, done: int, total: int) -> None:
+        self.last_alive = time.monotonic()
+
+    def request_probe(self) -> None:
+        """Nothing to probe: only progress proves the copy alive."""
 
 
 class PrimaryLost(Exception):
@@ -42,8 +62,9 @@ class Failback:
     """Runs the reconciliation a returning primary needs."""
 
     def __init__(self, core: Failover[Any], conninfos: Mapping[str, str],
-                 events: Dispatcher) -> None:
+                 events: Dispatcher, watchdog: Watchdog) -> None:
         self._core = core
+        self._watchdog = watchdog
         self._conninfos = conninfos
         self._events = events
         self._tables: list[str] = list(core.settings.reconcile_tables)
@@ -116,27 +137,44 @@ class Failback:
         self._core.resume_writes()
 
     def _pass(self, primary: str, pending: Mapping[str, datetime]) -> int:
-        """Copy each pending backup's rows to the primary; the number of rows copied."""
+        """Copy each pending backup's rows to the primary; the number of rows copied.
+
+        Every connection of the pass is under the watchdog: when the copy
+        makes no progress (no batch done) for ``3 * hang_timeout``, its
+        sockets are shut, so a server that goes silent mid-copy cannot hold
+        the prober (and, during the write pause, the writers) for long.
+        """
+        deadline = _Stall("failback", 3 * self._core.settings.hang_timeout)
         rows = 0
-        try:
-            target = psycopg.connect(self._conninfos[primary])
-        except psycopg.Error as exc:
-            raise PrimaryLost(f"cannot connect to {primary!r}: {type(exc).__name__}") from exc
-        with target:
+        with ExitStack() as stack:
+            try:
+                target = stack.enter_context(self._connect(primary, deadline))
+            except psycopg.Error as exc:
+                raise PrimaryLost(f"cannot connect to {primary!r}: {type(exc).__name__}") from exc
             for backup, since in pending.items():
                 try:
-                    source = psycopg.connect(self._conninfos[backup])
+                    source = stack.enter_context(self._connect(backup, deadline))
                 except psycopg.Error:
                     logger.warning("failback: backup %r unreachable; its rows stay pending",
                                    backup)
                     continue
-                with source:
-                    rows += self._copy(source, target, backup, primary, since)
-                    self._spread(source, backup, primary, since)
+                rows += self._copy(source, target, backup, primary, since, deadline)
+                self._spread(source, backup, primary, since, deadline)
         return rows
 
+    @contextmanager
+    def _connect(self, name: str, stall: _Stall) -> Iterator[psycopg.Connection[Any]]:
+        conn = psycopg.connect(self._conninfos[name])
+        stall.alive()
+        watch = self._watchdog.watch(conn.pgconn.socket, stall)
+        try:
+            with conn:
+                yield conn
+        finally:
+            self._watchdog.unwatch(watch)
+
     def _spread(self, source: psycopg.Connection[Any], backup: str, primary: str,
-                since: datetime) -> None:
+                since: datetime, stall: _Stall) -> None:
         """Copy the outage rows to the other subscribed backups too.
 
         The primary's copies carry a replication origin, and subscriptions
@@ -148,21 +186,22 @@ class Failback:
             if other in (primary, backup) or other not in subscribers:
                 continue
             try:
-                with psycopg.connect(self._conninfos[other]) as dest:
+                with self._connect(other, stall) as dest:
                     tables = tables_on_both(source, dest, self._tables)
-                    reconcile(source, dest, tables=tables, since=since,
-                              source_name=backup, target_name=other)
+                    reconcile(source, dest, tables=tables, since=since, source_name=backup,
+                              target_name=other, on_progress=stall.progress)
             except Exception as exc:  # best effort: `sync` repairs it by hand
                 logger.warning("failback: rows of %r not copied to %r (%s); run "
                                "'agent-factory-db sync --from %s --to %s'",
                                backup, other, type(exc).__name__, backup, other)
 
     def _copy(self, source: psycopg.Connection[Any], target: psycopg.Connection[Any],
-              backup: str, primary: str, since: datetime) -> int:
+              backup: str, primary: str, since: datetime, stall: _Stall) -> int:
         try:
             tables = tables_on_both(source, target, self._tables)
             reports = reconcile(source, target, tables=tables, since=since,
-                                source_name=backup, target_name=primary)
+                                source_name=backup, target_name=primary,
+                                on_progress=stall.progress)
         except psycopg.Error as exc:
             if target.broken or target.closed:
                 raise PrimaryLost(f"connection to {primary!r} lost") from exc

@@ -281,15 +281,16 @@ class Failover(Generic[P]):
 
     # -- the write gate (failback) -------------------------------------------------
 
-    def enter_write(self, block: bool = True) -> bool | None:
+    def enter_write(self, block: bool = True, force: bool = False) -> bool | None:
         """Count a write in, waiting while writes are paused (at most write_pause_timeout).
 
         True when it waited (route the write again: the primary may be back),
         False when it did not, None when ``block`` is False and it would wait.
+        ``force`` counts it in even while paused (a waiter that ran out of time).
         """
         with self._gate:
             waited = self._paused
-            if waited:
+            if waited and not force:
                 if not block:
                     return None
                 if not self._gate.wait_for(lambda: not self._paused,

@@ -30,12 +30,14 @@ from .watchdog import Watchdog
 logger = logging.getLogger("agent_factory.core.database_manager")
 
 HealthCallback = Callable[[str, bool, "str | None"], None]
-_PROBE = "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')"
-# How far each subscriber of ours is behind, seen from a publisher.
-_LAG = (
-    "SELECT application_name, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint, "
-    "coalesce(extract(epoch FROM replay_lag), 0)::float8 FROM pg_stat_replication "
-    "WHERE application_name LIKE 'agent\\_factory\\_%'"
+# One round trip: role, and (on a publisher) how far each subscriber of ours
+# is behind. pg_current_wal_lsn() fails during recovery, hence the CASE.
+_PROBE = (
+    "SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), "
+    "CASE WHEN pg_is_in_recovery() THEN NULL ELSE (SELECT json_agg(json_build_array("
+    "application_name, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint, "
+    "coalesce(extract(epoch FROM replay_lag), 0)::float8)) FROM pg_stat_replication "
+    "WHERE application_name LIKE 'agent\\_factory\\_%') END"
 )
 SUBSCRIPTION_PREFIX = "agent_factory_"
 
@@ -173,18 +175,13 @@ class ProviderHealth:
                 return False
             t0 = self._clock()
             try:
-                conn = self._monitor or self._connect_monitor()
+                conn = self._monitor or self._connect_monitor()  # bounded by connect_timeout
+                # The deadline covers the answer, not the connect: a slow but
+                # live link is not a hang.
+                t0 = self._clock()
                 w = self._watchdog.watch(conn.pgconn.socket, self, t0 + self.hang_timeout)
                 try:
                     row = conn.execute(_PROBE).fetchone()
-                    if row is not None and not row[0]:
-                        lags = conn.execute(_LAG).fetchall()
-                        at = self._clock()
-                        self.replication = {
-                            name.removeprefix(SUBSCRIPTION_PREFIX): Lag(b, sec, at)
-                            for name, b, sec in lags
-                        }
-                        self.subscribers.update(self.replication)
                 finally:
                     self._watchdog.unwatch(w)
             except psycopg.Error as exc:
@@ -196,6 +193,12 @@ class ProviderHealth:
                 return False
             now = self._clock()
             self.last_alive = now
+        if row is not None and not row[0]:
+            self.replication = {
+                name.removeprefix(SUBSCRIPTION_PREFIX): Lag(b, sec, now)
+                for name, b, sec in row[2] or ()
+            }
+            self.subscribers.update(self.replication)
         self._record_latency(now - t0)
         self._set_writable(row is not None and not row[0] and row[1] == "off")
         self._probe_passed(now - t0)
@@ -280,7 +283,10 @@ class ProviderHealth:
             return not self._closed
 
     def _connect_monitor(self) -> psycopg.Connection[Any]:
-        self._monitor = psycopg.Connection.connect(self.conninfo, autocommit=True)
+        # No prepared statements: preparing costs the fifth probe a round trip.
+        self._monitor = psycopg.Connection.connect(
+            self.conninfo, autocommit=True, prepare_threshold=None
+        )
         return self._monitor
 
     def _drop_monitor(self) -> None:

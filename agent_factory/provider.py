@@ -294,10 +294,13 @@ def check_wait(health: ProviderHealth, started: float, now: float, deadline: flo
     if health.connect_failed_at >= started:
         raise Unavailable(health.connect_error or "connect failed", sent=False)
     if now >= deadline:
+        # The pool is exhausted by the client's own load: the statement moves
+        # on, but the provider is not marked down for it (a dead or silent
+        # server is caught by its failed connects and by the watchdog).
         raise Unavailable(
-            f"no connection within {health.tuning.checkout_timeout:g}s "
-            "(pool exhausted or server not answering)",
+            f"no free pooled connection within {health.tuning.checkout_timeout:g}s",
             sent=False,
+            down=False,
         )
 
 

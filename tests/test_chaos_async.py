@@ -175,14 +175,6 @@ def test_async_flapping_primary_bounded_no_double_write_and_recovery(
     assert any(o.provider != "supabase" or o.outcome != "ok" for o in ops), summary(ops)
 
 
-@pytest.mark.xfail(strict=True, raises=StillBroken, reason=(
-    "AsyncDatabaseManager._enter_write waits out a failback write pause in "
-    "asyncio.to_thread(core.enter_write), outside the try/finally that calls exit_write: "
-    "a task cancelled during that wait leaves the thread to count the write in "
-    "(Failover._writers += 1) when the pause ends, and nothing ever counts it out. From "
-    "then on every failback's pause_writes waits the whole write_pause_timeout (10 s) for "
-    "a writer that does not exist, stalling writes and the primary's return that long, "
-    "then gives up ('writes in flight did not finish; retrying')"))
 def test_async_write_cancelled_during_failback_pause_does_not_block_later_failbacks(
     healthy_fleet: Fleet, table: str
 ) -> None:

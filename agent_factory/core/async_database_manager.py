@@ -67,7 +67,10 @@ class AsyncDatabaseManager:
             )
         self._core.replan()
         self._failback = Failback(
-            self._core, {n: p.health.conninfo for n, p in self.providers.items()}, self._events
+            self._core,
+            {n: p.health.conninfo for n, p in self.providers.items()},
+            self._events,
+            self._watchdog,
         )
         for provider in self.providers.values():
             provider.health.gate_recovery = self._failback.before_return
@@ -144,11 +147,22 @@ class AsyncDatabaseManager:
         return await self._run(route, query, params, fetch)
 
     async def _enter_write(self) -> bool:
-        """Count a write in without blocking the event loop; True if it had to wait."""
-        waited = self._core.enter_write(block=False)
-        if waited is None:
-            await asyncio.to_thread(self._core.enter_write)
-            return True
+        """Count a write in without blocking the event loop; True if it had to wait.
+
+        While writes are paused (a failback switch, rarely over a fraction of a
+        second) it polls: a task cancelled meanwhile has counted nothing in.
+        """
+        core = self._core
+        deadline = time.monotonic() + core.settings.write_pause_timeout
+        waited = core.enter_write(block=False)
+        while waited is None:
+            if time.monotonic() >= deadline:
+                core.enter_write(block=False, force=True)
+                return True
+            await asyncio.sleep(0.01)
+            waited = core.enter_write(block=False)
+            if waited is not None:
+                return True
         return waited
 
     async def _run(

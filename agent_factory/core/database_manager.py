@@ -105,7 +105,10 @@ class DatabaseManager:
             )
         self._core.replan()
         self._failback = Failback(
-            self._core, {n: p.health.conninfo for n, p in self.providers.items()}, self._events
+            self._core,
+            {n: p.health.conninfo for n, p in self.providers.items()},
+            self._events,
+            self._watchdog,
         )
         for provider in self.providers.values():
             provider.health.gate_recovery = self._failback.before_return
