@@ -86,7 +86,8 @@ class Watchdog:
         self._tick = min(0.1, probe_after / 2)
         self._next_wake = 0.0
         self._clock = clock
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._watches: set[Watch] = set()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -95,7 +96,9 @@ class Watchdog:
         now = self._clock()
         w = Watch(fd, now, target, hard_deadline)
         due = now + self._probe_after if hard_deadline is None else hard_deadline
-        with self._cond:
+        # The plain lock (not the Condition's Python-level context manager):
+        # this runs twice per statement.
+        with self._lock:
             if self._closed:
                 return w
             self._watches.add(w)
@@ -108,7 +111,7 @@ class Watchdog:
         return w
 
     def unwatch(self, w: Watch) -> None:
-        with self._cond:
+        with self._lock:
             self._watches.discard(w)
 
     def close(self) -> None:
