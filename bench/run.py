@@ -1,8 +1,17 @@
-"""Benchmarks: per-query overhead and failover windows of the DatabaseManager.
+"""Benchmarks: per-query overhead and failover windows of the DatabaseManager, and more.
 
-    python bench/run.py            # full run, writes bench/RESULTS.md (~3 min)
+    python bench/run.py            # the core suite, updates bench/RESULTS.md (~3 min)
     python bench/run.py --quick    # fewer rounds, short outages, < 60 s; prints only
-    python3 dev.py bench [--quick]
+    python bench/run.py --suite resilience   # open-breaker skip, nearest routing, async
+    python bench/run.py --suite continuity   # acknowledged writes, replication lag, reconcile
+    python bench/run.py --suite memory       # bench/memory.py (saves, vector search)
+    python bench/run.py --suite metrics      # bench/metrics.py (metrics listener cost)
+    python bench/run.py --suite all          # all of them, one after the other (~6 min)
+    python3 dev.py bench [--quick] [--suite ...]
+
+Each suite replaces only its own part of bench/RESULTS.md: the core suite the
+title and the sections before the first delimited one, every other suite its
+section between ``<!-- suite:NAME -->`` and ``<!-- /suite:NAME -->``.
 
 Needs the embedded PostgreSQL binaries (``pip install 'agent-factory[embedded]'``).
 Progress goes to stderr, the Markdown tables to stdout. ``--out FILE`` writes
@@ -16,10 +25,12 @@ import argparse
 import datetime as dt
 import logging
 import platform
+import re
 import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,21 +76,39 @@ def progress(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
+SUITES = ("core", "resilience", "continuity", "memory", "metrics")
+
+
+@dataclass
+class Context:
+    """What every suite shares: the arguments, and where problems are collected."""
+
+    args: argparse.Namespace
+    collector: Collector
+    thread_errors: list[str]
+
+    def problems_since(self, mark: tuple[int, int]) -> list[str]:
+        return self.collector.problems[mark[0] :] + self.thread_errors[mark[1] :]
+
+    def mark(self) -> tuple[int, int]:
+        return len(self.collector.problems), len(self.thread_errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--suite",
+        choices=("all", *SUITES),
+        default="core",
+        help="which benchmarks to run (default: core, the per-query overhead and the "
+        "failover windows); each suite replaces its own section of the report",
+    )
     parser.add_argument("--quick", action="store_true", help="short run (< 60 s), no report")
     parser.add_argument("--out", type=Path, help="write the Markdown report here")
     parser.add_argument("--log", type=Path, help="write every log record here")
-    parser.add_argument("--skip-overhead", action="store_true")
-    parser.add_argument("--skip-failover", action="store_true")
+    parser.add_argument("--skip-overhead", action="store_true", help="core suite: no overhead")
+    parser.add_argument("--skip-failover", action="store_true", help="core suite: no failover")
     args = parser.parse_args(argv)
-
-    import failover
-    import overhead
-    import psycopg
-    import psycopg_pool
-
-    from agent_factory.embedded import EmbeddedPostgres, EmbeddedPostgresError
 
     collector = Collector(args.log)
     root = logging.getLogger()
@@ -96,6 +125,77 @@ def main(argv: list[str] | None = None) -> int:
 
     threading.excepthook = excepthook
 
+    ctx = Context(args, collector, thread_errors)
+    runners = {
+        "core": run_core,
+        "resilience": run_resilience,
+        "continuity": run_continuity,
+        "memory": run_memory,
+        "metrics": run_metrics,
+    }
+    suites = SUITES if args.suite == "all" else (args.suite,)
+    out = args.out or (None if args.quick else HERE / "RESULTS.md")
+    started = time.monotonic()
+    status = 0
+    try:
+        for suite in suites:
+            t0 = time.monotonic()
+            progress(f"suite {suite}")
+            report = runners[suite](ctx)
+            if report is None:
+                status = 2
+                continue
+            print(report)
+            if out is not None:
+                update_report(out, suite, report)
+                progress(f"{suite}: wrote its section of {out.name}")
+            progress(f"{suite}: done in {time.monotonic() - t0:.0f} s")
+    finally:
+        root.removeHandler(collector)
+        collector.close()
+    progress(f"done in {time.monotonic() - started:.0f} s")
+    return status
+
+
+# -- the report file: one core part, then one delimited section per other suite ---------
+
+_SECTION = re.compile(r"<!-- suite:(\w+) -->\n.*?<!-- /suite:\1 -->\n?", re.DOTALL)
+
+
+def update_report(path: Path, suite: str, text: str) -> None:
+    """Replace ``suite``'s part of the report at ``path``, keeping every other part.
+
+    The core suite owns everything outside the delimited sections (it writes
+    the file's title and its own sections first); every other suite owns the
+    section between ``<!-- suite:NAME -->`` and ``<!-- /suite:NAME -->``,
+    replaced in place or appended at the end.
+    """
+    old = path.read_text() if path.exists() else ""
+    sections = [(m.group(1), m.group(0)) for m in _SECTION.finditer(old)]
+    if suite == "core":
+        kept = "\n".join(block.rstrip("\n") + "\n" for _, block in sections)
+        new = text.rstrip("\n") + "\n" + ("\n" + kept if kept else "")
+    else:
+        block = f"<!-- suite:{suite} -->\n{text.strip()}\n<!-- /suite:{suite} -->\n"
+        if any(name == suite for name, _ in sections):
+            new = _SECTION.sub(lambda m: block if m.group(1) == suite else m.group(0), old)
+        elif old.strip():
+            new = old.rstrip("\n") + "\n\n" + block
+        else:
+            new = "# Benchmark results\n\n" + block
+    path.write_text(new)
+
+
+def run_core(ctx: Context) -> str | None:
+    """The per-query overhead and the failover windows (the original benchmark)."""
+    args = ctx.args
+    import failover
+    import overhead
+    import psycopg
+
+    from agent_factory.embedded import EmbeddedPostgres, EmbeddedPostgresError
+
+    mark = ctx.mark()
     quick = args.quick
     ov_cfg: dict[str, Any] = (
         {"rounds": 6, "queries": 1000, "warmup": 300}
@@ -135,39 +235,150 @@ def main(argv: list[str] | None = None) -> int:
             outcomes = failover.run(fo_cfg, progress=progress)
     except EmbeddedPostgresError as exc:
         print(f"cannot run the benchmark: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        root.removeHandler(collector)
-        collector.close()
+        return None
     elapsed = time.monotonic() - started
-    revision = _revision()
-
-    versions = (
-        f"Python {platform.python_version()}, psycopg {psycopg.__version__} "
-        f"(libpq {_libpq(psycopg.pq.version())}, {psycopg.pq.__impl__}), "
-        f"psycopg-pool {psycopg_pool.__version__}, PostgreSQL {pg_version} (pgserver)"
-    )
-    report = render(
+    return render(
         when=when,
         quick=quick,
         elapsed=elapsed,
-        versions=versions,
+        versions=_versions(pg_version),
         ov=ov,
         ov_cfg=ov_cfg,
         layers=layers,
         same=same,
         outcomes=outcomes,
         fo_cfg=fo_cfg,
-        revision=revision,
-        problems=collector.problems + thread_errors,
+        revision=_revision(),
+        problems=ctx.problems_since(mark),
     )
-    print(report)
-    out = args.out or (None if quick else HERE / "RESULTS.md")
-    if out is not None:
-        out.write_text(report)
-        progress(f"wrote {out.name}")
-    progress(f"done in {elapsed:.0f} s")
-    return 0
+
+
+def _versions(pg_version: str) -> str:
+    import psycopg
+    import psycopg_pool
+
+    return (
+        f"Python {platform.python_version()}, psycopg {psycopg.__version__} "
+        f"(libpq {_libpq(psycopg.pq.version())}, {psycopg.pq.__impl__}), "
+        f"psycopg-pool {psycopg_pool.__version__}, PostgreSQL {pg_version} (pgserver)"
+    )
+
+
+def _pg_version() -> str:
+    """The embedded PostgreSQL's version, from its binary (no server needed)."""
+    import subprocess
+
+    from agent_factory.embedded import find_bin_dir
+
+    try:
+        out = subprocess.run(
+            [str(find_bin_dir() / "postgres"), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+    except Exception:
+        return "?"
+    return out.strip().rsplit(" ", 1)[-1] or "?"
+
+
+def suite_header(ctx: Context, when: dt.datetime, elapsed: float, pg_version: str,
+                 command: str) -> list[str]:
+    mode = "quick run (`--quick`)" if ctx.args.quick else "full run"
+    return [
+        f"- Date: {when:%Y-%m-%d %H:%M} UTC, {mode}, {elapsed:.0f} s.",
+        "- Machine: 2 shared cores (other work ran at the same time), loopback (127.0.0.1).",
+        f"- Software: {_versions(pg_version)}.",
+        f"- Code: commit {_revision()}.",
+        f"- Command: `{command}`.",
+    ]
+
+
+def _notes(problems: list[str]) -> str:
+    lines = ["### Notes", ""]
+    if problems:
+        lines += [f"- {p}" for p in dict.fromkeys(problems)]
+    else:
+        lines.append("- No error was logged by agent_factory and no thread died during the run.")
+    return "\n".join(lines) + "\n"
+
+
+def _command(ctx: Context, suite: str) -> str:
+    return f"python bench/run.py --suite {suite}" + (" --quick" if ctx.args.quick else "")
+
+
+def run_resilience(ctx: Context) -> str | None:
+    import resilience
+
+    from agent_factory.embedded import EmbeddedPostgresError
+
+    mark = ctx.mark()
+    when = dt.datetime.now(dt.timezone.utc)
+    t0 = time.monotonic()
+    try:
+        res = resilience.run(ctx.args.quick, progress)
+    except EmbeddedPostgresError as exc:
+        print(f"cannot run the benchmark: {exc}", file=sys.stderr)
+        return None
+    header = suite_header(ctx, when, time.monotonic() - t0, res.pg_version,
+                          _command(ctx, "resilience"))
+    return resilience.render(res, header) + "\n" + _notes(ctx.problems_since(mark))
+
+
+def run_continuity(ctx: Context) -> str | None:
+    import continuity
+
+    from agent_factory.embedded import EmbeddedPostgresError
+
+    mark = ctx.mark()
+    when = dt.datetime.now(dt.timezone.utc)
+    t0 = time.monotonic()
+    try:
+        res = continuity.run(ctx.args.quick, progress)
+    except EmbeddedPostgresError as exc:
+        print(f"cannot run the benchmark: {exc}", file=sys.stderr)
+        return None
+    header = suite_header(ctx, when, time.monotonic() - t0, res.pg_version,
+                          _command(ctx, "continuity"))
+    return continuity.render(res, header) + "\n" + _notes(ctx.problems_since(mark))
+
+
+def _run_script(ctx: Context, suite: str, title: str, script: str, extra: list[str]) -> str:
+    """Run a standalone benchmark script and keep its output as the section's body."""
+    import subprocess
+
+    when = dt.datetime.now(dt.timezone.utc)
+    t0 = time.monotonic()
+    cmd = [sys.executable, str(HERE / script), *extra]
+    progress(f"{suite}: running {script} {' '.join(extra)}".rstrip())
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        body, status = proc.stdout.strip(), f"exit status {proc.returncode}"
+        if proc.returncode not in (0, 1):
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            body += f"\n--- stderr (last lines) ---\n{tail}"
+    except subprocess.TimeoutExpired as exc:
+        body, status = str(exc.stdout or ""), "killed after 600 s"
+    meaning = {"exit status 0": " (every target met)", "exit status 1": " (a target missed)"}
+    header = suite_header(ctx, when, time.monotonic() - t0, _pg_version(),
+                          _command(ctx, suite))
+    header[-1] = header[-1].rstrip(".") + (
+        f", which runs `python bench/{script}{' ' if extra else ''}{' '.join(extra)}`; "
+        f"{status}{meaning.get(status, '')}."
+    )
+    return "\n".join([f"## {title}", "", *header, "", "```text", body, "```", ""])
+
+
+def run_memory(ctx: Context) -> str | None:
+    extra = ["--quick"] if ctx.args.quick else []
+    return _run_script(ctx, "memory", "Memory storage: saves and vector search", "memory.py",
+                       extra)
+
+
+def run_metrics(ctx: Context) -> str | None:
+    extra = ["--rounds", "7", "--queries", "1000"] if ctx.args.quick else []
+    return _run_script(ctx, "metrics", "Prometheus metrics listener: per-query cost",
+                       "metrics.py", extra)
 
 
 def _revision() -> str:
