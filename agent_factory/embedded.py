@@ -12,30 +12,36 @@ PostgreSQL refuses to run as root, so under root the server runs as the system u
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import pwd
 import re
 import secrets
-import shutil
 import signal
 import socket
-import stat
 import subprocess
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
-from typing import TypedDict
 from urllib.parse import quote
 
 import psycopg
+
+from .postgres_process import (
+    RUN_AS_USER,
+    Account,
+    EmbeddedPostgresError,
+    PostgresNotFoundError,
+    ServerProcess,
+    all_gone,
+    identity,
+    make_traversable,
+    reap,
+    service_account,
+)
 
 __all__ = [
     "RUN_AS_USER",
@@ -49,7 +55,6 @@ __all__ = [
 
 logger = logging.getLogger("agent_factory.embedded")
 
-RUN_AS_USER = "agentfactory-pg"
 _HOST = "127.0.0.1"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # fsync is off (throwaway data, only a machine crash would lose it), but
@@ -73,15 +78,6 @@ _INSTALL_HINT = (
 # sun_path holds 107 bytes plus NUL; PostgreSQL appends "/.s.PGSQL.<port>" (up to 16).
 _SOCKET_PATH_MAX = 107 - 16
 _STOP_TIMEOUT = 30.0
-_account_lock = threading.Lock()  # useradd must not race with itself
-
-
-class EmbeddedPostgresError(RuntimeError):
-    """An embedded server could not be set up, started or stopped."""
-
-
-class PostgresNotFoundError(EmbeddedPostgresError):
-    """No usable PostgreSQL binaries; the message says how to install them."""
 
 
 def find_bin_dir(bin_dir: Path | None = None) -> Path:
@@ -136,55 +132,6 @@ def free_port(host: str = _HOST) -> int:
         return port
 
 
-@dataclass(frozen=True)
-class _Account:
-    uid: int
-    gid: int
-
-
-def _service_account() -> _Account | None:
-    """Return the unprivileged account to run as, or None when we are not root."""
-    if os.geteuid() != 0:
-        return None
-    with _account_lock:
-        try:
-            entry = pwd.getpwnam(RUN_AS_USER)
-        except KeyError:
-            logger.info("running as root: creating system user %s for PostgreSQL", RUN_AS_USER)
-            useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-            cmd = [useradd, "--system", "--user-group", "--no-create-home",
-                   "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", RUN_AS_USER]
-            try:
-                result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-                detail = result.stderr.strip()
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                detail = str(exc)
-            try:  # another process may have created it concurrently
-                entry = pwd.getpwnam(RUN_AS_USER)
-            except KeyError:
-                raise EmbeddedPostgresError(
-                    f"PostgreSQL refuses to run as root and creating the system user "
-                    f"{RUN_AS_USER} failed: {detail}; create it or run as another user"
-                ) from None
-    return _Account(entry.pw_uid, entry.pw_gid)
-
-
-def _make_traversable(path: Path, account: _Account) -> None:
-    """Let ``account`` reach ``path``: add o+x to the directories that block it, only."""
-    resolved = path.resolve()
-    for directory in [*reversed(resolved.parents), resolved]:
-        st = directory.stat()
-        if st.st_uid == account.uid:
-            ok = bool(st.st_mode & stat.S_IXUSR)
-        elif st.st_gid == account.gid:
-            ok = bool(st.st_mode & stat.S_IXGRP)
-        else:
-            ok = bool(st.st_mode & stat.S_IXOTH)
-        if not ok:
-            logger.info("adding o+x to %s so %s can reach PostgreSQL files", directory, RUN_AS_USER)
-            os.chmod(directory, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
-
-
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -192,93 +139,6 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:])
 
-
-def _process_table() -> dict[int, tuple[str, int]]:
-    """Map pid to (state, parent pid), from /proc or else from ps."""
-    table: dict[int, tuple[str, int]] = {}
-    if os.path.isdir("/proc"):
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue  # exited meanwhile
-            table[int(name)] = (fields[0], int(fields[1]))
-        return table
-    out = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "stat=", "-o", "ppid="],
-                         capture_output=True, text=True, timeout=10).stdout
-    for line in out.splitlines():
-        pid, state, ppid = line.split()
-        table[int(pid)] = (state[0], int(ppid))
-    return table
-
-
-def _wait_stopped(pid: int) -> None:
-    """Wait (briefly) until SIGSTOP took effect: only then can it no longer fork."""
-    deadline = time.monotonic() + 2.0
-    while _process_table().get(pid, ("T", 0))[0] not in ("T", "Z", "X"):
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.001)
-
-
-@dataclass
-class _Process:
-    """What the finalizer needs: kept apart from EmbeddedPostgres so it can be collected."""
-
-    popen: subprocess.Popen[bytes] | None = None
-    hung: bool = False
-
-    def running(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def signal_server(self, sig: signal.Signals) -> list[int]:
-        """Signal the postmaster and every child; return the pids signalled.
-
-        Each backend calls setsid() when forked, so the postmaster's process group
-        holds only the postmaster: its children are found by parent pid instead.
-        The postmaster is frozen first so that it cannot fork while we look.
-        """
-        if self.popen is None:
-            return []
-        postmaster = self.popen.pid
-        if sig != signal.SIGCONT:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(postmaster, signal.SIGSTOP)
-            _wait_stopped(postmaster)
-        children = [pid for pid, (_, ppid) in _process_table().items() if ppid == postmaster]
-        for pid in [*children, postmaster]:
-            # The group catches what a backend spawned (archive_command, COPY PROGRAM).
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, sig)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        return [postmaster, *children]
-
-
-def _reap(process: _Process, remove: Path | None) -> None:
-    """Last-resort cleanup (close() or interpreter exit): never leave a server behind."""
-    if process.popen is not None:
-        process.signal_server(signal.SIGKILL)
-        try:
-            process.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            logger.warning("postgres pid %d did not exit after SIGKILL", process.popen.pid)
-        process.popen = None
-    if remove is not None:
-        shutil.rmtree(remove, ignore_errors=True)
-
-
-def _all_gone(pids: list[int]) -> bool:
-    """True when none of ``pids`` is alive; zombies count as gone.
-
-    pid 1 of a container may never reap orphaned backends, and a zombie holds no
-    shared memory that would stop the next postmaster from starting.
-    """
-    table = _process_table()
-    return all(table.get(pid, ("X", 0))[0] in ("Z", "X") for pid in pids)
 
 
 class EmbeddedPostgres:
@@ -320,9 +180,9 @@ class EmbeddedPostgres:
             self.base_dir = Path(base_dir)
             owned = None if (self.base_dir / name).exists() else self.base_dir / name
         self.data_dir = self.base_dir / name
-        self._process = _Process()
+        self._process = ServerProcess()
         self._started_once = False
-        self._finalizer = weakref.finalize(self, _reap, self._process, owned)
+        self._finalizer = weakref.finalize(self, reap, self._process, owned)
 
     @property
     def url(self) -> str:
@@ -348,7 +208,7 @@ class EmbeddedPostgres:
             raise EmbeddedPostgresError(f"{self.name}: server was closed")
         if self.is_running():
             return
-        account = _service_account()
+        account = service_account()
         self._prepare(account)
         # An auto-picked port can be taken between picking and binding: pick again.
         attempts = 3 if self._auto_port and not self._started_once else 1
@@ -392,7 +252,7 @@ class EmbeddedPostgres:
         self._process.popen = None
         self._process.hung = False
         deadline = time.monotonic() + _STOP_TIMEOUT
-        while not (_all_gone(killed) and self._port_refuses()):
+        while not (all_gone(killed) and self._port_refuses()):
             if time.monotonic() > deadline:
                 raise EmbeddedPostgresError(f"{self.name}: still reachable after SIGKILL")
             time.sleep(0.01)
@@ -445,12 +305,12 @@ class EmbeddedPostgres:
         env["LC_ALL"] = "C"
         return env
 
-    def _prepare(self, account: _Account | None) -> None:
+    def _prepare(self, account: Account | None) -> None:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if account is not None:
             os.chown(self.data_dir, account.uid, account.gid)
-            _make_traversable(self.base_dir, account)
-            _make_traversable(self.bin_dir, account)
+            make_traversable(self.base_dir, account)
+            make_traversable(self.bin_dir, account)
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb(account)
         self._socket_dir.mkdir(mode=0o700, exist_ok=True)
@@ -461,7 +321,7 @@ class EmbeddedPostgres:
     def _socket_dir(self) -> Path:
         return self.data_dir / "sockets"
 
-    def _initdb(self, account: _Account | None) -> None:
+    def _initdb(self, account: Account | None) -> None:
         fd, pwfile = tempfile.mkstemp(prefix=".pwfile-", dir=self.base_dir)
         try:
             with os.fdopen(fd, "w") as handle:
@@ -474,7 +334,7 @@ class EmbeddedPostgres:
             logger.info("%s: initdb in %s", self.name, self.data_dir)
             result = subprocess.run(
                 cmd, capture_output=True, text=True, timeout=300, cwd=self.data_dir,
-                env=self._child_env(), **_identity(account),
+                env=self._child_env(), **identity(account),
             )
         finally:
             os.unlink(pwfile)
@@ -482,7 +342,7 @@ class EmbeddedPostgres:
             output = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
             raise EmbeddedPostgresError(f"{self.name}: initdb failed:\n{output}")
 
-    def _launch(self, account: _Account | None) -> None:
+    def _launch(self, account: Account | None) -> None:
         socket_dir = str(self._socket_dir)
         if len(socket_dir) > _SOCKET_PATH_MAX:
             socket_dir = ""  # too long for a Unix socket: TCP only
@@ -494,7 +354,7 @@ class EmbeddedPostgres:
             self._process.popen = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=self.data_dir, env=self._child_env(), start_new_session=True,
-                **_identity(account),
+                **identity(account),
             )
 
     def _wait_ready(self, deadline: float) -> None:
@@ -532,16 +392,3 @@ class EmbeddedPostgres:
             return True
         except OSError:
             return False
-
-
-class _Identity(TypedDict):
-    user: int | None
-    group: int | None
-    extra_groups: list[int] | None
-
-
-def _identity(account: _Account | None) -> _Identity:
-    """Process identity arguments: drop root, including its supplementary groups."""
-    if account is None:
-        return _Identity(user=None, group=None, extra_groups=None)
-    return _Identity(user=account.uid, group=account.gid, extra_groups=[])
