@@ -19,20 +19,17 @@ wake-up socket pairs.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import math
-import os
 import selectors
 import socket
-import struct
 import threading
 import time
-from collections import deque
 from types import TracebackType
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
+
+from .faultlink import Link, Wakeup, rst_close
 
 __all__ = ["FaultProxy", "Mode"]
 
@@ -40,240 +37,7 @@ logger = logging.getLogger("agent_factory.faultproxy")
 
 Mode = Literal["pass", "blackhole", "reset", "refuse"]
 _MODES: tuple[Mode, ...] = ("pass", "blackhole", "reset", "refuse")
-_CHUNK = 65536
-_MAX_QUEUED = 1 << 20  # bytes in flight per direction before we stop reading: backpressure
-_CONNECT_TIMEOUT = 10.0
 _JOIN_TIMEOUT = 2.0
-
-
-def _rst_close(sock: socket.socket) -> None:
-    """Close with an RST instead of a FIN, as a crashed peer or a middlebox would."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-class _Wakeup:
-    """A socket pair whose read end makes a blocked ``select`` return."""
-
-    def __init__(self) -> None:
-        self.reader, self._writer = socket.socketpair()
-        self.reader.setblocking(False)
-        self._writer.setblocking(False)
-
-    def wake(self) -> None:
-        # A full buffer already guarantees a wake-up; a closed one means the loop ended.
-        with contextlib.suppress(OSError):
-            self._writer.send(b"!")
-
-    def drain(self) -> None:
-        with contextlib.suppress(OSError):
-            while self.reader.recv(4096):
-                pass
-
-    def close(self) -> None:
-        self.reader.close()
-        self._writer.close()
-
-
-class _Direction:
-    """Bytes from ``src`` waiting for their delivery time, then for ``dst`` to take them."""
-
-    def __init__(self, src: socket.socket, dst: socket.socket | None) -> None:
-        self.src, self.dst = src, dst
-        self.pending: deque[tuple[float, bytes]] = deque()
-        self.out = bytearray()
-        self.queued = 0
-        self.last_due = 0.0
-        self.eof = False
-        self.shut = False
-
-    def push(self, data: bytes, due: float) -> None:
-        # Never earlier than the previous chunk: lowering the latency keeps the order.
-        self.last_due = max(due, self.last_due)
-        self.pending.append((self.last_due, data))
-        self.queued += len(data)
-
-    def drop(self) -> None:
-        self.pending.clear()
-        self.out.clear()
-        self.queued = 0
-
-    def flush(self, now: float) -> None:
-        """Move what is due to ``out`` and send what the socket accepts; OSError on failure."""
-        while self.pending and self.pending[0][0] <= now:
-            self.out += self.pending.popleft()[1]
-        if self.out and self.dst is not None:
-            try:
-                sent = self.dst.send(self.out)
-            except BlockingIOError:
-                sent = 0
-            del self.out[:sent]
-            self.queued -= sent
-        if self.eof and not self.queued and not self.shut and self.dst is not None:
-            self.dst.shutdown(socket.SHUT_WR)
-            self.shut = True
-
-    def next_due(self) -> float | None:
-        return self.pending[0][0] if self.pending else None
-
-
-class _Link:
-    """One client connection and its upstream, served by one selector thread."""
-
-    def __init__(self, proxy: FaultProxy, client: socket.socket, blackholed: bool) -> None:
-        self._proxy = proxy
-        self._client = client
-        self._blackholed = blackholed
-        self._reset = False
-        self._wakeup = _Wakeup()
-        self.thread = threading.Thread(
-            target=self._run, name=f"faultproxy-{proxy.port}-link", daemon=True
-        )
-
-    def blackhole(self) -> None:
-        self._blackholed = True
-        self._wakeup.wake()
-
-    def reset(self) -> None:
-        self._reset = True
-        self._wakeup.wake()
-
-    def _run(self) -> None:
-        upstream: socket.socket | None = None
-        clean = False
-        try:
-            self._client.setblocking(False)
-            self._client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if not self._blackholed:
-                upstream = _start_connect(self._proxy.upstream)
-            clean = self._pump(upstream)
-        except OSError as exc:
-            logger.debug("faultproxy %d: connection ended: %s", self._proxy.port, exc)
-        finally:
-            # A failure on one side is mirrored as an RST on the other.
-            for sock in (self._client, upstream):
-                if sock is not None and clean:
-                    sock.close()
-                elif sock is not None:
-                    _rst_close(sock)
-            self._wakeup.close()
-            self._proxy._forget(self)
-
-    def _pump(self, upstream: socket.socket | None) -> bool:
-        """Forward until both sides are done (True) or a side fails or is reset (False)."""
-        to_up = _Direction(self._client, upstream)
-        to_client = _Direction(upstream, self._client) if upstream is not None else None
-        connect_deadline: float | None = time.monotonic() + _CONNECT_TIMEOUT
-        connecting = upstream is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._wakeup.reader, selectors.EVENT_READ)
-            registered: dict[socket.socket, int] = {}
-            while True:
-                if self._reset:
-                    return False
-                now = time.monotonic()
-                if self._blackholed:
-                    # Not even an EOF gets through: the client must see silence.
-                    to_up.drop()
-                    if to_client is not None:
-                        to_client.drop()
-                elif not connecting:
-                    to_up.flush(now)
-                    if to_client is not None:
-                        to_client.flush(now)
-                if to_up.shut and (to_client is None or to_client.shut):
-                    return True
-                if self._blackholed and to_up.eof:
-                    return True  # the client left; nothing will ever be forwarded
-                wanted = self._interest(to_up, to_client, connecting)
-                _update(sel, registered, wanted)
-                deadline = connect_deadline if connecting else None
-                if deadline is not None and now > deadline:
-                    raise TimeoutError("upstream connect timed out")
-                events = sel.select(self._timeout(now, to_up, to_client, deadline))
-                for key, mask in events:
-                    if key.fileobj is self._wakeup.reader:
-                        self._wakeup.drain()
-                    elif connecting and key.fileobj is upstream:
-                        error = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                        if error:
-                            raise ConnectionRefusedError(error, "upstream connect failed")
-                        connecting = False
-                    elif mask & selectors.EVENT_READ:
-                        self._receive(to_up if key.fileobj is self._client else to_client)
-
-    def _receive(self, direction: _Direction | None) -> None:
-        assert direction is not None
-        try:
-            data = direction.src.recv(_CHUNK)
-        except BlockingIOError:
-            return
-        if not data:
-            direction.eof = True
-        elif not self._blackholed:
-            direction.push(data, time.monotonic() + self._proxy.latency)
-
-    def _interest(
-        self, to_up: _Direction, to_client: _Direction | None, connecting: bool
-    ) -> dict[socket.socket, int]:
-        wanted: dict[socket.socket, int] = {}
-        for direction in (to_up, to_client):
-            if direction is None:
-                continue
-            if not direction.eof and direction.queued < _MAX_QUEUED:
-                wanted[direction.src] = wanted.get(direction.src, 0) | selectors.EVENT_READ
-            if direction.out and direction.dst is not None and not connecting:
-                wanted[direction.dst] = wanted.get(direction.dst, 0) | selectors.EVENT_WRITE
-        upstream = to_up.dst
-        if connecting and upstream is not None:
-            wanted[upstream] = selectors.EVENT_WRITE  # writable = connected (or failed)
-        return wanted
-
-    @staticmethod
-    def _timeout(
-        now: float, to_up: _Direction, to_client: _Direction | None, deadline: float | None
-    ) -> float | None:
-        """Sleep until the next chunk is due, or while connecting until the deadline.
-
-        While connecting nothing can be delivered: due chunks must not make us spin.
-        """
-        if deadline is not None:
-            return max(0.0, deadline - now)
-        dues = [d.next_due() for d in (to_up, to_client) if d is not None]
-        times = [due for due in dues if due is not None]
-        return max(0.0, min(times) - now) if times else None
-
-
-def _start_connect(address: tuple[str, int]) -> socket.socket:
-    """Begin a non-blocking connect, so a reset can interrupt a slow upstream."""
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    error = sock.connect_ex(address)
-    if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-        sock.close()
-        raise OSError(error, f"connect to upstream failed: {os.strerror(error)}")
-    return sock
-
-
-def _update(
-    sel: selectors.BaseSelector,
-    registered: dict[socket.socket, int],
-    wanted: dict[socket.socket, int],
-) -> None:
-    """Bring the selector's registrations to ``wanted`` (it refuses zero-event entries)."""
-    for sock in list(registered):
-        if sock not in wanted:
-            sel.unregister(sock)
-            del registered[sock]
-    for sock, events in wanted.items():
-        if sock not in registered:
-            sel.register(sock, events)
-        elif registered[sock] != events:
-            sel.modify(sock, events)
-        registered[sock] = events
 
 
 class FaultProxy:
@@ -301,12 +65,12 @@ class FaultProxy:
         self._mode: Mode = "pass"
         self._latency = 0.0
         self._lock = threading.Condition()
-        self._links: set[_Link] = set()
+        self._links: set[Link] = set()
         self._generation = 0
         self._applied = 0
         self._listen_error: OSError | None = None
         self._state: Literal["new", "started", "closed"] = "new"
-        self._wakeup: _Wakeup | None = None
+        self._wakeup: Wakeup | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -336,7 +100,7 @@ class FaultProxy:
                 raise RuntimeError(f"FaultProxy cannot start: it is {self._state}")
             listener = self._listen()
             self._port = listener.getsockname()[1]
-            self._wakeup = _Wakeup()
+            self._wakeup = Wakeup()
             self._thread = threading.Thread(
                 target=self._accept_loop, args=(listener, self._wakeup),
                 name=f"faultproxy-{self._port}-accept", daemon=True,
@@ -435,7 +199,7 @@ class FaultProxy:
             raise
         return sock
 
-    def _accept_loop(self, listener: socket.socket | None, wakeup: _Wakeup) -> None:
+    def _accept_loop(self, listener: socket.socket | None, wakeup: Wakeup) -> None:
         with selectors.DefaultSelector() as sel:
             sel.register(wakeup.reader, selectors.EVENT_READ)
             if listener is not None:
@@ -488,13 +252,13 @@ class FaultProxy:
             # Decide and register under the lock, so set_mode() sees every link.
             with self._lock:
                 if self._mode in ("reset", "refuse") or self._state == "closed":
-                    _rst_close(client)
+                    rst_close(client)
                     continue
-                link = _Link(self, client, blackholed=self._mode == "blackhole")
+                link = Link(self, client, blackholed=self._mode == "blackhole")
                 self._links.add(link)
                 link.thread.start()
 
-    def _forget(self, link: _Link) -> None:
+    def _forget(self, link: Link) -> None:
         with self._lock:
             self._links.discard(link)
 
