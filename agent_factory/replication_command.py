@@ -24,13 +24,25 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
-from functools import partial
 from typing import Any
 from urllib.parse import quote
 
 import psycopg
 
-from .errors import AgentFactoryError, ConfigurationError, ProviderUnavailableError
+from .command_support import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    Action,
+    Context,
+    bind,
+    connect,
+    dispatch,
+    exit_code,
+    progress,
+    resolve_targets,
+)
+from .errors import ConfigurationError
 from .replication import (
     COPY_DATA_MODES,
     PUBLICATION,
@@ -41,15 +53,10 @@ from .replication import (
     setup_replication,
     teardown_replication,
 )
-from .schema.command import _Context, _context, _progress, _targets, exit_code
 from .schema.copy import MANAGED_TABLES, TableReport
-from .schema.migrations import describe_db_error
 from .settings import ProviderSettings, Settings, connection_params
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_UNAVAILABLE", "add_replication_commands", "main"]
-
-EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
-_MIN_CONNECT_TIMEOUT = 10.0
 
 
 def add_replication_commands(
@@ -111,14 +118,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """
     parser = argparse.ArgumentParser(prog="agent-factory-db")
     add_replication_commands(parser.add_subparsers(required=True, metavar="COMMAND"))
-    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    args.environ = environ
-    command: Callable[[argparse.Namespace], int] = args.command
-    try:
-        return command(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return dispatch(parser.parse_args(sys.argv[1:] if argv is None else list(argv)), environ)
 
 
 def _seconds(text: str) -> float:
@@ -144,24 +144,11 @@ def _exit_code(exc: BaseException) -> int:
     return EXIT_UNAVAILABLE if isinstance(exc, ReplicationPrerequisiteError) else exit_code(exc)
 
 
-Action = Callable[[_Context, argparse.Namespace], int]
-
-
 def _action(action: Action) -> Callable[[argparse.Namespace], int]:
-    return partial(_run, action=action)
+    return bind(action, _exit_code)
 
 
-def _run(args: argparse.Namespace, action: Action) -> int:
-    """Run ``action``, turning our errors into a message and an exit code."""
-    ctx = _context(args)
-    try:
-        return action(ctx, args)
-    except AgentFactoryError as exc:
-        ctx.error(str(exc))
-        return _exit_code(exc)
-
-
-def _hide_publisher_password(ctx: _Context, url: str | None) -> None:
+def _hide_publisher_password(ctx: Context, url: str | None) -> None:
     if url:
         password = connection_params(url, "--publisher-url").get("password", "")
         if len(password) >= 4:
@@ -171,7 +158,7 @@ def _hide_publisher_password(ctx: _Context, url: str | None) -> None:
 # -- replicate ------------------------------------------------------------------
 
 
-def _setup(ctx: _Context, args: argparse.Namespace) -> int:
+def _setup(ctx: Context, args: argparse.Namespace) -> int:
     settings = ctx.settings()
     _hide_publisher_password(ctx, args.publisher_url)
     primary = settings.providers[settings.primary]
@@ -185,7 +172,7 @@ def _setup(ctx: _Context, args: argparse.Namespace) -> int:
     return _report_errors(ctx, report)
 
 
-def _status(ctx: _Context, args: argparse.Namespace) -> int:
+def _status(ctx: Context, args: argparse.Namespace) -> int:
     settings = ctx.settings()
     statuses = replication_status(settings)
     code = EXIT_OK
@@ -244,7 +231,7 @@ def _advice(s: BackupStatus) -> str:
     return ""
 
 
-def _teardown(ctx: _Context, args: argparse.Namespace) -> int:
+def _teardown(ctx: Context, args: argparse.Namespace) -> int:
     settings = ctx.settings()
     report = teardown_replication(settings)
     for name, action in report.actions.items():
@@ -258,7 +245,7 @@ def _teardown(ctx: _Context, args: argparse.Namespace) -> int:
     return code
 
 
-def _report_errors(ctx: _Context, report: ReplicationReport) -> int:
+def _report_errors(ctx: Context, report: ReplicationReport) -> int:
     for note in report.notes:
         ctx.print(f"note: {note}")
     code = EXIT_OK
@@ -273,20 +260,16 @@ def _report_errors(ctx: _Context, report: ReplicationReport) -> int:
 
 
 def _connect(target: ProviderSettings, settings: Settings) -> psycopg.Connection[Any]:
-    timeout = math.ceil(max(settings.connect_timeout, _MIN_CONNECT_TIMEOUT))
-    try:  # reconcile manages its transactions: no autocommit
-        return psycopg.connect(target.conninfo(connect_timeout=str(timeout),
-                                               application_name="agent-factory-sync"))
-    except psycopg.Error as exc:
-        raise ProviderUnavailableError(target.name, describe_db_error(exc)) from None
+    # reconcile manages its transactions: no autocommit
+    return connect(target, settings, application_name="agent-factory-sync", autocommit=False)
 
 
-def _sync(ctx: _Context, args: argparse.Namespace) -> int:
+def _sync(ctx: Context, args: argparse.Namespace) -> int:
     from .reconcile import reconcile
 
     settings = ctx.settings()
-    source = _targets(settings, args.source, "--from")[0]
-    target = _targets(settings, args.target, "--to")[0]
+    source = resolve_targets(settings, args.source, "--from")[0]
+    target = resolve_targets(settings, args.target, "--to")[0]
     if source.name == target.name:
         raise ConfigurationError(f"--from and --to both name {source.name!r}; pick two "
                                  "different providers")
@@ -296,7 +279,7 @@ def _sync(ctx: _Context, args: argparse.Namespace) -> int:
               f"to {target.name} ({target.describe()})")
     live = not args.no_progress and ctx.out.isatty()
     with _connect(source, settings) as src, _connect(target, settings) as dst, \
-            _progress(ctx, live) as on_progress:
+            progress(ctx, live) as on_progress:
         reports = reconcile(src, dst, tables=tables, since=args.since, source_name=source.name,
                             target_name=target.name, on_progress=on_progress)
     for report in reports:

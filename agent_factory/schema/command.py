@@ -14,45 +14,49 @@ schemas drifted or a copy was refused; 2 a provider cannot be reached, lacks
 pgvector, or the configuration or a command-line argument is wrong.
 
 Providers come from the environment like `DatabaseManager()` does
-(`Settings.from_env`). This is the only module of the package that reads
-``DATABASE_EMBEDDING_DIM``. Output names providers and ``user@host:port/db``,
-never a password, and every line is scrubbed once more before printing.
+(`Settings.from_env`); ``DATABASE_EMBEDDING_DIM`` is read here only (through
+`agent_factory.command_support`, which holds what the commands share). Output
+names providers and ``user@host:port/db``, never a password, and every line is
+scrubbed once more before printing.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, TextIO
-from urllib.parse import quote
+from typing import Any
 
 import psycopg
 
-from ..environment import read_dotenv
-from ..errors import (
-    AgentFactoryError,
-    ConfigurationError,
-    ExtensionUnavailableError,
-    ProviderError,
-    ProviderUnavailableError,
+from ..command_support import (
+    EMBEDDING_DIM_VAR,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    Context,
+    bind,
+    connect,
+    context,
+    dispatch,
+    exit_code,
+    positive_float,
+    positive_int,
+    progress,
+    resolve_targets,
+    run,
 )
+from ..errors import AgentFactoryError, ConfigurationError
 from ..settings import ProviderSettings, Settings
 from .catalog import Catalog, diff_catalogs, format_differences, read_catalogs
-from .copy import DEFAULT_BATCH_SIZE, MANAGED_TABLES, ProgressCallback, TableReport, copy_tables
+from .copy import DEFAULT_BATCH_SIZE, MANAGED_TABLES, TableReport, copy_tables
 from .migrations import (
     DEFAULT_EMBEDDING_DIM,
     AppliedMigration,
     Migration,
     apply_migrations,
-    check_embedding_dim,
-    describe_db_error,
     load_migrations,
     plan_migrations,
     render_script,
@@ -61,12 +65,10 @@ from .migrations import (
 __all__ = ["ACTIONS", "EXIT_FAILED", "EXIT_OK", "EXIT_UNAVAILABLE", "add_schema_commands",
            "exit_code", "main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
 ACTIONS = ("deploy", "verify", "status", "copy")
-EMBEDDING_DIM_VAR = "DATABASE_EMBEDDING_DIM"
-# Schema commands talk to one provider at a time and may wake a serverless one.
-_MIN_CONNECT_TIMEOUT = 10.0
 _DEFAULT_TIMEOUT = 60.0
+# The old private names of the shared helpers, for code that still imports them here.
+_Context, _context, _progress, _targets = Context, context, progress, resolve_targets
 
 
 def add_schema_commands(
@@ -98,14 +100,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         _add_actions(parser.add_subparsers(required=True, metavar="ACTION"))
     else:
         parser = _script_parser(prog)
-    args = parser.parse_args(args_list)
-    args.environ = environ
-    command: Callable[[argparse.Namespace], int] = args.command
-    try:
-        return command(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return dispatch(parser.parse_args(args_list), environ)
 
 
 _DESCRIPTION = (
@@ -150,12 +145,12 @@ def _add_actions(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                             description="Exit 0 when the providers' schemas match and every "
                             "migration is applied, 1 on drift, 2 when a provider is unreachable.")
     _add_schema_options(verify)
-    verify.set_defaults(command=_action(_verify))
+    verify.set_defaults(command=bind(_verify))
 
     status = sub.add_parser("status", help="migrations and pgvector on each provider")
     status.add_argument("--provider", metavar="NAME", help="only this provider")
     _add_schema_options(status)
-    status.set_defaults(command=_action(_status))
+    status.set_defaults(command=bind(_status))
 
     copy = sub.add_parser("copy", help="copy session_memories and knowledge_atoms rows",
                           description="Copy the managed tables from one provider to another. "
@@ -165,11 +160,11 @@ def _add_actions(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     copy.add_argument("--to", dest="target", metavar="NAME", required=True)
     copy.add_argument("--table", dest="tables", action="append", choices=MANAGED_TABLES,
                       help="copy only this table (repeatable; default: all managed tables)")
-    copy.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+    copy.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                       metavar="N", help=f"rows per batch (default {DEFAULT_BATCH_SIZE})")
     copy.add_argument("--no-progress", action="store_true",
                       help="plain lines instead of a progress bar (automatic when not a TTY)")
-    copy.set_defaults(command=_action(_copy))
+    copy.set_defaults(command=bind(_copy))
 
 
 def _add_schema_options(parser: argparse.ArgumentParser) -> None:
@@ -178,124 +173,13 @@ def _add_schema_options(parser: argparse.ArgumentParser) -> None:
                         f"${EMBEDDING_DIM_VAR} or {DEFAULT_EMBEDDING_DIM})")
     parser.add_argument("--migrations-dir", metavar="DIR", type=Path,
                         help="use the migrations in DIR instead of the shipped ones")
-    parser.add_argument("--timeout", type=_positive_float, default=_DEFAULT_TIMEOUT,
+    parser.add_argument("--timeout", type=positive_float, default=_DEFAULT_TIMEOUT,
                         metavar="SECONDS", help="give up on a silent provider after this "
                         f"long when reading catalogs (default {_DEFAULT_TIMEOUT:g})")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def exit_code(exc: BaseException) -> int:
-    """2 for what stops us from reaching a working provider, 1 for schema problems."""
-    unreachable = (ConfigurationError, ProviderError, ExtensionUnavailableError,
-                   psycopg.OperationalError)
-    return EXIT_UNAVAILABLE if isinstance(exc, unreachable) else EXIT_FAILED
-
-
-# -- the context every action needs --------------------------------------------
-
-
-@dataclass
-class _Context:
-    """Configuration resolved once per command, and output that scrubs secrets."""
-
-    env: Mapping[str, str]
-    secrets: tuple[str, ...] = ()
-    out: TextIO = field(default_factory=lambda: sys.stdout)
-    err: TextIO = field(default_factory=lambda: sys.stderr)
-
-    def settings(self) -> Settings:
-        settings = Settings.from_env(self.env, dotenv=None)
-        self.secrets = tuple(
-            s for p in settings.providers.values() if len(p.password) >= 4
-            for s in (p.password, quote(p.password, safe=""))
-        )
-        return settings
-
-    def embedding_dim(self, flag: str | None) -> int:
-        if flag is not None:
-            return check_embedding_dim(flag, "--embedding-dim")
-        if self.env.get(EMBEDDING_DIM_VAR, "").strip():
-            return check_embedding_dim(self.env[EMBEDDING_DIM_VAR], EMBEDDING_DIM_VAR)
-        return DEFAULT_EMBEDDING_DIM
-
-    def print(self, text: str = "") -> None:
-        print(self.scrub(text), file=self.out, flush=True)
-
-    def error(self, text: str) -> None:
-        print(self.scrub(f"error: {text}"), file=self.err, flush=True)
-
-    def scrub(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
-
-
-def _context(args: argparse.Namespace) -> _Context:
-    environ = getattr(args, "environ", None)
-    if environ is not None:
-        return _Context(dict(environ))
-    return _Context({**read_dotenv(Path(".env")), **os.environ})
-
-
-Action = Callable[[_Context, argparse.Namespace], int]
-
-
-def _action(action: Action) -> Callable[[argparse.Namespace], int]:
-    return partial(_run, action=action)
-
-
-def _run(args: argparse.Namespace, action: Action) -> int:
-    """Run ``action``, turning our errors into a message and an exit code."""
-    ctx = _context(args)
-    try:
-        return action(ctx, args)
-    except AgentFactoryError as exc:
-        ctx.error(str(exc))
-        return exit_code(exc)
-
-
-def _targets(settings: Settings, name: str | None, option: str = "--provider"
-             ) -> list[ProviderSettings]:
-    ordered = list(dict.fromkeys((*settings.failover_order, *settings.providers)))
-    if name is None:
-        return [settings.providers[n] for n in ordered]
-    key = name.strip().lower()
-    if key not in settings.providers:
-        raise ConfigurationError(
-            f"{option} {name!r} is not a configured provider; configured: "
-            f"{', '.join(ordered)}. Set {key.upper()}_DB_URL (and list it in "
-            "DATABASE_FAILOVER_ORDER) or pick a configured one."
-        )
-    return [settings.providers[key]]
-
-
 def _connect(target: ProviderSettings, settings: Settings) -> psycopg.Connection[Any]:
-    timeout = math.ceil(max(settings.connect_timeout, _MIN_CONNECT_TIMEOUT))
-    conninfo = target.conninfo(connect_timeout=str(timeout),
-                               application_name="agent-factory-schema")
-    try:
-        return psycopg.connect(conninfo, autocommit=True)
-    except psycopg.Error as exc:
-        raise ProviderUnavailableError(target.name, describe_db_error(exc)) from None
+    return connect(target, settings, application_name="agent-factory-schema")
 
 
 # -- deploy --------------------------------------------------------------------
@@ -311,7 +195,7 @@ def _legacy(args: argparse.Namespace) -> int:
     if args.provider or args.all or args.dry_run:
         code = _deploy_command(args)
     if args.verify and code != EXIT_UNAVAILABLE:
-        code = max(code, _run(args, _verify))
+        code = max(code, run(args, _verify))
     return code
 
 
@@ -323,10 +207,10 @@ def _usage_error(message: str) -> int:
 def _deploy_command(args: argparse.Namespace) -> int:
     if not (args.provider or args.all or args.dry_run):
         return _usage_error("deploy needs --provider NAME or --all (or --dry-run)")
-    return _run(args, _deploy)
+    return run(args, _deploy)
 
 
-def _deploy(ctx: _Context, args: argparse.Namespace) -> int:
+def _deploy(ctx: Context, args: argparse.Namespace) -> int:
     dim = ctx.embedding_dim(args.embedding_dim)
     migrations = load_migrations(args.migrations_dir)
     if args.dry_run:
@@ -335,7 +219,7 @@ def _deploy(ctx: _Context, args: argparse.Namespace) -> int:
         return EXIT_OK
     settings = ctx.settings()
     failed: dict[str, int] = {}
-    for target in _targets(settings, args.provider):
+    for target in resolve_targets(settings, args.provider):
         ctx.print(f"{target.name} ({target.describe()}): deploying, {len(migrations)} "
                   f"migration(s) shipped, embedding dimension {dim}")
 
@@ -370,11 +254,11 @@ def _read_catalogs(settings: Settings, targets: Sequence[ProviderSettings],
     return read_catalogs(connectors, _required(migrations), timeout)
 
 
-def _verify(ctx: _Context, args: argparse.Namespace) -> int:
+def _verify(ctx: Context, args: argparse.Namespace) -> int:
     dim = ctx.embedding_dim(args.embedding_dim)
     migrations = load_migrations(args.migrations_dir)
     settings = ctx.settings()
-    targets = _targets(settings, None)
+    targets = resolve_targets(settings, None)
     ctx.print(f"Verifying the schema of {len(targets)} provider(s): "
               f"{', '.join(t.name for t in targets)}")
     results = _read_catalogs(settings, targets, migrations, args.timeout)
@@ -424,11 +308,11 @@ def _required(migrations: Sequence[Migration]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(e for m in migrations for e in m.extensions))
 
 
-def _status(ctx: _Context, args: argparse.Namespace) -> int:
+def _status(ctx: Context, args: argparse.Namespace) -> int:
     dim = ctx.embedding_dim(args.embedding_dim)
     migrations = load_migrations(args.migrations_dir)
     settings = ctx.settings()
-    targets = _targets(settings, args.provider)
+    targets = resolve_targets(settings, args.provider)
     required = _required(migrations)
     results = _read_catalogs(settings, targets, migrations, args.timeout)
     code = EXIT_OK
@@ -462,10 +346,10 @@ def _status(ctx: _Context, args: argparse.Namespace) -> int:
 # -- copy ----------------------------------------------------------------------
 
 
-def _copy(ctx: _Context, args: argparse.Namespace) -> int:
+def _copy(ctx: Context, args: argparse.Namespace) -> int:
     settings = ctx.settings()
-    source = _targets(settings, args.source, "--from")[0]
-    target = _targets(settings, args.target, "--to")[0]
+    source = resolve_targets(settings, args.source, "--from")[0]
+    target = resolve_targets(settings, args.target, "--to")[0]
     if source.name == target.name:
         raise ConfigurationError(f"--from and --to both name {source.name!r}; pick two "
                                  "different providers")
@@ -474,7 +358,7 @@ def _copy(ctx: _Context, args: argparse.Namespace) -> int:
               f"to {target.name} ({target.describe()})")
     live = not args.no_progress and ctx.out.isatty()
     with _connect(source, settings) as src, _connect(target, settings) as dst, \
-            _progress(ctx, live) as on_progress:
+            progress(ctx, live) as on_progress:
         reports = copy_tables(src, dst, tables=tables, batch_size=args.batch_size,
                               source_name=source.name, target_name=target.name,
                               on_progress=on_progress)
@@ -492,36 +376,3 @@ def _format_report(r: TableReport) -> str:
         text += (f", {r.skipped} skipped: they share a unique key with a different row "
                  "on the target")
     return text
-
-
-@contextmanager
-def _progress(ctx: _Context, live: bool) -> Iterator[ProgressCallback]:
-    """A Rich progress bar on a terminal, else one plain line per batch."""
-    if live:
-        try:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-        except ImportError:
-            live = False
-    if not live:
-        def plain(table: str, done: int, total: int) -> None:
-            if done or not total:
-                ctx.print(f"  {table}: {done}/{total} rows")
-
-        yield plain
-        return
-    tasks: dict[str, Any] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), transient=False) as bar:
-
-        def update(table: str, done: int, total: int) -> None:
-            if table not in tasks:
-                tasks[table] = bar.add_task(table, total=total)
-            bar.update(tasks[table], completed=done, total=total)
-
-        yield update
