@@ -140,7 +140,6 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-
 class EmbeddedPostgres:
     """One PostgreSQL server on 127.0.0.1 with password (SCRAM) authentication.
 
