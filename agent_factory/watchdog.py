@@ -86,8 +86,7 @@ class Watchdog:
         self._tick = min(0.1, probe_after / 2)
         self._next_wake = 0.0
         self._clock = clock
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = threading.Condition(threading.Lock())
         self._watches: set[Watch] = set()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -95,24 +94,23 @@ class Watchdog:
     def watch(self, fd: int, target: Liveness, hard_deadline: float | None = None) -> Watch:
         now = self._clock()
         w = Watch(fd, now, target, hard_deadline)
+        if self._closed:
+            return w
+        # set.add and set.discard are atomic under the GIL: no lock (and no
+        # contention between caller threads) on the per-statement path.
+        self._watches.add(w)
         due = now + self._probe_after if hard_deadline is None else hard_deadline
-        # The plain lock (not the Condition's Python-level context manager):
-        # this runs twice per statement.
-        with self._lock:
-            if self._closed:
-                return w
-            self._watches.add(w)
-            if self._thread is None:
-                self._start()
-            elif due < self._next_wake:
-                # Waking the thread for every call would cost a GIL hand-over
-                # per query; it wakes by itself at least every tick.
+        if self._thread is None or due < self._next_wake:
+            # Rare: the first call, or a deadline before the thread's next
+            # wake (a probe). Otherwise it wakes by itself at least every tick.
+            with self._cond:
+                if self._thread is None:
+                    self._start()
                 self._cond.notify()
         return w
 
     def unwatch(self, w: Watch) -> None:
-        with self._lock:
-            self._watches.discard(w)
+        self._watches.discard(w)
 
     def close(self) -> None:
         with self._cond:
