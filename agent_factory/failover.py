@@ -257,6 +257,12 @@ class Failover(Generic[P]):
 
     def _served_by(self, name: str, failures: dict[str, str] | None) -> None:
         primary = self.primary
+        if name == self.serving and name != primary:
+            # Still on the same backup: only the rate-limited warning is due.
+            now = self._clock()
+            if now < self._next_log:
+                self._suppressed += 1
+                return
         with self._lock:
             previous, self.serving = self.serving, name
         if name == primary:
