@@ -23,19 +23,19 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from rich.console import Console, RenderableType
+from .console import ms, print_table, rich_console, scrub, yes_no
+from .demo_screen import print_summary, run_live, run_plain
+from .demo_screen import render as _render  # noqa: F401 - tests import it from here
 
+if TYPE_CHECKING:
     from .core.database_manager import DatabaseManager
     from .dashboard.demo import DemoFleet
-    from .demo import Demo, DemoConfig, DemoResult, DemoView
 
 __all__ = ["main"]
 
 _PROG = "agent-factory-db"
 _INSTALL = "pip install 'agent-factory[embedded]'"
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-_ROLE_STYLE = {"primary": "green", "serving": "yellow", "backup": "cyan", "down": "bold red"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,15 +142,15 @@ def _health(args: argparse.Namespace) -> int:
     up = healthy.get(primary, False)
     if args.json:
         doc = {"primary": primary, "primary_healthy": up, "providers": report}
-        print(_scrub(json.dumps(doc, indent=2), secrets))
+        print(scrub(json.dumps(doc, indent=2), secrets))
     else:
         rows = [
-            [name, _yes_no(r["healthy"]), f"{r['host']}:{r['port']}",
-             _ms(r["latency_ms"]), r["error"] or ""]
+            [name, yes_no(r["healthy"]), f"{r['host']}:{r['port']}",
+             ms(r["latency_ms"]), r["error"] or ""]
             for name, r in report.items()
         ]
-        _print_table("Provider health", ["provider", "healthy", "host:port", "latency", "error"],
-                     rows, secrets)
+        print_table("Provider health", ["provider", "healthy", "host:port", "latency", "error"],
+                    rows, secrets)
         print(f"primary {primary}: {'healthy' if up else 'DOWN'}")
     return EXIT_OK if up else EXIT_FAILED
 
@@ -167,79 +167,22 @@ def _stats(args: argparse.Namespace) -> int:
     finally:
         db.close_all()
     if args.json:
-        print(_scrub(json.dumps(stats, indent=2, default=str), secrets))
+        print(scrub(json.dumps(stats, indent=2, default=str), secrets))
         return EXIT_OK
     rows = [
-        [name, s["role"], _yes_no(s["healthy"]), f"{s['connection_string_host']}:{s['port']}",
+        [name, s["role"], yes_no(s["healthy"]), f"{s['connection_string_host']}:{s['port']}",
          f"{s['pool_size']} ({s['pool_idle']} idle, {s['pool_waiting']} waiting)",
-         _ms(s["last_latency_ms"]), str(s["consecutive_failures"]), s["last_error"] or ""]
+         ms(s["last_latency_ms"]), str(s["consecutive_failures"]), s["last_error"] or ""]
         for name, s in stats.items()
     ]
     headers = ["provider", "role", "healthy", "host:port", "pool", "latency",
                "failures", "last error"]
-    _print_table("Provider stats", headers, rows, secrets)
+    print_table("Provider stats", headers, rows, secrets)
     return EXIT_OK
 
 
 def _passwords(db: DatabaseManager) -> list[str]:
     return [p.password for p in db.settings.providers.values() if p.password]
-
-
-def _scrub(text: str, secrets: Sequence[str]) -> str:
-    # The manager's outputs hold no password; this guards against a future
-    # field or error text that would.
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
-# -- output helpers ------------------------------------------------------------
-
-
-def _console() -> Console | None:
-    """Rich for a terminal; None (plain, greppable text) for pipes or without Rich."""
-    if not sys.stdout.isatty():
-        return None
-    try:
-        from rich.console import Console
-    except ImportError:
-        return None
-    return Console()
-
-
-def _print_table(
-    title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
-    secrets: Sequence[str] = (),
-) -> None:
-    rows = [[_scrub(cell, secrets) for cell in row] for row in rows]
-    console = _console()
-    if console is None:
-        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-        print(title)
-        for line in [list(headers), *rows]:
-            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-        return
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for h in headers:
-        table.add_column(h, overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-
-
-def _yes_no(value: object) -> str:
-    return "yes" if value is True else "no" if value is False else "?"
-
-
-def _ms(value: object) -> str:
-    return f"{value:.1f} ms" if isinstance(value, (int, float)) else "-"
-
-
-def _secs(value: float | None) -> str:
-    return "never" if value is None else f"{value:.3f} s"
-
 
 # -- demo ----------------------------------------------------------------------
 
@@ -256,17 +199,17 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import Demo, DemoConfig
 
     config = DemoConfig(hang=args.hang, down_seconds=args.down_seconds)
-    live = not args.no_live and _console() is not None
+    live = not args.no_live and rich_console() is not None
     _terminate_as_interrupt()
     try:
-        result = _run_live(Demo(config)) if live else _run_plain(config)
+        result = run_live(Demo(config)) if live else run_plain(config)
     except PostgresNotFoundError as exc:
         print(f"{_PROG}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception as exc:  # servers are already stopped; say what went wrong, briefly
         print(f"{_PROG}: demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    _print_summary(result)
+    print_summary(result)
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
@@ -278,92 +221,6 @@ def _terminate_as_interrupt() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, interrupt)
-
-
-def _run_live(demo: Demo) -> DemoResult:
-    from rich.live import Live
-
-    with Live(get_renderable=lambda: _render(demo.view()), refresh_per_second=4,
-              console=_console()):
-        return demo.run()
-
-
-def _run_plain(config: DemoConfig) -> DemoResult:
-    from .demo import Demo
-
-    lock = threading.Lock()
-
-    def emit(line: str) -> None:
-        with lock:
-            print(line, flush=True)
-
-    demo = Demo(config, on_log=emit)
-    done = threading.Event()
-
-    def tick() -> None:
-        # A status line per second shows the traffic between events.
-        while not done.wait(1.0):
-            emit(_status_line(demo.view(events=0)))
-
-    ticker = threading.Thread(target=tick, name="demo-status", daemon=True)
-    ticker.start()
-    try:
-        return demo.run()
-    finally:
-        done.set()
-        ticker.join()
-
-
-def _status_line(view: DemoView) -> str:
-    parts = []
-    for p in view.providers:
-        mark = "" if p.healthy is not False else " DOWN"
-        parts.append(f"{p.name}[{p.role}{mark}] r={p.reads} w={p.writes}")
-    c = view.counts
-    return (f"+{view.elapsed:6.2f}s  status: {' | '.join(parts)} | failed reads={c.failed_reads}"
-            f" unknown writes={c.unknown_writes} failed writes={c.failed_writes}")
-
-
-def _render(view: DemoView) -> RenderableType:
-    from rich.console import Group
-    from rich.panel import Panel
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title=f"agent-factory failover demo  +{view.elapsed:.1f}s  [{view.phase}]",
-                  title_justify="left", expand=True)
-    for header in ("provider", "role", "healthy", "reads", "writes", "errors", "pool",
-                   "last latency"):
-        table.add_column(header, justify="left" if header in ("provider", "role") else "right")
-    for p in view.providers:
-        style = _ROLE_STYLE.get(p.role, "dim")
-        # Not pool_waiting: psycopg_pool keeps timed-out waiters queued and the
-        # provider polls getconn() in short slices, so it overcounts callers.
-        pool = f"{p.pool_used}/{p.pool_size} of {p.pool_max}"
-        table.add_row(p.name, Text(p.role, style=style), _yes_no(p.healthy), str(p.reads),
-                      str(p.writes), str(p.errors), pool, _ms(p.latency_ms))
-    c = view.counts
-    totals = Text(f"failed reads {c.failed_reads}   unknown-outcome writes {c.unknown_writes}"
-                  f"   failed writes {c.failed_writes}",
-                  style="bold red" if c.failed_reads or c.failed_writes else "")
-    events = Text("\n".join(view.events) or "(no events yet)")
-    return Group(table, totals, Panel(events, title="events", title_align="left"))
-
-
-def _print_summary(result: DemoResult) -> None:
-    rows = [
-        [f.fault, _secs(f.failover_s), str(f.failed_reads), str(f.unknown_writes),
-         str(f.failed_writes), _secs(f.back_to_primary_s)]
-        for f in result.faults
-    ]
-    headers = ["fault", "first op on a backup", "failed reads", "unknown-outcome writes",
-               "failed writes", "back on primary"]
-    _print_table("Failover summary", headers, rows)
-    t = result.totals
-    verdict = "PASS" if result.ok else "FAIL"
-    print(f"{verdict}: {t.reads} reads, {t.writes} writes in {result.duration_s:.1f}s; "
-          f"failover bound {result.failover_bound_s:g}s (hang_timeout + 1s); "
-          "'back on primary' counts from the server being up again")
 
 
 # -- dashboard and monitor -----------------------------------------------------
@@ -473,7 +330,7 @@ def _monitor(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     _terminate_as_interrupt()
     try:
-        run_monitor(db, interval=args.interval, once=args.once, console=_console(),
+        run_monitor(db, interval=args.interval, once=args.once, console=rich_console(),
                     secrets=_passwords(db))
     except KeyboardInterrupt:
         pass  # the normal way to stop watching
