@@ -5,7 +5,8 @@
 
 Three embedded servers (supabase = primary, railway, neon) with the schema
 deployed (`apply_migrations`, embedding_dim=8) and logical replication from
-the primary to both backups (`setup_replication`).
+the primary to both backups (`setup_replication`): one such fleet for the lag
+and the reconciliation, a fresh one for each fault scenario.
 
 1. **Acknowledged writes across crash → failover → restore → failback.** A
    `DatabaseManager` (``monitor_interval=0.2, hang_timeout=1.0,
@@ -268,6 +269,8 @@ class FaultOutcome:
     rate: float  # acknowledged writes/s achieved
     reconciled: list[tuple[str, int]]
     errors: dict[str, int]
+    replication: dict[str, str]  # backup -> "streaming, ..." or its problem, at the end
+    apply_errors: dict[str, str]  # backup -> last apply error other than a lost connection
     notes: list[str] = field(default_factory=list)
 
 
@@ -351,6 +354,9 @@ def fault_scenario(
         if time.monotonic() - t_check > 15.0:
             break
         time.sleep(0.1)
+    with contextlib.suppress(RuntimeError):
+        wait_streaming(f, 5.0)
+    replication = _replication_state(f)
     acked_by = collections.Counter(ports.get(w.port or 0, "?") for w in writes
                                    if w.outcome == "ok")
     backup_acks = [w.end for w in writes if w.outcome == "ok" and w.port != primary.port
@@ -378,6 +384,8 @@ def fault_scenario(
         rate=len(acked) / (t_end - writers.started),
         reconciled=list(events.reconciled),
         errors={str(k): v for k, v in errors.items()},
+        replication=replication,
+        apply_errors=_apply_errors(f),
         notes=notes,
     )
     progress(
@@ -602,8 +610,6 @@ class ContinuityResult:
     lag: LagResult
     faults: list[FaultOutcome]
     recon: ReconcileResult
-    replication_before: dict[str, str]  # backup -> problem or "streaming", after setup
-    replication_after: dict[str, str]  # the same after the faults
 
 
 def run(quick: bool = False, progress: Progress = _stderr) -> ContinuityResult:
@@ -611,20 +617,39 @@ def run(quick: bool = False, progress: Progress = _stderr) -> ContinuityResult:
     with fleet("bench-cont") as f, _replication(f):
         pg_version = f.pg_version()
         streaming = prepare_fleet(f, progress)
-        before = _replication_state(f)
         progress("continuity 1/3: replication lag under a steady write load")
         lag = replication_lag(f, cfg, progress)
-        progress("continuity 2/3: acknowledged writes across a crash, then a hang")
-        faults = []
-        for fault in ("crash", "hang"):
-            wait_streaming(f, 60.0)
-            faults.append(fault_scenario(f, fault, cfg, progress))
-        with contextlib.suppress(RuntimeError):
-            wait_streaming(f, 30.0)
-        after = _replication_state(f)
-        progress("continuity 3/3: reconciliation of rows written on a backup")
+        progress("continuity 2/3: reconciliation of rows written on a backup")
         recon = reconciliation(f, cfg, progress)
-    return ContinuityResult(cfg, pg_version, streaming, lag, faults, recon, before, after)
+    faults = []
+    for i, fault in enumerate(("crash", "hang")):
+        progress(f"continuity 3/3: acknowledged writes across a {fault} ({i + 1}/2), "
+                 "fresh servers")
+        with fleet(f"bench-cont-{fault}") as f, _replication(f):
+            prepare_fleet(f, progress)
+            faults.append(fault_scenario(f, fault, cfg, progress))
+    return ContinuityResult(cfg, pg_version, streaming, lag, faults, recon)
+
+
+def _apply_errors(f: Fleet) -> dict[str, str]:
+    """The last apply error of each backup's subscription that is not a lost connection."""
+    out = {}
+    for b in BACKUPS:
+        try:
+            lines = f[b].log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for i in range(len(lines) - 1, -1, -1):
+            line = lines[i]
+            if "ERROR:" in line and not any(
+                k in line for k in ("could not connect", "could not receive data")
+            ):
+                text = line.split("ERROR:", 1)[1].strip()
+                if i + 1 < len(lines) and "DETAIL:" in lines[i + 1]:
+                    text += " (" + lines[i + 1].split("DETAIL:", 1)[1].strip() + ")"
+                out[b] = text
+                break
+    return out
 
 
 def _replication_state(f: Fleet) -> dict[str, str]:
@@ -665,7 +690,8 @@ def render(res: ContinuityResult, header: list[str]) -> str:
         "Three embedded servers: supabase (primary), railway, neon; schema deployed on each "
         "(`apply_migrations(url, embedding_dim=8)`), logical replication from the primary "
         f"to both backups (`setup_replication`; streaming {res.streaming_after:.1f} s after "
-        "setup). Manager options: "
+        "setup). The lag and reconciliation measures share one such fleet; each fault "
+        "scenario gets a fresh one. Manager options: "
         + ", ".join(f"`{k}={v:g}`" for k, v in MANAGER_OPTIONS.items())
         + ", failback reconciliation on (the default), other settings at their defaults."
     )
@@ -701,7 +727,7 @@ def render(res: ContinuityResult, header: list[str]) -> str:
     row("… of which on the primary afterwards", lambda o: str(o.unknown_on_primary))
     row("other errors", lambda o: str(o.failed))
     row("… of which on the primary anyway", lambda o: str(o.failed_on_primary))
-    row("acknowledged, missing on railway / neon after catch-up",
+    row("acknowledged, missing on railway / neon (after ≤ 15 s of catch-up)",
         lambda o: " / ".join(str(o.missing_on_backups.get(b, "?")) for b in BACKUPS))
     row("backups held every acknowledged row after", lambda o: _s(o.backup_catchup))
     row("fault → first write acknowledged by a backup", lambda o: _s(o.first_backup_ack))
@@ -717,11 +743,12 @@ def render(res: ContinuityResult, header: list[str]) -> str:
             add(f"- {o.fault}: {n} × `{e}`")
         for note in o.notes:
             add(f"- {o.fault}: {note}")
-    add("- Replication after setup: "
-        + "; ".join(f"{b}: {p}" for b, p in res.replication_before.items())
-        + "; after both faults: "
-        + "; ".join(f"{b}: {p}" for b, p in res.replication_after.items())
-        + " (PostgreSQL 16 counts a lost connection to the publisher as an apply error).")
+    for o in res.faults:
+        add(f"- {o.fault}: replication at the end: "
+            + "; ".join(f"{b}: {p}" for b, p in o.replication.items())
+            + " (PostgreSQL 16 counts a lost connection to the publisher as an apply error).")
+        for b, e in o.apply_errors.items():
+            add(f"- {o.fault}: last apply error on {b}: `{e}`")
     add(
         "- *duplicated* counts rows beyond one per id; the primary key makes it 0 by "
         "construction, so the meaningful checks are *lost*, *on the primary anyway* (a "
@@ -792,6 +819,11 @@ def render(res: ContinuityResult, header: list[str]) -> str:
         add(f"| {o.fault}: 0 acknowledged writes lost out of ≥ {cfg.min_acked} | {o.lost} lost "
             f"of {o.acked} ({o.unknown} unknown outcome, {o.failed_on_primary} refused "
             f"writes present) | {_yes(ok)} |")
+    for o in res.faults:
+        missing = sum(o.missing_on_backups.values())
+        add(f"| {o.fault} (extra check): every acknowledged write on every backup | "
+            + ", ".join(f"{o.missing_on_backups.get(b, '?')} missing on {b}" for b in BACKUPS)
+            + f" | {_yes(missing == 0)} |")
     for b in BACKUPS:
         p99 = _q(lag.end_to_end[b], 0.99)
         ok = bool(lag.end_to_end[b]) and p99 < LAG_P99_TARGET and lag.unseen[b] == 0
