@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import psycopg
 
@@ -38,6 +38,8 @@ logger = logging.getLogger("agent_factory.core.database_manager")
 class HasHealth(Protocol):
     name: str
     health: ProviderHealth
+
+    def stats(self) -> dict[str, Any]: ...
 
 
 P = TypeVar("P", bound=HasHealth)

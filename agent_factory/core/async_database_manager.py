@@ -20,24 +20,31 @@ from typing import Any, Literal
 import psycopg
 
 from ..async_provider import AsyncFetch, AsyncProvider, async_fetcher
-from ..errors import (
-    ManagerClosedError,
-)
-from ..events import Dispatcher, Listener
-from ..failback import Failback
-from ..failover import Failover, Route
+from ..errors import ManagerClosedError
+from ..events import Listener
+from ..failover import Route
+from ..health import HealthCallback
 from ..provider import FetchMode, Unavailable
 from ..settings import Settings
 from ..watchdog import Watchdog
-from .database_manager import resolve_settings
+from .base import BaseManager, resolve_settings
 
 __all__ = ["AsyncDatabaseManager"]
+
+
+def _make_provider(
+    name: str, settings: Settings, watchdog: Watchdog, on_change: HealthCallback
+) -> AsyncProvider:
+    return AsyncProvider(name, settings=settings, watchdog=watchdog, on_health_change=on_change)
+
 
 _CLOSED = "AsyncDatabaseManager is closed; create a new one"
 
 
-class AsyncDatabaseManager:
+class AsyncDatabaseManager(BaseManager[AsyncProvider]):
     """Runs queries on the primary provider and fails over when it is down (asyncio)."""
+
+    _kind = "AsyncDatabaseManager"
 
     def __init__(
         self,
@@ -54,27 +61,7 @@ class AsyncDatabaseManager:
         settings = resolve_settings(
             providers, order, primary, failover_enabled, settings, dotenv, options
         )
-        self._events = Dispatcher(listeners)
-        self._watchdog = Watchdog(probe_after=settings.hang_timeout / 4)
-        self.providers: dict[str, AsyncProvider] = {}
-        self._core: Failover[AsyncProvider] = Failover(settings, self.providers, self._events)
-        for name in settings.providers:
-            self.providers[name] = AsyncProvider(
-                name,
-                settings=settings,
-                watchdog=self._watchdog,
-                on_health_change=self._on_health_change,
-            )
-        self._core.replan()
-        self._failback = Failback(
-            self._core,
-            {n: p.health.conninfo for n, p in self.providers.items()},
-            self._events,
-            self._watchdog,
-        )
-        for provider in self.providers.values():
-            provider.health.gate_recovery = self._failback.before_return
-            provider.health.after_recovery = self._failback.after_return
+        super().__init__(settings, listeners, _make_provider)
         self._opened = False
 
     async def open(self) -> None:
@@ -84,39 +71,6 @@ class AsyncDatabaseManager:
         for provider in self.providers.values():
             await provider.open()
         self._opened = True
-
-    # -- configuration ---------------------------------------------------------------
-
-    @property
-    def settings(self) -> Settings:
-        return self._core.settings
-
-    @property
-    def primary_provider(self) -> str:
-        return self._core.primary
-
-    @property
-    def failover_enabled(self) -> bool:
-        return self._core.failover_enabled
-
-    @property
-    def failover_order(self) -> list[str]:
-        return list(self._core.order)
-
-    def set_provider(self, name: str) -> None:
-        self._core.set_primary(name)
-
-    def add_listener(self, listener: Listener) -> None:
-        self._events.add(listener)
-
-    def register_table(self, table: str) -> None:
-        """Also bring ``table``'s rows back to the primary at failback."""
-        self._failback.register_table(table)
-
-    def _on_health_change(self, name: str, up: bool, reason: str | None) -> None:
-        self._core.on_health_change(name, up, reason)
-        if up and hasattr(self, "_failback"):
-            self._failback.backup_healthy(name)
 
     # -- queries ---------------------------------------------------------------------
 
@@ -248,10 +202,6 @@ class AsyncDatabaseManager:
 
     # -- health and stats --------------------------------------------------------------
 
-    @property
-    def serving_provider(self) -> str | None:
-        return self._core.serving
-
     async def health_check(self, name: str | None = None) -> bool:
         provider = self.providers.get(name or self._core.primary)
         if provider is None:
@@ -268,19 +218,7 @@ class AsyncDatabaseManager:
         )
         return dict(zip(names, results, strict=True))
 
-    def get_provider_stats(self) -> dict[str, dict[str, Any]]:
-        out = {}
-        for name, provider in self.providers.items():
-            stats = provider.stats()
-            stats.update(self._core.describe(provider))
-            out[name] = stats
-        return out
-
     # -- lifecycle ---------------------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return self._core.closed
 
     async def close(self) -> None:
         """Close every pool and stop the background threads. Idempotent."""
@@ -303,9 +241,3 @@ class AsyncDatabaseManager:
     ) -> Literal[False]:
         await self.close()
         return False
-
-    def __repr__(self) -> str:
-        core = self._core
-        state = "closed" if core.closed else f"serving={core.serving!r}"
-        names = list(self.providers)
-        return f"<AsyncDatabaseManager primary={core.primary!r} providers={names} {state}>"

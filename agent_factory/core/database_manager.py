@@ -23,48 +23,31 @@ from typing import Any, Literal
 
 import psycopg
 
-from ..errors import (
-    ManagerClosedError,
-)
-from ..events import Dispatcher, Listener
-from ..failback import Failback
-from ..failover import Failover, Route
+from ..errors import ManagerClosedError
+from ..events import Listener
+from ..failover import Route
+from ..health import HealthCallback
 from ..provider import DatabaseProvider, Fetch, FetchMode, Unavailable, fetcher
 from ..settings import Settings
 from ..watchdog import Watchdog
+from .base import BaseManager, resolve_settings
 
 __all__ = ["DatabaseManager", "DatabaseProvider", "FetchMode", "resolve_settings"]
+
+
+def _make_provider(
+    name: str, settings: Settings, watchdog: Watchdog, on_change: HealthCallback
+) -> DatabaseProvider:
+    return DatabaseProvider(
+        name, settings.providers[name], settings=settings, watchdog=watchdog,
+        on_health_change=on_change,
+    )
+
 
 _CLOSED = "DatabaseManager is closed; create a new one"
 
 
-def resolve_settings(
-    providers: Mapping[str, Any] | None,
-    order: list[str] | tuple[str, ...] | None,
-    primary: str | None,
-    failover_enabled: bool | None,
-    settings: Settings | None,
-    dotenv: str | Path | None,
-    options: dict[str, Any],
-) -> Settings:
-    """The settings a manager's constructor arguments describe."""
-    if settings is None:
-        if providers is not None:
-            settings = Settings.build(providers, order=order, primary=primary, **options)
-        else:
-            settings = Settings.from_env(dotenv=dotenv)
-            overrides: dict[str, Any] = dict(options)
-            if order is not None:
-                overrides["failover_order"] = tuple(order)
-            if primary is not None:
-                overrides["primary"] = primary
-            settings = settings.replace(**overrides) if overrides else settings
-    if failover_enabled is not None:
-        settings = settings.replace(failover_enabled=failover_enabled)
-    return settings
-
-
-class DatabaseManager:
+class DatabaseManager(BaseManager[DatabaseProvider]):
     """Runs queries on the primary provider and fails over when it is down.
 
     ``DatabaseManager()`` reads the environment (and ``.env``);
@@ -90,80 +73,7 @@ class DatabaseManager:
         settings = resolve_settings(
             providers, order, primary, failover_enabled, settings, dotenv, options
         )
-        self._events = Dispatcher(listeners)
-        self._watchdog = Watchdog(probe_after=settings.hang_timeout / 4)
-        self.providers: dict[str, DatabaseProvider] = {}
-        self._core: Failover[DatabaseProvider] = Failover(settings, self.providers, self._events)
-        # Pools start connecting (and may report failures) from here on.
-        for name, target in settings.providers.items():
-            self.providers[name] = DatabaseProvider(
-                name,
-                target,
-                settings=settings,
-                watchdog=self._watchdog,
-                on_health_change=self._on_health_change,
-            )
-        self._core.replan()
-        self._failback = Failback(
-            self._core,
-            {n: p.health.conninfo for n, p in self.providers.items()},
-            self._events,
-            self._watchdog,
-        )
-        for provider in self.providers.values():
-            provider.health.gate_recovery = self._failback.before_return
-            provider.health.after_recovery = self._failback.after_return
-
-    # -- configuration ---------------------------------------------------------------
-
-    @property
-    def settings(self) -> Settings:
-        return self._core.settings
-
-    @property
-    def primary_provider(self) -> str:
-        return self._core.primary
-
-    @property
-    def failover_enabled(self) -> bool:
-        return self._core.failover_enabled
-
-    @failover_enabled.setter
-    def failover_enabled(self, value: bool) -> None:
-        self._core.failover_enabled = bool(value)
-        self._core.replan()
-
-    @property
-    def failover_order(self) -> list[str]:
-        return list(self._core.order)
-
-    @failover_order.setter
-    def failover_order(self, value: list[str]) -> None:
-        self._core.set_order(value)
-
-    def set_provider(self, name: str) -> None:
-        """Make ``name`` the primary: queries go there first from now on."""
-        self._core.set_primary(name)
-
-    def add_listener(self, listener: Listener) -> None:
-        self._events.add(listener)
-
-    def register_table(self, table: str) -> None:
-        """Also bring ``table``'s rows back to the primary at failback.
-
-        The table needs a primary key column ``id`` (UUIDs recommended) and an
-        ``updated_at`` column that every write sets; sequences it owns are
-        moved past what a backup used.
-        """
-        self._failback.register_table(table)
-
-    def _on_health_change(self, name: str, up: bool, reason: str | None) -> None:
-        self._core.on_health_change(name, up, reason)
-        if up and hasattr(self, "_failback"):
-            self._failback.backup_healthy(name)
-
-    def remove_listener(self, listener: Listener) -> None:
-        self._events.remove(listener)
+        super().__init__(settings, listeners, _make_provider)
 
     # -- queries ---------------------------------------------------------------------
 
@@ -283,11 +193,6 @@ class DatabaseManager:
 
     # -- health and stats --------------------------------------------------------------
 
-    @property
-    def serving_provider(self) -> str | None:
-        """The provider that served the last statement (None before the first)."""
-        return self._core.serving
-
     def health_check(self, name: str | None = None) -> bool:
         """Health of one provider (the primary by default), cached for health_ttl."""
         provider = self.providers.get(name or self._core.primary)
@@ -313,20 +218,7 @@ class DatabaseManager:
             t.join(timeout=max(0.0, limit - time.monotonic()))
         return {name: results.get(name, False) for name in self.providers}
 
-    def get_provider_stats(self) -> dict[str, dict[str, Any]]:
-        """Per provider: health, role, breaker, host, pool usage, last error, latency."""
-        out = {}
-        for name, provider in self.providers.items():
-            stats = provider.stats()
-            stats.update(self._core.describe(provider))
-            out[name] = stats
-        return out
-
     # -- lifecycle ---------------------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return self._core.closed
 
     def close_all(self) -> None:
         """Close every pool and stop the background threads. Idempotent."""
@@ -352,9 +244,3 @@ class DatabaseManager:
     ) -> Literal[False]:
         self.close_all()
         return False
-
-    def __repr__(self) -> str:
-        core = self._core
-        state = "closed" if core.closed else f"serving={core.serving!r}"
-        names = list(self.providers)
-        return f"<DatabaseManager primary={core.primary!r} providers={names} {state}>"

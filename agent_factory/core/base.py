@@ -1,0 +1,155 @@
+"""What the sync and async managers share: wiring, configuration, listeners, stats.
+
+`BaseManager` builds the providers (through a factory the shell passes),
+the `Failover` decisions, the failback and the watchdog, and answers every
+question that needs no I/O. `DatabaseManager` and `AsyncDatabaseManager` add
+only the calls that wait on a database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Generic
+
+from ..events import Dispatcher, Listener
+from ..failback import Failback
+from ..failover import Failover, P
+from ..health import HealthCallback
+from ..settings import Settings
+from ..watchdog import Watchdog
+
+ProviderFactory = Callable[[str, Settings, Watchdog, HealthCallback], P]
+
+
+def resolve_settings(
+    providers: Mapping[str, Any] | None,
+    order: list[str] | tuple[str, ...] | None,
+    primary: str | None,
+    failover_enabled: bool | None,
+    settings: Settings | None,
+    dotenv: str | Path | None,
+    options: dict[str, Any],
+) -> Settings:
+    """The settings a manager's constructor arguments describe."""
+    if settings is None:
+        if providers is not None:
+            settings = Settings.build(providers, order=order, primary=primary, **options)
+        else:
+            settings = Settings.from_env(dotenv=dotenv)
+            overrides: dict[str, Any] = dict(options)
+            if order is not None:
+                overrides["failover_order"] = tuple(order)
+            if primary is not None:
+                overrides["primary"] = primary
+            settings = settings.replace(**overrides) if overrides else settings
+    if failover_enabled is not None:
+        settings = settings.replace(failover_enabled=failover_enabled)
+    return settings
+
+
+class BaseManager(Generic[P]):
+    """The parts of a manager without I/O."""
+
+    _kind = "DatabaseManager"
+
+    def __init__(self, settings: Settings, listeners: tuple[Listener, ...] | list[Listener],
+                 make_provider: ProviderFactory[P]) -> None:
+        self._events = Dispatcher(listeners)
+        self._watchdog = Watchdog(probe_after=settings.hang_timeout / 4)
+        self.providers: dict[str, P] = {}
+        self._core: Failover[P] = Failover(settings, self.providers, self._events)
+        self._failback: Failback | None = None
+        # Pools start connecting (and may report failures) from here on.
+        for name in settings.providers:
+            self.providers[name] = make_provider(
+                name, settings, self._watchdog, self._on_health_change
+            )
+        self._core.replan()
+        self._failback = Failback(
+            self._core,
+            {n: p.health.conninfo for n, p in self.providers.items()},
+            self._events,
+            self._watchdog,
+        )
+        for provider in self.providers.values():
+            provider.health.gate_recovery = self._failback.before_return
+            provider.health.after_recovery = self._failback.after_return
+
+    # -- configuration ---------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        return self._core.settings
+
+    @property
+    def primary_provider(self) -> str:
+        return self._core.primary
+
+    @property
+    def failover_enabled(self) -> bool:
+        return self._core.failover_enabled
+
+    @failover_enabled.setter
+    def failover_enabled(self, value: bool) -> None:
+        self._core.failover_enabled = bool(value)
+        self._core.replan()
+
+    @property
+    def failover_order(self) -> list[str]:
+        return list(self._core.order)
+
+    @failover_order.setter
+    def failover_order(self, value: list[str]) -> None:
+        self._core.set_order(value)
+
+    def set_provider(self, name: str) -> None:
+        """Make ``name`` the primary: queries go there first from now on."""
+        self._core.set_primary(name)
+
+    def add_listener(self, listener: Listener) -> None:
+        self._events.add(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._events.remove(listener)
+
+    def register_table(self, table: str) -> None:
+        """Also bring ``table``'s rows back to the primary at failback.
+
+        The table needs a primary key column ``id`` (UUIDs recommended) and an
+        ``updated_at`` column that every write sets; sequences it owns are
+        moved past what a backup used.
+        """
+        assert self._failback is not None
+        self._failback.register_table(table)
+
+    def _on_health_change(self, name: str, up: bool, reason: str | None) -> None:
+        self._core.on_health_change(name, up, reason)
+        if up and self._failback is not None:
+            self._failback.backup_healthy(name)
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def serving_provider(self) -> str | None:
+        """The provider that served the last statement (None before the first)."""
+        return self._core.serving
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    def get_provider_stats(self) -> dict[str, dict[str, Any]]:
+        """Per provider: health, role, breaker, host, pool usage, last error, latency, lag."""
+        out = {}
+        for name, provider in self.providers.items():
+            stats = provider.stats()
+            stats.update(self._core.describe(provider))
+            out[name] = stats
+        return out
+
+    def __repr__(self) -> str:
+        core = self._core
+        state = "closed" if core.closed else f"serving={core.serving!r}"
+        names = list(self.providers)
+        return f"<{self._kind} primary={core.primary!r} providers={names} {state}>"
