@@ -30,7 +30,7 @@ import psycopg
 
 from .events import Dispatcher
 from .failover import Failover
-from .reconcile import reconcile, tables_on_both
+from .reconcile import changed_ids, reconcile, tables_on_both
 from .watchdog import Watchdog
 
 logger = logging.getLogger("agent_factory.core.database_manager")
@@ -158,8 +158,20 @@ class Failback:
                     logger.warning("failback: backup %r unreachable; its rows stay pending",
                                    backup)
                     continue
-                rows += self._copy(source, target, backup, primary, since, deadline)
-                self._spread(source, backup, primary, since, deadline)
+                try:
+                    tables = tables_on_both(source, target, self._tables)
+                    # Decided before the copy, at one instant: rows written on the
+                    # backup after it are left to the next pass (and its spread).
+                    outage, updated = changed_ids(source, target, tables, since)
+                except psycopg.Error as exc:
+                    if target.broken or target.closed:
+                        raise PrimaryLost(f"connection to {primary!r} lost") from exc
+                    logger.warning("failback from %r failed (%s); its rows stay pending",
+                                   backup, type(exc).__name__)
+                    continue
+                ids = {t: outage[t] + updated[t] for t in tables}
+                rows += self._copy(source, target, backup, primary, tables, ids, deadline)
+                self._spread(source, backup, primary, tables, outage, deadline)
         return rows
 
     @contextmanager
@@ -174,32 +186,39 @@ class Failback:
             self._watchdog.unwatch(watch)
 
     def _spread(self, source: psycopg.Connection[Any], backup: str, primary: str,
-                since: datetime, stall: _Stall) -> None:
+                tables: list[str], outage: Mapping[str, list[str]], stall: _Stall) -> None:
         """Copy the outage rows to the other subscribed backups too.
 
         The primary's copies carry a replication origin, and subscriptions
         with ``origin = none`` skip them: without this, a second backup would
-        never see the rows written on the first during the outage.
+        never see the rows written on the first during the outage. Only the
+        rows written on the backup itself are copied (``outage``): a row it
+        got from the primary may still be on its way to the other backup by
+        replication, and arriving twice would stop that replication on a
+        duplicate key.
         """
+        if not any(outage.values()):
+            return
         subscribers = self._core.providers[primary].health.subscribers
         for other in self._core.providers:
             if other in (primary, backup) or other not in subscribers:
                 continue
             try:
                 with self._connect(other, stall) as dest:
-                    tables = tables_on_both(source, dest, self._tables)
-                    reconcile(source, dest, tables=tables, since=since, source_name=backup,
-                              target_name=other, on_progress=stall.progress)
+                    present = tables_on_both(source, dest, tables)
+                    reconcile(source, dest, tables=present, only_ids=outage,
+                              source_name=backup, target_name=other,
+                              on_progress=stall.progress)
             except Exception as exc:  # best effort: `sync` repairs it by hand
                 logger.warning("failback: rows of %r not copied to %r (%s); run "
                                "'agent-factory-db sync --from %s --to %s'",
                                backup, other, type(exc).__name__, backup, other)
 
     def _copy(self, source: psycopg.Connection[Any], target: psycopg.Connection[Any],
-              backup: str, primary: str, since: datetime, stall: _Stall) -> int:
+              backup: str, primary: str, tables: list[str], ids: Mapping[str, list[str]],
+              stall: _Stall) -> int:
         try:
-            tables = tables_on_both(source, target, self._tables)
-            reports = reconcile(source, target, tables=tables, since=since,
+            reports = reconcile(source, target, tables=tables, only_ids=ids,
                                 source_name=backup, target_name=primary,
                                 on_progress=stall.progress)
         except psycopg.Error as exc:

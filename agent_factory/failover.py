@@ -52,6 +52,9 @@ class Route(Generic[P]):
     providers: list[P]
     retry_after_send: bool
     write: bool
+    #: Ordered by a read routing policy: where it lands says nothing about
+    #: failover (no serving change, no failover event).
+    routed: bool = False
 
 
 class Failover(Generic[P]):
@@ -137,6 +140,7 @@ class Failover(Generic[P]):
         ):
             self._turn += 1
             plan = order_reads(plan, policy, self._turn)
+            return Route([p for p in plan if p.health.breaker.up], retry, False, True)
         if reads:
             return Route([p for p in plan if p.health.breaker.up], retry, False)
         bound = self.settings.max_replication_lag
@@ -210,7 +214,8 @@ class Failover(Generic[P]):
                    route: Route[P], t0: float | None) -> None:
         if t0 is not None:
             self.events.query_done(provider.name, time.perf_counter() - t0, "ok")
-        self.succeeded(provider, epoch, failures, route.write)
+        if not route.routed:
+            self.succeeded(provider, epoch, failures, route.write)
 
     def transaction_error(
         self, provider: P, exc: psycopg.Error, phase: str, hung: bool

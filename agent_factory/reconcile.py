@@ -16,7 +16,7 @@ happens, untagged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -25,7 +25,7 @@ from psycopg import sql
 
 from .schema.copy import MANAGED_TABLES, ProgressCallback, TableReport, copy_tables
 
-__all__ = ["ORIGIN", "reconcile", "tables_on_both"]
+__all__ = ["ORIGIN", "changed_ids", "reconcile", "tables_on_both"]
 
 logger = logging.getLogger("agent_factory.reconcile")
 
@@ -42,6 +42,7 @@ def reconcile(
     target_name: str = "target",
     on_progress: ProgressCallback | None = None,
     batch_size: int = 5000,
+    only_ids: Mapping[str, Sequence[Any]] | None = None,
 ) -> list[TableReport]:
     """Upsert ``tables`` from ``source`` into ``target`` (newest wins), move sequences.
 
@@ -59,6 +60,7 @@ def reconcile(
             target_name=target_name,
             on_progress=on_progress,
             since=since,
+            only_ids=only_ids,
         )
         for table in tables:
             _move_sequences(source, target, table)
@@ -66,6 +68,36 @@ def reconcile(
         if origin is not None:
             _untag_origin(target, origin)
     return reports
+
+
+def changed_ids(
+    source: psycopg.Connection[Any],
+    target: psycopg.Connection[Any],
+    tables: Sequence[str],
+    since: datetime | None,
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Per table, the ids of ``source`` rows updated since ``since``: (new, known).
+
+    *new* ids are absent from ``target``: after an outage, the rows written
+    on the backup itself (the ones it received from the primary by
+    replication are on the primary). *known* ids exist on both (updates).
+    Taken at one instant, so a copy restricted to them leaves later rows to
+    the next pass.
+    """
+    new: dict[str, list[str]] = {}
+    known: dict[str, list[str]] = {}
+    for table in tables:
+        where = sql.SQL("updated_at >= %s") if since is not None else sql.SQL("TRUE")
+        query = sql.SQL("SELECT id::text FROM {} WHERE {}").format(sql.Identifier(table), where)
+        with source.transaction():
+            ids = [r[0] for r in source.execute(query, (since,) if since else ()).fetchall()]
+        with target.transaction():
+            present = {r[0] for r in target.execute(
+                sql.SQL("SELECT id::text FROM {} WHERE id::text = ANY(%s)").format(
+                    sql.Identifier(table)), (ids,)).fetchall()}
+        new[table] = [i for i in ids if i not in present]
+        known[table] = [i for i in ids if i in present]
+    return new, known
 
 
 def tables_on_both(

@@ -97,3 +97,44 @@ def test_writes_refuse_a_backup_beyond_the_replication_lag_bound(
         # Reads may still go to the stale backup.
         assert db.execute_query("SELECT 1") == [(1,)]
         assert db.serving_provider == "neon"
+
+
+def test_failback_spreads_only_outage_rows_so_replication_keeps_flowing(
+    healthy_fleet: Fleet, replicated: dict[str, str]
+) -> None:
+    """A row the primary still owes a lagging backup is not copied to it by failback."""
+    import uuid
+
+    plain = direct(healthy_fleet, replicated)
+    insert = ("INSERT INTO session_memories (id, session_id, user_id, memory_type, message_id, "
+              "content) VALUES (%s, 'chaos', 'x', 'log', %s, '{}'::jsonb)")
+    with DatabaseManager(replicated, order=ORDER, monitor_interval=0.2, **FAST) as db:
+        wait_until(lambda: db.providers["supabase"].health.subscribers >= {"railway", "neon"},
+                   timeout=30, message="subscribers seen by the primary's probe")
+        with psycopg.connect(plain["neon"], autocommit=True) as conn:
+            conn.execute("ALTER SUBSCRIPTION agent_factory_neon DISABLE")
+        owed = str(uuid.uuid4())
+        with psycopg.connect(plain["supabase"], autocommit=True) as conn:
+            conn.execute(insert, (owed, "owed"))
+        wait_until(lambda: owed in ids_on(plain["railway"]), timeout=30,
+                   message="the row on railway by replication")
+        healthy_fleet["supabase"].server.kill()
+        outage = str(uuid.uuid4())
+        db.execute_query(insert, (outage, "outage"), fetch_mode="none")
+        assert db.serving_provider == "railway"
+        healthy_fleet["supabase"].server.restart()
+        wait_until(lambda: db.serving_provider == "supabase" or db.execute_query("SELECT 1")
+                   and db.serving_provider == "supabase", timeout=30, message="failback")
+        assert outage in ids_on(plain["supabase"])
+        neon = ids_on(plain["neon"])
+        assert outage in neon and owed not in neon
+        with psycopg.connect(plain["neon"], autocommit=True) as conn:
+            conn.execute("ALTER SUBSCRIPTION agent_factory_neon ENABLE")
+        wait_until(lambda: owed in ids_on(plain["neon"]), timeout=30,
+                   message="the owed row reaching neon by replication")
+        later = str(uuid.uuid4())
+        db.execute_query(insert, (later, "later"), fetch_mode="none")
+        wait_until(lambda: later in ids_on(plain["neon"]), timeout=30,
+                   message="replication to neon still flowing")
+        rows = ids_on(plain["neon"])
+        assert len(rows) == len(set(rows))

@@ -13,7 +13,7 @@ counted, never merged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -67,11 +67,13 @@ def copy_tables(
     target_name: str = "target",
     on_progress: ProgressCallback | None = None,
     since: datetime | None = None,
+    only_ids: Mapping[str, Sequence[Any]] | None = None,
 ) -> list[TableReport]:
     """Copy ``tables`` from ``source`` to ``target``; both must be idle connections.
 
     With ``since``, only rows whose ``updated_at`` is at or after it are
-    copied (tables without ``updated_at`` are copied whole).
+    copied (tables without ``updated_at`` are copied whole). With
+    ``only_ids``, only the rows of each table whose ``id`` is listed.
 
     Raises `CopyError` when a table is missing or its columns differ (deploy
     and verify first) and `ProviderUnavailableError` when a connection is
@@ -87,7 +89,7 @@ def copy_tables(
             return [
                 _copy_table(
                     source, target, t, columns[t], batch_size, on_progress,
-                    _since_filter(columns[t], since),
+                    _since_filter(columns[t], since, (only_ids or {}).get(t)),
                 )
                 for t in tables
             ]
@@ -200,10 +202,16 @@ def _batch_upper_bound(
     return row[0] if row is not None else None
 
 
-def _since_filter(columns: tuple[str, ...], since: datetime | None) -> sql.Composable:
-    if since is None or _VERSION not in columns:
-        return sql.SQL("TRUE")
-    return sql.SQL("{} >= {}").format(sql.Identifier(_VERSION), sql.Literal(since))
+def _since_filter(
+    columns: tuple[str, ...], since: datetime | None, ids: Sequence[Any] | None = None
+) -> sql.Composable:
+    parts: list[sql.Composable] = [sql.SQL("TRUE")]
+    if since is not None and _VERSION in columns:
+        parts.append(sql.SQL("{} >= {}").format(sql.Identifier(_VERSION), sql.Literal(since)))
+    if ids is not None:
+        parts.append(sql.SQL("{}::text = ANY({})").format(
+            sql.Identifier(_KEY), sql.Literal([str(i) for i in ids])))
+    return sql.SQL(" AND ").join(parts)
 
 
 def _upsert_sql(table: str, columns: tuple[str, ...], *, has_version: bool) -> sql.Composed:
