@@ -200,3 +200,28 @@ def test_pooler_provider_runs_without_prepared_statements(healthy_fleet: Fleet) 
             "SELECT count(*) FROM pg_prepared_statements", fetch_mode="one"
         )
     assert conn_stats == (0,)
+
+
+def test_routed_reads_are_not_failovers(make_db: MakeDb, healthy_fleet: Fleet) -> None:
+    from agent_factory.events import Listener
+
+    class Moves(Listener):
+        def __init__(self) -> None:
+            self.events: list[str] = []
+
+        def on_failover(self, from_provider: str, to_provider: str, reason: str | None) -> None:
+            self.events.append(f"failover {from_provider}->{to_provider}")
+
+        def on_return_to_primary(self, primary: str, from_provider: str) -> None:
+            self.events.append(f"return {from_provider}->{primary}")
+
+    moves = Moves()
+    db = make_db(read_routing="round_robin", read_your_writes=0.0, listeners=[moves])
+    served = set()
+    for _ in range(6):
+        served.add(read_by(db, healthy_fleet))
+        db.execute_query("CREATE TEMP TABLE IF NOT EXISTS rr (a int)", fetch_mode="none")
+    assert served == set(ORDER)  # the reads did go to the backups
+    assert moves.events == []
+    assert db.serving_provider == "supabase"
+    assert db.get_provider_stats()["railway"]["role"] == "backup"
