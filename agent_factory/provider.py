@@ -9,7 +9,6 @@ is reused.
 
 from __future__ import annotations
 
-import select
 import sys
 import threading
 import time
@@ -315,13 +314,15 @@ def unavailable_error(name: str, query: Any, exc: Unavailable) -> Exception:
 
 
 def is_dead(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
-    """True when an idle connection was closed by the server (no round trip)."""
+    """True when an idle connection was closed by the server (no round trip).
+
+    A non-blocking read of whatever the server sent: nothing (EAGAIN) on a
+    live idle connection, EOF or an error on a closed one. It does not
+    release the GIL, unlike select(), so it costs caller threads no hand-over.
+    """
     pgconn = conn.pgconn
     if pgconn.status != pq.ConnStatus.OK:
         return True
-    readable, _, _ = select.select([pgconn.socket], [], [], 0)
-    if not readable:
-        return False
     try:
         pgconn.consume_input()
     except psycopg.OperationalError:
