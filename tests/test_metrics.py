@@ -215,6 +215,13 @@ def test_gauges_are_read_from_the_stats_at_scrape_time(
 ) -> None:
     m = instrument(db)
     db.execute_query("SELECT 1")
+
+    def settled() -> bool:
+        # Pools fill to min_size in the background: compare once they stopped moving.
+        return all(s["pool_size"] >= 1 and s["pool_idle"] == s["pool_size"]
+                   for s in db.get_provider_stats().values())
+
+    wait_until(settled, timeout=20, message="every pool filled and idle")
     stats = db.get_provider_stats()
     for name, s in stats.items():
         assert _value(m, "agent_factory_db_provider_up", provider=name) == 1
