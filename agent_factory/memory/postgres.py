@@ -32,6 +32,14 @@ __all__ = ["ATOM_TYPES", "PostgresMemoryStorage"]
 # memory_type values of free-form memory atoms (the schema's CHECK allows these).
 ATOM_TYPES = ("context", "decision", "action", "issue", "log")
 
+
+def check_atom_type(memory_type: str) -> None:
+    """Refuse a memory type that is not one of the free-form atom types."""
+    if memory_type not in ATOM_TYPES:
+        raise InvalidMemoryError(
+            f"memory_type {memory_type!r} is not an atom type; allowed: {', '.join(ATOM_TYPES)}"
+        )
+
 _SAVE = """
 WITH meta AS (
     INSERT INTO {t} AS s (session_id, user_id, memory_type, content, created_at)
@@ -227,10 +235,7 @@ class PostgresMemoryStorage(MemoryStorage):
         metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Store a free-form atom (context, decision, action, issue, log); returns the row."""
-        if memory_type not in ATOM_TYPES:
-            raise InvalidMemoryError(
-                f"memory_type {memory_type!r} is not an atom type; allowed: {', '.join(ATOM_TYPES)}"
-            )
+        check_atom_type(memory_type)
         params = (uuid.uuid4(), session_id, user_id, memory_type,
                   _json(content, "atom content"), _json(metadata or {}, "atom metadata"))
         row = self.db.execute_query(self._sql["save_atom"], params, "one", idempotent=True)

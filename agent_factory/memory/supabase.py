@@ -26,13 +26,12 @@ from typing import Any
 
 from ..errors import (
     ConfigurationError,
-    InvalidMemoryError,
     MemoryStorageError,
     MissingDependencyError,
 )
 from ..settings import is_placeholder
 from .history import ROLES, parse_timestamp
-from .postgres import ATOM_TYPES, message_rows, session_content, session_from_rows
+from .postgres import ATOM_TYPES, check_atom_type, message_rows, session_content, session_from_rows
 from .session import Session
 from .storage import MemoryStorage
 
@@ -222,10 +221,7 @@ class SupabaseMemoryStorage(MemoryStorage):
         content: dict[str, Any],
         metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        if memory_type not in ATOM_TYPES:
-            raise InvalidMemoryError(
-                f"memory_type {memory_type!r} is not an atom type; allowed: {', '.join(ATOM_TYPES)}"
-            )
+        check_atom_type(memory_type)
         row = {"id": str(uuid.uuid4()), "session_id": session_id, "user_id": user_id,
                "memory_type": memory_type, "content": content, "metadata": metadata or {}}
         data = self._run(self._table().insert(row), "memory atom insert").data
