@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from fleet import Fleet, start_fleet
+
+from agent_factory.core.database_manager import DatabaseManager
+
+MakeDb = Callable[..., DatabaseManager]
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +34,27 @@ def healthy_fleet(fleet: Fleet) -> Iterator[Fleet]:
     fleet.heal()
     yield fleet
     fleet.release_faults()
+
+
+@pytest.fixture
+def make_db(healthy_fleet: Fleet, request: pytest.FixtureRequest) -> Iterator[MakeDb]:
+    """Managers over the fleet, closed after the test.
+
+    Defaults come from the test module's ``ORDER`` and ``FAST`` (its timing
+    options); keyword arguments override them.
+    """
+    order = getattr(request.module, "ORDER", list(healthy_fleet.names))
+    defaults = getattr(request.module, "FAST", {})
+    made: list[DatabaseManager] = []
+
+    def make(**options: Any) -> DatabaseManager:
+        db = DatabaseManager(healthy_fleet.urls(), order=order, **{**defaults, **options})
+        made.append(db)
+        return db
+
+    yield make
+    for db in made:
+        db.close_all()
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -84,18 +84,6 @@ def table(healthy_fleet: Fleet) -> Iterator[str]:
             conn.execute(f"DROP TABLE IF EXISTS {name}")
 
 
-@pytest.fixture
-def make_db(healthy_fleet: Fleet) -> Iterator[MakeDb]:
-    made: list[DatabaseManager] = []
-
-    def make(**options: Any) -> DatabaseManager:
-        db = DatabaseManager(healthy_fleet.urls(), order=ORDER, **{**FAST, **options})
-        made.append(db)
-        return db
-
-    yield make
-    for db in made:
-        db.close_all()
 
 
 def provider_of(fleet: Fleet, port: int) -> str:

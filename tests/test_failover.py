@@ -28,19 +28,6 @@ FAST = {"hang_timeout": 1.0, "probe_interval": 0.1, "checkout_timeout": 30.0}
 MakeDb = Callable[..., DatabaseManager]
 
 
-@pytest.fixture
-def make_db(healthy_fleet: Fleet) -> Iterator[MakeDb]:
-    made: list[DatabaseManager] = []
-
-    def make(**options: Any) -> DatabaseManager:
-        opts = {**FAST, **options}
-        db = DatabaseManager(healthy_fleet.urls(), order=ORDER, **opts)
-        made.append(db)
-        return db
-
-    yield make
-    for db in made:
-        db.close_all()
 
 
 @pytest.fixture

@@ -21,18 +21,6 @@ FAST = {"hang_timeout": 1.0, "probe_interval": 0.1, "checkout_timeout": 30.0}
 MakeDb = Callable[..., DatabaseManager]
 
 
-@pytest.fixture
-def make_db(healthy_fleet: Fleet) -> Iterator[MakeDb]:
-    made: list[DatabaseManager] = []
-
-    def make(**options: Any) -> DatabaseManager:
-        db = DatabaseManager(healthy_fleet.urls(), order=ORDER, **{**FAST, **options})
-        made.append(db)
-        return db
-
-    yield make
-    for db in made:
-        db.close_all()
 
 
 def port_of(fleet: Fleet, port: int) -> str:
