@@ -31,13 +31,15 @@ import psycopg
 from .events import Dispatcher
 from .failover import Failover
 from .reconcile import changed_ids, reconcile, tables_on_both
-from .watchdog import Watchdog
+from .watchdog import Watch, Watchdog
 
 logger = logging.getLogger("agent_factory.core.database_manager")
 
 
 class _Stall:
     """A watchdog target whose sign of life is the copy's progress."""
+
+    tracks_backends = False
 
     def __init__(self, name: str, hang_timeout: float) -> None:
         self.name = name
@@ -50,7 +52,7 @@ class _Stall:
     def progress(self, table: str, done: int, total: int) -> None:
         self.last_alive = time.monotonic()
 
-    def request_probe(self) -> None:
+    def request_probe(self, watch: Watch | None = None) -> None:
         """Nothing to probe: only progress proves the copy alive."""
 
 

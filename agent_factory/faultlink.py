@@ -109,7 +109,10 @@ class Direction:
 class Link:
     """One client connection and its upstream, served by one selector thread."""
 
-    def __init__(self, proxy: FaultProxy, client: socket.socket, blackholed: bool) -> None:
+    def __init__(
+        self, proxy: FaultProxy, client: socket.socket, blackholed: bool, client_port: int = 0
+    ) -> None:
+        self.client_port = client_port
         self._proxy = proxy
         self._client = client
         self._blackholed = blackholed

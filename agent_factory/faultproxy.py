@@ -135,6 +135,19 @@ class FaultProxy:
         if error is not None:
             raise error
 
+    def blackhole_client(self, client_port: int) -> None:
+        """Silence one open connection, the one whose client uses ``client_port``.
+
+        Like a NAT or firewall that forgot that connection: its bytes are
+        dropped from now on, while the other connections and new ones flow.
+        """
+        with self._lock:
+            links = [link for link in self._links if link.client_port == client_port]
+            if not links:
+                raise ValueError(f"no open connection from client port {client_port}")
+            for link in links:
+                link.blackhole()
+
     def set_latency(self, seconds: float) -> None:
         """Delay each chunk by ``seconds`` in each direction (so a round trip by twice it)."""
         if not (math.isfinite(seconds) and seconds >= 0):
@@ -243,7 +256,7 @@ class FaultProxy:
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                client, _ = listener.accept()
+                client, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. EMFILE: drop this round, keep serving
@@ -254,7 +267,8 @@ class FaultProxy:
                 if self._mode in ("reset", "refuse") or self._state == "closed":
                     rst_close(client)
                     continue
-                link = Link(self, client, blackholed=self._mode == "blackhole")
+                link = Link(self, client, blackholed=self._mode == "blackhole",
+                            client_port=peer[1])
                 self._links.add(link)
                 link.thread.start()
 

@@ -25,19 +25,23 @@ import psycopg
 
 from .policy import Breaker
 from .settings import ProviderSettings, Tuning
-from .watchdog import Watchdog
+from .watchdog import Watch, Watchdog
 
 logger = logging.getLogger("agent_factory.core.database_manager")
 
 HealthCallback = Callable[[str, bool, "str | None"], None]
-# One round trip: role, and (on a publisher) how far each subscriber of ours
-# is behind. pg_current_wal_lsn() fails during recovery, hence the CASE.
+# One round trip: role; (on a publisher) how far each subscriber of ours is
+# behind (pg_current_wal_lsn() fails during recovery, hence the CASE); our
+# session's pid, to tell a direct session from a pooler's; and which of the
+# given server processes sit idle, their client's call lost on the way.
 _PROBE = (
     "SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), "
     "CASE WHEN pg_is_in_recovery() THEN NULL ELSE (SELECT json_agg(json_build_array("
     "application_name, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint, "
     "coalesce(extract(epoch FROM replay_lag), 0)::float8)) FROM pg_stat_replication "
-    "WHERE application_name LIKE 'agent\\_factory\\_%') END"
+    "WHERE application_name LIKE 'agent\\_factory\\_%%') END, pg_backend_pid(), "
+    "(SELECT array_agg(pid) FROM pg_stat_activity WHERE pid = ANY(%s::int4[]) "
+    "AND state LIKE 'idle%%')"
 )
 SUBSCRIPTION_PREFIX = "agent_factory_"
 
@@ -68,6 +72,8 @@ class ProviderHealth:
         self.hang_timeout = tuning.hang_timeout
         self.breaker = Breaker(tuning.failure_threshold, tuning.failure_window)
         self.last_alive = 0.0
+        #: Probes can vouch for each call's own server process (see watchdog).
+        self.tracks_backends = False
         self.writable = True
         self.in_flight = 0
         self.waiting = 0
@@ -96,6 +102,7 @@ class ProviderHealth:
         self._probe_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._probe_wanted = False
+        self._suspects: set[Watch] = set()
         self._prober: threading.Thread | None = None
         self._monitor: psycopg.Connection[Any] | None = None
         self._closed = False
@@ -178,10 +185,12 @@ class ProviderHealth:
                 conn = self._monitor or self._connect_monitor()  # bounded by connect_timeout
                 # The deadline covers the answer, not the connect: a slow but
                 # live link is not a hang.
+                with self._cond:
+                    suspects, self._suspects = self._suspects, set()
                 t0 = self._clock()
                 w = self._watchdog.watch(conn.pgconn.socket, self, t0 + self.hang_timeout)
                 try:
-                    row = conn.execute(_PROBE).fetchone()
+                    row = conn.execute(_PROBE, ([s.pid for s in suspects],)).fetchone()
                 finally:
                     self._watchdog.unwatch(w)
             except psycopg.Error as exc:
@@ -193,6 +202,9 @@ class ProviderHealth:
                 return False
             now = self._clock()
             self.last_alive = now
+            if row is not None:
+                self._vouch(suspects, set(row[4] or ()), now)
+                self.tracks_backends = row[3] == conn.pgconn.backend_pid
         if row is not None and not row[0]:
             self.replication = {
                 name.removeprefix(SUBSCRIPTION_PREFIX): Lag(b, sec, now)
@@ -203,6 +215,13 @@ class ProviderHealth:
         self._set_writable(row is not None and not row[0] and row[1] == "off")
         self._probe_passed(now - t0)
         return True
+
+    @staticmethod
+    def _vouch(suspects: set[Watch], idle: set[int], now: float) -> None:
+        """News for each waiting call, unless its server process idles while it waits."""
+        for w in suspects:
+            if w.pid not in idle or not w.in_call():
+                w.alive = now
 
     def _record_latency(self, seconds: float) -> None:
         self._latencies.append(seconds)
@@ -239,8 +258,11 @@ class ProviderHealth:
             if gate is not None and self.after_recovery is not None:
                 self.after_recovery(self.name)
 
-    def request_probe(self) -> None:
-        """Ask the prober thread for a probe soon (non-blocking)."""
+    def request_probe(self, watch: Watch | None = None) -> None:
+        """Ask the prober thread for a probe soon (non-blocking), to vouch for ``watch``."""
+        if watch is not None and watch.pgconn is not None:
+            with self._cond:
+                self._suspects.add(watch)
         self._wake_prober(want_probe=True)
 
     def _wake_prober(self, *, want_probe: bool) -> None:
@@ -314,6 +336,7 @@ class ProviderHealth:
             "pool_waiting": self.waiting,
             "weight": self.tuning.weight,
             "serverless": self.tuning.serverless,
+            "per_call_hang_check": self.tracks_backends,
             "checked": b.checked,
         }
 

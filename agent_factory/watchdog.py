@@ -9,10 +9,16 @@ connection error, which the manager treats as the provider being down.
 Two kinds of deadline:
 
 * *liveness*: a query may run as long as it likes while its server shows
-  signs of life. The deadline is ``hang_timeout`` after the later of the
-  call's start and the server's last sign of life. When a call has waited
+  signs of life *for this call*. The deadline is ``hang_timeout`` after the
+  later of the call's start and its last news. When a call has waited
   ``probe_after`` without news, the watchdog asks the provider for a probe on
-  a separate connection; a probe answer refreshes the sign of life.
+  a separate connection. The probe answers for the server and, when the
+  provider can tell (`Liveness.tracks_backends`), for the call's own server
+  process: a live server whose process for this connection sits idle while
+  the client waits has lost the call (a NAT or firewall that dropped the
+  connection, bytes lost on the way), so that probe is no news for it.
+  Without backend tracking (behind a connection pooler) any sign of life of
+  the server counts.
 * *hard*: an absolute deadline, used for the probes themselves.
 
 One daemon thread serves a whole manager; it starts on first use, holds no
@@ -27,9 +33,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
+
+from psycopg import pq
 
 logger = logging.getLogger("agent_factory.core.database_manager")
+
+_ACTIVE = pq.TransactionStatus.ACTIVE
 
 
 class Liveness(Protocol):
@@ -38,17 +48,27 @@ class Liveness(Protocol):
     name: str
     last_alive: float
     hang_timeout: float
+    #: Probes report on each watched call's server process (direct sessions,
+    #: not behind a pooler), so a call's news is its own.
+    tracks_backends: bool
 
-    def request_probe(self) -> None: ...
+    def request_probe(self, watch: Watch | None = None) -> None: ...
 
 
 class Watch:
-    """One call in flight."""
+    """One call in flight.
 
-    __slots__ = ("fd", "started", "target", "hard_deadline", "probed", "fired")
+    ``pgconn`` (data-path calls on a direct session): the connection, whose
+    server process a probe can look at; its news is then ``alive``, set by
+    those probes, rather than the provider's ``last_alive``.
+    """
+
+    __slots__ = ("fd", "started", "target", "hard_deadline", "probed", "fired",
+                 "pgconn", "pid", "alive")
 
     def __init__(
-        self, fd: int, started: float, target: Liveness, hard_deadline: float | None
+        self, fd: int, started: float, target: Liveness, hard_deadline: float | None,
+        pgconn: Any = None,
     ) -> None:
         self.fd = fd
         self.started = started
@@ -56,19 +76,31 @@ class Watch:
         self.hard_deadline = hard_deadline
         self.probed = 0.0
         self.fired = False
+        self.pgconn = pgconn
+        self.pid: int = pgconn.backend_pid if pgconn is not None else 0
+        self.alive = 0.0
+
+    def news(self) -> float:
+        """The call's last sign of life."""
+        t = self.target
+        own = self.pgconn is not None and t.tracks_backends
+        return max(self.started, self.alive if own else t.last_alive)
 
     def deadline(self) -> float:
         if self.hard_deadline is not None:
             return self.hard_deadline
-        t = self.target
-        return max(self.started, t.last_alive) + t.hang_timeout
+        return self.news() + self.target.hang_timeout
 
     def probe_due(self, probe_after: float) -> float | None:
         """When to ask for a probe, or None for hard deadlines."""
         if self.hard_deadline is not None:
             return None
-        news = max(self.started, self.target.last_alive, self.probed)
-        return news + probe_after
+        return max(self.news(), self.probed) + probe_after
+
+    def in_call(self) -> bool:
+        """The client is waiting for an answer (not the application thinking in a transaction)."""
+        pgconn = self.pgconn
+        return pgconn is not None and pgconn.transaction_status == _ACTIVE
 
 
 class Watchdog:
@@ -91,9 +123,13 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def watch(self, fd: int, target: Liveness, hard_deadline: float | None = None) -> Watch:
+    def watch(
+        self, fd: int, target: Liveness, hard_deadline: float | None = None, *,
+        pgconn: Any = None,
+    ) -> Watch:
+        """Watch a call on socket ``fd``; pass its ``pgconn`` so probes can vouch for it."""
         now = self._clock()
-        w = Watch(fd, now, target, hard_deadline)
+        w = Watch(fd, now, target, hard_deadline, pgconn)
         if self._closed:
             return w
         # set.add and set.discard are atomic under the GIL: no lock (and no
@@ -142,7 +178,7 @@ class Watchdog:
                     self._cond.wait(max(self._next_wake - now, 0.001))
                     continue
             for w in to_probe:
-                w.target.request_probe()
+                w.target.request_probe(w)
             for w in to_fire:
                 _shutdown(w.fd, w.target.name)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -109,6 +111,23 @@ def test_lost_write_is_outcome_unknown_idempotent_is_retried(
                 fetch_mode="none", idempotent=True,
             )
             assert count_rows(healthy_fleet, "railway", table) == 1
+
+    asyncio.run(main())
+
+
+def test_silenced_connection_on_a_live_server_is_abandoned(healthy_fleet: Fleet) -> None:
+    """A pooled connection whose bytes are dropped while the server and probes are fine."""
+    async def main() -> None:
+        async with manager(healthy_fleet, pool_min_size=1, pool_max_size=1) as db:
+            assert await db.health_check_all(max_age=0) == dict.fromkeys(ORDER, True)
+            async with db.transaction() as conn:  # the one pooled connection
+                with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+                    port = sock.getsockname()[1]
+            healthy_fleet["supabase"].proxy.blackhole_client(port)
+            t0 = time.monotonic()
+            served = await asyncio.wait_for(served_by(db, healthy_fleet), timeout=15)
+            assert served == "railway"
+            assert time.monotonic() - t0 < 1.0 + 3.0
 
     asyncio.run(main())
 

@@ -27,8 +27,12 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
+import socket
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -180,8 +184,12 @@ class Load:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=CALL_BOUND + 10)
-        stuck = [t.name for t in self._threads if t.is_alive()]
-        assert not stuck, f"worker threads still blocked in a call: {stuck}"
+        stuck = [t for t in self._threads if t.is_alive()]
+        frames = sys._current_frames()
+        stacks = "\n".join(
+            f"--- {t.name}:\n" + "".join(traceback.format_stack(frames[t.ident]))
+            for t in stuck if t.ident in frames)
+        assert not stuck, f"worker threads still blocked in a call:\n{stacks}"
 
     def count(self) -> int:
         return len(self.ops)
@@ -670,6 +678,102 @@ def test_hung_primary_inside_a_transaction_fails_the_block_in_time(
     with db.transaction() as conn:
         conn.execute(f"INSERT INTO {table} (id) VALUES (3)")
     assert ids_on(healthy_fleet, "railway", table) == [3]
+    assert ids_on(healthy_fleet, "supabase", table) == []
+
+
+# -- 7. one connection silenced while its server stays alive ----------------------
+
+
+def local_port(conn: psycopg.Connection[Any]) -> int:
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+        return int(sock.getsockname()[1])
+
+
+def silence(fleet: Fleet, conn: psycopg.Connection[Any]) -> None:
+    """Drop every byte of ``conn``'s link to the primary from now on.
+
+    A NAT or firewall that forgot the connection: the server stays alive and
+    every other connection (the health monitor's, new pooled ones) works.
+    """
+    fleet["supabase"].proxy.blackhole_client(local_port(conn))
+
+
+def silence_pooled_connection(make_db: MakeDb, fleet: Fleet) -> DatabaseManager:
+    """A manager whose one pooled connection to the primary is silently dead."""
+    db = make_db(pool_min_size=1, pool_max_size=1)
+    db.health_check_all(max_age=0)  # the monitor connection is open, and stays fine
+    with db.transaction() as conn:  # the one pooled connection
+        assert conn.execute("SELECT inet_server_port()").fetchone() == (
+            fleet["supabase"].server.port,)
+        port = local_port(conn)
+    fleet["supabase"].proxy.blackhole_client(port)
+    return db
+
+
+def test_silenced_connection_on_a_live_server_is_abandoned_and_the_read_moves_on(
+    make_db: MakeDb, healthy_fleet: Fleet
+) -> None:
+    """The flapping test's CI failure: probes of a live server kept a lost call waiting forever."""
+    db = silence_pooled_connection(make_db, healthy_fleet)
+    # A direct session (no pooler): the probes can vouch for each call.
+    assert db.get_provider_stats()["supabase"]["per_call_hang_check"] is True
+    thread, out = run_in_thread(lambda: served_by(db, healthy_fleet))
+    thread.join(timeout=CALL_BOUND + 10)
+    if thread.is_alive():
+        unblock(healthy_fleet)
+        thread.join(timeout=CALL_BOUND)
+        raise StillBroken("a read on a silenced connection waited while probes said the "
+                          "server was alive")
+    assert "error" not in out, out
+    assert out["result"] == "railway"
+    assert out["seconds"] < CALL_BOUND, out
+
+
+def test_silenced_connection_on_a_live_server_fails_a_write_as_unknown(
+    table: str, make_db: MakeDb, healthy_fleet: Fleet
+) -> None:
+    db = silence_pooled_connection(make_db, healthy_fleet)
+    thread, out = run_in_thread(
+        lambda: db.execute_query(f"INSERT INTO {table} (id) VALUES (1)", fetch_mode="none"))
+    thread.join(timeout=CALL_BOUND + 10)
+    if thread.is_alive():
+        unblock(healthy_fleet)
+        thread.join(timeout=CALL_BOUND)
+        raise StillBroken("a write on a silenced connection waited forever")
+    assert isinstance(out.get("error"), OutcomeUnknownError), out
+    assert out["seconds"] < CALL_BOUND, out
+    # The statement never reached the server: nothing applied anywhere.
+    for name in ORDER:
+        assert ids_on(healthy_fleet, name, table) == []
+
+
+def test_silenced_connection_inside_a_transaction_fails_the_block_in_time(
+    table: str, make_db: MakeDb, healthy_fleet: Fleet
+) -> None:
+    """Think time inside the block is not a hang; a lost statement is."""
+    db = make_db(pool_min_size=1, pool_max_size=1)
+    t0 = 0.0
+
+    def block() -> None:
+        nonlocal t0
+        with db.transaction() as conn:
+            conn.execute(f"INSERT INTO {table} (id) VALUES (1)")
+            until = time.monotonic() + 2.5 * HANG_TIMEOUT
+            while time.monotonic() < until:
+                time.sleep(0.05)  # thinking with the transaction open: not a hang
+            silence(healthy_fleet, conn)
+            t0 = time.monotonic()
+            conn.execute(f"INSERT INTO {table} (id) VALUES (2)")
+
+    thread, out = run_in_thread(block)
+    thread.join(timeout=2.5 * HANG_TIMEOUT + CALL_BOUND + 10)
+    if thread.is_alive():
+        unblock(healthy_fleet)
+        thread.join(timeout=CALL_BOUND)
+        raise StillBroken("a statement lost inside a transaction waited forever")
+    assert isinstance(out.get("error"), ProviderError), out
+    assert "nothing was committed" in str(out["error"])
+    assert time.monotonic() - t0 < CALL_BOUND + 1.0
     assert ids_on(healthy_fleet, "supabase", table) == []
 
 

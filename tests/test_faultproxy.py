@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import threading
 import time
@@ -98,6 +99,39 @@ def test_blackhole_accepts_and_never_answers(proxy: FaultProxy, server: Embedded
     proxy.set_mode("pass")
     with psycopg.connect(proxied, connect_timeout=5) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def local_port(conn: psycopg.Connection[tuple[object, ...]]) -> int:
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+        return int(sock.getsockname()[1])
+
+
+def test_blackhole_client_silences_one_connection_only(
+    proxy: FaultProxy, server: EmbeddedPostgres
+) -> None:
+    proxied = proxy.url_for(server.url)
+    victim = psycopg.connect(proxied, autocommit=True)
+    other = psycopg.connect(proxied, autocommit=True)
+    answers: list[object] = []
+    worker = threading.Thread(
+        target=lambda: answers.append(victim.execute("SELECT 1").fetchone()), daemon=True)
+    try:
+        proxy.blackhole_client(local_port(victim))
+        assert proxy.mode == "pass"
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive() and not answers  # its bytes are dropped
+        assert other.execute("SELECT 2").fetchone() == (2,)  # the others flow
+        with psycopg.connect(proxied, connect_timeout=5) as fresh:  # and new ones
+            assert fresh.execute("SELECT 3").fetchone() == (3,)
+        with pytest.raises(ValueError, match="no open connection from client port 1"):
+            proxy.blackhole_client(1)
+    finally:
+        proxy.set_mode("reset")  # frees the stuck query
+        worker.join(5)
+        victim.close()
+        other.close()
+    assert not worker.is_alive() and not answers
 
 
 def test_reset_breaks_open_connections_at_once(
