@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import psycopg
 import pytest
 from psycopg import errors as pge
+from psycopg import sql
 from psycopg_pool import PoolTimeout
 
+from agent_factory.events import Dispatcher
+from agent_factory.failover import Failover
 from agent_factory.policy import Breaker, Kind, State, candidates, classify, is_read_only
 from agent_factory.policy import may_retry_after_send as may_retry
+from agent_factory.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -173,3 +180,34 @@ def test_read_routing_policies() -> None:
     assert firsts.count("h") == 4 and firsts.count("a") == 2
     busy = [_P("x", in_flight=5), _P("y", in_flight=1), _P("z", in_flight=4, weight=8)]
     assert names(order_reads(busy, "least_busy", 0)) == ["z", "y", "x"]
+
+
+def _core() -> Failover[Any]:
+    """The decision logic over two providers that are up (no I/O: only their health is read)."""
+    settings = Settings.build(
+        {n: f"postgresql://app@127.0.0.1:{port}/db" for n, port in (("a", 5001), ("b", 5002))})
+    up = SimpleNamespace(breaker=SimpleNamespace(up=True), writable=True)
+    core: Failover[Any] = Failover(
+        settings, {n: SimpleNamespace(name=n, health=up) for n in ("a", "b")}, Dispatcher())
+    core.replan()
+    return core
+
+
+@pytest.mark.parametrize("read_only", [True, False, None])
+@pytest.mark.parametrize("idempotent", [True, False, None])
+def test_route_retries_by_the_same_rule_for_text_and_composed_queries(
+    read_only: bool | None, idempotent: bool | None
+) -> None:
+    """`idempotent` wins, then `read_only`; without either a composed query is not retried."""
+    core = _core()
+    text = core.route("SELECT 1", read_only, idempotent)
+    composed = core.route(sql.SQL("SELECT {}").format(1), read_only, idempotent)
+    assert text.retry_after_send is may_retry("SELECT 1", read_only, idempotent)
+    if read_only is None:
+        assert composed.write is True  # cannot tell what it does: treated as a write
+    else:
+        assert composed.write is text.write is not read_only
+    if read_only is None and idempotent is None:
+        assert composed.retry_after_send is False
+    else:
+        assert composed.retry_after_send is text.retry_after_send
