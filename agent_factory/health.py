@@ -25,29 +25,36 @@ import psycopg
 
 from .policy import Breaker
 from .settings import ProviderSettings, Tuning
+from .walclock import WalClock
 from .watchdog import Watch, Watchdog
 
 logger = logging.getLogger("agent_factory.core.database_manager")
 
 HealthCallback = Callable[[str, bool, "str | None"], None]
-# One round trip: role; (on a publisher) how far each subscriber of ours is
-# behind (pg_current_wal_lsn() fails during recovery, hence the CASE); our
-# session's pid, to tell a direct session from a pooler's; and which of the
-# given server processes sit idle, their client's call lost on the way.
+# One round trip: role; (on a publisher) its WAL position and where each
+# subscriber of ours has replayed to (pg_current_wal_lsn() fails during
+# recovery, hence the CASEs); our session's pid, to tell a direct session
+# from a pooler's; and which of the given server processes sit idle, their
+# client's call lost on the way.
 _PROBE = (
     "SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), "
     "CASE WHEN pg_is_in_recovery() THEN NULL ELSE (SELECT json_agg(json_build_array("
-    "application_name, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint, "
-    "coalesce(extract(epoch FROM replay_lag), 0)::float8)) FROM pg_stat_replication "
+    "application_name, pg_wal_lsn_diff(replay_lsn, '0/0')::bigint, "
+    "extract(epoch FROM replay_lag)::float8)) FROM pg_stat_replication "
     "WHERE application_name LIKE 'agent\\_factory\\_%%') END, pg_backend_pid(), "
     "(SELECT array_agg(pid) FROM pg_stat_activity WHERE pid = ANY(%s::int4[]) "
-    "AND state LIKE 'idle%%')"
+    "AND state LIKE 'idle%%'), CASE WHEN pg_is_in_recovery() THEN NULL "
+    "ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint END"
 )
 SUBSCRIPTION_PREFIX = "agent_factory_"
 
 
 class Lag(NamedTuple):
-    """A subscriber's replication lag, as its publisher saw it at ``measured_at``."""
+    """A subscriber's replication lag, as its publisher saw it at ``measured_at``.
+
+    ``bytes``: how far its replayed position is behind the publisher's WAL;
+    ``seconds``: how old the publisher's WAL at that position is (see walclock).
+    """
 
     bytes: int | None
     seconds: float
@@ -95,6 +102,7 @@ class ProviderHealth:
         #: and every subscriber ever seen (they reconnect a while after a restart).
         self.replication: dict[str, Lag] = {}
         self.subscribers: set[str] = set()
+        self._wal_clock = WalClock()
         self._watchdog = watchdog
         self._on_change = on_change
         self._clock = clock
@@ -206,15 +214,34 @@ class ProviderHealth:
                 self._vouch(suspects, set(row[4] or ()), now)
                 self.tracks_backends = row[3] == conn.pgconn.backend_pid
         if row is not None and not row[0]:
-            self.replication = {
-                name.removeprefix(SUBSCRIPTION_PREFIX): Lag(b, sec, now)
-                for name, b, sec in row[2] or ()
-            }
-            self.subscribers.update(self.replication)
+            self._read_replication(row[2] or [], row[5], now)
         self._record_latency(now - t0)
         self._set_writable(row is not None and not row[0] and row[1] == "off")
         self._probe_passed(now - t0)
         return True
+
+    def _read_replication(
+        self, subscribers: list[list[Any]], position: int | None, now: float
+    ) -> None:
+        """Each subscriber's lag: PostgreSQL's replay_lag, else the WAL clock's reading.
+
+        A subscriber that has not reported a replayed position yet has no
+        known lag (it is left out, so writes to it count as stale).
+        """
+        clock = self._wal_clock
+        if position is not None:
+            clock.record(now, position)
+        lags = {}
+        for app, replayed, seconds in subscribers:
+            name = app.removeprefix(SUBSCRIPTION_PREFIX)
+            self.subscribers.add(name)
+            if replayed is None or position is None:
+                continue
+            if seconds is None:
+                seconds = clock.lag(replayed)
+            if seconds is not None:
+                lags[name] = Lag(max(0, position - replayed), seconds, now)
+        self.replication = lags
 
     @staticmethod
     def _vouch(suspects: set[Watch], idle: set[int], now: float) -> None:

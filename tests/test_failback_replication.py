@@ -99,6 +99,44 @@ def test_writes_refuse_a_backup_beyond_the_replication_lag_bound(
         assert db.serving_provider == "neon"
 
 
+def test_a_streaming_backup_that_stopped_applying_turns_stale_in_seconds(
+    healthy_fleet: Fleet, replicated: dict[str, str]
+) -> None:
+    """Lag in seconds from WAL positions: PostgreSQL's replay_lag is NULL for subscribers.
+
+    neon stays connected but its apply worker waits on a lock, so it falls
+    behind while it still streams; its measured lag grows past the bound,
+    writes refuse it, and it is fresh again once it catches up.
+    """
+    plain = direct(healthy_fleet, replicated)
+    insert = ("INSERT INTO session_memories (session_id, memory_type, content) "
+              "VALUES ('x', 'log', '{}')")
+    with DatabaseManager(replicated, order=["supabase", "neon"], monitor_interval=0.2,
+                         max_replication_lag=1.0, **FAST) as db:
+        def neon() -> dict[str, object]:
+            return dict(db.get_provider_stats()["neon"])
+
+        db.execute_query(insert, fetch_mode="none")
+        wait_until(lambda: neon()["replication_lag_s"] == 0.0, timeout=30,
+                   message="neon caught up")
+        assert neon()["stale"] is False
+        blocker = psycopg.connect(plain["neon"])
+        try:
+            blocker.execute("LOCK TABLE session_memories IN ACCESS EXCLUSIVE MODE")
+            db.execute_query(insert, fetch_mode="none")
+            wait_until(lambda: neon()["stale"] is True, timeout=30, message="neon stale")
+            lag = neon()["replication_lag_s"]
+            assert isinstance(lag, float) and lag > 1.0
+            with psycopg.connect(plain["supabase"], autocommit=True) as conn:
+                row = conn.execute("SELECT state FROM pg_stat_replication "
+                                   "WHERE application_name = 'agent_factory_neon'").fetchone()
+            assert row == ("streaming",)  # connected all along: only its lag says stale
+        finally:
+            blocker.close()
+        wait_until(lambda: neon()["stale"] is False, timeout=30, message="neon fresh again")
+        assert neon()["replication_lag_s"] == 0.0
+
+
 def test_failback_spreads_only_outage_rows_so_replication_keeps_flowing(
     healthy_fleet: Fleet, replicated: dict[str, str]
 ) -> None:
