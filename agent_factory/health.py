@@ -31,16 +31,15 @@ from .watchdog import Watch, Watchdog
 logger = logging.getLogger("agent_factory.core.database_manager")
 
 HealthCallback = Callable[[str, bool, "str | None"], None]
-# One round trip: role; (on a publisher) its WAL position and where each
-# subscriber of ours has replayed to (pg_current_wal_lsn() fails during
+# One round trip: role; (on a publisher) its WAL position and how far each
+# subscriber of ours has received and applied (pg_current_wal_lsn() fails during
 # recovery, hence the CASEs); our session's pid, to tell a direct session
 # from a pooler's; and which of the given server processes sit idle, their
 # client's call lost on the way.
 _PROBE = (
     "SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), "
     "CASE WHEN pg_is_in_recovery() THEN NULL ELSE (SELECT json_agg(json_build_array("
-    "application_name, pg_wal_lsn_diff(replay_lsn, '0/0')::bigint, "
-    "extract(epoch FROM replay_lag)::float8)) FROM pg_stat_replication "
+    "application_name, pg_wal_lsn_diff(write_lsn, '0/0')::bigint)) FROM pg_stat_replication "
     "WHERE application_name LIKE 'agent\\_factory\\_%%') END, pg_backend_pid(), "
     "(SELECT array_agg(pid) FROM pg_stat_activity WHERE pid = ANY(%s::int4[]) "
     "AND state LIKE 'idle%%'), CASE WHEN pg_is_in_recovery() THEN NULL "
@@ -52,7 +51,7 @@ SUBSCRIPTION_PREFIX = "agent_factory_"
 class Lag(NamedTuple):
     """A subscriber's replication lag, as its publisher saw it at ``measured_at``.
 
-    ``bytes``: how far its replayed position is behind the publisher's WAL;
+    ``bytes``: how far its received (applied) position is behind the publisher's WAL;
     ``seconds``: how old the publisher's WAL at that position is (see walclock).
     """
 
@@ -223,24 +222,30 @@ class ProviderHealth:
     def _read_replication(
         self, subscribers: list[list[Any]], position: int | None, now: float
     ) -> None:
-        """Each subscriber's lag: PostgreSQL's replay_lag, else the WAL clock's reading.
+        """Each subscriber's lag, read on the WAL clock at its received position.
 
-        A subscriber that has not reported a replayed position yet has no
-        known lag (it is left out, so writes to it count as stale).
+        A logical subscriber applies each change as it receives it, so its
+        ``write_lsn`` is what it has applied (a transaction it is stuck in
+        included, not committed). Not ``replay_lsn`` or ``replay_lag``: they
+        also wait for the subscriber's own asynchronous flush and its next
+        status message (up to ``wal_receiver_status_interval``, 10 s), so an
+        idle, caught-up subscriber would look seconds behind; and replay_lag
+        is NULL most of the time and keeps its last value while a subscriber
+        is stuck. One that has not reported a position yet has no known lag
+        (left out: writes to it count as stale).
         """
         clock = self._wal_clock
         if position is not None:
             clock.record(now, position)
         lags = {}
-        for app, replayed, seconds in subscribers:
+        for app, received in subscribers:
             name = app.removeprefix(SUBSCRIPTION_PREFIX)
             self.subscribers.add(name)
-            if replayed is None or position is None:
+            if received is None or position is None:
                 continue
-            if seconds is None:
-                seconds = clock.lag(replayed)
+            seconds = clock.lag(received)
             if seconds is not None:
-                lags[name] = Lag(max(0, position - replayed), seconds, now)
+                lags[name] = Lag(max(0, position - received), seconds, now)
         self.replication = lags
 
     @staticmethod

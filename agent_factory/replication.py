@@ -27,6 +27,7 @@ The parts without I/O (names, SQL, `BackupStatus`) are in `agent_factory.subscri
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,7 @@ from .subscription import (
     scrub,
     subscription_name,
 )
+from .walclock import WalClock
 
 __all__ = [
     "COPY_DATA_MODES", "PUBLICATION", "BackupStatus", "ReplicationError",
@@ -61,6 +63,9 @@ __all__ = [
 ]
 
 _APP = "agent-factory-replication"
+# `replicate status` watches a subscriber this long for its lag in seconds.
+LAG_WINDOW = 1.0
+LAG_SAMPLE = 0.05
 
 
 # -- queries -------------------------------------------------------------------
@@ -274,20 +279,52 @@ def _read_backup(conn: psycopg.Connection[Any], status: BackupStatus) -> None:
          status.tables_syncing) = row
 
 
+# write_lsn: what the subscriber received, and so applied (see ProviderHealth).
+_SENDER = (
+    "SELECT state, pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint, "
+    "pg_wal_lsn_diff(write_lsn, '0/0')::bigint "
+    "FROM pg_stat_replication WHERE application_name = %s ORDER BY backend_start DESC LIMIT 1"
+)
+
+
 def _read_primary(conn: psycopg.Connection[Any], status: BackupStatus) -> None:
-    row = conn.execute(
-        "SELECT state, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint, "
-        "extract(epoch FROM replay_lag)::float8 FROM pg_stat_replication "
-        "WHERE application_name = %s ORDER BY backend_start DESC LIMIT 1",
-        (status.subscription,)).fetchone()
+    row = conn.execute(_SENDER, (status.subscription,)).fetchone()
     if row is not None:
-        status.sender_state, status.lag_bytes, status.lag_seconds = row
-        if status.lag_seconds is None and status.sender_state == "streaming":
-            status.lag_seconds = 0.0  # NULL: idle and caught up
+        status.sender_state, position, received = row
+        if position is not None and received is not None:
+            status.lag_bytes = max(0, position - received)
+            _watch_lag(conn, status, position, received)
     if status.lag_bytes is None:  # not connected: how far its slot is behind
         status.lag_bytes = _value(
             conn, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
             "FROM pg_replication_slots WHERE slot_name = %s", (status.subscription,))
+
+
+def _watch_lag(
+    conn: psycopg.Connection[Any], status: BackupStatus, position: int, received: int
+) -> None:
+    """Lag in seconds, measured: PostgreSQL's replay_lag is NULL most of the time.
+
+    Caught up: 0. Otherwise the primary's WAL position and the subscriber's
+    received one are sampled for up to `LAG_WINDOW` seconds and the lag read
+    on that `WalClock` once the subscriber passes the first sample; one that
+    does not is behind by at least the window.
+    """
+    clock = WalClock()
+    started = time.monotonic()
+    clock.record(started, position)
+    while received < position:
+        now = time.monotonic()
+        if now - started >= LAG_WINDOW:
+            status.lag_seconds, status.lag_at_least = now - started, True
+            return
+        time.sleep(LAG_SAMPLE)
+        row = conn.execute(_SENDER, (status.subscription,)).fetchone()
+        if row is None or row[1] is None or row[2] is None:
+            return  # the subscriber disconnected meanwhile
+        clock.record(time.monotonic(), row[1])
+        received = row[2]
+    status.lag_seconds = clock.lag(received)
 
 
 def replication_status(settings: Settings) -> list[BackupStatus]:

@@ -211,7 +211,8 @@ def _status_line(s: BackupStatus, settings: Settings, max_lag: float | None) -> 
         parts.append(f"lag {s.lag_bytes} bytes")
     if s.lag_seconds is not None:
         over = " (over --max-lag)" if max_lag is not None and s.lag_seconds > max_lag else ""
-        parts.append(f"{s.lag_seconds:.1f} s{over}")
+        at_least = "at least " if s.lag_at_least else ""
+        parts.append(f"{at_least}{s.lag_seconds:.1f} s{over}")
     if s.tables_syncing:
         parts.append(f"{s.tables_syncing} table(s) still in their initial copy")
     if s.apply_errors or s.sync_errors:

@@ -104,10 +104,13 @@ def scrub(text: str, password: str) -> str:
 class BackupStatus:
     """The replication of one backup, as seen from the backup and from the primary.
 
-    ``lag_bytes`` is how far the backup's confirmed position is behind the
-    primary's WAL; ``lag_seconds`` is 0 when it is idle and caught up. Both
-    are None when unknown. ``error`` says why something could not be read,
-    ``last_error`` why the subscription is not applying.
+    ``lag_bytes`` is how far the backup's received (or, disconnected, its
+    slot's confirmed) position is behind the primary's WAL; ``lag_seconds``
+    how old the primary's WAL at that position is: 0 when caught up, a lower
+    bound when ``lag_at_least`` (still behind after the status command
+    watched it for a while). Both are None when unknown. ``error`` says why
+    something could not be read, ``last_error`` why the subscription is not
+    applying.
     """
 
     provider: str
@@ -118,6 +121,7 @@ class BackupStatus:
     sender_state: str | None = None
     lag_bytes: int | None = None
     lag_seconds: float | None = None
+    lag_at_least: bool = False
     apply_errors: int = 0
     sync_errors: int = 0
     tables_syncing: int = 0

@@ -5,7 +5,7 @@ subscriber most of the time (also under a steady write load), so it cannot
 bound how much a backup would miss. Like the walsender's own lag tracker,
 `WalClock` keeps samples of the primary's WAL position over time (one per
 health probe) and reads a subscriber's lag as the age of the primary's WAL at
-the position the subscriber has replayed: the time the primary was there,
+the position the subscriber has applied: the time the primary was there,
 interpolated between the two samples around it. No I/O.
 """
 

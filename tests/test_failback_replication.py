@@ -117,8 +117,11 @@ def test_a_streaming_backup_that_stopped_applying_turns_stale_in_seconds(
             return dict(db.get_provider_stats()["neon"])
 
         db.execute_query(insert, fetch_mode="none")
-        wait_until(lambda: neon()["replication_lag_s"] == 0.0, timeout=30,
-                   message="neon caught up")
+        def lag_now() -> float:
+            seconds = neon()["replication_lag_s"]
+            return 9e9 if seconds is None else float(seconds)  # type: ignore[arg-type]
+
+        wait_until(lambda: lag_now() < 0.5, timeout=30, message="neon caught up")
         assert neon()["stale"] is False
         blocker = psycopg.connect(plain["neon"])
         try:
@@ -134,7 +137,7 @@ def test_a_streaming_backup_that_stopped_applying_turns_stale_in_seconds(
         finally:
             blocker.close()
         wait_until(lambda: neon()["stale"] is False, timeout=30, message="neon fresh again")
-        assert neon()["replication_lag_s"] == 0.0
+        assert lag_now() < 1.0
 
 
 def test_failback_spreads_only_outage_rows_so_replication_keeps_flowing(

@@ -206,6 +206,36 @@ def test_setup_streams_rows_to_both_backups_twice_is_a_no_op_and_teardown_remove
     assert "publication agent_factory on supabase: absent" in out
 
 
+def test_status_reports_a_streaming_backup_that_stopped_applying_as_lagging(
+    healthy_fleet: Fleet, dbs: dict[str, str], env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """replay_lag is NULL for subscribers: the lag in seconds comes from watching the WAL."""
+    code, out, err = run(healthy_fleet, capsys, env, "replicate", "setup")
+    assert code == 0, out + err
+    wait_until(lambda: synced(env), 30, message="both backups streaming")
+    insert(dbs["supabase"], "warm")
+    wait_until(lambda: count(dbs["railway"]) == 1 and count(dbs["neon"]) == 1, 15,
+               message="caught up")
+    with psycopg.connect(dbs["railway"]) as blocker:  # railway's apply worker waits on it
+        blocker.execute("LOCK TABLE session_memories IN ACCESS EXCLUSIVE MODE")
+        insert(dbs["supabase"], "stuck")
+        wait_until(lambda: count(dbs["neon"]) == 2, 15, message="the row on neon")
+        code, out, err = run(healthy_fleet, capsys, env, "replicate", "status", "--max-lag", "0.5")
+        now = statuses(env)
+    assert code == 1, out + err
+    railway = next(line for line in out.splitlines() if line.startswith("railway"))
+    assert ": streaming;" in railway and "at least 1.0 s (over --max-lag)" in railway, out
+    assert now["railway"].lag_at_least and now["railway"].lag_bytes
+    assert now["railway"].lag_seconds is not None and now["railway"].lag_seconds >= 1.0
+    assert now["neon"].lag_seconds is not None and now["neon"].lag_seconds < 0.5, now["neon"]
+    assert not now["neon"].lag_at_least
+    wait_until(lambda: count(dbs["railway"]) == 2, 15, message="railway caught up")
+    caught_up = statuses(env)["railway"]
+    assert caught_up.lag_seconds is not None and caught_up.lag_seconds < 0.5
+    assert not caught_up.lag_at_least
+
+
 def test_replication_resumes_by_itself_after_a_primary_crash(
     healthy_fleet: Fleet, dbs: dict[str, str], env: dict[str, str],
     capsys: pytest.CaptureFixture[str],
