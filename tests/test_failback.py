@@ -148,7 +148,9 @@ def test_backup_unreachable_at_failback_is_reconciled_later(
         written = []
         for n in range(20):
             row_id = str(uuid.uuid4())
-            db.execute_query(INSERT, (row_id, f"late{n}"), fetch_mode="none")
+            # Keyed, so retried safely if the crash's close reaches a pooled
+            # connection just after the statement went out on it.
+            db.execute_query(INSERT, (row_id, f"late{n}"), fetch_mode="none", idempotent=True)
             written.append(row_id)
         assert db.serving_provider == "railway"
         healthy_fleet["railway"].proxy.set_mode("refuse")

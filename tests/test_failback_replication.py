@@ -161,7 +161,11 @@ def test_failback_spreads_only_outage_rows_so_replication_keeps_flowing(
                    message="the row on railway by replication")
         healthy_fleet["supabase"].server.kill()
         outage = str(uuid.uuid4())
-        db.execute_query(insert, (outage, "outage"), fetch_mode="none")
+        # Keyed by its uuid, so safe to retry: the crash's close may reach a
+        # pooled connection just after the statement went out on it (the
+        # proxy forwards it a moment later), which would make a plain write's
+        # outcome unknown.
+        db.execute_query(insert, (outage, "outage"), fetch_mode="none", idempotent=True)
         assert db.serving_provider == "railway"
         healthy_fleet["supabase"].server.restart()
         wait_until(lambda: db.serving_provider == "supabase" or db.execute_query("SELECT 1")

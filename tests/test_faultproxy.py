@@ -113,8 +113,15 @@ def test_blackhole_client_silences_one_connection_only(
     victim = psycopg.connect(proxied, autocommit=True)
     other = psycopg.connect(proxied, autocommit=True)
     answers: list[object] = []
-    worker = threading.Thread(
-        target=lambda: answers.append(victim.execute("SELECT 1").fetchone()), daemon=True)
+    errors: list[psycopg.Error] = []
+
+    def query() -> None:
+        try:
+            answers.append(victim.execute("SELECT 1").fetchone())
+        except psycopg.Error as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=query, daemon=True)
     try:
         proxy.blackhole_client(local_port(victim))
         assert proxy.mode == "pass"
@@ -132,6 +139,7 @@ def test_blackhole_client_silences_one_connection_only(
         victim.close()
         other.close()
     assert not worker.is_alive() and not answers
+    assert len(errors) == 1 and isinstance(errors[0], psycopg.OperationalError)
 
 
 def test_reset_breaks_open_connections_at_once(
