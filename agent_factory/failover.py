@@ -28,7 +28,7 @@ from .errors import (
 )
 from .events import Dispatcher
 from .health import Lag, ProviderHealth
-from .policy import Kind, candidates, classify, is_read_only, order_reads
+from .policy import Kind, candidates, classify, is_read_only, order_reads, retry_rule
 from .provider import Unavailable, tag
 from .settings import Settings
 
@@ -126,11 +126,10 @@ class Failover(Generic[P]):
 
     def route(self, query: object, read_only: bool | None, idempotent: bool | None) -> Route[P]:
         """Which providers to try, in order, for one statement."""
-        # A composed (non-string) query is judged by the flags alone; the
-        # rule is `may_retry_after_send`'s: `idempotent` wins, then the read.
+        # A composed (non-string) query is judged by the flags alone.
         text = query if isinstance(query, str) else ""
         reads = read_only if read_only is not None else bool(text) and is_read_only(text)
-        retry = reads if idempotent is None else idempotent
+        retry = retry_rule(reads, idempotent)
         plan: list[P] | tuple[P, ...] = self.plan
         policy = self.settings.read_routing
         if (

@@ -75,11 +75,13 @@ def is_read_only(query: str) -> bool:
 
 def may_retry_after_send(query: str, read_only: bool | None, idempotent: bool | None) -> bool:
     """Whether a statement whose connection broke after sending may run elsewhere."""
-    if idempotent is not None:
-        return idempotent
-    if read_only is not None:
-        return read_only
-    return is_read_only(query)
+    reads = read_only if read_only is not None else is_read_only(query)
+    return retry_rule(reads, idempotent)
+
+
+def retry_rule(reads: bool, idempotent: bool | None) -> bool:
+    """The rule itself, for a statement already judged a read or not: `idempotent` wins."""
+    return reads if idempotent is None else idempotent
 
 
 class Routable(Protocol):
