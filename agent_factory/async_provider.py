@@ -92,7 +92,7 @@ class AsyncProvider:
     async def run(self, query: Any, params: Any, fetch: AsyncFetch) -> Any:
         pool, conn = await self.checkout()
         health = self.health
-        w = self._watchdog.watch(conn.pgconn.socket, health, pgconn=conn.pgconn)
+        w = self._watchdog.watch_call(conn.pgconn, health)
         health.in_flight += 1
         try:
             result = await fetch(await conn.execute(query, params))

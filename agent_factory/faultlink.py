@@ -110,7 +110,7 @@ class Link:
     """One client connection and its upstream, served by one selector thread."""
 
     def __init__(
-        self, proxy: FaultProxy, client: socket.socket, blackholed: bool, client_port: int = 0
+        self, proxy: FaultProxy, client: socket.socket, blackholed: bool, client_port: int
     ) -> None:
         self.client_port = client_port
         self._proxy = proxy

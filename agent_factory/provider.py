@@ -147,7 +147,7 @@ class DatabaseProvider:
         """Run one statement in autocommit mode; raise `Unavailable` or the SQL error."""
         pool, conn = self.checkout()
         health = self.health
-        w = self._watchdog.watch(conn.pgconn.socket, health, pgconn=conn.pgconn)
+        w = self._watchdog.watch_call(conn.pgconn, health)
         health.in_flight += 1
         try:
             result = fetch(conn.execute(query, params))

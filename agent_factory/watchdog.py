@@ -145,6 +145,10 @@ class Watchdog:
                 self._cond.notify()
         return w
 
+    def watch_call(self, pgconn: Any, target: Liveness) -> Watch:
+        """Watch a data-path call on ``pgconn``: probes can vouch for its server process."""
+        return self.watch(pgconn.socket, target, pgconn=pgconn)
+
     def unwatch(self, w: Watch) -> None:
         self._watches.discard(w)
 

@@ -183,7 +183,7 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
             raise core.all_failed(failures, True)
         core.succeeded(provider, core.epoch, failures or None, True)
         health = provider.health
-        w = self._watchdog.watch(conn.pgconn.socket, health, pgconn=conn.pgconn)
+        w = self._watchdog.watch_call(conn.pgconn, health)
         phase = "body"
         try:
             async with conn.transaction():

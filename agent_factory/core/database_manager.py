@@ -174,7 +174,7 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
             raise core.all_failed(failures, True)
         core.succeeded(provider, core.epoch, failures or None, True)
         health = provider.health
-        w = self._watchdog.watch(conn.pgconn.socket, health, pgconn=conn.pgconn)
+        w = self._watchdog.watch_call(conn.pgconn, health)
         phase = "body"
         try:
             with conn.transaction():
