@@ -6,11 +6,14 @@ are injected) and break the server itself through ``fleet[name].server``.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import psycopg
 
@@ -19,6 +22,12 @@ from agent_factory.faultproxy import FaultProxy
 
 PROVIDERS = ("supabase", "railway", "neon")
 START_TIMEOUT = 60.0  # three initdb runs share two cores on CI
+
+
+def local_port(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> int:
+    """The client-side port of ``conn`` (what `FaultProxy.blackhole_client` takes)."""
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+        return int(sock.getsockname()[1])
 
 
 def wait_until(

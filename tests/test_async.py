@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,7 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from fleet import Fleet, wait_until
+from fleet import Fleet, local_port, wait_until
 from psycopg import errors as pge
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
@@ -121,8 +119,7 @@ def test_silenced_connection_on_a_live_server_is_abandoned(healthy_fleet: Fleet)
         async with manager(healthy_fleet, pool_min_size=1, pool_max_size=1) as db:
             assert await db.health_check_all(max_age=0) == dict.fromkeys(ORDER, True)
             async with db.transaction() as conn:  # the one pooled connection
-                with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
-                    port = sock.getsockname()[1]
+                port = local_port(conn)
             healthy_fleet["supabase"].proxy.blackhole_client(port)
             t0 = time.monotonic()
             served = await asyncio.wait_for(served_by(db, healthy_fleet), timeout=15)

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import os
-import socket
 import sys
 import threading
 import time
@@ -41,7 +39,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from fleet import Fleet, wait_until
+from fleet import Fleet, local_port, wait_until
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import (
@@ -684,11 +682,6 @@ def test_hung_primary_inside_a_transaction_fails_the_block_in_time(
 # -- 7. one connection silenced while its server stays alive ----------------------
 
 
-def local_port(conn: psycopg.Connection[Any]) -> int:
-    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
-        return int(sock.getsockname()[1])
-
-
 def silence(fleet: Fleet, conn: psycopg.Connection[Any]) -> None:
     """Drop every byte of ``conn``'s link to the primary from now on.
 
@@ -710,6 +703,15 @@ def silence_pooled_connection(make_db: MakeDb, fleet: Fleet) -> DatabaseManager:
     return db
 
 
+def join_or_unblock(thread: threading.Thread, fleet: Fleet, timeout: float, symptom: str) -> None:
+    """Wait for the call in ``thread``; a call still blocked is freed, then reported."""
+    thread.join(timeout=timeout)
+    if thread.is_alive():
+        unblock(fleet)
+        thread.join(timeout=CALL_BOUND)
+        raise StillBroken(symptom)
+
+
 def test_silenced_connection_on_a_live_server_is_abandoned_and_the_read_moves_on(
     make_db: MakeDb, healthy_fleet: Fleet
 ) -> None:
@@ -718,12 +720,9 @@ def test_silenced_connection_on_a_live_server_is_abandoned_and_the_read_moves_on
     # A direct session (no pooler): the probes can vouch for each call.
     assert db.get_provider_stats()["supabase"]["per_call_hang_check"] is True
     thread, out = run_in_thread(lambda: served_by(db, healthy_fleet))
-    thread.join(timeout=CALL_BOUND + 10)
-    if thread.is_alive():
-        unblock(healthy_fleet)
-        thread.join(timeout=CALL_BOUND)
-        raise StillBroken("a read on a silenced connection waited while probes said the "
-                          "server was alive")
+    join_or_unblock(thread, healthy_fleet, CALL_BOUND + 10,
+                    "a read on a silenced connection waited while probes said the server "
+                    "was alive")
     assert "error" not in out, out
     assert out["result"] == "railway"
     assert out["seconds"] < CALL_BOUND, out
@@ -735,11 +734,8 @@ def test_silenced_connection_on_a_live_server_fails_a_write_as_unknown(
     db = silence_pooled_connection(make_db, healthy_fleet)
     thread, out = run_in_thread(
         lambda: db.execute_query(f"INSERT INTO {table} (id) VALUES (1)", fetch_mode="none"))
-    thread.join(timeout=CALL_BOUND + 10)
-    if thread.is_alive():
-        unblock(healthy_fleet)
-        thread.join(timeout=CALL_BOUND)
-        raise StillBroken("a write on a silenced connection waited forever")
+    join_or_unblock(thread, healthy_fleet, CALL_BOUND + 10,
+                    "a write on a silenced connection waited forever")
     assert isinstance(out.get("error"), OutcomeUnknownError), out
     assert out["seconds"] < CALL_BOUND, out
     # The statement never reached the server: nothing applied anywhere.
@@ -766,11 +762,8 @@ def test_silenced_connection_inside_a_transaction_fails_the_block_in_time(
             conn.execute(f"INSERT INTO {table} (id) VALUES (2)")
 
     thread, out = run_in_thread(block)
-    thread.join(timeout=2.5 * HANG_TIMEOUT + CALL_BOUND + 10)
-    if thread.is_alive():
-        unblock(healthy_fleet)
-        thread.join(timeout=CALL_BOUND)
-        raise StillBroken("a statement lost inside a transaction waited forever")
+    join_or_unblock(thread, healthy_fleet, 2.5 * HANG_TIMEOUT + CALL_BOUND + 10,
+                    "a statement lost inside a transaction waited forever")
     assert isinstance(out.get("error"), ProviderError), out
     assert "nothing was committed" in str(out["error"])
     assert time.monotonic() - t0 < CALL_BOUND + 1.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import threading
 import time
@@ -11,7 +10,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from fleet import Fleet, wait_until
+from fleet import Fleet, local_port, wait_until
 
 from agent_factory.embedded import EmbeddedPostgres
 from agent_factory.faultproxy import FaultProxy
@@ -99,11 +98,6 @@ def test_blackhole_accepts_and_never_answers(proxy: FaultProxy, server: Embedded
     proxy.set_mode("pass")
     with psycopg.connect(proxied, connect_timeout=5) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-
-
-def local_port(conn: psycopg.Connection[tuple[object, ...]]) -> int:
-    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
-        return int(sock.getsockname()[1])
 
 
 def test_blackhole_client_silences_one_connection_only(
