@@ -42,6 +42,7 @@ PROVIDER_OPTIONS: dict[str, type] = {
     "weight": int,
     "serverless": bool,
     "prepare": bool,
+    "pooler": bool,
 }
 
 
@@ -95,10 +96,21 @@ class ProviderSettings:
         return bool(self.options.get("serverless", default))
 
     @property
+    def pooler(self) -> bool:
+        """Reached through a connection pooler (PgBouncer, Supavisor), not a server directly.
+
+        Recognised by Supabase's pooler host or port 6543; declare any other
+        with the ``pooler`` option (``<NAME>_DB_POOLER=true``). Behind a pooler
+        the backend pid of a session says nothing, and the pooler answering is
+        no proof that the database behind it is alive.
+        """
+        default = self.port == "6543" or "pooler.supabase.com" in self.host
+        return bool(self.options.get("pooler", default))
+
+    @property
     def prepare(self) -> bool:
-        """Prepared statements break behind a transaction-mode pooler (Supabase 6543)."""
-        pooler = self.port == "6543" or "pooler.supabase.com" in self.host
-        return bool(self.options.get("prepare", not pooler))
+        """Prepared statements break behind a transaction-mode pooler."""
+        return bool(self.options.get("prepare", not self.pooler))
 
     def conninfo(self, **overrides: Any) -> str:
         """The libpq connection string (contains the password: never log it)."""
@@ -126,6 +138,7 @@ class Tuning:
     weight: int
     serverless: bool
     prepare: bool
+    pooler: bool
     probe_interval: float
     recovery_probes: int
     monitor_interval: float
@@ -221,6 +234,7 @@ class Settings:
             weight=int(o.get("weight", 1)),
             serverless=p.serverless,
             prepare=p.prepare,
+            pooler=p.pooler,
             probe_interval=self.probe_interval,
             recovery_probes=self.recovery_probes,
             monitor_interval=self.monitor_interval,
