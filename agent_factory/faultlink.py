@@ -4,7 +4,9 @@ A ``Link`` is served by one selector thread that alone closes its sockets; the
 ``FaultProxy`` that accepted it reaches it only through ``blackhole()`` and
 ``reset()``, which set a flag and wake the thread through a ``Wakeup`` socket pair.
 Each ``Direction`` holds the bytes read from one side until they are due (latency)
-and the other side takes them (backpressure).
+and the other side takes them (backpressure). Under a rate limit a direction reads
+from its source only as its token bucket allows and holds little more than what is
+in flight, so the sender's own socket feels the slow link.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ logger = logging.getLogger("agent_factory.faultproxy")
 
 _CHUNK = 65536
 _MAX_QUEUED = 1 << 20  # bytes in flight per direction before we stop reading: backpressure
+# A throttled direction reads about _TICK seconds of its rate at a time (so a slow link
+# neither spins on tiny reads nor bursts), and queues at most _CHUNK beyond what its
+# latency keeps in flight: the sender's kernel holds the rest, as behind a real link.
+_TICK = 0.01
+_MIN_READ = 1024
 _CONNECT_TIMEOUT = 10.0
 
 
@@ -75,6 +82,41 @@ class Direction:
         self.last_due = 0.0
         self.eof = False
         self.shut = False
+        self.rate: float | None = None
+        self.tokens = 0.0  # bytes the bucket allows; negative: a read not yet paid for
+        self.stamp = 0.0
+
+    def throttle(self, rate: float | None, now: float) -> None:
+        """Refill the token bucket at ``rate`` bytes per second (None: unlimited)."""
+        if rate is None:
+            self.rate = None
+            return
+        size = _read_size(rate)
+        tokens = size if self.rate is None else self.tokens + (now - self.stamp) * rate
+        # Idle time saves up one read at most; a rate change forgives older debt.
+        self.tokens = min(float(size), max(tokens, float(-size)))
+        self.rate, self.stamp = rate, now
+
+    def wants_read(self, latency: float) -> bool:
+        if self.eof:
+            return False
+        if self.rate is None:
+            return self.queued < _MAX_QUEUED
+        room = min(_MAX_QUEUED, _CHUNK + self.rate * latency)
+        return self.tokens >= 0 and self.queued < room
+
+    def read_size(self) -> int:
+        return _CHUNK if self.rate is None else _read_size(self.rate)
+
+    def spend(self, nbytes: int) -> None:
+        if self.rate is not None:
+            self.tokens -= nbytes
+
+    def ready_at(self) -> float | None:
+        """When a throttled source, now out of tokens, may be read again."""
+        if self.rate is None or self.eof or self.tokens >= 0:
+            return None
+        return self.stamp - self.tokens / self.rate
 
     def push(self, data: bytes, due: float) -> None:
         # Never earlier than the previous chunk: lowering the latency keeps the order.
@@ -130,6 +172,10 @@ class Link:
         self._reset = True
         self._wakeup.wake()
 
+    def wake(self) -> None:
+        """Make the link re-read the proxy's settings (e.g. a new rate) at once."""
+        self._wakeup.wake()
+
     def _run(self) -> None:
         upstream: socket.socket | None = None
         clean = False
@@ -164,6 +210,10 @@ class Link:
                 if self._reset:
                     return False
                 now = time.monotonic()
+                rate, latency = self._proxy.rate, self._proxy.latency
+                for direction in (to_up, to_client):
+                    if direction is not None:
+                        direction.throttle(rate, now)
                 if self._blackholed:
                     # Not even an EOF gets through: the client must see silence.
                     to_up.drop()
@@ -177,7 +227,7 @@ class Link:
                     return True
                 if self._blackholed and to_up.eof:
                     return True  # the client left; nothing will ever be forwarded
-                wanted = self._interest(to_up, to_client, connecting)
+                wanted = self._interest(to_up, to_client, connecting, latency)
                 _update(sel, registered, wanted)
                 deadline = connect_deadline if connecting else None
                 if deadline is not None and now > deadline:
@@ -197,22 +247,23 @@ class Link:
     def _receive(self, direction: Direction | None) -> None:
         assert direction is not None
         try:
-            data = direction.src.recv(_CHUNK)
+            data = direction.src.recv(direction.read_size())
         except BlockingIOError:
             return
+        direction.spend(len(data))
         if not data:
             direction.eof = True
         elif not self._blackholed:
             direction.push(data, time.monotonic() + self._proxy.latency)
 
     def _interest(
-        self, to_up: Direction, to_client: Direction | None, connecting: bool
+        self, to_up: Direction, to_client: Direction | None, connecting: bool, latency: float
     ) -> dict[socket.socket, int]:
         wanted: dict[socket.socket, int] = {}
         for direction in (to_up, to_client):
             if direction is None:
                 continue
-            if not direction.eof and direction.queued < _MAX_QUEUED:
+            if direction.wants_read(latency):
                 wanted[direction.src] = wanted.get(direction.src, 0) | selectors.EVENT_READ
             if direction.out and direction.dst is not None and not connecting:
                 wanted[direction.dst] = wanted.get(direction.dst, 0) | selectors.EVENT_WRITE
@@ -225,15 +276,21 @@ class Link:
     def _timeout(
         now: float, to_up: Direction, to_client: Direction | None, deadline: float | None
     ) -> float | None:
-        """Sleep until the next chunk is due, or while connecting until the deadline.
+        """Sleep until a chunk is due or a throttled source may be read again.
 
-        While connecting nothing can be delivered: due chunks must not make us spin.
+        While connecting, only until the deadline: nothing can be delivered then, so
+        due chunks must not make us spin.
         """
         if deadline is not None:
             return max(0.0, deadline - now)
-        dues = [d.next_due() for d in (to_up, to_client) if d is not None]
+        directions = [d for d in (to_up, to_client) if d is not None]
+        dues = [d.next_due() for d in directions] + [d.ready_at() for d in directions]
         times = [due for due in dues if due is not None]
         return max(0.0, min(times) - now) if times else None
+
+
+def _read_size(rate: float) -> int:
+    return int(min(_CHUNK, max(_MIN_READ, rate * _TICK)))
 
 
 def _start_connect(address: tuple[str, int]) -> socket.socket:

@@ -2,7 +2,8 @@
 
 Each mode reproduces what a client sees from a failing provider:
 
-- ``pass``: bytes flow both ways, optionally delayed by ``set_latency()``.
+- ``pass``: bytes flow both ways, optionally delayed by ``set_latency()`` and
+  limited to a bandwidth by ``set_rate()``.
 - ``blackhole``: connections are accepted and kept open but every byte is read and
   dropped, like a server behind a dead link. A blackholed connection has lost bytes
   and so has no usable protocol state: it stays blackholed when the mode goes back to
@@ -64,6 +65,7 @@ class FaultProxy:
         self._port = listen_port
         self._mode: Mode = "pass"
         self._latency = 0.0
+        self._rate: float | None = None
         self._lock = threading.Condition()
         self._links: set[Link] = set()
         self._generation = 0
@@ -86,6 +88,11 @@ class FaultProxy:
     @property
     def latency(self) -> float:
         return self._latency
+
+    @property
+    def rate(self) -> float | None:
+        """Bytes per second allowed in each direction of each link; None: unlimited."""
+        return self._rate
 
     @property
     def connection_count(self) -> int:
@@ -154,6 +161,23 @@ class FaultProxy:
             raise ValueError(f"latency must be a finite number >= 0, got {seconds!r}")
         self._latency = float(seconds)
 
+    def set_rate(self, bytes_per_second: float | None) -> None:
+        """Limit each direction of every link, open or new, to ``bytes_per_second``.
+
+        Like a slow link, not a slow reader: the proxy reads from a sender only as
+        the rate allows and queues little more than the latency keeps in flight, so
+        the sender's own writes block and its kernel send queue drains slowly.
+        ``None`` lifts the limit.
+        """
+        if bytes_per_second is not None and not (
+            math.isfinite(bytes_per_second) and bytes_per_second > 0
+        ):
+            raise ValueError(f"rate must be a finite number > 0 or None, got {bytes_per_second!r}")
+        with self._lock:
+            self._rate = None if bytes_per_second is None else float(bytes_per_second)
+            for link in self._links:
+                link.wake()  # a link sleeping until its next token must see the change
+
     def url_for(self, url: str) -> str:
         """Return ``url`` with its host and port replaced by this proxy's."""
         parts = urlsplit(url)
@@ -196,7 +220,7 @@ class FaultProxy:
 
     def __repr__(self) -> str:
         return (f"FaultProxy({self.host}:{self._port} -> {self.upstream[0]}:{self.upstream[1]}, "
-                f"mode={self._mode}, latency={self._latency})")
+                f"mode={self._mode}, latency={self._latency}, rate={self._rate})")
 
     def _listen(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET

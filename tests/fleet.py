@@ -71,10 +71,11 @@ class Member:
         return self.server.url
 
     def release_faults(self) -> None:
-        """Undo every fault without waiting: resume, forward, no latency."""
+        """Undo every fault without waiting: resume, forward, no latency, no rate limit."""
         self.server.resume()
         self.proxy.set_mode("pass")
         self.proxy.set_latency(0)
+        self.proxy.set_rate(None)
 
     def heal(self) -> None:
         self.release_faults()

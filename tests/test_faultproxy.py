@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
@@ -61,6 +62,121 @@ def test_latency_delays_each_direction_and_keeps_order(
         assert expected == (received,)
         proxy.set_latency(0)
         assert proxy.latency == 0 and conn.execute("SELECT 1").fetchone() == (1,)
+
+
+class Peer:
+    """A raw TCP server for one connection: ``echo`` sends back what it gets, else it sinks.
+
+    ``received`` counts the bytes it read, so a test sees what crossed the proxy.
+    """
+
+    def __init__(self, echo: bool) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.received = 0
+        self._echo = echo
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        with conn, self._listener:
+            try:
+                while data := conn.recv(1 << 20):
+                    self.received += len(data)
+                    if self._echo:
+                        conn.sendall(data)
+            except OSError:
+                pass
+
+    def join(self) -> None:
+        self._thread.join(5)
+
+
+@pytest.fixture
+def peer_proxy() -> Iterator[Callable[[bool], tuple[Peer, FaultProxy]]]:
+    made: list[tuple[Peer, FaultProxy]] = []
+
+    def make(echo: bool) -> tuple[Peer, FaultProxy]:
+        peer = Peer(echo)
+        proxy = FaultProxy("127.0.0.1", peer.port)
+        proxy.start()
+        made.append((peer, proxy))
+        return peer, proxy
+
+    yield make
+    for peer, proxy in made:
+        proxy.close()
+        peer.join()
+
+
+def test_rate_limits_each_direction_and_keeps_bytes_intact(
+    peer_proxy: Callable[[bool], tuple[Peer, FaultProxy]],
+) -> None:
+    _, proxy = peer_proxy(True)
+    proxy.set_rate(1_000_000)
+    assert proxy.rate == 1_000_000.0
+    payload = os.urandom(2_000_000)
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        started = time.monotonic()
+        sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+        sender.start()
+        echoed = bytearray()
+        while len(echoed) < len(payload):
+            chunk = sock.recv(1 << 20)
+            assert chunk, "the echo ended early"
+            echoed += chunk
+        elapsed = time.monotonic() - started
+        sender.join(5)
+    # Both directions run at 1 MB/s side by side: 2 MB each way take about 2 s.
+    assert 1.5 <= elapsed < 6, elapsed
+    assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+
+
+def test_throttled_sender_is_held_back_until_the_rate_is_lifted(
+    peer_proxy: Callable[[bool], tuple[Peer, FaultProxy]],
+) -> None:
+    peer, proxy = peer_proxy(False)
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        # A small send buffer of our own: what the sender got rid of is then
+        # (nearly) what the proxy took from it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+        wait_until(lambda: proxy.connection_count == 1, message="the link to open")
+        proxy.set_rate(200_000)  # an open link is throttled too
+        sock.setblocking(False)
+        accepted = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 1.0:
+            try:
+                accepted += sock.send(b"x" * 65536)
+            except BlockingIOError:
+                time.sleep(0.005)
+        assert 100_000 <= peer.received <= 400_000, peer.received
+        # Without backpressure the proxy would have swallowed megabytes by now.
+        assert accepted - peer.received < 512 * 1024, (accepted, peer.received)
+        proxy.set_rate(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+        sock.setblocking(True)
+        lifted = time.monotonic()
+        sock.sendall(b"y" * 2_000_000)  # 10 s at the old rate
+        total = accepted + 2_000_000
+        wait_until(lambda: peer.received == total, timeout=5, message="every byte to arrive")
+        assert time.monotonic() - lifted < 2
+
+
+def test_rate_and_latency_together(proxy: FaultProxy, server: EmbeddedPostgres) -> None:
+    latency = 0.05
+    with psycopg.connect(proxy.url_for(server.url), autocommit=True) as conn:
+        proxy.set_latency(latency)
+        proxy.set_rate(1_000_000)
+        assert round_trip(conn) >= 2 * latency
+        started = time.monotonic()
+        (text,) = conn.execute("SELECT repeat(md5('a'), 62500)").fetchall()[0]
+        elapsed = time.monotonic() - started
+        assert text == hashlib.md5(b"a").hexdigest() * 62500
+        assert elapsed >= 1.5, elapsed  # 2 MB at 1 MB/s
+        proxy.set_rate(None)
+        assert proxy.rate is None and round_trip(conn) < 1
 
 
 def test_blackhole_accepts_and_never_answers(proxy: FaultProxy, server: EmbeddedPostgres) -> None:
@@ -214,5 +330,8 @@ def test_bad_arguments_are_rejected(proxy: FaultProxy) -> None:
         proxy.set_mode("flaky")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         proxy.set_latency(-1)
+    for rate in (0, -5, float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            proxy.set_rate(rate)
     with pytest.raises(ValueError):
         FaultProxy("127.0.0.1", 0)
