@@ -17,10 +17,20 @@ from typing import Any
 
 import psycopg
 from psycopg import pq
+from psycopg.abc import RV, PQGen
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from .health import HealthCallback, ProviderHealth
-from .provider import FIRST_SLICE, MAX_SLICE, Unavailable, check_wait, is_dead, translate
+from .provider import (
+    FIRST_SLICE,
+    MAX_SLICE,
+    Unavailable,
+    abandoned,
+    check_wait,
+    is_dead,
+    translate,
+    watched,
+)
 from .settings import Settings
 from .watchdog import Watchdog
 
@@ -92,15 +102,13 @@ class AsyncProvider:
     async def run(self, query: Any, params: Any, fetch: AsyncFetch) -> Any:
         pool, conn = await self.checkout()
         health = self.health
-        w = self._watchdog.watch_call(conn.pgconn, health)
         health.in_flight += 1
         try:
             result = await fetch(await conn.execute(query, params))
         except psycopg.Error as exc:
-            raise translate(health, exc, w.fired) from exc
+            raise translate(health, exc, abandoned(conn)) from exc
         finally:
             health.in_flight -= 1
-            self._watchdog.unwatch(w)
             await pool.putconn(conn)
         health.last_alive = time.monotonic()
         return result
@@ -209,19 +217,28 @@ class AsyncProvider:
 def _observed_async_class(
     provider: AsyncProvider, generation: int
 ) -> type[psycopg.AsyncConnection[Any]]:
-    """An async connection class reporting how one pool's connects go."""
+    """The async pool's connection class: every call watched, connects reported.
+
+    Like `provider._observed_class`: each ``wait`` (a statement, a fetch, a
+    COPY block, COMMIT) is one call under the watchdog.
+    """
     ref = weakref.ref(provider)
+    watchdog = provider._watchdog
+    clock = watchdog.clock
 
     def report(exc: BaseException | None) -> None:
         p = ref()
         if p is None or p._generation != generation:
             return
         if exc is None:
-            p.health.last_alive = time.monotonic()
+            p.health.connected()
         else:
             p.health.connect_failed(exc)
 
     class ObservedAsyncConnection(psycopg.AsyncConnection[Any]):
+        #: Set once the watchdog shut this connection's socket.
+        abandoned = False
+
         @classmethod
         async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
             try:
@@ -231,5 +248,17 @@ def _observed_async_class(
                 raise
             report(None)
             return conn
+
+        async def wait(self, gen: PQGen[RV], *args: Any, **kwargs: Any) -> RV:
+            p = ref()
+            if p is None:
+                return await super().wait(gen, *args, **kwargs)
+            w = watchdog.watch_call(self.pgconn, p.health)
+            try:
+                return await super().wait(watched(gen, w, clock), *args, **kwargs)
+            finally:
+                watchdog.unwatch(w)
+                if w.fired:
+                    self.abandoned = True
 
     return ObservedAsyncConnection

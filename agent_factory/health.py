@@ -26,7 +26,7 @@ import psycopg
 from .policy import Breaker
 from .settings import ProviderSettings, Tuning
 from .walclock import WalClock
-from .watchdog import Watch, Watchdog
+from .watchdog import Watch, Watchdog, vouches
 
 logger = logging.getLogger("agent_factory.core.database_manager")
 
@@ -34,15 +34,16 @@ HealthCallback = Callable[[str, bool, "str | None"], None]
 # One round trip: role; (on a publisher) its WAL position and how far each
 # subscriber of ours has received and applied (pg_current_wal_lsn() fails during
 # recovery, hence the CASEs); our session's pid, to tell a direct session
-# from a pooler's; and which of the given server processes sit idle, their
-# client's call lost on the way.
+# from a pooler's; and the state of each given server process (a waiting
+# call's), with how long it has been in that state.
 _PROBE = (
     "SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), "
     "CASE WHEN pg_is_in_recovery() THEN NULL ELSE (SELECT json_agg(json_build_array("
     "application_name, pg_wal_lsn_diff(write_lsn, '0/0')::bigint)) FROM pg_stat_replication "
     "WHERE application_name LIKE 'agent\\_factory\\_%%') END, pg_backend_pid(), "
-    "(SELECT array_agg(pid) FROM pg_stat_activity WHERE pid = ANY(%s::int4[]) "
-    "AND state LIKE 'idle%%'), CASE WHEN pg_is_in_recovery() THEN NULL "
+    "(SELECT json_agg(json_build_array(pid, state, "
+    "extract(epoch FROM clock_timestamp() - state_change)::float8)) "
+    "FROM pg_stat_activity WHERE pid = ANY(%s::int4[])), CASE WHEN pg_is_in_recovery() THEN NULL "
     "ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint END"
 )
 SUBSCRIPTION_PREFIX = "agent_factory_"
@@ -77,9 +78,14 @@ class ProviderHealth:
         self.tuning = tuning
         self.hang_timeout = tuning.hang_timeout
         self.breaker = Breaker(tuning.failure_threshold, tuning.failure_window)
+        #: The last query that completed here (a probe or a call): the only
+        #: proof that the database, not just a pooler in front of it, is alive.
         self.last_alive = 0.0
-        #: Probes can vouch for each call's own server process (see watchdog).
+        #: Probes can vouch for each call's own server process (see watchdog):
+        #: a direct session, confirmed by the probe; never behind a pooler.
         self.tracks_backends = False
+        #: Failures of the prober's own work (failback gate, pool renewal).
+        self.prober_errors = 0
         self.writable = True
         self.in_flight = 0
         self.waiting = 0
@@ -117,7 +123,10 @@ class ProviderHealth:
             connect_timeout=str(max(2, math.ceil(tuning.connect_timeout)))
         )
         if tuning.monitor_interval > 0:
-            self._wake_prober(want_probe=False)
+            # A first probe at once: the monitor connection is open (and
+            # whether calls can be vouched for one by one is known) before a
+            # slow link or a hang makes opening it slow.
+            self._wake_prober(want_probe=True)
 
     # -- state seen by the data path --------------------------------------------
 
@@ -156,12 +165,15 @@ class ProviderHealth:
         password = self.target.password
         return text.replace(password, "***") if password else text
 
+    def connected(self) -> None:
+        """A pool's connection attempt succeeded: proof of life, unless through a pooler."""
+        if not self.target.pooler:
+            self.last_alive = self._clock()
+
     def connect_failed(self, exc: BaseException) -> None:
         """A pool's connection attempt failed (reported by the I/O shell)."""
         if self._closed:
             return
-        if isinstance(exc, psycopg.Error) and exc.sqlstate:
-            self.last_alive = self._clock()  # the server answered
         reason = self.failure_reason(exc)
         self.connect_error = reason
         self.connect_failed_at = self._clock()
@@ -195,23 +207,27 @@ class ProviderHealth:
                 with self._cond:
                     suspects, self._suspects = self._suspects, set()
                 t0 = self._clock()
+                sent = self._watchdog.clock()
                 w = self._watchdog.watch(conn.pgconn.socket, self, t0 + self.hang_timeout)
                 try:
                     row = conn.execute(_PROBE, ([s.pid for s in suspects],)).fetchone()
                 finally:
                     self._watchdog.unwatch(w)
             except psycopg.Error as exc:
+                # An error, even with a SQLSTATE, is no proof of life: behind a
+                # pooler it may be the pooler's own ("server login has been failing").
                 self._drop_monitor()
-                if exc.sqlstate:  # the server answered: alive, but not usable
-                    self.last_alive = self._clock()
                 hung = self._clock() - t0 >= self.hang_timeout
                 self.mark_down(self.failure_reason(exc, hung))
                 return False
             now = self._clock()
             self.last_alive = now
             if row is not None:
-                self._vouch(suspects, set(row[4] or ()), now)
-                self.tracks_backends = row[3] == conn.pgconn.backend_pid
+                self.tracks_backends = (
+                    not self.target.pooler and row[3] == conn.pgconn.backend_pid
+                )
+                if self.tracks_backends:
+                    _vouch(suspects, row[4] or [], sent, self._watchdog.clock())
         if row is not None and not row[0]:
             self._read_replication(row[2] or [], row[5], now)
         self._record_latency(now - t0)
@@ -248,13 +264,6 @@ class ProviderHealth:
                 lags[name] = Lag(max(0, position - received), seconds, now)
         self.replication = lags
 
-    @staticmethod
-    def _vouch(suspects: set[Watch], idle: set[int], now: float) -> None:
-        """News for each waiting call, unless its server process idles while it waits."""
-        for w in suspects:
-            if w.pid not in idle or not w.in_call():
-                w.alive = now
-
     def _record_latency(self, seconds: float) -> None:
         self._latencies.append(seconds)
         ewma = self.latency_ewma
@@ -273,7 +282,7 @@ class ProviderHealth:
                 self.breaker.succeed(self._clock(), latency, required)
             return
         gate = self.gate_recovery
-        if gate is not None and not gate(self.name):
+        if gate is not None and not self._run_gate(gate):
             return  # stays half-open; the next probe tries again
         try:
             with self._lock:
@@ -289,6 +298,18 @@ class ProviderHealth:
         finally:
             if gate is not None and self.after_recovery is not None:
                 self.after_recovery(self.name)
+
+    def _run_gate(self, gate: Callable[[str], bool]) -> bool:
+        """The failback's veto; a failure in it vetoes (logged, counted) and resumes writes."""
+        try:
+            return gate(self.name)
+        except Exception:
+            self.prober_errors += 1
+            logger.exception("failback before %r takes traffic failed; retrying at the next "
+                             "probe", self.name)
+            if self.after_recovery is not None:
+                self.after_recovery(self.name)  # never leave writes paused
+            return False
 
     def request_probe(self, watch: Watch | None = None) -> None:
         """Ask the prober thread for a probe soon (non-blocking), to vouch for ``watch``."""
@@ -369,6 +390,7 @@ class ProviderHealth:
             "weight": self.tuning.weight,
             "serverless": self.tuning.serverless,
             "per_call_hang_check": self.tracks_backends,
+            "prober_errors": self.prober_errors,
             "checked": b.checked,
         }
 
@@ -387,12 +409,27 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e3, 3)
 
 
+def _vouch(suspects: set[Watch], rows: list[list[Any]], sent: float, now: float) -> None:
+    """News for each waiting call whose server process the probe saw at work (see watchdog)."""
+    seen = {int(pid): (state, idle_for) for pid, state, idle_for in rows}
+    for w in suspects:
+        state, idle_for = seen.get(w.pid, (None, None))
+        if vouches(state, idle_for, sent - w.started, w.pid in seen):
+            w.alive = now
+
+
 def _probe_loop(ref: weakref.ReferenceType[ProviderHealth]) -> None:
     # Holds only a weak reference between probes, so a forgotten provider is
-    # collected and this thread ends.
+    # collected and this thread ends. Nothing the probe runs (the failback
+    # gate, a pool renewal) may end it: an error is logged, counted, and the
+    # next probe tries again.
     while True:
         health = ref()
         if health is None or not health._next_probe():
             return
-        health.probe()
+        try:
+            health.probe()
+        except Exception:
+            health.prober_errors += 1
+            logger.exception("probe of %r failed; retrying at the next probe", health.name)
         del health

@@ -18,13 +18,14 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg import pq
+from psycopg.abc import RV, PQGen
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from .errors import HangTimeoutError, OutcomeUnknownError, ProviderUnavailableError
 from .health import HealthCallback, ProviderHealth
 from .policy import Kind, classify, may_retry_after_send
 from .settings import ProviderSettings, Settings
-from .watchdog import Watchdog
+from .watchdog import Watch, Watchdog
 
 Fetch = Callable[[psycopg.Cursor[Any]], Any]
 FetchMode = Literal["all", "one", "none"]
@@ -147,15 +148,13 @@ class DatabaseProvider:
         """Run one statement in autocommit mode; raise `Unavailable` or the SQL error."""
         pool, conn = self.checkout()
         health = self.health
-        w = self._watchdog.watch_call(conn.pgconn, health)
         health.in_flight += 1
         try:
             result = fetch(conn.execute(query, params))
         except psycopg.Error as exc:
-            raise translate(health, exc, w.fired) from exc
+            raise translate(health, exc, abandoned(conn)) from exc
         finally:
             health.in_flight -= 1
-            self._watchdog.unwatch(w)
             pool.putconn(conn)
         health.last_alive = self._clock()
         return result
@@ -225,7 +224,9 @@ class DatabaseProvider:
             kwargs["prepare_threshold"] = None
         pool: ConnectionPool[Any] = ConnectionPool(
             self.health.conninfo,
-            connection_class=_observed_class(self.health, self, self._generation),
+            connection_class=_observed_class(
+                self.health, self, self._generation, self._watchdog
+            ),
             kwargs=kwargs,
             min_size=t.pool_min_size,
             max_size=t.pool_max_size,
@@ -330,27 +331,57 @@ def is_dead(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> boo
     return pgconn.status != pq.ConnStatus.OK
 
 
-def _observed_class(
-    health: ProviderHealth, owner: Any, generation: int
-) -> type[psycopg.Connection[Any]]:
-    """A connection class that tells the health how one pool's connects go.
+def watched(gen: PQGen[RV], w: Watch, clock: Callable[[], float]) -> PQGen[RV]:
+    """Forward psycopg's generator, noting each time the call's socket made progress.
 
-    A connect started by a pool replaced since (at recovery) says nothing
-    about the provider now, so it is ignored.
+    psycopg resumes the generator with a non-zero ``ready`` only when the
+    socket became readable (bytes arrived) or writable (the kernel took
+    more of the request): the call's own news, on every platform.
+    """
+    try:
+        wait_for = next(gen)
+        while True:
+            ready = yield wait_for
+            if ready:
+                w.alive = clock()
+            wait_for = gen.send(ready)
+    except StopIteration as ex:
+        return ex.value  # type: ignore[no-any-return]
+
+
+def abandoned(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the watchdog abandoned a call of ``conn`` (its socket was shut down)."""
+    return bool(getattr(conn, "abandoned", False))
+
+
+def _observed_class(
+    health: ProviderHealth, owner: Any, generation: int, watchdog: Watchdog
+) -> type[psycopg.Connection[Any]]:
+    """The pool's connection class: every call under the watchdog, connects reported.
+
+    Each round of I/O psycopg does (`Connection.wait`: a statement, a
+    fetch, a COPY block, COMMIT) is one watched call, so inside a
+    transaction the deadline covers a statement, never the gaps between
+    them. A connect started by a pool replaced since (at recovery) says
+    nothing about the provider now, so it is ignored.
     """
     health_ref = weakref.ref(health)
     owner_ref = weakref.ref(owner)
+    clock = watchdog.clock
 
     def report(exc: BaseException | None) -> None:
         h, o = health_ref(), owner_ref()
         if h is None or o is None or o.current_generation() != generation:
             return
         if exc is None:
-            h.last_alive = time.monotonic()
+            h.connected()
         else:
             h.connect_failed(exc)
 
     class ObservedConnection(psycopg.Connection[Any]):
+        #: Set once the watchdog shut this connection's socket.
+        abandoned = False
+
         @classmethod
         def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
             try:
@@ -360,5 +391,17 @@ def _observed_class(
                 raise
             report(None)
             return conn
+
+        def wait(self, gen: PQGen[RV], *args: Any, **kwargs: Any) -> RV:
+            h = health_ref()
+            if h is None:
+                return super().wait(gen, *args, **kwargs)
+            w = watchdog.watch_call(self.pgconn, h)
+            try:
+                return super().wait(watched(gen, w, clock), *args, **kwargs)
+            finally:
+                watchdog.unwatch(w)
+                if w.fired:
+                    self.abandoned = True
 
     return ObservedConnection

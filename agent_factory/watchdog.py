@@ -6,23 +6,47 @@ the socket of every call in flight and, when the call's deadline passes,
 shuts that socket down; the blocked psycopg call then fails at once with a
 connection error, which the manager treats as the provider being down.
 
+The unit is one *call*: one round of I/O psycopg performs on a connection
+(a statement, a fetch from a server-side cursor or a stream, a COPY block,
+COMMIT), watched from its start to its end by the pool's connection class
+(see `provider.watched_wait`). Think time in a transaction, the gaps between
+statements and a LISTEN waiting for notifications are not calls.
+
 Two kinds of deadline:
 
-* *liveness*: a query may run as long as it likes while its server shows
-  signs of life *for this call*. The deadline is ``hang_timeout`` after the
-  later of the call's start and its last news. When a call has waited
-  ``probe_after`` without news, the watchdog asks the provider for a probe on
-  a separate connection. The probe answers for the server and, when the
-  provider can tell (`Liveness.tracks_backends`), for the call's own server
-  process: a live server whose process for this connection sits idle while
-  the client waits has lost the call (a NAT or firewall that dropped the
-  connection, bytes lost on the way), so that probe is no news for it.
-  Without backend tracking (behind a connection pooler) any sign of life of
-  the server counts.
+* *liveness*: a call may take as long as it likes while it has news. The
+  deadline is ``hang_timeout`` after the later of the call's start and its
+  last news. What counts as news for a call:
+
+  - its socket made progress: psycopg was woken because bytes arrived or the
+    kernel took more of the request (portable, exact);
+  - Linux: the socket's TCP counters (bytes acknowledged by the peer, bytes
+    received) moved, sampled here for calls without other news — the tail
+    of a large upload drains from the kernel's send queue while psycopg
+    already waits for the answer;
+  - a probe on a separate connection saw the call's server process at work
+    (`vouches`): running, or waiting on a lock. A process that sits idle
+    since the call was sent has answered and the answer was lost; one that
+    is gone from ``pg_stat_activity`` has lost the connection; one idle
+    since before the call was sent has not received it, which the socket
+    decides on Linux and which counts as the server's liveness elsewhere;
+  - behind a connection pooler (no backend to look at): a query that
+    completed through the pooler, a probe or another call
+    (`Liveness.last_alive`). The pooler answering with an error, or
+    accepting a connection, proves nothing about the database behind it.
+
+  When a call has waited ``probe_after`` without news, the watchdog asks
+  its provider for a probe.
 * *hard*: an absolute deadline, used for the probes themselves.
 
+Firing is atomic with the call's end: a call's socket is shut down only
+while the call is still in progress, and a call that ends meanwhile waits
+for the shutdown to finish before its connection can go back to a pool, so
+the next user of that connection (or of a reused file descriptor) is never
+cut.
+
 One daemon thread serves a whole manager; it starts on first use, holds no
-lock while shutting sockets, and stops on `close()`.
+manager-wide lock while shutting sockets, and stops on `close()`.
 """
 
 from __future__ import annotations
@@ -30,6 +54,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -41,11 +67,20 @@ logger = logging.getLogger("agent_factory.core.database_manager")
 
 _ACTIVE = pq.TransactionStatus.ACTIVE
 
+#: TCP_INFO's tcpi_bytes_acked and tcpi_bytes_received (Linux 4.1 and later).
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+_TCP_COUNTERS = struct.Struct("=QQ")
+_TCP_COUNTERS_AT = 120
+#: Whether this platform gives the transport evidence (the README says what
+#: the others fall back to).
+TRANSPORT_EVIDENCE = _TCP_INFO is not None
+
 
 class Liveness(Protocol):
     """What the watchdog needs to know about a provider."""
 
     name: str
+    #: The last query that completed on the provider (monotonic seconds).
     last_alive: float
     hang_timeout: float
     #: Probes report on each watched call's server process (direct sessions,
@@ -58,13 +93,13 @@ class Liveness(Protocol):
 class Watch:
     """One call in flight.
 
-    ``pgconn`` (data-path calls on a direct session): the connection, whose
-    server process a probe can look at; its news is then ``alive``, set by
-    those probes, rather than the provider's ``last_alive``.
+    ``pgconn`` (data-path calls): the connection, whose server process a
+    probe can look at and whose socket shows progress; its news is then
+    ``alive``, rather than the provider's ``last_alive`` (direct sessions).
     """
 
-    __slots__ = ("fd", "started", "target", "hard_deadline", "probed", "fired",
-                 "pgconn", "pid", "alive")
+    __slots__ = ("fd", "started", "target", "hard_deadline", "probed", "fired", "done",
+                 "pgconn", "pid", "alive", "tcp", "lock")
 
     def __init__(
         self, fd: int, started: float, target: Liveness, hard_deadline: float | None,
@@ -76,15 +111,21 @@ class Watch:
         self.hard_deadline = hard_deadline
         self.probed = 0.0
         self.fired = False
+        self.done = False
         self.pgconn = pgconn
         self.pid: int = pgconn.backend_pid if pgconn is not None else 0
         self.alive = 0.0
+        #: The last TCP counters seen (None: not sampled yet or unavailable).
+        self.tcp: int | None = None
+        #: Held while the call ends and while its socket is shut: see `Watchdog`.
+        self.lock = threading.Lock()
 
     def news(self) -> float:
         """The call's last sign of life."""
         t = self.target
-        own = self.pgconn is not None and t.tracks_backends
-        return max(self.started, self.alive if own else t.last_alive)
+        if self.pgconn is not None and t.tracks_backends:
+            return max(self.started, self.alive)
+        return max(self.started, self.alive, t.last_alive)
 
     def deadline(self) -> float:
         if self.hard_deadline is not None:
@@ -97,14 +138,64 @@ class Watch:
             return None
         return max(self.news(), self.probed) + probe_after
 
-    def in_call(self) -> bool:
-        """The client is waiting for an answer (not the application thinking in a transaction)."""
+    def waiting(self) -> bool:
+        """The client waits for the server (not a LISTEN idling for notifications)."""
         pgconn = self.pgconn
-        return pgconn is not None and pgconn.transaction_status == _ACTIVE
+        return pgconn is None or pgconn.transaction_status == _ACTIVE
+
+
+def vouches(state: str | None, idle_for: float | None, waited: float, present: bool) -> bool:
+    """Whether a probe's view of a call's server process is news for the call.
+
+    ``present``: the process is in ``pg_stat_activity``; ``state`` and
+    ``idle_for`` (seconds since its last state change, on the server's
+    clock) as the probe read them; ``waited``: how long the call had been in
+    progress when the probe was sent (client clock). Durations only, so the
+    two clocks need not agree: ``idle_for < waited`` means the process went
+    idle after the call began.
+    """
+    if not present:
+        return False  # its server process is gone: the connection is lost
+    if state is None or idle_for is None:
+        return True  # not visible to the probing role: the server's liveness
+    if not state.startswith("idle"):
+        return True  # running, or waiting on a lock
+    if idle_for < waited:
+        return False  # it finished after the call was sent: the answer was lost
+    # Idle since before the call was sent: the request has not arrived. On
+    # Linux the socket's own progress decides; elsewhere nothing tells a slow
+    # link from a lost request, so the server's liveness counts.
+    return not TRANSPORT_EVIDENCE
+
+
+def tcp_progress(fd: int) -> int | None:
+    """Bytes the peer acknowledged plus bytes received on socket ``fd`` (Linux; else None)."""
+    if _TCP_INFO is None:
+        return None
+    try:
+        # The family given does not matter for getsockopt; it spares the
+        # lookups socket() would do to find it.
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+    except OSError:
+        return None
+    try:
+        raw = s.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 256)
+    except OSError:
+        return None  # not TCP (a Unix socket) or closed
+    finally:
+        s.detach()
+    if len(raw) < _TCP_COUNTERS_AT + _TCP_COUNTERS.size:
+        return None
+    acked, received = _TCP_COUNTERS.unpack_from(raw, _TCP_COUNTERS_AT)
+    return int(acked + received)
 
 
 class Watchdog:
-    """Shuts down the sockets of calls whose deadline passed."""
+    """Shuts down the sockets of calls whose deadline passed.
+
+    ``before_shutdown`` (tests): called with each call about to be
+    abandoned, between the decision and the shutdown, under the call's lock.
+    """
 
     def __init__(
         self,
@@ -117,18 +208,19 @@ class Watchdog:
         # wake it (its first action is due probe_after later).
         self._tick = min(0.1, probe_after / 2)
         self._next_wake = 0.0
-        self._clock = clock
+        self.clock = clock
         self._cond = threading.Condition(threading.Lock())
         self._watches: set[Watch] = set()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.before_shutdown: Callable[[Watch], None] | None = None
 
     def watch(
         self, fd: int, target: Liveness, hard_deadline: float | None = None, *,
         pgconn: Any = None,
     ) -> Watch:
         """Watch a call on socket ``fd``; pass its ``pgconn`` so probes can vouch for it."""
-        now = self._clock()
+        now = self.clock()
         w = Watch(fd, now, target, hard_deadline, pgconn)
         if self._closed:
             return w
@@ -146,11 +238,14 @@ class Watchdog:
         return w
 
     def watch_call(self, pgconn: Any, target: Liveness) -> Watch:
-        """Watch a data-path call on ``pgconn``: probes can vouch for its server process."""
+        """Watch a data-path call on ``pgconn``: its socket and server process give news."""
         return self.watch(pgconn.socket, target, pgconn=pgconn)
 
     def unwatch(self, w: Watch) -> None:
+        """The call ended; if its socket is being shut down, wait for that to finish."""
         self._watches.discard(w)
+        with w.lock:
+            w.done = True
 
     def close(self) -> None:
         with self._cond:
@@ -174,7 +269,7 @@ class Watchdog:
             with self._cond:
                 if self._closed:
                     return
-                now = self._clock()
+                now = self.clock()
                 wake = self._scan(now, to_fire, to_probe)
                 if not to_fire and not to_probe:
                     tick = now + self._tick
@@ -184,14 +279,15 @@ class Watchdog:
             for w in to_probe:
                 w.target.request_probe(w)
             for w in to_fire:
-                _shutdown(w.fd, w.target.name)
+                self._fire(w)
 
     def _scan(self, now: float, to_fire: list[Watch], to_probe: list[Watch]) -> float | None:
         wake: float | None = None
         for w in list(self._watches):
+            if w.hard_deadline is None:
+                self._gather_news(w, now)
             due = w.deadline()
             if now >= due:
-                w.fired = True
                 self._watches.discard(w)
                 to_fire.append(w)
                 continue
@@ -204,6 +300,34 @@ class Watchdog:
                 due = min(due, probe_at)
             wake = due if wake is None else min(wake, due)
         return wake
+
+    def _gather_news(self, w: Watch, now: float) -> None:
+        """The evidence this thread can see itself: the client idle, the socket moving."""
+        if w.pgconn is None or now - w.news() < self._tick:
+            return
+        if not w.waiting():
+            w.alive = now
+            return
+        with w.lock:
+            if w.done:
+                return
+            seen = tcp_progress(w.fd)
+        if seen is not None and w.tcp is not None and seen != w.tcp:
+            w.alive = now
+        w.tcp = seen
+
+    def _fire(self, w: Watch) -> None:
+        with w.lock:
+            if w.done:
+                return  # it ended meanwhile: its connection is someone else's now
+            if self.clock() < w.deadline():
+                self._watches.add(w)  # news arrived since the scan
+                return
+            w.fired = True
+            hook = self.before_shutdown
+            if hook is not None:
+                hook(w)
+            _shutdown(w.fd, w.target.name)
 
 
 def _shutdown(fd: int, provider: str) -> None:
@@ -218,4 +342,3 @@ def _shutdown(fd: int, provider: str) -> None:
         pass
     finally:
         s.close()
-

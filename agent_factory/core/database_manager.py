@@ -27,7 +27,7 @@ from ..errors import ManagerClosedError
 from ..events import Listener
 from ..failover import Route
 from ..health import HealthCallback
-from ..provider import DatabaseProvider, Fetch, FetchMode, Unavailable, fetcher
+from ..provider import DatabaseProvider, Fetch, FetchMode, Unavailable, abandoned, fetcher
 from ..settings import Settings
 from ..watchdog import Watchdog
 from .base import BaseManager, resolve_settings
@@ -166,27 +166,30 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
             try:
                 pool, conn = provider.checkout()
             except Unavailable as exc:
+                # The rule of execute_query: a busy pool moves on without
+                # marking the provider down.
                 failures[provider.name] = exc.reason
-                provider.health.mark_down(exc.reason)
+                if exc.down:
+                    provider.health.mark_down(exc.reason)
                 continue
             break
         else:
             raise core.all_failed(failures, True)
         core.succeeded(provider, core.epoch, failures or None, True)
         health = provider.health
-        w = self._watchdog.watch_call(conn.pgconn, health)
+        # Each statement of the block is watched by the connection itself
+        # (see provider._observed_class): the gaps between them are not calls.
         phase = "body"
         try:
             with conn.transaction():
                 yield conn
                 phase = "commit"
         except psycopg.Error as exc:
-            error = core.transaction_error(provider, exc, phase, w.fired)
+            error = core.transaction_error(provider, exc, phase, abandoned(conn))
             if error is None:
                 raise
             raise error from exc
         finally:
-            self._watchdog.unwatch(w)
             pool.putconn(conn)
         health.last_alive = time.monotonic()
         core.last_write = time.monotonic()
