@@ -219,9 +219,16 @@ class Failover(Generic[P]):
     def transaction_error(
         self, provider: P, exc: psycopg.Error, phase: str, hung: bool
     ) -> Exception | None:
-        """Why a pinned transaction failed; None for a SQL error (re-raise it unchanged)."""
-        if classify(exc) is Kind.SQL:
+        """Why a pinned transaction failed; None for a SQL error (re-raise it unchanged).
+
+        A read-only refusal (SQLSTATE 25006) is the caller's SQL error too: the
+        connection is fine, the server is not writable (marked so, not down).
+        """
+        kind = classify(exc)
+        if kind is not Kind.UNAVAILABLE:
             tag(exc, provider.name)
+            if kind is Kind.READ_ONLY:
+                provider.health.mark_read_only(provider.health.failure_reason(exc))
             return None
         health = provider.health
         reason = health.failure_reason(exc, hung)
