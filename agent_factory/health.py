@@ -208,7 +208,7 @@ class ProviderHealth:
                     suspects, self._suspects = self._suspects, set()
                 t0 = self._clock()
                 sent = self._watchdog.clock()
-                w = self._watchdog.watch(conn.pgconn.socket, self, t0 + self.hang_timeout)
+                w = self._watchdog.watch(conn.pgconn.socket, self, sent + self.hang_timeout)
                 try:
                     row = conn.execute(_PROBE, ([s.pid for s in suspects],)).fetchone()
                 finally:

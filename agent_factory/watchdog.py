@@ -176,7 +176,7 @@ def tcp_progress(fd: int) -> int | None:
         # The family given does not matter for getsockopt; it spares the
         # lookups socket() would do to find it.
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
-    except OSError:
+    except (OSError, ValueError):  # closed, or not a descriptor at all
         return None
     try:
         raw = s.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 256)

@@ -728,6 +728,41 @@ def test_silenced_connection_on_a_live_server_is_abandoned_and_the_read_moves_on
     assert out["seconds"] < CALL_BOUND, out
 
 
+def test_running_statement_is_news_until_its_server_process_is_gone(
+    make_db: MakeDb, healthy_fleet: Fleet
+) -> None:
+    """A call whose server process works is not abandoned; once that process is gone, it is.
+
+    The one pooled connection runs a long statement; its link is then silenced
+    (the answer could never arrive). While the server process runs the
+    statement, probes vouch for the call, however long. When the process is
+    terminated, it is missing from pg_stat_activity: no news any more, and the
+    call is abandoned within about hang_timeout (it was waited on for ever).
+    """
+    db = make_db(pool_min_size=1, pool_max_size=1)
+    db.health_check_all(max_age=0)
+    with db.transaction() as conn:
+        port, pid = local_port(conn), conn.info.backend_pid
+    marker = f"gone_{uuid.uuid4().hex[:8]}"
+    primary = db.providers["supabase"]
+    thread, out = run_in_thread(lambda: primary.execute_query(
+        f"SELECT '{marker}' FROM pg_sleep(60)", fetch_mode="one"))
+    wait_until(lambda: active_backends(healthy_fleet, "supabase", marker) > 0, timeout=10,
+               message="the statement running on the primary")
+    healthy_fleet["supabase"].proxy.blackhole_client(port)
+    # Three hang_timeouts of a silent link: the running process keeps the call alive.
+    thread.join(timeout=3 * HANG_TIMEOUT)
+    if not thread.is_alive():
+        raise AssertionError(f"a call whose statement was running was abandoned: {out}")
+    with psycopg.connect(healthy_fleet["supabase"].direct_url, autocommit=True) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+    t0 = time.monotonic()
+    join_or_unblock(thread, healthy_fleet, CALL_BOUND + 10,
+                    "a call whose server process is gone waited on")
+    assert isinstance(out.get("error"), HangTimeoutError), out
+    assert time.monotonic() - t0 < CALL_BOUND
+
+
 def test_silenced_connection_on_a_live_server_fails_a_write_as_unknown(
     table: str, make_db: MakeDb, healthy_fleet: Fleet
 ) -> None:

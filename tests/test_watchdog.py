@@ -1,0 +1,128 @@
+"""The watchdog: what counts as news for a call, and firing atomic with the call's end."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from fleet import Fleet, wait_until
+
+from agent_factory.provider import DatabaseProvider
+from agent_factory.settings import Settings
+from agent_factory.watchdog import TRANSPORT_EVIDENCE, Watch, Watchdog, tcp_progress, vouches
+
+# -- what a probe's view of a call's server process means (no I/O) -------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "idle_for", "waited", "present", "news"),
+    [
+        ("active", 0.1, 3.0, True, True),  # running: a long statement
+        ("active", 9.0, 0.6, True, True),  # waiting on a lock: still "active"
+        ("fastpath function call", 1.0, 0.6, True, True),
+        ("idle in transaction", 0.2, 0.6, True, False),  # answered after the call was sent
+        ("idle", 0.2, 0.6, True, False),
+        ("idle in transaction (aborted)", 0.1, 0.6, True, False),
+        (None, None, 0.6, True, True),  # another role's session: the server's liveness
+        ("idle", None, 0.6, True, True),
+        (None, None, 0.6, False, False),  # gone from pg_stat_activity
+        ("active", 0.1, 0.6, False, False),
+    ],
+)
+def test_vouches(state: str | None, idle_for: float | None, waited: float, present: bool,
+                 news: bool) -> None:
+    assert vouches(state, idle_for, waited, present) is news
+
+
+def test_request_not_arrived_is_decided_by_the_socket_where_it_can_be() -> None:
+    """Idle since before the call was sent: on Linux the socket decides (no probe news)."""
+    assert vouches("idle", 5.0, 0.6, True) is (not TRANSPORT_EVIDENCE)
+    assert vouches("idle in transaction", 0.61, 0.6, True) is (not TRANSPORT_EVIDENCE)
+
+
+@pytest.mark.skipif(not TRANSPORT_EVIDENCE, reason="TCP_INFO counters are Linux-only")
+def test_tcp_progress_counts_bytes_acked_and_received() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        with client, peer:
+            before = tcp_progress(client.fileno())
+            assert before is not None
+            client.sendall(b"x" * 5000)
+            assert peer.recv(10000)
+            peer.sendall(b"y" * 300)
+            assert client.recv(1000) == b"y" * 300
+            wait_until(lambda: tcp_progress(client.fileno()) == before + 5300, timeout=5,
+                       message="5,000 bytes acknowledged and 300 received")
+    assert tcp_progress(-1) is None
+
+
+# -- firing is atomic with the call's end -------------------------------------------
+
+
+def test_a_call_that_ends_while_it_is_being_abandoned_never_cuts_the_next_user(
+    healthy_fleet: Fleet,
+) -> None:
+    """The decision to abandon, then (delayed) the shutdown, while the call completes meanwhile.
+
+    Before the fix, the call released its connection to the pool during the
+    delay and the shutdown cut the *next* caller's statement on it. Now the
+    call cannot release its connection until the shutdown is done: the next
+    caller gets a fresh connection.
+    """
+    offset = [0.0]
+    watchdog = Watchdog(probe_after=1000.0, clock=lambda: time.monotonic() + offset[0])
+    url = healthy_fleet["supabase"].direct_url
+    settings = Settings.build({"p": url}, pool_min_size=1, pool_max_size=1,
+                              monitor_interval=0, checkout_timeout=10.0)
+    provider = DatabaseProvider("p", url, settings=settings, watchdog=watchdog)
+    first_done = threading.Event()
+    results: dict[str, Any] = {}
+
+    def call(key: str, query: str, done: threading.Event | None = None) -> None:
+        try:
+            results[key] = provider.execute_query(query, fetch_mode="one")
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            results[key] = exc
+        if done is not None:
+            done.set()
+
+    def delayed_shutdown(w: Watch) -> None:
+        # The server answers the first call meanwhile; then give the next caller
+        # every chance to start on the same connection (it cannot, now).
+        wait_until(lambda: not running(url, "SELECT 1 FROM"), timeout=10,
+                   message="the first call answered")
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and not running(url, "SELECT 2 FROM"):
+            time.sleep(0.02)
+
+    watchdog.before_shutdown = delayed_shutdown
+    try:
+        first = threading.Thread(target=call, args=("first", "SELECT 1 FROM pg_sleep(0.5)",
+                                                    first_done))
+        first.start()
+        wait_until(lambda: watchdog._watches, timeout=10, message="the first call watched")
+        second = threading.Thread(target=call, args=("second", "SELECT 2 FROM pg_sleep(0.3)"))
+        second.start()
+        offset[0] = 100.0  # the first call's deadline has passed
+        first.join(timeout=20)
+        second.join(timeout=20)
+        assert not first.is_alive() and not second.is_alive()
+        assert results["first"] == (1,), results  # it completed: its answer is kept
+        assert results["second"] == (2,), results  # never cut
+    finally:
+        provider.close()
+        watchdog.close()
+
+
+def running(url: str, text: str) -> bool:
+    """A statement containing ``text`` runs on the server (the next caller's, if it started)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                           "AND pid <> pg_backend_pid() AND position(%s in query) > 0",
+                           (text,)).fetchone()
+    return row is not None and row[0] > 0
