@@ -222,13 +222,15 @@ class Failover(Generic[P]):
         """Why a pinned transaction failed; None for a SQL error (re-raise it unchanged).
 
         A read-only refusal (SQLSTATE 25006) is the caller's SQL error too: the
-        connection is fine, the server is not writable (marked so, not down).
+        connection is fine. Inside a block it may be the caller's own ``SET
+        TRANSACTION READ ONLY``, so a probe at once decides whether the server
+        is writable (a demoted one is then marked so); it is never marked down.
         """
         kind = classify(exc)
         if kind is not Kind.UNAVAILABLE:
             tag(exc, provider.name)
             if kind is Kind.READ_ONLY:
-                provider.health.mark_read_only(provider.health.failure_reason(exc))
+                provider.health.request_probe()
             return None
         health = provider.health
         reason = health.failure_reason(exc, hung)

@@ -1,0 +1,108 @@
+"""transaction(): a busy pool and a read-only refusal are not outages (sync and async)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import MakeDb
+from fleet import Fleet
+from psycopg import errors as pge
+
+from agent_factory.core.async_database_manager import AsyncDatabaseManager
+
+ORDER = ["supabase", "railway", "neon"]
+FAST = {"hang_timeout": 1.0, "probe_interval": 0.1}
+BUSY = {"pool_min_size": 1, "pool_max_size": 1, "checkout_timeout": 0.5}
+
+
+@pytest.fixture
+def table(healthy_fleet: Fleet) -> Iterator[str]:
+    name = f"tx_{uuid.uuid4().hex[:10]}"
+    for member in healthy_fleet:
+        with psycopg.connect(member.direct_url, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY)")
+    yield name
+    for member in healthy_fleet:
+        with psycopg.connect(member.direct_url, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def port_of(fleet: Fleet, port: int) -> str:
+    return next(m.name for m in fleet if m.server.port == port)
+
+
+def assert_primary_untouched(stats: dict[str, dict[str, Any]]) -> None:
+    primary = stats["supabase"]
+    assert primary["healthy"] is True, primary
+    assert primary["errors"] == 0, primary
+
+
+def test_busy_pool_at_transaction_checkout_moves_on_without_marking_down(
+    make_db: MakeDb, healthy_fleet: Fleet
+) -> None:
+    """The rule of execute_query: the block moves to the next provider, the primary stays up."""
+    db = make_db(**BUSY)
+    with db.transaction() as held:  # the primary's only pooled connection
+        (port,) = held.execute("SELECT inet_server_port()").fetchone() or (0,)
+        assert port_of(healthy_fleet, port) == "supabase"
+        with db.transaction() as conn:
+            (port,) = conn.execute("SELECT inet_server_port()").fetchone() or (0,)
+        assert port_of(healthy_fleet, port) == "railway"
+    assert_primary_untouched(db.get_provider_stats())
+    with db.transaction() as conn:  # back on the primary at once
+        (port,) = conn.execute("SELECT inet_server_port()").fetchone() or (0,)
+    assert port_of(healthy_fleet, port) == "supabase"
+
+
+def test_busy_pool_at_async_transaction_checkout_moves_on_without_marking_down(
+    healthy_fleet: Fleet,
+) -> None:
+    async def main() -> None:
+        async with AsyncDatabaseManager(healthy_fleet.urls(), order=ORDER,
+                                        **{**FAST, **BUSY}) as db:
+            async with db.transaction() as held:
+                cur = await held.execute("SELECT inet_server_port()")
+                assert port_of(healthy_fleet, (await cur.fetchone() or (0,))[0]) == "supabase"
+                async with db.transaction() as conn:
+                    cur = await conn.execute("SELECT inet_server_port()")
+                    port = (await cur.fetchone() or (0,))[0]
+                assert port_of(healthy_fleet, port) == "railway"
+            assert_primary_untouched(db.get_provider_stats())
+
+    asyncio.run(main())
+
+
+def test_read_only_refusal_inside_a_transaction_is_the_callers_error(
+    make_db: MakeDb, table: str
+) -> None:
+    """SQLSTATE 25006 is an answer, not a lost connection: the SQL error itself, nothing down."""
+    db = make_db()
+    with pytest.raises(pge.ReadOnlySqlTransaction) as info, db.transaction() as conn:
+        conn.execute("SET TRANSACTION READ ONLY")  # the caller's own choice
+        conn.execute(f"INSERT INTO {table} VALUES (1)")
+    assert info.value.provider == "supabase"  # type: ignore[attr-defined]
+    assert_primary_untouched(db.get_provider_stats())
+    # The server itself is writable: writes stay on it.
+    db.execute_query(f"INSERT INTO {table} VALUES (2)", fetch_mode="none")
+    assert db.serving_provider == "supabase"
+    assert db.get_provider_stats()["supabase"]["writable"] is True
+
+
+def test_read_only_refusal_inside_an_async_transaction_is_the_callers_error(
+    healthy_fleet: Fleet, table: str
+) -> None:
+    async def main() -> None:
+        async with AsyncDatabaseManager(healthy_fleet.urls(), order=ORDER, **FAST) as db:
+            with pytest.raises(pge.ReadOnlySqlTransaction) as info:
+                async with db.transaction() as conn:
+                    await conn.execute("SET TRANSACTION READ ONLY")
+                    await conn.execute(f"INSERT INTO {table} VALUES (1)")
+            assert info.value.provider == "supabase"  # type: ignore[attr-defined]
+            assert_primary_untouched(db.get_provider_stats())
+
+    asyncio.run(main())
