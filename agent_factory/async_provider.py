@@ -32,7 +32,7 @@ from .provider import (
     watched,
 )
 from .settings import Settings
-from .watchdog import Watchdog
+from .watchdog import Watchdog, tcp_progress
 
 _ROWS = pq.ExecStatus.TUPLES_OK
 AsyncFetch = Callable[[psycopg.AsyncCursor[Any]], Awaitable[Any]]
@@ -238,6 +238,9 @@ def _observed_async_class(
     class ObservedAsyncConnection(psycopg.AsyncConnection[Any]):
         #: Set once the watchdog shut this connection's socket.
         abandoned = False
+        #: Its socket has TCP counters (the watchdog reads its progress there);
+        #: otherwise each wait is wrapped to see it. Known at the first call.
+        counted: bool | None = None
 
         @classmethod
         async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
@@ -254,8 +257,12 @@ def _observed_async_class(
             if p is None:
                 return await super().wait(gen, *args, **kwargs)
             w = watchdog.watch_call(self.pgconn, p.health)
+            if self.counted is None:
+                self.counted = tcp_progress(self.pgconn.socket) is not None
             try:
-                return await super().wait(watched(gen, w, clock), *args, **kwargs)
+                if not self.counted:
+                    gen = watched(gen, w, clock)
+                return await super().wait(gen, *args, **kwargs)
             finally:
                 watchdog.unwatch(w)
                 if w.fired:

@@ -414,7 +414,7 @@ def _vouch(suspects: set[Watch], rows: list[list[Any]], sent: float, now: float)
     seen = {int(pid): (state, idle_for) for pid, state, idle_for in rows}
     for w in suspects:
         state, idle_for = seen.get(w.pid, (None, None))
-        if vouches(state, idle_for, sent - w.started, w.pid in seen):
+        if vouches(state, idle_for, sent - w.started, w.pid in seen, w.tcp is not None):
             w.alive = now
 
 

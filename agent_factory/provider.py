@@ -25,7 +25,7 @@ from .errors import HangTimeoutError, OutcomeUnknownError, ProviderUnavailableEr
 from .health import HealthCallback, ProviderHealth
 from .policy import Kind, classify, may_retry_after_send
 from .settings import ProviderSettings, Settings
-from .watchdog import Watch, Watchdog
+from .watchdog import Watch, Watchdog, tcp_progress
 
 Fetch = Callable[[psycopg.Cursor[Any]], Any]
 FetchMode = Literal["all", "one", "none"]
@@ -381,6 +381,9 @@ def _observed_class(
     class ObservedConnection(psycopg.Connection[Any]):
         #: Set once the watchdog shut this connection's socket.
         abandoned = False
+        #: Its socket has TCP counters (the watchdog reads its progress there);
+        #: otherwise each wait is wrapped to see it. Known at the first call.
+        counted: bool | None = None
 
         @classmethod
         def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
@@ -397,8 +400,12 @@ def _observed_class(
             if h is None:
                 return super().wait(gen, *args, **kwargs)
             w = watchdog.watch_call(self.pgconn, h)
+            if self.counted is None:
+                self.counted = tcp_progress(self.pgconn.socket) is not None
             try:
-                return super().wait(watched(gen, w, clock), *args, **kwargs)
+                if not self.counted:
+                    gen = watched(gen, w, clock)
+                return super().wait(gen, *args, **kwargs)
             finally:
                 watchdog.unwatch(w)
                 if w.fired:

@@ -18,12 +18,12 @@ Two kinds of deadline:
   deadline is ``hang_timeout`` after the later of the call's start and its
   last news. What counts as news for a call:
 
-  - its socket made progress: psycopg was woken because bytes arrived or the
-    kernel took more of the request (portable, exact);
-  - Linux: the socket's TCP counters (bytes acknowledged by the peer, bytes
-    received) moved, sampled here for calls without other news — the tail
-    of a large upload drains from the kernel's send queue while psycopg
-    already waits for the answer;
+  - its socket made progress. On Linux (TCP) its counters of bytes
+    acknowledged by the peer and bytes received moved, sampled here for
+    calls without other news — this also sees the tail of a large upload
+    drain from the kernel's send queue while psycopg already waits for the
+    answer. Elsewhere, psycopg was woken because bytes arrived or the kernel
+    took more of the request (`provider.watched`);
   - a probe on a separate connection saw the call's server process at work
     (`vouches`): running, or waiting on a lock. A process that sits idle
     since the call was sent has answered and the answer was lost; one that
@@ -99,7 +99,7 @@ class Watch:
     """
 
     __slots__ = ("fd", "started", "target", "hard_deadline", "probed", "fired", "done",
-                 "pgconn", "pid", "alive", "tcp", "lock")
+                 "pgconn", "alive", "tcp", "shutting")
 
     def __init__(
         self, fd: int, started: float, target: Liveness, hard_deadline: float | None,
@@ -113,12 +113,17 @@ class Watch:
         self.fired = False
         self.done = False
         self.pgconn = pgconn
-        self.pid: int = pgconn.backend_pid if pgconn is not None else 0
         self.alive = 0.0
         #: The last TCP counters seen (None: not sampled yet or unavailable).
         self.tcp: int | None = None
-        #: Held while the call ends and while its socket is shut: see `Watchdog`.
-        self.lock = threading.Lock()
+        #: Set by the watchdog before it decides to shut the socket, and set
+        #: (the event) once it is done: see `Watchdog._fire`.
+        self.shutting: threading.Event | None = None
+
+    @property
+    def pid(self) -> int:
+        """The call's server process (0: none known)."""
+        return self.pgconn.backend_pid if self.pgconn is not None else 0
 
     def news(self) -> float:
         """The call's last sign of life."""
@@ -144,7 +149,9 @@ class Watch:
         return pgconn is None or pgconn.transaction_status == _ACTIVE
 
 
-def vouches(state: str | None, idle_for: float | None, waited: float, present: bool) -> bool:
+def vouches(
+    state: str | None, idle_for: float | None, waited: float, present: bool, counted: bool
+) -> bool:
     """Whether a probe's view of a call's server process is news for the call.
 
     ``present``: the process is in ``pg_stat_activity``; ``state`` and
@@ -152,7 +159,8 @@ def vouches(state: str | None, idle_for: float | None, waited: float, present: b
     clock) as the probe read them; ``waited``: how long the call had been in
     progress when the probe was sent (client clock). Durations only, so the
     two clocks need not agree: ``idle_for < waited`` means the process went
-    idle after the call began.
+    idle after the call began. ``counted``: the call's socket has TCP
+    counters (Linux, TCP) that show its progress.
     """
     if not present:
         return False  # its server process is gone: the connection is lost
@@ -162,10 +170,10 @@ def vouches(state: str | None, idle_for: float | None, waited: float, present: b
         return True  # running, or waiting on a lock
     if idle_for < waited:
         return False  # it finished after the call was sent: the answer was lost
-    # Idle since before the call was sent: the request has not arrived. On
-    # Linux the socket's own progress decides; elsewhere nothing tells a slow
-    # link from a lost request, so the server's liveness counts.
-    return not TRANSPORT_EVIDENCE
+    # Idle since before the call was sent: the request has not arrived. Where
+    # the socket's counters show its progress they decide; elsewhere nothing
+    # tells a slow link from a lost request, so the server's liveness counts.
+    return not counted
 
 
 def tcp_progress(fd: int) -> int | None:
@@ -194,7 +202,8 @@ class Watchdog:
     """Shuts down the sockets of calls whose deadline passed.
 
     ``before_shutdown`` (tests): called with each call about to be
-    abandoned, between the decision and the shutdown, under the call's lock.
+    abandoned, between the decision and the shutdown (the call, if it ends
+    meanwhile, waits).
     """
 
     def __init__(
@@ -242,10 +251,18 @@ class Watchdog:
         return self.watch(pgconn.socket, target, pgconn=pgconn)
 
     def unwatch(self, w: Watch) -> None:
-        """The call ended; if its socket is being shut down, wait for that to finish."""
+        """The call ended; if its socket is being shut down, wait for that to finish.
+
+        No lock on this per-statement path: with `_fire`, a handshake of two
+        flags (each side sets its own, then reads the other's; the GIL orders
+        them), so that either the watchdog sees the call done and leaves its
+        socket alone, or the call sees the shutdown coming and waits for it.
+        """
         self._watches.discard(w)
-        with w.lock:
-            w.done = True
+        w.done = True
+        shutting = w.shutting
+        if shutting is not None:
+            shutting.wait()
 
     def close(self) -> None:
         with self._cond:
@@ -308,16 +325,18 @@ class Watchdog:
         if not w.waiting():
             w.alive = now
             return
-        with w.lock:
-            if w.done:
-                return
-            seen = tcp_progress(w.fd)
+        if w.done:
+            return
+        # The fd may belong to another socket by now (the call just ended):
+        # harmless, it only reads counters, and this call is gone anyway.
+        seen = tcp_progress(w.fd)
         if seen is not None and w.tcp is not None and seen != w.tcp:
             w.alive = now
         w.tcp = seen
 
     def _fire(self, w: Watch) -> None:
-        with w.lock:
+        shutting = w.shutting = threading.Event()
+        try:
             if w.done:
                 return  # it ended meanwhile: its connection is someone else's now
             if self.clock() < w.deadline():
@@ -328,6 +347,9 @@ class Watchdog:
             if hook is not None:
                 hook(w)
             _shutdown(w.fd, w.target.name)
+        finally:
+            w.shutting = None
+            shutting.set()
 
 
 def _shutdown(fd: int, provider: str) -> None:

@@ -33,15 +33,17 @@ from agent_factory.watchdog import TRANSPORT_EVIDENCE, Watch, Watchdog, tcp_prog
         ("active", 0.1, 0.6, False, False),
     ],
 )
+@pytest.mark.parametrize("counted", [True, False])
 def test_vouches(state: str | None, idle_for: float | None, waited: float, present: bool,
-                 news: bool) -> None:
-    assert vouches(state, idle_for, waited, present) is news
+                 news: bool, counted: bool) -> None:
+    assert vouches(state, idle_for, waited, present, counted) is news
 
 
 def test_request_not_arrived_is_decided_by_the_socket_where_it_can_be() -> None:
-    """Idle since before the call was sent: on Linux the socket decides (no probe news)."""
-    assert vouches("idle", 5.0, 0.6, True) is (not TRANSPORT_EVIDENCE)
-    assert vouches("idle in transaction", 0.61, 0.6, True) is (not TRANSPORT_EVIDENCE)
+    """Idle since before the call was sent: the socket's counters decide, where there are any."""
+    assert vouches("idle", 5.0, 0.6, True, counted=True) is False
+    assert vouches("idle in transaction", 0.61, 0.6, True, counted=True) is False
+    assert vouches("idle", 5.0, 0.6, True, counted=False) is True
 
 
 @pytest.mark.skipif(not TRANSPORT_EVIDENCE, reason="TCP_INFO counters are Linux-only")
