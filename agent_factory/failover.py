@@ -125,15 +125,26 @@ class Failover(Generic[P]):
     # -- routing -------------------------------------------------------------------
 
     def route(self, query: object, read_only: bool | None, idempotent: bool | None) -> Route[P]:
-        """Which providers to try, in order, for one statement."""
-        # A composed (non-string) query is judged by the flags alone.
+        """Which providers to try, in order, for one statement.
+
+        A statement is a read when ``read_only=True`` says so or, without it,
+        when `is_read_only` recognises one. ``idempotent=False`` makes it a
+        write whatever ``read_only`` says: a statement that must not run twice
+        changes something, so it gets every safety of a write (the failback
+        write gate, ``max_replication_lag``, read-your-writes, divergence
+        tracking), not only no retry. A composed (non-string) query is judged
+        by the flags alone.
+        """
         text = query if isinstance(query, str) else ""
-        reads = read_only if read_only is not None else bool(text) and is_read_only(text)
+        reads = idempotent is not False and (
+            read_only if read_only is not None else bool(text) and is_read_only(text)
+        )
         retry = retry_rule(reads, idempotent)
         plan: list[P] | tuple[P, ...] = self.plan
         policy = self.settings.read_routing
         if (
-            read_only
+            reads
+            and read_only
             and policy != "primary"
             and self._clock() - self.last_write >= self.settings.read_your_writes
         ):

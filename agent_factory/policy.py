@@ -51,26 +51,220 @@ def classify(exc: BaseException) -> Kind:
     return Kind.SQL
 
 
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
 _COMMENTS = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*", re.DOTALL)
-_READ_START = re.compile(r"(?:select|show|values|table|explain|with)\b", re.IGNORECASE)
-_WRITE_WORDS = re.compile(
-    r"\b(?:insert|update|delete|merge|into|copy|call|lock|truncate|nextval|setval|"
-    r"analyze|pg_advisory_\w*|share)\b",
-    re.IGNORECASE,
+# Lexemes whose text says nothing about what a statement does: comments,
+# string literals (E'' strings too, and dollar-quoted ones) and quoted
+# identifiers. The last alternative is an unterminated one.
+_OPAQUE = re.compile(
+    r"""(?=[-/'"$])  # cheap rejection of the other characters
+    (?: --[^\n]*
+      | /\*(?P<comment>.*?)\*/
+      | (?P<string>'[^']*(?:''[^']*)*')
+      | \$(?P<tag>(?:[^\W\d]\w*)?)\$.*?\$(?P=tag)\$
+      | (?P<quoted>"[^"]*(?:""[^"]*)*")
+      | (?P<open>['"]|/\*|\$(?:[^\W\d]\w*)?\$) )""",
+    re.DOTALL | re.VERBOSE,
 )
+_READ_START = re.compile(r"\s*(?:select|show|values|table|explain|with)\b", re.IGNORECASE)
+#: Words that make a statement a write wherever they appear (FOR UPDATE/SHARE,
+#: SELECT INTO, a data-modifying WITH, EXPLAIN ANALYZE, which runs the statement).
+_WRITE_WORDS = _words("""
+    insert update delete merge into copy call lock truncate nextval setval analyze analyse
+    share operator
+""")
+# Names (possibly schema-qualified), and any other character but a space: a
+# call is a name, then "(" (`a = (SELECT ...)` and `%(name)s` are not).
+_TOKEN = re.compile(r"[^\W\d][\w$]*(?:\s*\.\s*[^\W\d][\w$]*)*|[^\w\s]")
+_CTE_BODY = frozenset({"select", "values", "with", "table"})
+
+#: Words that take a parenthesis without being a function call.
+_KEYWORDS = _words("""
+    all and any array as asc between by case cast collate cross cube desc distinct else end
+    escape except exists explain filter first from full group grouping having ilike in inner
+    intersect is join last lateral left like limit materialized natural not null nulls offset
+    on only or order ordinality outer over partition range recursive right rollup row rows
+    select sets similar some table tablesample then to union using values when where window
+    with within
+""")
+
+#: Built-in (and pgvector / pg_trgm) functions with no side effect on data,
+#: and type names that take a modifier (numeric(10, 2)).
+_PURE = _words("""
+    count sum avg min max array_agg string_agg json_agg jsonb_agg json_object_agg
+    jsonb_object_agg bool_and bool_or every bit_and bit_or bit_xor stddev stddev_pop
+    stddev_samp variance var_pop var_samp percentile_cont percentile_disc mode corr covar_pop
+    covar_samp regr_slope regr_intercept regr_count regr_r2 rank dense_rank row_number
+    percent_rank cume_dist ntile lag lead first_value last_value nth_value range_agg
+    coalesce nullif greatest least
+    length char_length character_length octet_length bit_length lower upper initcap trim btrim
+    ltrim rtrim substring substr position strpos overlay replace concat concat_ws format
+    lpad rpad repeat reverse split_part string_to_array array_to_string string_to_table
+    regexp_replace regexp_match regexp_matches regexp_split_to_array regexp_split_to_table
+    regexp_like regexp_count regexp_substr regexp_instr starts_with translate md5 sha224 sha256
+    sha384 sha512 encode decode to_hex ascii chr quote_ident quote_literal quote_nullable
+    to_char to_number to_date to_timestamp convert_from convert_to normalize unistr
+    abs ceil ceiling floor round trunc sign sqrt cbrt power pow exp ln log log10 mod div pi
+    degrees radians sin cos tan asin acos atan atan2 sinh cosh tanh width_bucket gcd lcm
+    factorial scale random gen_random_uuid uuidv4 uuidv7
+    now current_timestamp current_date current_time localtime localtimestamp clock_timestamp
+    statement_timestamp transaction_timestamp timeofday date_trunc date_part date_bin extract
+    age make_date make_time make_timestamp make_timestamptz make_interval justify_days
+    justify_hours justify_interval isfinite timezone to_timestamp
+    json_build_object jsonb_build_object json_build_array jsonb_build_array to_json to_jsonb
+    row_to_json array_to_json json_array_length jsonb_array_length json_extract_path
+    json_extract_path_text jsonb_extract_path jsonb_extract_path_text json_array_elements
+    jsonb_array_elements json_array_elements_text jsonb_array_elements_text json_each
+    jsonb_each json_each_text jsonb_each_text json_object_keys jsonb_object_keys json_typeof
+    jsonb_typeof jsonb_set jsonb_set_lax jsonb_insert jsonb_pretty json_strip_nulls
+    jsonb_strip_nulls jsonb_path_query jsonb_path_exists jsonb_path_match
+    jsonb_path_query_array jsonb_path_query_first json_populate_record jsonb_populate_record
+    json_populate_recordset jsonb_populate_recordset json_to_record jsonb_to_record
+    json_to_recordset jsonb_to_recordset json_object jsonb_object json_array json_scalar
+    array_length array_upper array_lower cardinality array_position array_positions
+    array_append array_prepend array_cat array_remove array_replace array_dims array_ndims
+    array_fill array_reverse array_sample array_shuffle array_sort trim_array unnest
+    generate_series generate_subscripts
+    to_tsvector to_tsquery plainto_tsquery phraseto_tsquery websearch_to_tsquery ts_rank
+    ts_rank_cd ts_headline setweight strip numnode querytree
+    version current_database current_catalog current_schema current_schemas current_user
+    session_user current_role current_setting inet_server_port inet_server_addr
+    inet_client_addr inet_client_port pg_backend_pid pg_postmaster_start_time
+    pg_conf_load_time pg_is_in_recovery pg_current_wal_lsn pg_current_wal_insert_lsn
+    pg_last_wal_receive_lsn pg_last_wal_replay_lsn pg_wal_lsn_diff pg_database_size
+    pg_relation_size pg_total_relation_size pg_table_size pg_indexes_size pg_size_pretty
+    pg_size_bytes pg_typeof pg_column_size has_table_privilege has_schema_privilege
+    has_database_privilege has_column_privilege has_function_privilege
+    has_sequence_privilege pg_has_role pg_get_viewdef pg_get_indexdef pg_get_constraintdef
+    pg_get_functiondef pg_get_function_identity_arguments pg_get_function_arguments
+    pg_get_function_result pg_get_triggerdef pg_get_expr pg_get_userbyid
+    pg_get_serial_sequence format_type obj_description col_description shobj_description
+    to_regclass to_regtype to_regproc to_regnamespace to_regrole pg_sleep
+    pg_table_is_visible pg_encoding_to_char pg_tablespace_location
+    l2_distance cosine_distance inner_product l1_distance vector_dims vector_norm
+    l2_normalize subvector binary_quantize hamming_distance jaccard_distance
+    similarity word_similarity strict_word_similarity show_trgm
+    numeric decimal varchar char character varying bit varbit time timestamp timestamptz
+    timetz interval float vector halfvec sparsevec int int2 int4 int8 integer smallint bigint
+    float4 float8 real text bool boolean date uuid json jsonb bytea
+""")
 
 
-@lru_cache(maxsize=1024)
+class _Opaque(Exception):
+    """The statement's text cannot be read with confidence."""
+
+
+def _blank(match: re.Match[str]) -> str:
+    if match["open"] is not None:
+        raise _Opaque  # unterminated: the server would read it differently
+    if match["comment"] is not None and "/*" in match["comment"]:
+        raise _Opaque  # nested comment
+    if match["string"] is not None and "\\" in match["string"]:
+        # Where it ends depends on an E prefix or standard_conforming_strings.
+        raise _Opaque
+    return " _q_ " if match["quoted"] is not None else " 0 "
+
+
+def _only_pure_calls(body: str) -> bool:
+    """No writing word, and every function called is a known side-effect-free one."""
+    text = body.lower()
+    tokens = _TOKEN.findall(text)
+    if "pg_advisory_" in text or not _WRITE_WORDS.isdisjoint(tokens):
+        return False
+    if "." in text and any(
+        not _WRITE_WORDS.isdisjoint(re.split(r"\s*\.\s*", t)) for t in tokens if "." in t
+    ):
+        return False
+    opens = [i for i, t in enumerate(tokens) if t == "("] if "(" in text else []
+    for i in opens:
+        if i and _is_name(tokens[i - 1]) and not (
+            tokens[i - 2 : i - 1] in ([")"], ["as"])  # an alias's columns; AS numeric(10, 2)
+            or _pure_call(tokens[i - 1], tokens, i)
+        ):
+            return False
+    return True
+
+
+def _is_name(token: str) -> bool:
+    return token[0].isalpha() or token[0] == "_"
+
+
+def _pure_call(name: str, tokens: list[str], start: int) -> bool:
+    """Whether ``name(`` (its parenthesis at ``tokens[start]``) changes nothing."""
+    name = re.sub(r"\s+", "", name).removeprefix("pg_catalog.")
+    if name in _KEYWORDS or name in _PURE:
+        return True
+    end = _closing(tokens, start)
+    if name == "set_config":
+        # is_local: the setting ends with the statement's own transaction.
+        return tokens[end - 2 : end] == [",", "true"]
+    # A common table expression's column list: WITH name (a, b) AS (SELECT ...).
+    columns = tokens[start + 1 : end]
+    after = [t for t in tokens[end + 1 : end + 6] if t not in ("not", "materialized")]
+    return (
+        bool(columns)
+        and all(t == "," for t in columns[1::2])
+        and all(_is_name(t) and "." not in t for t in columns[0::2])
+        and after[:2] == ["as", "("]
+        and after[2:3] != []
+        and after[2] in _CTE_BODY
+    )
+
+
+def _closing(tokens: list[str], start: int) -> int:
+    """The index of the parenthesis that closes the one at ``start`` (len: none)."""
+    depth = 0
+    for i in range(start, len(tokens)):
+        if tokens[i] == "(":
+            depth += 1
+        elif tokens[i] == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+    return len(tokens)
+
+
+#: Statements longer than this are classified each time rather than memoized,
+#: so that the cache never keeps a multi-megabyte query alive.
+MEMO_MAX_CHARS = 4096
+
+
 def is_read_only(query: str) -> bool:
     """Conservatively true when a statement cannot change data.
 
-    A SELECT that calls a function with side effects is not detected: pass
-    ``idempotent=False`` (or ``read_only=False``) for those.
+    A read is a single SELECT/SHOW/VALUES/TABLE/EXPLAIN/WITH statement with
+    no writing clause (INSERT, UPDATE, DELETE, MERGE, INTO, COPY, FOR
+    UPDATE/SHARE, EXPLAIN ANALYZE or ANALYSE...) that calls only functions
+    known to have no side effect: built-in aggregates and string, math,
+    date, JSON, array, full-text and catalog functions, pgvector's and
+    pg_trgm's. Any other function (a user's, a schema-qualified one,
+    ``set_config(..., false)``, ``pg_notify``, ``dblink_exec``,
+    ``lo_unlink``, ``nextval``) makes it a write, since its name does not
+    say what it does. Text the classifier cannot read with confidence (an
+    unterminated literal, a backslash in a standard string) is a write too.
     """
-    body = _COMMENTS.sub("", query, count=1)
-    if not _READ_START.match(body):
+    if len(query) > MEMO_MAX_CHARS:
+        return _classify(query)
+    return _memo(query)
+
+
+def _classify(query: str) -> bool:
+    head = _COMMENTS.match(query)
+    if not _READ_START.match(query, head.end() if head else 0):
         return False
-    return ";" not in body.rstrip().rstrip(";") and not _WRITE_WORDS.search(body)
+    try:
+        body = _OPAQUE.sub(_blank, query)
+    except _Opaque:
+        return False
+    if ";" in body.rstrip().rstrip(";"):
+        return False
+    return _only_pure_calls(body)
+
+
+_memo = lru_cache(maxsize=1024)(_classify)
 
 
 def may_retry_after_send(query: str, read_only: bool | None, idempotent: bool | None) -> bool:

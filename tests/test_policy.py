@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import time
+import uuid
+import weakref
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,7 +18,17 @@ from psycopg_pool import PoolTimeout
 
 from agent_factory.events import Dispatcher
 from agent_factory.failover import Failover
-from agent_factory.policy import Breaker, Kind, State, candidates, classify, is_read_only
+from agent_factory.health import Lag
+from agent_factory.policy import (
+    MEMO_MAX_CHARS,
+    Breaker,
+    Kind,
+    State,
+    _memo,
+    candidates,
+    classify,
+    is_read_only,
+)
 from agent_factory.policy import may_retry_after_send as may_retry
 from agent_factory.settings import Settings
 
@@ -63,6 +78,27 @@ def test_sql_errors_propagate(exc: Exception) -> None:
         "SHOW server_version",
         "VALUES (1)",
         "EXPLAIN SELECT 1",
+        "EXPLAIN (FORMAT JSON, COSTS off) SELECT * FROM t",
+        # Built-in functions with no side effect, schema-qualified in pg_catalog too.
+        "SELECT count(*), max(a), coalesce(b, 0), lower(c), now(), pg_catalog.now() FROM t",
+        "SELECT date_trunc('day', ts), jsonb_build_object('a', a), md5(c) FROM t",
+        "SELECT embedding <=> %s::vector, cosine_distance(embedding, %s) FROM items",
+        # Keywords that take a parenthesis are not calls.
+        "SELECT * FROM t WHERE a IN (1, 2) AND EXISTS (SELECT 1) AND b = ANY(%s)",
+        "SELECT CAST(a AS numeric(10, 2)), b::varchar(20) FROM t",
+        "SELECT count(*) FILTER (WHERE a) OVER (PARTITION BY b) FROM t",
+        "SELECT ARRAY(SELECT 1), ROW(1, 2) FROM t WHERE NOT (a AND b)",
+        "SELECT * FROM (VALUES (1), (2)) AS v(a)",
+        "SELECT * FROM generate_series(1, 3) g(n)",
+        "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT * FROM t",
+        # Literals, comments and quoted identifiers are not read as code.
+        "SELECT 'my_fn(1); DELETE FROM t' FROM t -- insert_fn()",
+        "SELECT $$ f() $$, $x$ nextval('s') $x$",
+        'SELECT "insert" FROM t',
+        "SELECT %(a)s::int",
+        "SELECT a FROM t WHERE b = (SELECT max(b) FROM t) AND c = %(c)s",
+        # set_config(..., true) lasts for the statement's own transaction.
+        "SELECT set_config('hnsw.ef_search', %s, true)",
     ],
 )
 def test_read_only_detected(query: str) -> None:
@@ -76,15 +112,64 @@ def test_read_only_detected(query: str) -> None:
         "UPDATE t SET a = 1",
         "SELECT * INTO t2 FROM t",
         "SELECT * FROM t FOR UPDATE",
+        "SELECT * FROM t FOR KEY SHARE",
         "SELECT nextval('s')",
+        "SELECT setval('s', 1)",
         "WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x",
         "SELECT 1; DELETE FROM t",
         "EXPLAIN ANALYZE DELETE FROM t",
+        "EXPLAIN ANALYZE SELECT 1",
+        "EXPLAIN ANALYSE SELECT 1",  # British spelling
+        "EXPLAIN (ANALYZE, BUFFERS) SELECT 1",
+        "explain (analyse true) select 1",
         "CREATE TABLE t (a int)",
+        # A function that is not known to be side-effect free.
+        "SELECT my_insert_fn(%s)",
+        "SELECT * FROM my_table_fn(%s)",
+        "SELECT app.refresh_cache()",
+        "SELECT pg_catalog.my_fn()",
+        'SELECT "MyFunction"(1)',
+        "SELECT lower(a) FROM t WHERE my_check(b)",
+        "SELECT set_config('search_path', 'x', false)",
+        "SELECT set_config('search_path', %s, %s)",
+        "SELECT pg_notify('channel', 'payload')",
+        "SELECT dblink_exec('conn', 'DELETE FROM t')",
+        "SELECT * FROM dblink('conn', 'DELETE FROM t RETURNING 1') AS (a int)",
+        "SELECT lo_unlink(42)",
+        "SELECT pg_advisory_lock(1)",
+        "SELECT txid_current()",
+        "SELECT pg_terminate_backend(1)",
+        "SELECT a FROM t WHERE b = a OPERATOR(pg_catalog.=) f(b)",
+        # Text that cannot be read with confidence.
+        "SELECT 'unterminated",
+        "SELECT E'it\\'s', f()",
+        "SELECT 'a\\' , f()",
+        "SELECT $$ unterminated",
+        "/* a /* nested */ f() */ SELECT 1",
     ],
 )
 def test_writes_not_read_only(query: str) -> None:
     assert not is_read_only(query)
+
+
+def test_classifier_memo_keeps_no_large_query_alive() -> None:
+    """Only statements up to MEMO_MAX_CHARS are memoized: a 5 MB one is not kept."""
+    class Query(str):
+        """A str that can be weakly referenced, to see when it is freed."""
+
+    small = Query("SELECT a FROM memo_probe_" + uuid.uuid4().hex)
+    before = _memo.cache_info().currsize
+    assert is_read_only(small)
+    assert _memo.cache_info().currsize == min(before + 1, 1024)
+    big = Query("SELECT '" + "x" * 5_000_000 + "'")
+    ref = weakref.ref(big)
+    hits, misses = _memo.cache_info().hits, _memo.cache_info().misses
+    assert is_read_only(big) and is_read_only(big)
+    assert (_memo.cache_info().hits, _memo.cache_info().misses) == (hits, misses)
+    del big
+    gc.collect()
+    assert ref() is None
+    assert len(small) < MEMO_MAX_CHARS < 5_000_000
 
 
 def test_retry_decision() -> None:
@@ -182,13 +267,18 @@ def test_read_routing_policies() -> None:
     assert names(order_reads(busy, "least_busy", 0)) == ["z", "y", "x"]
 
 
-def _core() -> Failover[Any]:
+def _core(clock: Callable[[], float] = time.monotonic, **options: Any) -> Failover[Any]:
     """The decision logic over two providers that are up (no I/O: only their health is read)."""
     settings = Settings.build(
-        {n: f"postgresql://app@127.0.0.1:{port}/db" for n, port in (("a", 5001), ("b", 5002))})
-    up = SimpleNamespace(breaker=SimpleNamespace(up=True), writable=True)
-    core: Failover[Any] = Failover(
-        settings, {n: SimpleNamespace(name=n, health=up) for n in ("a", "b")}, Dispatcher())
+        {n: f"postgresql://app@127.0.0.1:{port}/db" for n, port in (("a", 5001), ("b", 5002))},
+        **options)
+    providers = {
+        n: SimpleNamespace(name=n, health=SimpleNamespace(
+            breaker=SimpleNamespace(up=True), writable=True, replication={}, last_alive=0.0,
+            last_error=None, tuning=SimpleNamespace(weight=1)))
+        for n in ("a", "b")
+    }
+    core: Failover[Any] = Failover(settings, providers, Dispatcher(), clock)
     core.replan()
     return core
 
@@ -203,7 +293,9 @@ def test_route_retries_by_the_same_rule_for_text_and_composed_queries(
     text = core.route("SELECT 1", read_only, idempotent)
     composed = core.route(sql.SQL("SELECT {}").format(1), read_only, idempotent)
     assert text.retry_after_send is may_retry("SELECT 1", read_only, idempotent)
-    if read_only is None:
+    if idempotent is False:
+        assert composed.write is text.write is True  # must not run twice: a write
+    elif read_only is None:
         assert composed.write is True  # cannot tell what it does: treated as a write
     else:
         assert composed.write is text.write is not read_only
@@ -211,3 +303,35 @@ def test_route_retries_by_the_same_rule_for_text_and_composed_queries(
         assert composed.retry_after_send is False
     else:
         assert composed.retry_after_send is text.retry_after_send
+
+
+@pytest.mark.parametrize("read_only", [True, None])
+def test_a_statement_declared_not_idempotent_is_routed_as_a_write(read_only: bool | None) -> None:
+    """idempotent=False gets every safety of a write, even with read_only=True."""
+    now = [100.0]
+    core = _core(lambda: now[0], read_routing="round_robin", read_your_writes=5.0,
+                 max_replication_lag=10.0)
+    route = core.route("SELECT my_insert_fn(%s)", read_only, False)
+    assert route.write and not route.routed and not route.retry_after_send
+    # max_replication_lag: the backup's lag is unknown, so it may not take it.
+    assert [p.name for p in route.providers] == ["a"]
+    core.providers["a"].health.breaker.up = False
+    assert core.route("SELECT my_insert_fn(%s)", read_only, False).providers == []
+    # Written on the backup (once its lag is known): divergence and read-your-writes.
+    core.providers["a"].health.replication["b"] = Lag(0, 0.5, 99.0)
+    core.providers["a"].health.last_alive = 99.0
+    (backup,) = core.route("SELECT my_insert_fn(%s)", read_only, False).providers
+    core.succeeded(backup, core.epoch, {"a": "refused"}, write=True)
+    assert "b" in core.diverged and core.last_write == 100.0
+    core.providers["a"].health.breaker.up = True
+    assert not core.route("SELECT 1", True, None).routed  # reads stay on the primary a while
+    now[0] += 5.0
+    assert core.route("SELECT 1", True, None).routed
+
+
+def test_the_classifier_alone_routes_an_unknown_function_as_a_write() -> None:
+    core = _core()
+    assert core.route("SELECT my_insert_fn(%s)", None, None).write
+    assert not core.route("SELECT lower(%s)", None, None).write
+    assert core.route("SELECT lower(%s)", None, False).write
+

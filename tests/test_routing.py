@@ -12,7 +12,7 @@ import pytest
 from fleet import Fleet, wait_until
 
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.errors import ConfigurationError
+from agent_factory.errors import AllProvidersUnavailableError, ConfigurationError
 from agent_factory.settings import Settings
 
 ORDER = ["supabase", "railway", "neon"]
@@ -213,3 +213,68 @@ def test_routed_reads_are_not_failovers(make_db: MakeDb, healthy_fleet: Fleet) -
     assert moves.events == []
     assert db.serving_provider == "supabase"
     assert db.get_provider_stats()["railway"]["role"] == "backup"
+
+
+@pytest.fixture
+def insert_fn(healthy_fleet: Fleet) -> Iterator[tuple[str, str]]:
+    """A write hidden in a SELECT: a function that inserts into a table, on every provider."""
+    table, fn = f"calls_{uuid.uuid4().hex[:8]}", f"my_insert_fn_{uuid.uuid4().hex[:8]}"
+    for member in healthy_fleet:
+        with psycopg.connect(member.direct_url, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE {table} (a int)")
+            conn.execute(f"CREATE FUNCTION {fn}(x int) RETURNS int LANGUAGE sql "
+                         f"AS 'INSERT INTO {table} VALUES (x) RETURNING x'")
+    yield fn, table
+    healthy_fleet.heal()
+    for member in healthy_fleet:
+        with psycopg.connect(member.direct_url, autocommit=True) as conn:
+            conn.execute(f"DROP FUNCTION {fn}(int)")
+            conn.execute(f"DROP TABLE {table}")
+
+
+def rows_on(fleet: Fleet, table: str) -> dict[str, int]:
+    counts = {}
+    for member in fleet:
+        with psycopg.connect(member.direct_url, autocommit=True) as conn:
+            row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+        counts[member.name] = row[0] if row else 0
+    return counts
+
+
+def test_a_statement_declared_not_idempotent_obeys_the_replication_lag_bound(
+    make_db: MakeDb, healthy_fleet: Fleet, insert_fn: tuple[str, str]
+) -> None:
+    """With the primary down, it is refused rather than written on a backup of unknown lag."""
+    fn, table = insert_fn
+    db = make_db(max_replication_lag=5.0)  # no replication: the backups' lag is unknown
+    assert db.execute_query(f"SELECT {fn}(%s)", (1,), "one", idempotent=False) == (1,)
+    healthy_fleet["supabase"].proxy.set_mode("refuse")
+    for read_only in (None, True, False):
+        with pytest.raises(AllProvidersUnavailableError, match="stale: replication lag"):
+            db.execute_query(f"SELECT {fn}(%s)", (2,), "one", read_only=read_only,
+                             idempotent=False)
+    # Without any flag the classifier sees an unknown function: a write as well.
+    with pytest.raises(AllProvidersUnavailableError, match="stale: replication lag"):
+        db.execute_query(f"SELECT {fn}(%s)", (3,), "one")
+    assert db.execute_query("SELECT 1") == [(1,)]  # reads may still go to a backup
+    assert rows_on(healthy_fleet, table) == {"supabase": 1, "railway": 0, "neon": 0}
+
+
+def test_a_statement_declared_not_idempotent_counts_as_a_write(
+    make_db: MakeDb, healthy_fleet: Fleet, insert_fn: tuple[str, str]
+) -> None:
+    """Even with read_only=True: not routed as a read, pins reads (read-your-writes), and a
+    backup that takes it while the primary is down is owed a failback (divergence)."""
+    fn, table = insert_fn
+    db = make_db(read_routing="round_robin", read_your_writes=30.0)
+    for i in range(3):
+        _, port = db.execute_query(f"SELECT {fn}(%s), inet_server_port()", (i,), "one",
+                                   read_only=True, idempotent=False)
+        assert port_of(healthy_fleet, port) == "supabase"
+    assert {read_by(db, healthy_fleet) for _ in range(6)} == {"supabase"}
+    assert db._core.diverged == {}
+    healthy_fleet["supabase"].proxy.set_mode("refuse")
+    db.execute_query(f"SELECT {fn}(%s)", (9,), "one", read_only=True, idempotent=False)
+    assert set(db._core.diverged) == {"railway"}
+    assert rows_on(healthy_fleet, table) == {"supabase": 3, "railway": 1, "neon": 0}
+
