@@ -167,10 +167,24 @@ class Failover(Generic[P]):
         )
 
     def lag(self, name: str) -> Lag | None:
-        """A backup's replication lag, last seen by the primary (None: unknown)."""
+        """A backup's replication lag, bounded as a failover now would find it (None: unknown).
+
+        The primary measured it at its last probe (``measured_at``), but may
+        have written on until its last sign of life (a probe or a call that
+        succeeded); a backup that received none of that is behind by the
+        sample plus that time. A dead primary writes no more WAL, so this
+        bound does not grow with the outage: ``seconds`` is the sample's
+        plus the time from the sample to the primary's last sign of life.
+        ``bytes`` stays the sample's (a lower bound).
+        """
         if name == self.primary:
             return None
-        return self.providers[self.primary].health.replication.get(name)
+        primary = self.providers[self.primary].health
+        sample: Lag | None = primary.replication.get(name)
+        if sample is None:
+            return None
+        written_since = max(0.0, primary.last_alive - sample.measured_at)
+        return sample._replace(seconds=sample.seconds + written_since)
 
     def lag_ok(self, name: str, bound: float) -> bool:
         """May this provider take writes under the RPO bound?"""

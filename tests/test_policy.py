@@ -335,3 +335,52 @@ def test_the_classifier_alone_routes_an_unknown_function_as_a_write() -> None:
     assert not core.route("SELECT lower(%s)", None, None).write
     assert core.route("SELECT lower(%s)", None, False).write
 
+
+def _lagging(sample: Lag | None, primary_alive: float, **options: Any) -> Failover[Any]:
+    core = _core(**options)
+    health = core.providers["a"].health
+    health.replication = {} if sample is None else {"b": sample}
+    health.last_alive = primary_alive
+    return core
+
+
+def test_lag_is_bounded_by_the_primarys_last_sign_of_life() -> None:
+    """The sample, plus what the primary may have written after it until it fell silent."""
+    core = _lagging(Lag(1024, 1.0, measured_at=100.0), primary_alive=100.0)
+    lag = core.lag("b")
+    assert lag is not None and lag.seconds == 1.0 and lag.bytes == 1024
+    # The primary kept answering (and maybe writing) for 3 s after its last probe.
+    core = _lagging(Lag(1024, 1.0, measured_at=100.0), primary_alive=103.0)
+    lag = core.lag("b")
+    assert lag is not None and lag.seconds == 4.0 and lag.bytes == 1024
+    assert core.lag("a") is None  # the primary itself
+    assert _lagging(None, primary_alive=103.0).lag("b") is None
+
+
+def test_writes_after_the_primary_died_obey_the_bounded_lag() -> None:
+    """Not refused for the whole outage; not let through onto a backup already too far behind."""
+    now = [100.0]
+    clock = lambda: now[0]  # noqa: E731
+    fresh = _lagging(Lag(0, 0.5, measured_at=100.0), 101.0, clock=clock,
+                     max_replication_lag=2.0)
+    fresh.providers["a"].health.breaker.up = False  # the primary died at ~101
+    for later in (0.0, 60.0, 3600.0):  # however long the outage lasts
+        now[0] = 101.0 + later
+        assert [p.name for p in fresh.route("INSERT INTO t VALUES (1)", None, None).providers] \
+            == ["b"]
+        assert fresh.describe(fresh.providers["b"])["replication_lag_s"] == 1.5
+        assert fresh.describe(fresh.providers["b"])["stale"] is False
+    # The sample alone (0.5 s) is within the bound, but the primary wrote for 5 s more.
+    wrote_on = _lagging(Lag(0, 0.5, measured_at=100.0), 105.0, clock=clock,
+                        max_replication_lag=2.0)
+    wrote_on.providers["a"].health.breaker.up = False
+    assert wrote_on.route("INSERT INTO t VALUES (1)", None, None).providers == []
+    stats = wrote_on.describe(wrote_on.providers["b"])
+    assert stats["replication_lag_s"] == 5.5 and stats["stale"] is True
+    error = wrote_on.all_failed({}, write=True)
+    assert "stale: replication lag 5.5s exceeds max_replication_lag 2s" in str(error)
+    # A backup already too far behind at the last sample stays refused.
+    behind = _lagging(Lag(0, 3.0, measured_at=100.0), 100.0, clock=clock,
+                      max_replication_lag=2.0)
+    behind.providers["a"].health.breaker.up = False
+    assert behind.route("INSERT INTO t VALUES (1)", None, None).providers == []
