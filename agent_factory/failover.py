@@ -321,7 +321,7 @@ class Failover(Generic[P]):
         more = f" ({self._suppressed} more since last log)" if self._suppressed else ""
         self._suppressed = 0
         logger.warning(
-            "Executed on failover provider %r (primary %r unavailable: %s)%s",
+            "Executed on failover provider %r (primary %r unavailable) — reason: %s%s",
             name, primary, reason, more,
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -278,3 +279,19 @@ def test_a_statement_declared_not_idempotent_counts_as_a_write(
     assert set(db._core.diverged) == {"railway"}
     assert rows_on(healthy_fleet, table) == {"supabase": 3, "railway": 1, "neon": 0}
 
+
+def test_the_failover_warning_is_the_specs_line_then_the_reason(
+    make_db: MakeDb, healthy_fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = make_db()
+    db.execute_query("SELECT 1")
+    healthy_fleet["supabase"].proxy.set_mode("refuse")
+    with caplog.at_level(logging.WARNING, logger="agent_factory.core.database_manager"):
+        db.execute_query("SELECT 1")
+    (record,) = [r for r in caplog.records if "Executed on failover" in r.getMessage()]
+    assert record.name == "agent_factory.core.database_manager"
+    assert record.levelno == logging.WARNING
+    line = record.getMessage()
+    assert "Executed on failover provider 'railway' (primary 'supabase' unavailable)" in line
+    assert line.startswith(
+        "Executed on failover provider 'railway' (primary 'supabase' unavailable) — reason: ")
