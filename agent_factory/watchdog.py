@@ -99,7 +99,7 @@ class Watch:
     """
 
     __slots__ = ("fd", "started", "target", "hard_deadline", "probed", "fired", "done",
-                 "pgconn", "alive", "tcp", "shutting")
+                 "pgconn", "pid", "alive", "tcp", "shutting")
 
     def __init__(
         self, fd: int, started: float, target: Liveness, hard_deadline: float | None,
@@ -113,17 +113,15 @@ class Watch:
         self.fired = False
         self.done = False
         self.pgconn = pgconn
+        #: The call's server process (0: none known); read now, while the
+        #: connection is surely open.
+        self.pid: int = pgconn.backend_pid if pgconn is not None else 0
         self.alive = 0.0
         #: The last TCP counters seen (None: not sampled yet or unavailable).
         self.tcp: int | None = None
         #: Set by the watchdog before it decides to shut the socket, and set
         #: (the event) once it is done: see `Watchdog._fire`.
         self.shutting: threading.Event | None = None
-
-    @property
-    def pid(self) -> int:
-        """The call's server process (0: none known)."""
-        return self.pgconn.backend_pid if self.pgconn is not None else 0
 
     def news(self) -> float:
         """The call's last sign of life."""
