@@ -143,7 +143,7 @@ _PURE = _words("""
     pg_get_function_result pg_get_triggerdef pg_get_expr pg_get_userbyid
     pg_get_serial_sequence format_type obj_description col_description shobj_description
     to_regclass to_regtype to_regproc to_regnamespace to_regrole pg_sleep
-    pg_table_is_visible pg_encoding_to_char pg_tablespace_location
+    pg_table_is_visible pg_encoding_to_char pg_tablespace_location pg_sequence_last_value
     l2_distance cosine_distance inner_product l1_distance vector_dims vector_norm
     l2_normalize subvector binary_quantize hamming_distance jaccard_distance
     similarity word_similarity strict_word_similarity show_trgm
