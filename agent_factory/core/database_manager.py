@@ -91,9 +91,11 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         Returns a list of tuples for ``"all"``, a tuple or None for ``"one"``,
         None for ``"none"``. ``read_only``/``idempotent`` tell whether the
         statement may be retried on another provider after its connection
-        broke mid-flight; by default plain SELECTs are, writes are not.
-        ``read_only=True`` also lets the read routing policy choose the
-        provider (see ``read_routing``).
+        broke mid-flight; by default plain SELECTs (calling only known
+        side-effect-free functions) are, writes are not. ``idempotent=False``
+        always routes as a write (write gate, ``max_replication_lag``,
+        read-your-writes, failback tracking). ``read_only=True`` also lets the
+        read routing policy choose the provider (see ``read_routing``).
         """
         fetch = fetcher(fetch_mode)
         core = self._core
