@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -140,3 +141,20 @@ def start_fleet(names: Sequence[str] = PROVIDERS) -> Fleet:
         proxy.start()
         members.append(Member(server.name, server, proxy))
     return Fleet(members)
+
+
+@contextmanager
+def read_only_server(member: Member) -> Iterator[None]:
+    """``member``'s server refuses writes (a demoted primary), until the block ends."""
+
+    def setting(value: str) -> None:
+        with psycopg.connect(member.direct_url, autocommit=True) as conn:
+            conn.execute(f"ALTER SYSTEM SET default_transaction_read_only = {value}")
+            conn.execute("SELECT pg_reload_conf()")
+
+    setting("on")
+    try:
+        yield
+    finally:
+        member.heal()
+        setting("off")

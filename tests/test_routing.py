@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from fleet import Fleet, wait_until
+from fleet import Fleet, read_only_server, wait_until
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import AllProvidersUnavailableError, ConfigurationError
@@ -102,19 +102,8 @@ def test_breaker_threshold(make_db: MakeDb, healthy_fleet: Fleet) -> None:
 
 @pytest.fixture
 def read_only_primary(healthy_fleet: Fleet) -> Iterator[None]:
-    url = healthy_fleet["supabase"].direct_url
-
-    def setting(value: str) -> None:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f"ALTER SYSTEM SET default_transaction_read_only = {value}")
-            conn.execute("SELECT pg_reload_conf()")
-
-    setting("on")
-    try:
+    with read_only_server(healthy_fleet["supabase"]):
         yield
-    finally:
-        healthy_fleet.heal()
-        setting("off")
 
 
 def test_read_only_server_takes_reads_not_writes(

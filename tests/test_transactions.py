@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import MakeDb
-from fleet import Fleet
+from fleet import Fleet, read_only_server, wait_until
 from psycopg import errors as pge
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
@@ -106,3 +106,22 @@ def test_read_only_refusal_inside_an_async_transaction_is_the_callers_error(
             assert_primary_untouched(db.get_provider_stats())
 
     asyncio.run(main())
+
+
+def test_read_only_server_inside_a_transaction_is_marked_not_writable_not_down(
+    make_db: MakeDb, table: str, healthy_fleet: Fleet
+) -> None:
+    """A demoted primary: the caller gets 25006; the probe it triggers marks it read-only."""
+    db = make_db(monitor_interval=60.0)  # only the refusal can trigger the probe in time
+    wait_until(lambda: db.get_provider_stats()["supabase"]["checked"], timeout=10,
+               message="the first probe")
+    with read_only_server(healthy_fleet["supabase"]):
+        with pytest.raises(pge.ReadOnlySqlTransaction) as info, db.transaction() as conn:
+            conn.execute(f"INSERT INTO {table} VALUES (1)")
+        assert info.value.provider == "supabase"  # type: ignore[attr-defined]
+        wait_until(lambda: db.get_provider_stats()["supabase"]["writable"] is False, timeout=10,
+                   message="the primary marked read-only")
+        assert_primary_untouched(db.get_provider_stats())
+        with db.transaction() as conn:  # the next block goes where writes are taken
+            (port,) = conn.execute("SELECT inet_server_port()").fetchone() or (0,)
+        assert port_of(healthy_fleet, port) == "railway"
