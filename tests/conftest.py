@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
-from fleet import Fleet, start_fleet
+from fleet import START_TIMEOUT, Fleet, can_connect, start_fleet, wait_until
+from pooler import PgBouncer, find_pgbouncer
 
 from agent_factory.core.database_manager import DatabaseManager
 
@@ -55,6 +58,38 @@ def make_db(healthy_fleet: Fleet, request: pytest.FixtureRequest) -> Iterator[Ma
     yield make
     for db in made:
         db.close_all()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_binary() -> str:
+    """Debian's pgbouncer; without it the pooler tests skip, or fail when ``CI`` is set."""
+    binary = find_pgbouncer()
+    if binary is None:
+        message = "the pooler tests need PgBouncer: no pgbouncer on PATH nor in /usr/sbin"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (.ci/run installs Debian's pgbouncer)", pytrace=False)
+        pytest.skip(message)
+    return binary
+
+
+@pytest.fixture
+def pooled_primary(pgbouncer_binary: str, healthy_fleet: Fleet) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode straight in front of the primary's server ("supabase").
+
+    The test may kill or hang that server; afterwards the pooler is gone and the
+    server runs again (resumed, or restarted after a crash) and answers through
+    its fault proxy, for the tests that share the fleet.
+    """
+    member = healthy_fleet["supabase"]
+    bouncer = PgBouncer(member.server, pgbouncer_binary)
+    try:
+        bouncer.start()
+        yield bouncer
+    finally:
+        bouncer.close()
+        member.heal()
+        wait_until(partial(can_connect, member.url), START_TIMEOUT,
+                   message=f"{member.name} to answer again after the pooler test")
 
 
 @pytest.fixture(autouse=True, scope="module")
