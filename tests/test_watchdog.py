@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 from fleet import Fleet, wait_until
+from psycopg.conninfo import make_conninfo
 
 from agent_factory.provider import DatabaseProvider
 from agent_factory.settings import Settings
@@ -128,3 +129,27 @@ def running(url: str, text: str) -> bool:
                            "AND pid <> pg_backend_pid() AND position(%s in query) > 0",
                            (text,)).fetchone()
     return row is not None and row[0] > 0
+
+
+# -- what is no proof of life -------------------------------------------------------
+
+
+def test_an_answer_with_an_error_is_no_proof_that_the_database_lives(
+    healthy_fleet: Fleet,
+) -> None:
+    """A refused login carries a SQLSTATE, like a pooler's own errors: liveness is not refreshed.
+
+    Behind a pooler such an answer ("server login has been failing") comes
+    from the pooler while the database behind it is dead or hung; only a
+    query that completed proves the database alive.
+    """
+    url = make_conninfo(healthy_fleet["supabase"].direct_url, dbname="no_such_database")
+    settings = Settings.build({"p": url}, monitor_interval=0, pool_min_size=0)
+    provider = DatabaseProvider("p", url, settings=settings)
+    try:
+        assert provider.health.probe() is False
+        assert provider.health.last_error is not None
+        assert "does not exist" in provider.health.last_error
+        assert provider.health.last_alive == 0.0
+    finally:
+        provider.close()
