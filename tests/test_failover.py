@@ -300,6 +300,21 @@ def test_transaction_losing_its_connection_commits_nothing(
     assert port != healthy_fleet["supabase"].server.port
 
 
+def test_transaction_losing_its_connection_at_commit_is_outcome_unknown(
+    make_db: MakeDb, table: str, healthy_fleet: Fleet
+) -> None:
+    """Lost during COMMIT: the library cannot know whether it committed, and says so."""
+    db = make_db()
+    with pytest.raises(OutcomeUnknownError) as info, db.transaction() as conn:
+        conn.execute(f"INSERT INTO {table} VALUES (1)")
+        healthy_fleet["supabase"].server.kill()
+    assert info.value.provider == "supabase"
+    assert db.get_provider_stats()["supabase"]["healthy"] is False
+    healthy_fleet["supabase"].server.restart()
+    assert count_rows(healthy_fleet, "supabase", table) == 0  # never replayed elsewhere
+    assert count_rows(healthy_fleet, "railway", table) == 0
+
+
 def test_concurrent_readers_survive_a_crash(make_db: MakeDb, healthy_fleet: Fleet) -> None:
     db = make_db(pool_max_size=4)
     errors: list[BaseException] = []

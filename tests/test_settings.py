@@ -180,6 +180,15 @@ def test_sslmode_in_url_wins() -> None:
     assert s.providers["neon"].params["sslmode"] == "verify-full"
 
 
+def test_remote_hosts_get_tls_and_every_connection_keepalives() -> None:
+    s = from_env({"NEON_DB_URL": "postgresql://u:p@h.neon.tech/db",
+                  "RAILWAY_DB_URL": "postgresql://u:p@127.0.0.1:5433/db"})
+    remote, local = s.providers["neon"].params, s.providers["railway"].params
+    assert remote["sslmode"] == "require" and "sslmode" not in local
+    for params in (remote, local):
+        assert params["keepalives"] == "1" and int(params["tcp_user_timeout"]) > 0
+
+
 def test_dotenv_never_overrides_environment(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text(
