@@ -258,6 +258,29 @@ def test_replication_resumes_by_itself_after_a_primary_crash(
                message="status back to streaming")
 
 
+def test_a_conflicting_row_stops_that_backups_apply_and_status_counts_its_errors(
+    healthy_fleet: Fleet, dbs: dict[str, str], env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run(healthy_fleet, capsys, env, "replicate", "setup")[0] == 0
+    wait_until(lambda: synced(env), 30, message="both backups streaming")
+    row = str(uuid.uuid4())
+    sql = ("INSERT INTO session_memories (id, session_id, memory_type, message_id, content) "
+           "VALUES (%s, 'clash', 'message_user', %s, '{}')")
+    execute(dbs["railway"], sql, (row, "on-railway"))  # the key railway already has
+    execute(dbs["supabase"], sql, (row, "on-primary"))
+    wait_until(lambda: statuses(env)["railway"].apply_errors > 0, 30,
+               message="railway's apply failing on the duplicate key")
+    insert(dbs["supabase"], "after")
+    wait_until(lambda: count(dbs["neon"]) == 2, 15, message="neon unaffected")
+    assert count(dbs["railway"]) == 1  # stopped: nothing after the conflict arrives
+    code, out, err = run(healthy_fleet, capsys, env, "replicate", "status")
+    railway = next(line for line in out.splitlines() if line.startswith("railway"))
+    assert "apply error(s)" in railway, out + err
+    execute(dbs["railway"], "DELETE FROM session_memories WHERE id = %s", (row,))  # resolved
+    wait_until(lambda: count(dbs["railway"]) == 2, 30, message="railway applying again")
+
+
 def test_teardown_with_the_primary_down_detaches_the_slots_and_says_so(
     healthy_fleet: Fleet, dbs: dict[str, str], env: dict[str, str],
     capsys: pytest.CaptureFixture[str],
