@@ -12,6 +12,7 @@ import pytest
 from fleet import Fleet, wait_until
 from psycopg.conninfo import make_conninfo
 
+from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.provider import DatabaseProvider
 from agent_factory.settings import Settings
 from agent_factory.watchdog import TRANSPORT_EVIDENCE, Watch, Watchdog, tcp_progress, vouches
@@ -153,3 +154,17 @@ def test_an_answer_with_an_error_is_no_proof_that_the_database_lives(
         assert provider.health.last_alive == 0.0
     finally:
         provider.close()
+
+
+def test_waiting_for_notifications_is_not_a_call(healthy_fleet: Fleet) -> None:
+    """A LISTEN waiting three hang_timeouts for notifications that do not come is not abandoned."""
+    url = healthy_fleet["supabase"].url
+    with DatabaseManager({"supabase": url}, hang_timeout=1.0, probe_interval=0.1) as db:
+        with db.transaction() as conn:
+            conn.execute("LISTEN agent_factory_quiet")
+            t0 = time.monotonic()
+            assert list(conn.notifies(timeout=3.0)) == []
+            assert time.monotonic() - t0 >= 2.9
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        stats = db.get_provider_stats()["supabase"]
+        assert stats["healthy"] is True and stats["errors"] == 0
