@@ -1,4 +1,4 @@
-"""Failback without loss: before the primary takes traffic again, bring back its writes.
+"""Failback: before the primary takes traffic again, bring back the rows written on backups.
 
 While the primary was down, writes went to a backup (`Failover.diverged`
 says which, and since when). When the primary passes its recovery probes,

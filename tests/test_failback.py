@@ -1,4 +1,4 @@
-"""Failback without loss: every acknowledged write ends up on the primary exactly once."""
+"""Failback: client-keyed inserts acknowledged on a backup end up on the primary exactly once."""
 
 from __future__ import annotations
 
