@@ -53,18 +53,18 @@ for _entry in (str(HERE), str(ROOT)):
 import psycopg  # noqa: E402
 from resilience import NAMES, Fleet, fleet  # noqa: E402
 
-from agent_factory.core.database_manager import DatabaseManager  # noqa: E402
-from agent_factory.errors import OutcomeUnknownError  # noqa: E402
-from agent_factory.events import Listener  # noqa: E402
-from agent_factory.reconcile import reconcile  # noqa: E402
-from agent_factory.replication import (  # noqa: E402
+from agent_factory.continuity.reconcile import reconcile  # noqa: E402
+from agent_factory.continuity.replication import (  # noqa: E402
     replication_status,
     setup_replication,
     subscription_name,
     teardown_replication,
 )
+from agent_factory.core.database_manager import DatabaseManager  # noqa: E402
+from agent_factory.engine.events import Listener  # noqa: E402
+from agent_factory.engine.settings import Settings  # noqa: E402
+from agent_factory.errors import OutcomeUnknownError  # noqa: E402
 from agent_factory.schema.migrations import apply_migrations  # noqa: E402
-from agent_factory.settings import Settings  # noqa: E402
 
 PRIMARY, BACKUPS = NAMES[0], NAMES[1:]
 INSERT = (

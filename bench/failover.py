@@ -31,7 +31,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.embedded import EmbeddedPostgres
+from agent_factory.testing.embedded import EmbeddedPostgres
 
 NAMES = ("supabase", "railway", "neon")
 QUERY = "SELECT inet_server_port()"

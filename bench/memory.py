@@ -36,7 +36,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from agent_factory.core.database_manager import DatabaseManager  # noqa: E402
-from agent_factory.embedded import EmbeddedPostgres  # noqa: E402
 from agent_factory.memory import (  # noqa: E402
     AtomMatch,
     KnowledgeAtom,
@@ -44,6 +43,7 @@ from agent_factory.memory import (  # noqa: E402
     PostgresMemoryStorage,
     Session,
 )
+from agent_factory.testing.embedded import EmbeddedPostgres  # noqa: E402
 
 MIGRATIONS = ROOT / "agent_factory" / "schema" / "migrations"
 SCHEMA_FILES = ("0001_extensions.sql", "0002_session_memories.sql", "0003_knowledge_atoms.sql")

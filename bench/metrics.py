@@ -36,7 +36,7 @@ def _round(run: object, n: int) -> float:
 
 def listener_cost_ns(calls: int = 200_000) -> float:
     """ns per `on_query` call (counter + histogram through the cached children)."""
-    from agent_factory.metrics import MetricsListener
+    from agent_factory.observability.metrics import MetricsListener
 
     m = MetricsListener()
     m.prepare(["supabase"])
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from agent_factory.core.database_manager import DatabaseManager
-    from agent_factory.embedded import EmbeddedPostgres
-    from agent_factory.metrics import MetricsListener
+    from agent_factory.observability.metrics import MetricsListener
+    from agent_factory.testing.embedded import EmbeddedPostgres
 
     with EmbeddedPostgres("bench-metrics") as server:
         server.start()

@@ -230,7 +230,7 @@ def run(
 
 def _manager_fetch_all() -> Callable[[Any], Any]:
     """The function the manager applies to the cursor for ``fetch_mode="all"``."""
-    from agent_factory import provider
+    from agent_factory.engine import provider
 
     fetchers = getattr(provider, "FETCHERS", None)
     if fetchers is None:  # older layout: the manager module held them

@@ -51,8 +51,8 @@ from psycopg_pool import AsyncConnectionPool  # noqa: E402
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager  # noqa: E402
 from agent_factory.core.database_manager import DatabaseManager  # noqa: E402
-from agent_factory.embedded import EmbeddedPostgres  # noqa: E402
-from agent_factory.faultproxy import FaultProxy  # noqa: E402
+from agent_factory.testing.embedded import EmbeddedPostgres  # noqa: E402
+from agent_factory.testing.faultproxy import FaultProxy  # noqa: E402
 
 NAMES = ("supabase", "railway", "neon")
 SKIP_TARGET_US = 50.0

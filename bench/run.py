@@ -193,7 +193,7 @@ def run_core(ctx: Context) -> str | None:
     import overhead
     import psycopg
 
-    from agent_factory.embedded import EmbeddedPostgres, EmbeddedPostgresError
+    from agent_factory.testing.embedded import EmbeddedPostgres, EmbeddedPostgresError
 
     mark = ctx.mark()
     quick = args.quick
@@ -268,7 +268,7 @@ def _pg_version() -> str:
     """The embedded PostgreSQL's version, from its binary (no server needed)."""
     import subprocess
 
-    from agent_factory.embedded import find_bin_dir
+    from agent_factory.testing.embedded import find_bin_dir
 
     try:
         out = subprocess.run(
@@ -310,7 +310,7 @@ def _command(ctx: Context, suite: str) -> str:
 def run_resilience(ctx: Context) -> str | None:
     import resilience
 
-    from agent_factory.embedded import EmbeddedPostgresError
+    from agent_factory.testing.embedded import EmbeddedPostgresError
 
     mark = ctx.mark()
     when = dt.datetime.now(dt.timezone.utc)
@@ -328,7 +328,7 @@ def run_resilience(ctx: Context) -> str | None:
 def run_continuity(ctx: Context) -> str | None:
     import continuity
 
-    from agent_factory.embedded import EmbeddedPostgresError
+    from agent_factory.testing.embedded import EmbeddedPostgresError
 
     mark = ctx.mark()
     when = dt.datetime.now(dt.timezone.utc)

@@ -22,7 +22,6 @@ from pathlib import Path
 import psycopg
 
 import agent_factory
-from agent_factory.embedded import EmbeddedPostgres
 from agent_factory.memory import (
     ContextManager,
     InMemoryStorage,
@@ -30,6 +29,7 @@ from agent_factory.memory import (
     Session,
     SQLiteStorage,
 )
+from agent_factory.testing.embedded import EmbeddedPostgres
 
 PROVIDERS = ("supabase", "railway", "neon")
 MIGRATIONS = Path(agent_factory.__file__).parent / "schema" / "migrations"

@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from playwright.sync_api import expect, sync_playwright
 
-    from agent_factory.dashboard.app import create_app
-    from agent_factory.dashboard.demo import DemoFleet
-    from agent_factory.dashboard.server import BackgroundServer
+    from agent_factory.observability.dashboard.app import create_app
+    from agent_factory.observability.dashboard.demo import DemoFleet
+    from agent_factory.observability.dashboard.server import BackgroundServer
 
     fleet = DemoFleet(hang_timeout=1.0)
     db = fleet.start()

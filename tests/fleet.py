@@ -18,8 +18,8 @@ from typing import Any
 
 import psycopg
 
-from agent_factory.embedded import EmbeddedPostgres
-from agent_factory.faultproxy import FaultProxy
+from agent_factory.testing.embedded import EmbeddedPostgres
+from agent_factory.testing.faultproxy import FaultProxy
 
 PROVIDERS = ("supabase", "railway", "neon")
 START_TIMEOUT = 60.0  # three initdb runs share two cores on CI

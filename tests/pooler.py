@@ -26,8 +26,8 @@ from urllib.parse import quote
 
 import psycopg
 
-from agent_factory.embedded import EmbeddedPostgres, free_port
-from agent_factory.postgres_process import (
+from agent_factory.testing.embedded import EmbeddedPostgres, free_port
+from agent_factory.testing.postgres_process import (
     Account,
     identity,
     make_traversable,

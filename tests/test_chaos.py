@@ -42,13 +42,13 @@ import pytest
 from fleet import Fleet, local_port, wait_until
 
 from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.engine.events import Listener
 from agent_factory.errors import (
     AllProvidersUnavailableError,
     HangTimeoutError,
     OutcomeUnknownError,
     ProviderError,
 )
-from agent_factory.events import Listener
 
 ORDER = ["supabase", "railway", "neon"]
 HANG_TIMEOUT = 1.0

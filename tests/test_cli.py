@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from agent_factory.cli import _render
-from agent_factory.demo import Demo, DemoConfig
-from agent_factory.embedded import EmbeddedPostgres, PostgresNotFoundError, find_bin_dir
+from agent_factory.cli.demo.scenario import Demo, DemoConfig
+from agent_factory.cli.main import _render
+from agent_factory.testing.embedded import EmbeddedPostgres, PostgresNotFoundError, find_bin_dir
 
 try:
     find_bin_dir()
@@ -118,7 +118,7 @@ def _cli(
     args: list[str], env: dict[str, str], cwd: Path, servers: dict[str, EmbeddedPostgres]
 ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "agent_factory.cli", *args],
+        [sys.executable, "-m", "agent_factory.cli.main", *args],
         env=env, cwd=cwd, capture_output=True, text=True, timeout=60,
     )
     for server in servers.values():
@@ -256,7 +256,7 @@ def test_demo_command_plain_output(short_tmp: Path) -> None:
         env["PG_BIN"] = os.environ["PG_BIN"]
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "agent_factory.cli", "demo", "--no-hang",
+            [sys.executable, "-m", "agent_factory.cli.main", "demo", "--no-hang",
              "--down-seconds", "1"],
             env=env, cwd=short_tmp, capture_output=True, text=True, timeout=60,
         )

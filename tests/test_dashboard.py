@@ -24,11 +24,11 @@ import httpx
 import pytest
 from fleet import Fleet, wait_until
 
-from agent_factory.cli import main
+from agent_factory.cli.main import main
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.dashboard.app import create_app
-from agent_factory.dashboard.server import BackgroundServer, check_bind, is_loopback
-from agent_factory.dashboard.state import History, Timeline, build_state, sparkline
+from agent_factory.observability.dashboard.app import create_app
+from agent_factory.observability.dashboard.server import BackgroundServer, check_bind, is_loopback
+from agent_factory.observability.dashboard.state import History, Timeline, build_state, sparkline
 
 TOKEN = "t0ken-for-tests"
 JSON = {"Content-Type": "application/json"}
@@ -282,7 +282,7 @@ def test_command_refuses_a_public_address_without_token(
 
 
 def _start(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "agent_factory.cli", "dashboard", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "agent_factory.cli.main", "dashboard", *args],
                             env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     assert proc.stdout is not None

@@ -22,8 +22,8 @@ import pytest
 from fleet import Fleet
 
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.dashboard.app import create_app
-from agent_factory.dashboard.server import BackgroundServer
+from agent_factory.observability.dashboard.app import create_app
+from agent_factory.observability.dashboard.server import BackgroundServer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -180,7 +180,7 @@ def test_import_does_no_work(tmp_path: os.PathLike[str]) -> None:
     code = (
         "import logging, os, threading\n"
         "import agent_factory, agent_factory.core.database_manager, agent_factory.errors\n"
-        "import agent_factory.embedded, agent_factory.faultproxy\n"
+        "import agent_factory.testing.embedded, agent_factory.testing.faultproxy\n"
         "assert threading.active_count() == 1, threading.enumerate()\n"
         "assert not logging.getLogger().handlers\n"
         "assert 'AF_IMPORT_SENTINEL' not in os.environ\n"

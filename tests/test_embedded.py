@@ -16,7 +16,7 @@ import pytest
 from fleet import PROVIDERS, Fleet
 from psycopg.conninfo import make_conninfo
 
-from agent_factory.embedded import (
+from agent_factory.testing.embedded import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
     PostgresNotFoundError,
@@ -33,7 +33,7 @@ def refused(host: str, port: int) -> bool:
 
 
 def test_start_stop_restart_and_cleanup(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="agent_factory.embedded")
+    caplog.set_level(logging.DEBUG, logger="agent_factory.testing.embedded")
     server = EmbeddedPostgres("solo", settings={"max_connections": "20"})
     with server:
         server.start()

@@ -15,8 +15,8 @@ from databases import create_databases, drop_databases
 from fleet import Fleet, wait_until
 
 from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.engine.events import Listener
 from agent_factory.errors import AllProvidersUnavailableError, OutcomeUnknownError
-from agent_factory.events import Listener
 from agent_factory.schema import apply_migrations
 
 ORDER = ["supabase", "railway", "neon"]

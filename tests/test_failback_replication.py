@@ -10,11 +10,11 @@ from databases import create_databases, drop_databases
 from fleet import Fleet, wait_until
 from test_failback import FAST, ORDER, Writer, ids_on
 
+from agent_factory.continuity.replication import setup_replication, teardown_replication
 from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.engine.settings import Settings
 from agent_factory.errors import AllProvidersUnavailableError
-from agent_factory.replication import setup_replication, teardown_replication
 from agent_factory.schema import apply_migrations
-from agent_factory.settings import Settings
 
 
 def direct(fleet: Fleet, urls: dict[str, str]) -> dict[str, str]:

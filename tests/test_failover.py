@@ -16,12 +16,12 @@ from fleet import Fleet, wait_until
 from psycopg import errors as pge
 
 from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.engine.events import Listener
 from agent_factory.errors import (
     AllProvidersUnavailableError,
     OutcomeUnknownError,
     ProviderUnavailableError,
 )
-from agent_factory.events import Listener
 
 ORDER = ["supabase", "railway", "neon"]
 FAST = {"hang_timeout": 1.0, "probe_interval": 0.1, "checkout_timeout": 30.0}

@@ -34,11 +34,11 @@ import psycopg
 import pytest
 from fleet import Fleet, wait_until
 
-from agent_factory import async_provider, provider, watchdog
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.events import Listener
-from agent_factory.faultproxy import FaultProxy
+from agent_factory.engine import async_provider, provider, watchdog
+from agent_factory.engine.events import Listener
+from agent_factory.testing.faultproxy import FaultProxy
 
 ORDER = ["supabase", "railway", "neon"]
 PRIMARY = ORDER[0]

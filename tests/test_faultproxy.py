@@ -13,8 +13,8 @@ import psycopg
 import pytest
 from fleet import Fleet, local_port, wait_until
 
-from agent_factory.embedded import EmbeddedPostgres
-from agent_factory.faultproxy import FaultProxy
+from agent_factory.testing.embedded import EmbeddedPostgres
+from agent_factory.testing.faultproxy import FaultProxy
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from fleet import Fleet, wait_until
 from prometheus_client import CollectorRegistry
 
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.events import Listener
-from agent_factory.metrics import (
+from agent_factory.engine.events import Listener
+from agent_factory.observability.metrics import (
     Instrumented,
     MetricsListener,
     exposition,
@@ -322,8 +322,8 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_core_never_imports_prometheus_or_the_web_stack() -> None:
     proc = _python(
-        "import sys, agent_factory, agent_factory.core.database_manager, agent_factory.cli\n"
-        "import agent_factory.monitor, agent_factory.dashboard\n"
+        "import sys, agent_factory, agent_factory.core.database_manager, agent_factory.cli.main\n"
+        "import agent_factory.cli.monitor, agent_factory.observability.dashboard\n"
         "heavy = {'prometheus_client', 'starlette', 'uvicorn'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )
@@ -334,7 +334,7 @@ def test_missing_prometheus_names_the_extra() -> None:
     proc = _python(
         "import sys\n"
         "sys.modules['prometheus_client'] = None\n"
-        "import agent_factory.metrics\n"
+        "import agent_factory.observability.metrics\n"
     )
     assert proc.returncode == 1
     assert "ImportError" in proc.stderr

@@ -16,8 +16,8 @@ import pytest
 from fleet import Fleet, wait_until
 from rich.console import Console
 
+from agent_factory.cli.monitor import plain_lines, run_monitor, snapshot_of
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.monitor import plain_lines, run_monitor, snapshot_of
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_live_table_refreshes_until_stopped(db: DatabaseManager, healthy_fleet: 
 
 
 def test_command_once_plain_without_a_terminal(healthy_fleet: Fleet, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "agent_factory.cli", "monitor", "--once"],
+    proc = subprocess.run([sys.executable, "-m", "agent_factory.cli.main", "monitor", "--once"],
                           env=_env(healthy_fleet), cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -97,7 +97,7 @@ def test_command_once_plain_without_a_terminal(healthy_fleet: Fleet, tmp_path: P
 
 def test_command_loops_until_ctrl_c_and_exits_0(healthy_fleet: Fleet, tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent_factory.cli", "monitor", "--interval", "0.2"],
+        [sys.executable, "-m", "agent_factory.cli.main", "monitor", "--interval", "0.2"],
         env=_env(healthy_fleet), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )

@@ -22,7 +22,7 @@ from test_failback import FAST, ORDER, Writer, ids_on
 from test_failback_replication import direct, replicated  # noqa: F401 - fixture
 
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.faultproxy import FaultProxy
+from agent_factory.testing.faultproxy import FaultProxy
 
 INSTANCE_B = textwrap.dedent(
     """

@@ -16,10 +16,10 @@ from psycopg import errors as pge
 from psycopg import sql
 from psycopg_pool import PoolTimeout
 
-from agent_factory.events import Dispatcher
-from agent_factory.failover import Failover
-from agent_factory.health import Lag
-from agent_factory.policy import (
+from agent_factory.engine.events import Dispatcher
+from agent_factory.engine.failover import Failover
+from agent_factory.engine.health import Lag
+from agent_factory.engine.policy import (
     MEMO_MAX_CHARS,
     Breaker,
     Kind,
@@ -29,8 +29,8 @@ from agent_factory.policy import (
     classify,
     is_read_only,
 )
-from agent_factory.policy import may_retry_after_send as may_retry
-from agent_factory.settings import Settings
+from agent_factory.engine.policy import may_retry_after_send as may_retry
+from agent_factory.engine.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -248,7 +248,7 @@ def names(ps: list[_P]) -> list[str]:
 
 
 def test_read_routing_policies() -> None:
-    from agent_factory.policy import order_reads
+    from agent_factory.engine.policy import order_reads
 
     a, b, c = _P("a", latency=0.020), _P("b", latency=0.001), _P("c", latency=0.005)
     plan = [a, b, c]

@@ -30,7 +30,7 @@ from pooler import SETTINGS, PgBouncer
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.events import Listener
+from agent_factory.engine.events import Listener
 
 ORDER = ["supabase", "railway"]
 HANG_TIMEOUT = 2.0  # the default, which the managers below keep

@@ -12,7 +12,7 @@ import pytest
 from databases import create_databases, drop_databases
 from fleet import Fleet
 
-from agent_factory.reconcile import reconcile, tables_on_both
+from agent_factory.continuity.reconcile import reconcile, tables_on_both
 from agent_factory.schema import apply_migrations
 
 USER_TABLE = "events_log"

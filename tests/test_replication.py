@@ -26,16 +26,16 @@ from databases import create_databases, drop_databases, with_dbname
 from fleet import Fleet, wait_until
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from agent_factory.embedded import EmbeddedPostgres, free_port
-from agent_factory.replication import (
+from agent_factory.cli.replication_command import main
+from agent_factory.continuity.replication import (
     BackupStatus,
     publisher_conninfo,
     replication_status,
     subscription_name,
 )
-from agent_factory.replication_command import main
+from agent_factory.engine.settings import Settings
 from agent_factory.schema import apply_migrations
-from agent_factory.settings import Settings
+from agent_factory.testing.embedded import EmbeddedPostgres, free_port
 
 BACKUPS = ("railway", "neon")
 PASSWORDS: list[str] = []  # extra secrets that must never be printed
@@ -183,7 +183,7 @@ def test_setup_streams_rows_to_both_backups_twice_is_a_no_op_and_teardown_remove
 
     # The same status, as JSON, from a clean process that reads no .env.
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **env}
-    done = subprocess.run([sys.executable, "-m", "agent_factory.replication_command",
+    done = subprocess.run([sys.executable, "-m", "agent_factory.cli.replication_command",
                            "replicate", "status", "--json"], cwd=tmp_path, env=clean,
                           capture_output=True, text=True, timeout=60)
     assert_no_secret(healthy_fleet, done.stdout, done.stderr)

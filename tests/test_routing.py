@@ -13,8 +13,8 @@ import pytest
 from fleet import Fleet, read_only_server, wait_until
 
 from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.engine.settings import Settings
 from agent_factory.errors import AllProvidersUnavailableError, ConfigurationError
-from agent_factory.settings import Settings
 
 ORDER = ["supabase", "railway", "neon"]
 FAST = {"hang_timeout": 1.0, "probe_interval": 0.1, "checkout_timeout": 30.0}
@@ -181,7 +181,7 @@ def test_pooler_provider_runs_without_prepared_statements(healthy_fleet: Fleet) 
 
 
 def test_routed_reads_are_not_failovers(make_db: MakeDb, healthy_fleet: Fleet) -> None:
-    from agent_factory.events import Listener
+    from agent_factory.engine.events import Listener
 
     class Moves(Listener):
         def __init__(self) -> None:

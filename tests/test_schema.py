@@ -22,8 +22,8 @@ import pytest
 from databases import create_databases, drop_databases
 from fleet import Fleet
 
+from agent_factory.cli.schema_command import main
 from agent_factory.schema import apply_migrations, load_migrations, read_applied
-from agent_factory.schema.command import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "deploy_multi_provider_schema.py"

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import agent_factory.schema as schema
+from agent_factory.cli.schema_command import add_schema_commands, exit_code
 from agent_factory.errors import (
     ConfigurationError,
     CopyError,
@@ -30,7 +31,6 @@ from agent_factory.schema import (
     plan_migrations,
 )
 from agent_factory.schema.catalog import build_catalog
-from agent_factory.schema.command import add_schema_commands, exit_code
 
 NOW = datetime(2025, 12, 12, tzinfo=timezone.utc)
 

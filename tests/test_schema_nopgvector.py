@@ -11,9 +11,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from agent_factory.embedded import EmbeddedPostgres, pgvector_available
 from agent_factory.errors import ExtensionUnavailableError
 from agent_factory.schema import apply_migrations
+from agent_factory.testing.embedded import EmbeddedPostgres, pgvector_available
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "deploy_multi_provider_schema.py"

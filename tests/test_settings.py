@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent_factory.environment import read_dotenv
+from agent_factory.engine.environment import read_dotenv
+from agent_factory.engine.settings import Settings, is_placeholder
 from agent_factory.errors import ConfigurationError, NoProvidersConfiguredError
-from agent_factory.settings import Settings, is_placeholder
 
 RAILWAY = "postgresql://postgres:pw@railway.example.com:5432/railway"
 NEON = "postgresql://neon_user:npw@ep-x.neon.tech/neondb?sslmode=require"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent_factory.walclock import WalClock
+from agent_factory.engine.walclock import WalClock
 
 
 def clock(*samples: tuple[float, int]) -> WalClock:

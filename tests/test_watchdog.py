@@ -13,9 +13,9 @@ from fleet import Fleet, wait_until
 from psycopg.conninfo import make_conninfo
 
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.provider import DatabaseProvider
-from agent_factory.settings import Settings
-from agent_factory.watchdog import TRANSPORT_EVIDENCE, Watch, Watchdog, tcp_progress, vouches
+from agent_factory.engine.provider import DatabaseProvider
+from agent_factory.engine.settings import Settings
+from agent_factory.engine.watchdog import TRANSPORT_EVIDENCE, Watch, Watchdog, tcp_progress, vouches
 
 # -- what a probe's view of a call's server process means (no I/O) -------------------
 

@@ -19,14 +19,14 @@ from typing import Any, Literal
 
 import psycopg
 
-from ..async_provider import AsyncFetch, AsyncProvider, async_fetcher
+from ..engine.async_provider import AsyncFetch, AsyncProvider, async_fetcher
+from ..engine.events import Listener
+from ..engine.failover import Route
+from ..engine.health import HealthCallback
+from ..engine.provider import FetchMode, Unavailable, abandoned
+from ..engine.settings import Settings
+from ..engine.watchdog import Watchdog
 from ..errors import ManagerClosedError
-from ..events import Listener
-from ..failover import Route
-from ..health import HealthCallback
-from ..provider import FetchMode, Unavailable, abandoned
-from ..settings import Settings
-from ..watchdog import Watchdog
 from .base import BaseManager, resolve_settings
 
 __all__ = ["AsyncDatabaseManager"]

@@ -12,12 +12,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Generic
 
-from ..events import Dispatcher, Listener
-from ..failback import Failback
-from ..failover import Failover, P
-from ..health import HealthCallback
-from ..settings import Settings
-from ..watchdog import Watchdog
+from ..continuity.failback import Failback
+from ..engine.events import Dispatcher, Listener
+from ..engine.failover import Failover, P
+from ..engine.health import HealthCallback
+from ..engine.settings import Settings
+from ..engine.watchdog import Watchdog
 
 ProviderFactory = Callable[[str, Settings, Watchdog, HealthCallback], P]
 

@@ -7,7 +7,7 @@ consecutive probes. SQL errors are never retried elsewhere. A statement that
 was sent and then lost its connection is retried elsewhere only when it is
 read-only or declared idempotent; otherwise `OutcomeUnknownError` says so.
 
-The decisions live in `agent_factory.failover` (shared with
+The decisions live in `agent_factory.engine.failover` (shared with
 `AsyncDatabaseManager`); this module is the thin synchronous shell.
 """
 
@@ -23,13 +23,13 @@ from typing import Any, Literal
 
 import psycopg
 
+from ..engine.events import Listener
+from ..engine.failover import Route
+from ..engine.health import HealthCallback
+from ..engine.provider import DatabaseProvider, Fetch, FetchMode, Unavailable, abandoned, fetcher
+from ..engine.settings import Settings
+from ..engine.watchdog import Watchdog
 from ..errors import ManagerClosedError
-from ..events import Listener
-from ..failover import Route
-from ..health import HealthCallback
-from ..provider import DatabaseProvider, Fetch, FetchMode, Unavailable, abandoned, fetcher
-from ..settings import Settings
-from ..watchdog import Watchdog
 from .base import BaseManager, resolve_settings
 
 __all__ = ["DatabaseManager", "DatabaseProvider", "FetchMode", "resolve_settings"]

@@ -24,12 +24,12 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
+from ..engine.settings import is_placeholder
 from ..errors import (
     ConfigurationError,
     MemoryStorageError,
     MissingDependencyError,
 )
-from ..settings import is_placeholder
 from .history import ROLES, parse_timestamp
 from .postgres import ATOM_TYPES, check_atom_type, message_rows, session_content, session_from_rows
 from .session import Session

@@ -6,7 +6,7 @@
 `apply_migrations` deploys the shipped migrations to one database;
 `read_catalog` / `diff_catalogs` compare providers; `copy_tables` copies the
 managed tables between two. The command line lives in
-`agent_factory.schema.command` (``agent-factory-db schema ...`` and
+`agent_factory.cli.schema_command` (``agent-factory-db schema ...`` and
 ``scripts/deploy_multi_provider_schema.py``).
 """
 

@@ -1,0 +1,207 @@
+"""What the schema and replication commands share: context, exit codes, helpers.
+
+Each command resolves a `Context` once (the environment, or ``.env`` plus
+``os.environ``), prints through it so that every line is scrubbed of the
+providers' passwords, and turns the package's errors into an exit code:
+0 done, 1 a step failed, 2 a provider cannot be reached or the configuration
+or an argument is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import quote
+
+import psycopg
+
+from ..engine.environment import read_dotenv
+from ..engine.settings import ProviderSettings, Settings
+from ..errors import (
+    AgentFactoryError,
+    ConfigurationError,
+    ExtensionUnavailableError,
+    ProviderError,
+    ProviderUnavailableError,
+)
+from ..schema.copy import ProgressCallback
+from ..schema.migrations import DEFAULT_EMBEDDING_DIM, check_embedding_dim, describe_db_error
+
+__all__ = [
+    "EMBEDDING_DIM_VAR", "EXIT_FAILED", "EXIT_OK", "EXIT_UNAVAILABLE", "Action", "Context",
+    "bind", "connect", "context", "dispatch", "exit_code", "positive_float", "positive_int",
+    "progress", "resolve_targets", "run",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
+EMBEDDING_DIM_VAR = "DATABASE_EMBEDDING_DIM"
+# Commands talk to one provider at a time and may wake a serverless one.
+_MIN_CONNECT_TIMEOUT = 10.0
+
+
+def exit_code(exc: BaseException) -> int:
+    """2 for what stops us from reaching a working provider, 1 for schema problems."""
+    unreachable = (ConfigurationError, ProviderError, ExtensionUnavailableError,
+                   psycopg.OperationalError)
+    return EXIT_UNAVAILABLE if isinstance(exc, unreachable) else EXIT_FAILED
+
+
+def dispatch(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int:
+    """Run the parsed command with ``environ``; Ctrl-C exits 130 with one line."""
+    args.environ = environ
+    command: Callable[[argparse.Namespace], int] = args.command
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+@dataclass
+class Context:
+    """Configuration resolved once per command, and output that scrubs secrets."""
+
+    env: Mapping[str, str]
+    secrets: tuple[str, ...] = ()
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
+
+    def settings(self) -> Settings:
+        settings = Settings.from_env(self.env, dotenv=None)
+        self.secrets = tuple(
+            s for p in settings.providers.values() if len(p.password) >= 4
+            for s in (p.password, quote(p.password, safe=""))
+        )
+        return settings
+
+    def embedding_dim(self, flag: str | None) -> int:
+        if flag is not None:
+            return check_embedding_dim(flag, "--embedding-dim")
+        if self.env.get(EMBEDDING_DIM_VAR, "").strip():
+            return check_embedding_dim(self.env[EMBEDDING_DIM_VAR], EMBEDDING_DIM_VAR)
+        return DEFAULT_EMBEDDING_DIM
+
+    def print(self, text: str = "") -> None:
+        print(self.scrub(text), file=self.out, flush=True)
+
+    def error(self, text: str) -> None:
+        print(self.scrub(f"error: {text}"), file=self.err, flush=True)
+
+    def scrub(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def context(args: argparse.Namespace) -> Context:
+    environ = getattr(args, "environ", None)
+    if environ is not None:
+        return Context(dict(environ))
+    return Context({**read_dotenv(Path(".env")), **os.environ})
+
+
+Action = Callable[[Context, argparse.Namespace], int]
+ExitCode = Callable[[BaseException], int]
+
+
+def bind(action: Action, code: ExitCode = exit_code) -> Callable[[argparse.Namespace], int]:
+    """The ``command`` an argparse action sets: `run` with ``action``."""
+    return partial(run, action=action, code=code)
+
+
+def run(args: argparse.Namespace, action: Action, code: ExitCode = exit_code) -> int:
+    """Run ``action``, turning our errors into a message and an exit code."""
+    ctx = context(args)
+    try:
+        return action(ctx, args)
+    except AgentFactoryError as exc:
+        ctx.error(str(exc))
+        return code(exc)
+
+
+def resolve_targets(settings: Settings, name: str | None, option: str = "--provider"
+                    ) -> list[ProviderSettings]:
+    """Every provider in failover order, or the one ``name`` picks (else a clear error)."""
+    ordered = list(dict.fromkeys((*settings.failover_order, *settings.providers)))
+    if name is None:
+        return [settings.providers[n] for n in ordered]
+    key = name.strip().lower()
+    if key not in settings.providers:
+        raise ConfigurationError(
+            f"{option} {name!r} is not a configured provider; configured: "
+            f"{', '.join(ordered)}. Set {key.upper()}_DB_URL (and list it in "
+            "DATABASE_FAILOVER_ORDER) or pick a configured one."
+        )
+    return [settings.providers[key]]
+
+
+def connect(target: ProviderSettings, settings: Settings, *, application_name: str,
+            autocommit: bool = True) -> psycopg.Connection[Any]:
+    """One connection to ``target``, no failover; patient with a waking provider."""
+    timeout = math.ceil(max(settings.connect_timeout, _MIN_CONNECT_TIMEOUT))
+    conninfo = target.conninfo(connect_timeout=str(timeout), application_name=application_name)
+    try:
+        return psycopg.connect(conninfo, autocommit=autocommit)
+    except psycopg.Error as exc:
+        raise ProviderUnavailableError(target.name, describe_db_error(exc)) from None
+
+
+@contextmanager
+def progress(ctx: Context, live: bool) -> Iterator[ProgressCallback]:
+    """A Rich progress bar on a terminal, else one plain line per batch."""
+    if live:
+        try:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+        except ImportError:
+            live = False
+    if not live:
+        def plain(table: str, done: int, total: int) -> None:
+            if done or not total:
+                ctx.print(f"  {table}: {done}/{total} rows")
+
+        yield plain
+        return
+    tasks: dict[str, Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), transient=False) as bar:
+
+        def update(table: str, done: int, total: int) -> None:
+            if table not in tasks:
+                tasks[table] = bar.add_task(table, total=total)
+            bar.update(tasks[table], completed=done, total=total)
+
+        yield update

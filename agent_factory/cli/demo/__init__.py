@@ -1,0 +1,1 @@
+"""``agent-factory-db demo``: three embedded providers and a live failover, on screen."""

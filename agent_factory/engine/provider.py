@@ -1,0 +1,414 @@
+"""One provider for the sync manager: its connection pool around a `ProviderHealth`.
+
+The I/O shell: checkout of a live pooled connection within a deadline, one
+statement under the watchdog, and translation of a failure into
+`Unavailable` (try elsewhere) or the SQL error (raise unchanged). The pool is
+replaced when the provider recovers, so no connection from before an outage
+is reused.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Literal
+
+import psycopg
+from psycopg import pq
+from psycopg.abc import RV, PQGen
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+from ..errors import HangTimeoutError, OutcomeUnknownError, ProviderUnavailableError
+from .health import HealthCallback, ProviderHealth
+from .policy import Kind, classify, may_retry_after_send
+from .settings import ProviderSettings, Settings
+from .watchdog import Watch, Watchdog, tcp_progress
+
+Fetch = Callable[[psycopg.Cursor[Any]], Any]
+FetchMode = Literal["all", "one", "none"]
+
+# A caller waiting for a pooled connection looks whether the provider went
+# down meanwhile (a pool connection attempt failed): first after 20 ms, then
+# at doubling intervals up to 250 ms. Each timed-out wait leaves a stale
+# waiter in psycopg_pool's queue (skipped later), hence not too many.
+FIRST_SLICE = 0.02
+MAX_SLICE = 0.25
+
+
+_ROWS = pq.ExecStatus.TUPLES_OK
+
+
+# `pgresult.status` rather than `description`, which builds column objects.
+def _fetch_all(cur: psycopg.Cursor[Any]) -> Any:
+    res = cur.pgresult
+    return cur.fetchall() if res is not None and res.status == _ROWS else []
+
+
+def _fetch_one(cur: psycopg.Cursor[Any]) -> Any:
+    res = cur.pgresult
+    return cur.fetchone() if res is not None and res.status == _ROWS else None
+
+
+def _fetch_none(cur: psycopg.Cursor[Any]) -> None:
+    return None
+
+
+FETCHERS: dict[str, Fetch] = {"all": _fetch_all, "one": _fetch_one, "none": _fetch_none}
+
+
+def fetcher(fetch_mode: str) -> Fetch:
+    fetch = FETCHERS.get(fetch_mode)
+    if fetch is None:
+        raise ValueError(f"fetch_mode must be 'all', 'one' or 'none', got {fetch_mode!r}")
+    return fetch
+
+
+class Unavailable(Exception):
+    """Internal: the provider could not serve.
+
+    ``sent``: the statement may have been applied there. ``down``: the
+    provider is unavailable (a read-only refusal is not).
+    """
+
+    def __init__(self, reason: str, *, sent: bool, hung: bool = False, down: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.sent = sent
+        self.hung = hung
+        self.down = down
+
+
+def translate(health: ProviderHealth, exc: psycopg.Error, hung: bool) -> Unavailable:
+    """The one place where a driver error becomes a failover decision (or not)."""
+    kind = classify(exc)
+    if kind is Kind.SQL:
+        tag(exc, health.name)
+        raise exc
+    if kind is Kind.READ_ONLY:
+        reason = health.failure_reason(exc)
+        health.mark_read_only(reason)
+        return Unavailable(reason, sent=False, down=False)
+    return Unavailable(health.failure_reason(exc, hung), sent=True, hung=hung)
+
+
+def tag(exc: BaseException, provider: str) -> None:
+    """Name the provider on an error that propagates unchanged."""
+    exc.provider = provider  # type: ignore[attr-defined]
+    if sys.version_info >= (3, 11):
+        exc.add_note(f"(on database provider {provider!r})")
+
+
+def standalone(name: str, connection_string: str | ProviderSettings) -> Settings:
+    """Settings for a provider used on its own (the original API)."""
+    if isinstance(connection_string, ProviderSettings):
+        target = connection_string
+    else:
+        target = Settings.build({name: connection_string}).providers[name]
+    return Settings(providers={name: target}, primary=name, failover_order=(name,))
+
+
+class DatabaseProvider:
+    """A named PostgreSQL target: a pool of autocommit connections and its health.
+
+    ``DatabaseProvider(name, url)`` works alone (original API); the manager
+    passes its settings and shared watchdog.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        connection_string: str | ProviderSettings,
+        *,
+        settings: Settings | None = None,
+        watchdog: Watchdog | None = None,
+        on_health_change: HealthCallback | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        s = settings or standalone(name, connection_string)
+        self.name = name
+        self.target = s.providers[name]
+        self.tuning = s.tuning(name)
+        self._clock = clock
+        self._own_watchdog = watchdog is None
+        self._watchdog = watchdog or Watchdog(probe_after=self.tuning.hang_timeout / 4)
+        self.health = ProviderHealth(
+            self.target, self.tuning, self._watchdog, on_change=on_health_change, clock=clock
+        )
+        self.health.before_recovery = self._renew_pool
+        self._generation = 0
+        self._closed = False
+        self._pool = self._new_pool()
+
+    # -- data path -------------------------------------------------------------------
+
+    def run(self, query: Any, params: Any, fetch: Fetch) -> Any:
+        """Run one statement in autocommit mode; raise `Unavailable` or the SQL error."""
+        pool, conn = self.checkout()
+        health = self.health
+        health.in_flight += 1
+        try:
+            result = fetch(conn.execute(query, params))
+        except psycopg.Error as exc:
+            raise translate(health, exc, abandoned(conn)) from exc
+        finally:
+            health.in_flight -= 1
+            pool.putconn(conn)
+        health.last_alive = self._clock()
+        return result
+
+    def execute_query(
+        self, query: Any, params: Any = None, fetch_mode: FetchMode = "all"
+    ) -> Any:
+        """Run one statement on this provider only (no failover)."""
+        fetch = fetcher(fetch_mode)
+        try:
+            return self.run(query, params, fetch)
+        except Unavailable as exc:
+            if exc.down:
+                self.health.mark_down(exc.reason)
+            raise unavailable_error(self.name, query, exc) from exc.__cause__
+
+    def checkout(self) -> tuple[ConnectionPool[Any], psycopg.Connection[Any]]:
+        """A live pooled connection, or `Unavailable` (never sent) within the deadline."""
+        started = self._clock()
+        pool = self._pool
+        try:
+            conn = pool.getconn(timeout=FIRST_SLICE)
+        except (PoolTimeout, PoolClosed):
+            return self._checkout_slow(started)
+        if is_dead(conn):
+            pool.putconn(conn)
+            return self._checkout_slow(started)
+        return pool, conn
+
+    def _checkout_slow(
+        self, started: float
+    ) -> tuple[ConnectionPool[Any], psycopg.Connection[Any]]:
+        health = self.health
+        deadline = started + self.tuning.checkout_timeout
+        slice_ = FIRST_SLICE
+        health.waiting += 1
+        try:
+            while True:
+                pool = self._pool
+                try:
+                    conn = pool.getconn(timeout=slice_)
+                except PoolTimeout:
+                    check_wait(health, started, self._clock(), deadline)
+                    slice_ = min(slice_ * 2, MAX_SLICE)
+                    continue
+                except PoolClosed:
+                    if self._closed or pool is self._pool:
+                        raise Unavailable("closed", sent=False) from None
+                    continue
+                if is_dead(conn):
+                    # Closed by the server while idle (crash, restart, idle
+                    # timeout). The pool replaces it; a failed reconnect marks
+                    # the provider down and ends the wait above.
+                    pool.putconn(conn)
+                    continue
+                return pool, conn
+        finally:
+            health.waiting -= 1
+
+    # -- pool ------------------------------------------------------------------------
+
+    def _new_pool(self) -> ConnectionPool[Any]:
+        t = self.tuning
+        self._generation += 1
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if not t.prepare:
+            kwargs["prepare_threshold"] = None
+        pool: ConnectionPool[Any] = ConnectionPool(
+            self.health.conninfo,
+            connection_class=_observed_class(
+                self.health, self, self._generation, self._watchdog
+            ),
+            kwargs=kwargs,
+            min_size=t.pool_min_size,
+            max_size=t.pool_max_size,
+            timeout=t.checkout_timeout,
+            name=f"agent-factory-{self.name}",
+            open=False,
+        )
+        pool.open(wait=False)
+        return pool
+
+    def _renew_pool(self) -> None:
+        old, self._pool = self._pool, self._new_pool()
+        # Its workers may be stuck in a connect to a blackholed address for
+        # up to connect_timeout: close it in the background.
+        threading.Thread(
+            target=old.close,
+            kwargs={"timeout": self.tuning.connect_timeout + 1.0},
+            name=f"agent-factory-close-{self.name}",
+            daemon=True,
+        ).start()
+
+    def current_generation(self) -> int:
+        return self._generation
+
+    # -- introspection and lifecycle ---------------------------------------------------
+
+    @property
+    def pool_active(self) -> bool:
+        return not self._closed and not self._pool.closed
+
+    def health_check(self, *, max_age: float | None = None) -> bool:
+        return self.health.health_check(max_age=max_age)
+
+    def stats(self) -> dict[str, Any]:
+        p = self._pool.get_stats()
+        out: dict[str, Any] = {
+            "healthy": self.health.up,
+            "connection_string_host": self.target.host,
+            "port": self.target.port,
+            "database": self.target.params.get("dbname", ""),
+            "pool_active": self.pool_active,
+            "pool_size": p.get("pool_size", 0),
+            "pool_idle": p.get("pool_available", 0),
+            "pool_max": self.tuning.pool_max_size,
+        }
+        out.update(self.health.stats())
+        return out
+
+    def close(self) -> None:
+        self._closed = True
+        self.health.close()
+        self._pool.close(timeout=1.0)
+        if self._own_watchdog:
+            self._watchdog.close()
+
+    def __repr__(self) -> str:
+        state = "up" if self.health.up else "down"
+        return f"<DatabaseProvider {self.name!r} {self.target.describe()} {state}>"
+
+
+def check_wait(health: ProviderHealth, started: float, now: float, deadline: float) -> None:
+    """Between two slices of a checkout wait: give up when down, unreachable or out of time."""
+    if not health.up:
+        raise Unavailable(health.last_error or "down", sent=False)
+    if health.connect_failed_at >= started:
+        raise Unavailable(health.connect_error or "connect failed", sent=False)
+    if now >= deadline:
+        # The pool is exhausted by the client's own load: the statement moves
+        # on, but the provider is not marked down for it (a dead or silent
+        # server is caught by its failed connects and by the watchdog).
+        raise Unavailable(
+            f"no free pooled connection within {health.tuning.checkout_timeout:g}s",
+            sent=False,
+            down=False,
+        )
+
+
+def unavailable_error(name: str, query: Any, exc: Unavailable) -> Exception:
+    """The public error for a single provider that could not serve."""
+    text = query if isinstance(query, str) else ""
+    if exc.sent and not may_retry_after_send(text, None, None):
+        return OutcomeUnknownError(name, exc.reason)
+    if exc.hung:
+        return HangTimeoutError(name, exc.reason)
+    return ProviderUnavailableError(name, exc.reason)
+
+
+def is_dead(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """True when an idle connection was closed by the server (no round trip).
+
+    A non-blocking read of whatever the server sent: nothing (EAGAIN) on a
+    live idle connection, EOF or an error on a closed one. It does not
+    release the GIL, unlike select(), so it costs caller threads no hand-over.
+    """
+    pgconn = conn.pgconn
+    if pgconn.status != pq.ConnStatus.OK:
+        return True
+    try:
+        pgconn.consume_input()
+    except psycopg.OperationalError:
+        return True
+    return pgconn.status != pq.ConnStatus.OK
+
+
+def watched(gen: PQGen[RV], w: Watch, clock: Callable[[], float]) -> PQGen[RV]:
+    """Forward psycopg's generator, noting each time the call's socket made progress.
+
+    psycopg resumes the generator with a non-zero ``ready`` only when the
+    socket became readable (bytes arrived) or writable (the kernel took
+    more of the request): the call's own news, on every platform.
+    """
+    try:
+        wait_for = next(gen)
+        while True:
+            ready = yield wait_for
+            if ready:
+                w.alive = clock()
+            wait_for = gen.send(ready)
+    except StopIteration as ex:
+        return ex.value  # type: ignore[no-any-return]
+
+
+def abandoned(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the watchdog abandoned a call of ``conn`` (its socket was shut down)."""
+    return bool(getattr(conn, "abandoned", False))
+
+
+def _observed_class(
+    health: ProviderHealth, owner: Any, generation: int, watchdog: Watchdog
+) -> type[psycopg.Connection[Any]]:
+    """The pool's connection class: every call under the watchdog, connects reported.
+
+    Each round of I/O psycopg does (`Connection.wait`: a statement, a
+    fetch, a COPY block, COMMIT) is one watched call, so inside a
+    transaction the deadline covers a statement, never the gaps between
+    them. A connect started by a pool replaced since (at recovery) says
+    nothing about the provider now, so it is ignored.
+    """
+    health_ref = weakref.ref(health)
+    owner_ref = weakref.ref(owner)
+    clock = watchdog.clock
+
+    def report(exc: BaseException | None) -> None:
+        h, o = health_ref(), owner_ref()
+        if h is None or o is None or o.current_generation() != generation:
+            return
+        if exc is None:
+            h.connected()
+        else:
+            h.connect_failed(exc)
+
+    class ObservedConnection(psycopg.Connection[Any]):
+        #: Set once the watchdog shut this connection's socket.
+        abandoned = False
+        #: Its socket has TCP counters (the watchdog reads its progress there);
+        #: otherwise each wait is wrapped to see it. Known at the first call.
+        counted: bool | None = None
+
+        @classmethod
+        def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+            try:
+                conn = super().connect(conninfo, **kwargs)
+            except Exception as exc:
+                report(exc)
+                raise
+            report(None)
+            return conn
+
+        def wait(self, gen: PQGen[RV], *args: Any, **kwargs: Any) -> RV:
+            h = health_ref()
+            if h is None:
+                return super().wait(gen, *args, **kwargs)
+            w = watchdog.watch_call(self.pgconn, h)
+            if self.counted is None:
+                self.counted = tcp_progress(self.pgconn.socket) is not None
+            try:
+                if not self.counted:
+                    gen = watched(gen, w, clock)
+                return super().wait(gen, *args, **kwargs)
+            finally:
+                watchdog.unwatch(w)
+                if w.fired:
+                    self.abandoned = True
+
+    return ObservedConnection
