@@ -33,6 +33,7 @@ from agent_factory.continuity.replication import (
     replication_status,
     subscription_name,
 )
+from agent_factory.engine.environment import settings_from_env
 from agent_factory.engine.settings import Settings
 from agent_factory.schema import apply_migrations
 from agent_factory.testing.embedded import EmbeddedPostgres, free_port
@@ -126,7 +127,7 @@ def run(fleet: Fleet, capsys: pytest.CaptureFixture[str], env: Mapping[str, str]
 
 
 def statuses(env: Mapping[str, str]) -> dict[str, BackupStatus]:
-    return {s.provider: s for s in replication_status(Settings.from_env(env, dotenv=None))}
+    return {s.provider: s for s in replication_status(settings_from_env(env, dotenv=None))}
 
 
 def synced(env: Mapping[str, str]) -> bool:

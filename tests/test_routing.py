@@ -13,6 +13,7 @@ import pytest
 from fleet import Fleet, read_only_server, wait_until
 
 from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.engine.environment import settings_from_env
 from agent_factory.engine.settings import Settings
 from agent_factory.errors import AllProvidersUnavailableError, ConfigurationError
 
@@ -157,7 +158,7 @@ def test_provider_quirks_and_options() -> None:
         Settings.build({"x": {"url": "postgresql://u:p@h/db", "wieght": 2}})
     with pytest.raises(ConfigurationError, match="read_routing"):
         Settings.build({"x": "postgresql://u:p@h/db"}, read_routing="fastest")
-    env = Settings.from_env(
+    env = settings_from_env(
         {"NEON_DB_URL": "postgresql://u:p@h/db", "NEON_DB_SERVERLESS": "yes",
          "NEON_DB_POOL_MAX_SIZE": "4", "DATABASE_READ_ROUTING": "nearest"},
         dotenv=None,
@@ -165,7 +166,7 @@ def test_provider_quirks_and_options() -> None:
     assert env.tuning("neon").serverless and env.tuning("neon").pool_max_size == 4
     assert env.read_routing == "nearest"
     with pytest.raises(ConfigurationError, match="NEON_DB_WEIGHT"):
-        Settings.from_env({"NEON_DB_URL": "postgresql://u:p@h/db", "NEON_DB_WEIGHT": "x"},
+        settings_from_env({"NEON_DB_URL": "postgresql://u:p@h/db", "NEON_DB_WEIGHT": "x"},
                           dotenv=None)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_factory.engine.environment import read_dotenv
+from agent_factory.engine.environment import read_dotenv, settings_from_env
 from agent_factory.engine.settings import Settings, is_placeholder
 from agent_factory.errors import ConfigurationError, NoProvidersConfiguredError
 
@@ -16,7 +16,7 @@ NEON = "postgresql://neon_user:npw@ep-x.neon.tech/neondb?sslmode=require"
 
 
 def from_env(env: dict[str, str]) -> Settings:
-    return Settings.from_env(env, dotenv=None)
+    return settings_from_env(env, dotenv=None)
 
 
 def test_defaults_match_the_spec() -> None:
@@ -196,7 +196,7 @@ def test_dotenv_never_overrides_environment(tmp_path: Path) -> None:
         'RAILWAY_DB_URL="postgresql://u:p@railway-file/db"\nDATABASE_PROVIDER=railway # inline\n'
     )
     assert read_dotenv(env_file)["DATABASE_PROVIDER"] == "railway"
-    s = Settings.from_env({"NEON_DB_URL": "postgresql://u:p@from-env/db"}, dotenv=env_file)
+    s = settings_from_env({"NEON_DB_URL": "postgresql://u:p@from-env/db"}, dotenv=env_file)
     assert s.providers["neon"].host == "from-env"
     assert s.providers["railway"].host == "railway-file"
     assert s.primary == "railway"

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import psycopg
 
-from ..engine.environment import read_dotenv
+from ..engine.environment import read_dotenv, settings_from_env
 from ..engine.settings import ProviderSettings, Settings
 from ..errors import (
     AgentFactoryError,
@@ -95,7 +95,7 @@ class Context:
     err: TextIO = field(default_factory=lambda: sys.stderr)
 
     def settings(self) -> Settings:
-        settings = Settings.from_env(self.env, dotenv=None)
+        settings = settings_from_env(self.env, dotenv=None)
         self.secrets = tuple(
             s for p in settings.providers.values() if len(p.password) >= 4
             for s in (p.password, quote(p.password, safe=""))

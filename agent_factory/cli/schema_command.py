@@ -14,7 +14,7 @@ schemas drifted or a copy was refused; 2 a provider cannot be reached, lacks
 pgvector, or the configuration or a command-line argument is wrong.
 
 Providers come from the environment like `DatabaseManager()` does
-(`Settings.from_env`); ``DATABASE_EMBEDDING_DIM`` is read here only (through
+(`settings_from_env`); ``DATABASE_EMBEDDING_DIM`` is read here only (through
 `agent_factory.cli.command_support`, which holds what the commands share). Output
 names providers and ``user@host:port/db``, never a password, and every line is
 scrubbed once more before printing.

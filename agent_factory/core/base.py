@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Generic
 
 from ..continuity.failback import Failback
+from ..engine.environment import settings_from_env
 from ..engine.events import Dispatcher, Listener
 from ..engine.failover import Failover, P
 from ..engine.health import HealthCallback
@@ -36,7 +37,7 @@ def resolve_settings(
         if providers is not None:
             settings = Settings.build(providers, order=order, primary=primary, **options)
         else:
-            settings = Settings.from_env(dotenv=dotenv)
+            settings = settings_from_env(dotenv=dotenv)
             overrides: dict[str, Any] = dict(options)
             if order is not None:
                 overrides["failover_order"] = tuple(order)

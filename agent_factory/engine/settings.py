@@ -1,6 +1,6 @@
 """Settings, parsed and validated once, frozen afterwards.
 
-`Settings.from_env()` (see `environment`) is the only place that reads the
+`environment.settings_from_env()` is the only place that reads the
 environment; everything below this layer receives a `Settings` value. Every
 error names the setting, says what is wrong and how to fix it, and never
 echoes a password.
@@ -13,7 +13,6 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from psycopg import conninfo as pg_conninfo
@@ -272,15 +271,6 @@ class Settings:
         chosen = primary if primary is not None else (order_t[0] if order_t else names[0])
         check_options(options)
         return cls(providers=parsed, primary=chosen, failover_order=order_t, **options)
-
-    @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, *, dotenv: str | Path | None = ".env"
-    ) -> Settings:
-        """Settings from environment variables, with a ``.env`` file as fallback."""
-        from .environment import settings_from_env
-
-        return settings_from_env(environ, dotenv=dotenv)
 
 
 def is_placeholder(value: str) -> bool:

@@ -21,12 +21,9 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .faultproxy import FaultProxy
-
-__all__ = ["Direction", "Link", "Wakeup", "rst_close"]
+__all__ = ["Direction", "Link", "Owner", "Wakeup", "rst_close"]
 
 # The proxy's logger: a link's messages belong to the proxy that owns it.
 logger = logging.getLogger("agent_factory.testing.faultproxy")
@@ -69,6 +66,23 @@ class Wakeup:
     def close(self) -> None:
         self.reader.close()
         self._writer.close()
+
+
+class Owner(Protocol):
+    """What a link needs of the proxy that accepted it (a `FaultProxy`)."""
+
+    upstream: tuple[str, int]
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def latency(self) -> float: ...
+
+    @property
+    def rate(self) -> float | None: ...
+
+    def _forget(self, link: Link) -> None: ...
 
 
 class Direction:
@@ -152,7 +166,7 @@ class Link:
     """One client connection and its upstream, served by one selector thread."""
 
     def __init__(
-        self, proxy: FaultProxy, client: socket.socket, blackholed: bool, client_port: int
+        self, proxy: Owner, client: socket.socket, blackholed: bool, client_port: int
     ) -> None:
         self.client_port = client_port
         self._proxy = proxy
