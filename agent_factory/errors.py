@@ -20,6 +20,11 @@ their own psycopg type, carrying the provider's name in ``exc.provider``.
     │   ├── MigrationDriftError                  an applied migration no longer matches
     │   ├── ExtensionUnavailableError            the server lacks a required extension
     │   └── CopyError                            a data copy cannot proceed
+    ├── ReplicationError                         a replication step failed on a provider
+    │   └── ReplicationPrerequisiteError         it cannot replicate as configured
+    ├── BindRefusedError (also ValueError)       the dashboard would listen beyond loopback
+    ├── EmbeddedPostgresError (also RuntimeError)  an embedded test server failed
+    │   └── PostgresNotFoundError                no usable PostgreSQL binaries
     ├── MissingDependencyError (also ImportError)  an optional package is missing
     ├── MemoryStorageError                       a storage backend failed a request
     └── InvalidMemoryError (also ValueError)     a record the schema cannot hold
@@ -36,13 +41,26 @@ import psycopg
 __all__ = [
     "AgentFactoryError",
     "AllProvidersUnavailableError",
+    "BindRefusedError",
     "ConfigurationError",
+    "CopyError",
+    "EmbeddedPostgresError",
+    "ExtensionUnavailableError",
     "HangTimeoutError",
+    "InvalidMemoryError",
     "ManagerClosedError",
+    "MemoryStorageError",
+    "MigrationDriftError",
+    "MigrationError",
+    "MissingDependencyError",
     "NoProvidersConfiguredError",
     "OutcomeUnknownError",
+    "PostgresNotFoundError",
     "ProviderError",
     "ProviderUnavailableError",
+    "ReplicationError",
+    "ReplicationPrerequisiteError",
+    "SchemaError",
 ]
 
 
@@ -231,3 +249,27 @@ class InvalidMemoryError(AgentFactoryError, ValueError):
 
 
 __all__ += ["InvalidMemoryError", "MemoryStorageError", "MissingDependencyError"]
+
+
+class ReplicationError(AgentFactoryError):
+    """A replication step failed on ``provider``; the message never holds a password."""
+
+    def __init__(self, provider: str, message: str) -> None:
+        super().__init__(message)
+        self.provider = provider
+
+
+class ReplicationPrerequisiteError(ReplicationError):
+    """The provider cannot replicate as configured (wal_level, privileges, tables)."""
+
+
+class BindRefusedError(AgentFactoryError, ValueError):
+    """The dashboard would listen beyond loopback without a token."""
+
+
+class EmbeddedPostgresError(AgentFactoryError, RuntimeError):
+    """An embedded server could not be set up, started or stopped."""
+
+
+class PostgresNotFoundError(EmbeddedPostgresError):
+    """No usable PostgreSQL binaries; the message says how to install them."""

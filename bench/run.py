@@ -193,7 +193,8 @@ def run_core(ctx: Context) -> str | None:
     import overhead
     import psycopg
 
-    from agent_factory.testing.embedded import EmbeddedPostgres, EmbeddedPostgresError
+    from agent_factory.errors import EmbeddedPostgresError
+    from agent_factory.testing.embedded import EmbeddedPostgres
 
     mark = ctx.mark()
     quick = args.quick
@@ -310,7 +311,7 @@ def _command(ctx: Context, suite: str) -> str:
 def run_resilience(ctx: Context) -> str | None:
     import resilience
 
-    from agent_factory.testing.embedded import EmbeddedPostgresError
+    from agent_factory.errors import EmbeddedPostgresError
 
     mark = ctx.mark()
     when = dt.datetime.now(dt.timezone.utc)
@@ -328,7 +329,7 @@ def run_resilience(ctx: Context) -> str | None:
 def run_continuity(ctx: Context) -> str | None:
     import continuity
 
-    from agent_factory.testing.embedded import EmbeddedPostgresError
+    from agent_factory.errors import EmbeddedPostgresError
 
     mark = ctx.mark()
     when = dt.datetime.now(dt.timezone.utc)

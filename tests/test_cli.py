@@ -26,7 +26,8 @@ from rich.console import Console
 
 from agent_factory.cli.demo.scenario import Demo, DemoConfig
 from agent_factory.cli.main import _render
-from agent_factory.testing.embedded import EmbeddedPostgres, PostgresNotFoundError, find_bin_dir
+from agent_factory.errors import PostgresNotFoundError
+from agent_factory.testing.embedded import EmbeddedPostgres, find_bin_dir
 
 try:
     find_bin_dir()

@@ -16,12 +16,8 @@ import pytest
 from fleet import PROVIDERS, Fleet
 from psycopg.conninfo import make_conninfo
 
-from agent_factory.testing.embedded import (
-    EmbeddedPostgres,
-    EmbeddedPostgresError,
-    PostgresNotFoundError,
-    pgvector_available,
-)
+from agent_factory.errors import EmbeddedPostgresError, PostgresNotFoundError
+from agent_factory.testing.embedded import EmbeddedPostgres, pgvector_available
 
 
 def refused(host: str, port: int) -> bool:

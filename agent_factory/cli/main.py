@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from ..errors import BindRefusedError, PostgresNotFoundError
 from .console import ms, print_table, rich_console, scrub, yes_no
 from .demo.screen import print_summary, run_live, run_plain
 from .demo.screen import render as _render  # noqa: F401 - tests import it from here
@@ -188,7 +189,7 @@ def _passwords(db: DatabaseManager) -> list[str]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ..testing.embedded import PostgresNotFoundError, find_bin_dir
+    from ..testing.embedded import find_bin_dir
 
     try:
         find_bin_dir()
@@ -257,7 +258,6 @@ def _dashboard(args: argparse.Namespace) -> int:
         from ..observability.dashboard.app import create_app
         from ..observability.dashboard.server import (
             LOOPBACK_NAMES,
-            BindRefusedError,
             bind,
             check_bind,
             is_loopback,
@@ -307,7 +307,6 @@ def _dashboard_manager(demo: bool) -> tuple[DemoFleet | None, DatabaseManager | 
     if not demo:
         return None, _open_manager(), EXIT_CONFIG
     from ..observability.dashboard.demo import DemoFleet
-    from ..testing.embedded import PostgresNotFoundError
 
     fleet = DemoFleet()
     print("starting three embedded PostgreSQL servers for the demo", flush=True)

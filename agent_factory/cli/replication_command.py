@@ -33,14 +33,13 @@ from ..continuity.replication import (
     COPY_DATA_MODES,
     PUBLICATION,
     BackupStatus,
-    ReplicationPrerequisiteError,
     ReplicationReport,
     replication_status,
     setup_replication,
     teardown_replication,
 )
 from ..engine.settings import ProviderSettings, Settings, connection_params
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, ReplicationPrerequisiteError
 from ..schema.copy import MANAGED_TABLES, TableReport
 from .command_support import (
     EXIT_FAILED,

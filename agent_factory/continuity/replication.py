@@ -36,7 +36,12 @@ from psycopg import sql
 
 from ..engine.settings import ProviderSettings, Settings
 from ..engine.walclock import WalClock
-from ..errors import AgentFactoryError, ProviderUnavailableError
+from ..errors import (
+    AgentFactoryError,
+    ProviderUnavailableError,
+    ReplicationError,
+    ReplicationPrerequisiteError,
+)
 from ..schema.copy import MANAGED_TABLES
 from ..schema.migrations import describe_db_error
 from .subscription import (
@@ -44,8 +49,6 @@ from .subscription import (
     MIN_CONNECT_TIMEOUT,
     PUBLICATION,
     BackupStatus,
-    ReplicationError,
-    ReplicationPrerequisiteError,
     ReplicationReport,
     backup_providers,
     create_subscription_sql,
@@ -57,8 +60,7 @@ from .subscription import (
 )
 
 __all__ = [
-    "COPY_DATA_MODES", "PUBLICATION", "BackupStatus", "ReplicationError",
-    "ReplicationPrerequisiteError", "ReplicationReport", "replication_status",
+    "COPY_DATA_MODES", "PUBLICATION", "BackupStatus", "ReplicationReport", "replication_status",
     "setup_replication", "subscription_name", "teardown_replication",
 ]
 

@@ -18,8 +18,7 @@ from ..engine.settings import ProviderSettings, Settings, connection_params
 from ..errors import AgentFactoryError, ConfigurationError
 
 __all__ = [
-    "COPY_DATA_MODES", "MIN_CONNECT_TIMEOUT", "PUBLICATION", "BackupStatus",
-    "ReplicationError", "ReplicationPrerequisiteError", "ReplicationReport",
+    "COPY_DATA_MODES", "MIN_CONNECT_TIMEOUT", "PUBLICATION", "BackupStatus", "ReplicationReport",
     "backup_providers", "create_subscription_sql", "decide_copy_data", "publisher_conninfo",
     "qualified", "scrub", "subscription_name",
 ]
@@ -27,22 +26,6 @@ __all__ = [
 PUBLICATION = "agent_factory"
 COPY_DATA_MODES = ("auto", "yes", "no")
 MIN_CONNECT_TIMEOUT = 10  # whole seconds: libpq's unit; serverless providers wake slowly
-
-
-class ReplicationError(AgentFactoryError):
-    """A replication step failed on ``provider``; the message never holds a password."""
-
-    __module__ = "agent_factory.continuity.replication"
-
-    def __init__(self, provider: str, message: str) -> None:
-        super().__init__(message)
-        self.provider = provider
-
-
-class ReplicationPrerequisiteError(ReplicationError):
-    """The provider cannot replicate as configured (wal_level, privileges, tables)."""
-
-    __module__ = "agent_factory.continuity.replication"
 
 
 def subscription_name(backup: str) -> str:

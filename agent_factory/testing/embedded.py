@@ -30,11 +30,10 @@ from urllib.parse import quote
 
 import psycopg
 
+from ..errors import EmbeddedPostgresError, PostgresNotFoundError
 from .postgres_process import (
     RUN_AS_USER,
     Account,
-    EmbeddedPostgresError,
-    PostgresNotFoundError,
     ServerProcess,
     all_gone,
     identity,
@@ -46,8 +45,6 @@ from .postgres_process import (
 __all__ = [
     "RUN_AS_USER",
     "EmbeddedPostgres",
-    "EmbeddedPostgresError",
-    "PostgresNotFoundError",
     "find_bin_dir",
     "free_port",
     "pgvector_available",

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
+from ..errors import EmbeddedPostgresError
+
 __all__ = [
     "RUN_AS_USER",
     "Account",
-    "EmbeddedPostgresError",
     "Identity",
-    "PostgresNotFoundError",
     "ServerProcess",
     "all_gone",
     "identity",
@@ -42,18 +42,6 @@ logger = logging.getLogger("agent_factory.testing.embedded")
 
 RUN_AS_USER = "agentfactory-pg"
 _account_lock = threading.Lock()  # useradd must not race with itself
-
-
-class EmbeddedPostgresError(RuntimeError):
-    """An embedded server could not be set up, started or stopped."""
-
-    __module__ = "agent_factory.testing.embedded"
-
-
-class PostgresNotFoundError(EmbeddedPostgresError):
-    """No usable PostgreSQL binaries; the message says how to install them."""
-
-    __module__ = "agent_factory.testing.embedded"
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,14 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from ...errors import BindRefusedError
+
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
 __all__ = [
     "LOOPBACK_NAMES",
     "BackgroundServer",
-    "BindRefusedError",
     "bind",
     "check_bind",
     "is_loopback",
@@ -28,10 +29,6 @@ __all__ = [
 
 #: ``Host`` headers a loopback-bound dashboard answers (against DNS rebinding).
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-class BindRefusedError(ValueError):
-    """The dashboard would listen beyond loopback without a token."""
 
 
 def is_loopback(host: str) -> bool:
