@@ -210,13 +210,6 @@ class CopyError(SchemaError):
     __module__ = "agent_factory.errors"
 
 
-__all__ += [
-    "CopyError",
-    "ExtensionUnavailableError",
-    "MigrationDriftError",
-    "MigrationError",
-    "SchemaError",
-]
 
 
 # -- memory storage (agent_factory.memory) ------------------------------------
@@ -248,7 +241,6 @@ class InvalidMemoryError(AgentFactoryError, ValueError):
     __module__ = "agent_factory.errors"
 
 
-__all__ += ["InvalidMemoryError", "MemoryStorageError", "MissingDependencyError"]
 
 
 class ReplicationError(AgentFactoryError):
