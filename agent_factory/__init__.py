@@ -1,8 +1,8 @@
 """agent-factory: PostgreSQL that keeps working when a provider goes down.
 
 The public API is what ``__all__`` names; everything else is internal and
-may move. Names are imported on first use, so ``import agent_factory`` opens
-no pool, starts no thread and pulls in no optional dependency.
+may move. Names are imported on first use, so ``import agent_factory`` loads
+nothing else: no driver, no pool, no thread, no optional dependency.
 
 The package's layers, bottom up (each imports only those below it):
 ``errors`` and ``engine`` (settings, routing, health, watchdog, providers),
@@ -16,29 +16,29 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import (
-    AgentFactoryError,
-    AllProvidersUnavailableError,
-    BindRefusedError,
-    ConfigurationError,
-    CopyError,
-    EmbeddedPostgresError,
-    ExtensionUnavailableError,
-    HangTimeoutError,
-    InvalidMemoryError,
-    ManagerClosedError,
-    MemoryStorageError,
-    MigrationDriftError,
-    MigrationError,
-    MissingDependencyError,
-    NoProvidersConfiguredError,
-    OutcomeUnknownError,
-    PostgresNotFoundError,
-    ProviderError,
-    ProviderUnavailableError,
-    ReplicationError,
-    ReplicationPrerequisiteError,
-    SchemaError,
+_ERRORS = (
+    "AgentFactoryError",
+    "AllProvidersUnavailableError",
+    "BindRefusedError",
+    "ConfigurationError",
+    "CopyError",
+    "EmbeddedPostgresError",
+    "ExtensionUnavailableError",
+    "HangTimeoutError",
+    "InvalidMemoryError",
+    "ManagerClosedError",
+    "MemoryStorageError",
+    "MigrationDriftError",
+    "MigrationError",
+    "MissingDependencyError",
+    "NoProvidersConfiguredError",
+    "OutcomeUnknownError",
+    "PostgresNotFoundError",
+    "ProviderError",
+    "ProviderUnavailableError",
+    "ReplicationError",
+    "ReplicationPrerequisiteError",
+    "SchemaError",
 )
 
 __all__ = [
@@ -84,6 +84,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    **dict.fromkeys(_ERRORS, "errors"),
     "AsyncDatabaseManager": "core.async_database_manager",
     "DatabaseManager": "core.database_manager",
     "Listener": "engine.events",
