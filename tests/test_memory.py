@@ -21,7 +21,7 @@ from agent_factory.memory import (
     Session,
     SQLiteStorage,
 )
-from agent_factory.memory.storage import merge_messages
+from agent_factory.memory.session import merge_messages
 
 T0 = datetime(2025, 6, 1, 8, 30, 0, 250000, tzinfo=timezone.utc)
 

@@ -22,8 +22,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .history import ContextManager, Message, MessageHistory
-from .session import Session
-from .storage import InMemoryStorage, MemoryStorage, SQLiteStorage
+from .session import InMemoryStorage, MemoryStorage, Session
+from .storage import SQLiteStorage
 
 if TYPE_CHECKING:
     from .knowledge import AtomMatch, KnowledgeAtom, KnowledgeStore

@@ -24,8 +24,7 @@ from psycopg import sql
 from ..core.database_manager import DatabaseManager
 from ..errors import InvalidMemoryError
 from .history import ROLES, Message, MessageHistory, parse_timestamp, to_utc
-from .session import Session
-from .storage import MemoryStorage
+from .session import MemoryStorage, Session
 
 __all__ = ["ATOM_TYPES", "PostgresMemoryStorage"]
 

@@ -1,4 +1,4 @@
-"""The storage interface for sessions, and two local storages.
+"""SQLite storage for sessions, and the rules every storage follows.
 
 Every storage follows the same rules. ``save_session`` stores the session's
 fields (the last save wins) and *merges* its messages by `Message.id`: a
@@ -13,98 +13,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .history import Message
+from .session import MemoryStorage, Session, _merged_dict
 
-if TYPE_CHECKING:
-    from .session import Session
-
-__all__ = ["InMemoryStorage", "MemoryStorage", "SQLiteStorage", "merge_messages"]
-
-
-class MemoryStorage(ABC):
-    """Where sessions live: save, load, delete and list them."""
-
-    @abstractmethod
-    def save_session(self, session: Session) -> None:
-        """Store the session; its messages are merged with the stored ones by id."""
-
-    @abstractmethod
-    def load_session(self, session_id: str) -> Session | None:
-        """The stored session bound to this storage, or None if there is none."""
-
-    @abstractmethod
-    def delete_session(self, session_id: str) -> bool:
-        """Remove the session; True if there was something to remove."""
-
-    @abstractmethod
-    def list_sessions(self, user_id: str | None = None) -> list[str]:
-        """Sorted ids of the stored sessions, of one user when ``user_id`` is given."""
-
-
-def merge_messages(stored: Iterable[Message], incoming: Iterable[Message]) -> list[Message]:
-    """Union by id (``incoming`` wins), ordered by (position, timestamp, id)."""
-    ranked: dict[str, tuple[int, Message]] = {}
-    for source in (stored, incoming):
-        for position, message in enumerate(source):
-            ranked[message.id] = (position, message)
-    ordered = sorted(ranked.values(), key=lambda r: (r[0], r[1].timestamp, r[1].id))
-    return [message for _, message in ordered]
-
-
-def _merged_dict(stored: dict[str, Any] | None, session: Session) -> dict[str, Any]:
-    from .session import Session
-
-    data = session.to_dict()
-    if stored is None:
-        return data
-    old = Session.from_dict(stored).history.get_messages()
-    data["history"] = {
-        "messages": [m.to_dict() for m in merge_messages(old, session.history.get_messages())]
-    }
-    return data
-
-
-class InMemoryStorage(MemoryStorage):
-    """Sessions in a dict of this process: fast, gone when the process ends."""
-
-    def __init__(self) -> None:
-        self._sessions: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-
-    def save_session(self, session: Session) -> None:
-        with self._lock:
-            stored = self._sessions.get(session.session_id)
-            # A JSON round trip: the stored copy shares nothing with the live session.
-            self._sessions[session.session_id] = json.loads(
-                json.dumps(_merged_dict(stored, session))
-            )
-
-    def load_session(self, session_id: str) -> Session | None:
-        from .session import Session
-
-        with self._lock:
-            data = self._sessions.get(session_id)
-            data = None if data is None else json.loads(json.dumps(data))
-        return None if data is None else Session.from_dict(data, storage=self)
-
-    def delete_session(self, session_id: str) -> bool:
-        with self._lock:
-            return self._sessions.pop(session_id, None) is not None
-
-    def list_sessions(self, user_id: str | None = None) -> list[str]:
-        with self._lock:
-            return sorted(
-                sid
-                for sid, data in self._sessions.items()
-                if user_id is None or data.get("user_id") == user_id
-            )
+__all__ = ["SQLiteStorage"]
 
 
 class SQLiteStorage(MemoryStorage):
@@ -157,8 +73,6 @@ class SQLiteStorage(MemoryStorage):
             )
 
     def load_session(self, session_id: str) -> Session | None:
-        from .session import Session
-
         rows = self._read("SELECT data FROM sessions WHERE session_id = ?", (session_id,))
         return Session.from_dict(json.loads(rows[0][0]), storage=self) if rows else None
 

@@ -32,8 +32,7 @@ from ..errors import (
 )
 from .history import ROLES, parse_timestamp
 from .postgres import ATOM_TYPES, check_atom_type, message_rows, session_content, session_from_rows
-from .session import Session
-from .storage import MemoryStorage
+from .session import MemoryStorage, Session
 
 __all__ = ["SupabaseMemoryStorage"]
 
