@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
+import psycopg
 import pytest
 from fleet import START_TIMEOUT, Fleet, can_connect, start_fleet, wait_until
 from pooler import PgBouncer, find_pgbouncer
@@ -105,3 +107,22 @@ def no_leaked_managers() -> Iterator[None]:
     while leaked() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not leaked(), f"threads of unclosed managers: {leaked()}"
+
+
+@pytest.fixture
+def table(healthy_fleet: Fleet) -> Iterator[str]:
+    """A fresh table on every provider, dropped afterwards (request it before make_db)."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    for member in healthy_fleet:
+        with psycopg.connect(member.direct_url, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, note text, "
+                         "updated_at timestamptz NOT NULL DEFAULT now())")
+    yield name
+    healthy_fleet.heal()
+    for member in healthy_fleet:
+        with psycopg.connect(member.direct_url, autocommit=True) as conn:
+            # A session orphaned by a fault may still hold a lock on the table.
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_locks "
+                         "WHERE relation = to_regclass(%s) AND pid <> pg_backend_pid()", (name,))
+            conn.execute("SET lock_timeout = '10s'")
+            conn.execute(f"DROP TABLE IF EXISTS {name}")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -22,19 +20,6 @@ from agent_factory.errors import (
 
 ORDER = ["supabase", "railway", "neon"]
 FAST = {"hang_timeout": 1.0, "probe_interval": 0.1, "checkout_timeout": 30.0}
-
-
-@pytest.fixture
-def table(healthy_fleet: Fleet) -> Iterator[str]:
-    name = f"a_{uuid.uuid4().hex[:10]}"
-    for member in healthy_fleet:
-        with psycopg.connect(member.direct_url, autocommit=True) as conn:
-            conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY)")
-    yield name
-    healthy_fleet.heal()
-    for member in healthy_fleet:
-        with psycopg.connect(member.direct_url, autocommit=True) as conn:
-            conn.execute(f"DROP TABLE IF EXISTS {name}")
 
 
 def manager(fleet: Fleet, **options: Any) -> AsyncDatabaseManager:

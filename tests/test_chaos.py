@@ -32,7 +32,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -65,27 +65,6 @@ FAST = {
 CALL_BOUND = max(HANG_TIMEOUT, CONNECT_TIMEOUT) + 2.0
 
 MakeDb = Callable[..., DatabaseManager]
-
-
-@pytest.fixture
-def table(healthy_fleet: Fleet) -> Iterator[str]:
-    """A fresh table on every provider, dropped afterwards (request it before make_db)."""
-    name = f"chaos_{uuid.uuid4().hex[:10]}"
-    for member in healthy_fleet:
-        with psycopg.connect(member.direct_url, autocommit=True) as conn:
-            conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, note text, "
-                         "updated_at timestamptz NOT NULL DEFAULT now())")
-    yield name
-    healthy_fleet.heal()
-    for member in healthy_fleet:
-        with psycopg.connect(member.direct_url, autocommit=True) as conn:
-            # A session orphaned by a fault may still hold a lock on the table.
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_locks "
-                         "WHERE relation = to_regclass(%s) AND pid <> pg_backend_pid()", (name,))
-            conn.execute("SET lock_timeout = '10s'")
-            conn.execute(f"DROP TABLE IF EXISTS {name}")
-
-
 
 
 def provider_of(fleet: Fleet, port: int) -> str:

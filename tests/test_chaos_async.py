@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import psycopg
-import pytest
 from fleet import Fleet
 from test_chaos import (
     CALL_BOUND,
@@ -35,23 +32,6 @@ from test_chaos import (
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.errors import AllProvidersUnavailableError, OutcomeUnknownError
-
-
-@pytest.fixture
-def table(healthy_fleet: Fleet) -> Iterator[str]:
-    name = f"chaos_a_{uuid.uuid4().hex[:10]}"
-    for member in healthy_fleet:
-        with psycopg.connect(member.direct_url, autocommit=True) as conn:
-            conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, note text, "
-                         "updated_at timestamptz NOT NULL DEFAULT now())")
-    yield name
-    healthy_fleet.heal()
-    for member in healthy_fleet:
-        with psycopg.connect(member.direct_url, autocommit=True) as conn:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_locks "
-                         "WHERE relation = to_regclass(%s) AND pid <> pg_backend_pid()", (name,))
-            conn.execute("SET lock_timeout = '10s'")
-            conn.execute(f"DROP TABLE IF EXISTS {name}")
 
 
 def manager(fleet: Fleet, **options: Any) -> AsyncDatabaseManager:

@@ -6,8 +6,7 @@ import logging
 import re
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -27,22 +26,6 @@ ORDER = ["supabase", "railway", "neon"]
 FAST = {"hang_timeout": 1.0, "probe_interval": 0.1, "checkout_timeout": 30.0}
 
 MakeDb = Callable[..., DatabaseManager]
-
-
-
-
-@pytest.fixture
-def table(healthy_fleet: Fleet) -> Iterator[str]:
-    """A fresh table on every provider, dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    for member in healthy_fleet:
-        with psycopg.connect(member.direct_url, autocommit=True) as conn:
-            conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, note text)")
-    yield name
-    healthy_fleet.heal()
-    for member in healthy_fleet:
-        with psycopg.connect(member.direct_url, autocommit=True) as conn:
-            conn.execute(f"DROP TABLE IF EXISTS {name}")
 
 
 def served_by(db: DatabaseManager, fleet: Fleet, **kw: Any) -> str:
@@ -420,7 +403,6 @@ def test_recovery_probes_are_spaced(make_db: MakeDb, healthy_fleet: Fleet) -> No
     up = next(e[3] for e in recorder.events if e[:3] == ("health", "supabase", True))
     # Three good probes, the last two each after a full probe_interval.
     assert up - down >= 2 * 0.4
-
 
 
 class QueryLog(Listener):

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 from conftest import MakeDb
 from fleet import Fleet, read_only_server, wait_until
@@ -18,18 +15,6 @@ from agent_factory.core.async_database_manager import AsyncDatabaseManager
 ORDER = ["supabase", "railway", "neon"]
 FAST = {"hang_timeout": 1.0, "probe_interval": 0.1}
 BUSY = {"pool_min_size": 1, "pool_max_size": 1, "checkout_timeout": 0.5}
-
-
-@pytest.fixture
-def table(healthy_fleet: Fleet) -> Iterator[str]:
-    name = f"tx_{uuid.uuid4().hex[:10]}"
-    for member in healthy_fleet:
-        with psycopg.connect(member.direct_url, autocommit=True) as conn:
-            conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY)")
-    yield name
-    for member in healthy_fleet:
-        with psycopg.connect(member.direct_url, autocommit=True) as conn:
-            conn.execute(f"DROP TABLE IF EXISTS {name}")
 
 
 def port_of(fleet: Fleet, port: int) -> str:
