@@ -246,7 +246,7 @@ def test_replication_resumes_by_itself_after_a_primary_crash(
     primary = healthy_fleet["supabase"].server
     primary.kill()
     code, out, err = run(healthy_fleet, capsys, env, "replicate", "status")
-    assert code == 2, out + err
+    assert code == 3, out + err
     assert "railway (postgres@127.0.0.1:" in out and "UNREACHABLE: primary: provider " \
            "'supabase' unavailable" in out
 
@@ -291,7 +291,7 @@ def test_teardown_with_the_primary_down_detaches_the_slots_and_says_so(
     wait_until(lambda: synced(env), 15, message="the initial copy to end")
     healthy_fleet["supabase"].server.kill()
     code, out, err = run(healthy_fleet, capsys, env, "replicate", "teardown")
-    assert code == 2, out + err
+    assert code == 3, out + err
     assert "its slot on the primary could not be dropped from there (unreachable?)" in out
     assert "SELECT pg_drop_replication_slot('agent_factory_neon')" in out
     assert "if an initial copy was interrupted, also drop the slots named pg_" in out

@@ -162,34 +162,34 @@ def test_verify_flags_a_provider_missing_migrations(
         drop_databases(healthy_fleet, empty)
 
 
-def test_killed_provider_makes_verify_exit_2(
+def test_killed_provider_makes_verify_exit_3(
     healthy_fleet: Fleet, deployed: dict[str, str], tmp_path: Path
 ) -> None:
     env = provider_env(deployed)
     healthy_fleet["railway"].server.kill()
     try:
         done = run_script(healthy_fleet, tmp_path, env, "--verify")
-        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.returncode == 3, done.stdout + done.stderr
         assert "railway" in done.stdout and "UNREACHABLE" in done.stdout
         assert "provider 'railway' unavailable" in done.stderr
         status = run_script(healthy_fleet, tmp_path, env, "status")
-        assert status.returncode == 2
+        assert status.returncode == 3
         deploy = run_script(healthy_fleet, tmp_path, env, "--all")
-        assert deploy.returncode == 2
+        assert deploy.returncode == 3
         assert "supabase: already up to date" in deploy.stdout  # the others still deployed
         assert "deploy failed on railway" in deploy.stderr
     finally:
         healthy_fleet.heal()
 
 
-def test_hung_provider_makes_verify_exit_2_within_its_timeout(
+def test_hung_provider_makes_verify_exit_3_within_its_timeout(
     healthy_fleet: Fleet, deployed: dict[str, str], tmp_path: Path
 ) -> None:
     healthy_fleet["neon"].server.hang()
     started = time.monotonic()
     done = run_script(healthy_fleet, tmp_path, provider_env(deployed), "verify", "--timeout", "2")
     assert time.monotonic() - started < 8
-    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.returncode == 3, done.stdout + done.stderr
     assert "provider 'neon' unavailable: no answer within 2s" in done.stderr
 
 
@@ -276,7 +276,7 @@ def test_wrong_password_is_unreachable_and_never_printed(
 ) -> None:
     url = deployed["neon"].replace(fleet["neon"].server.password, "Wr0ng-Passw0rd")
     done = run_script(fleet, tmp_path, {"NEON_DB_URL": url}, "--provider", "neon")
-    assert done.returncode == 2
+    assert done.returncode == 3
     assert "password authentication failed" in done.stderr
     assert "Wr0ng-Passw0rd" not in done.stdout + done.stderr
 

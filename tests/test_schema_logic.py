@@ -171,8 +171,8 @@ def test_exit_codes_follow_the_error_kind() -> None:
     assert exit_code(MigrationError("p", "0001_x", "boom")) == 1
     assert exit_code(MigrationDriftError("p", ("0001_x",), "drift")) == 1
     assert exit_code(CopyError("p", "differs")) == 1
-    assert exit_code(ExtensionUnavailableError("p", "vector", "install it")) == 2
-    assert exit_code(ProviderUnavailableError("p", "refused")) == 2
+    assert exit_code(ExtensionUnavailableError("p", "vector", "install it")) == 3
+    assert exit_code(ProviderUnavailableError("p", "refused")) == 3
     assert exit_code(ConfigurationError("bad")) == 2
     assert isinstance(MigrationError("p", "m", "r"), SchemaError)
 

@@ -2,9 +2,8 @@
 
 Each command resolves a `Context` once (the environment, or ``.env`` plus
 ``os.environ``), prints through it so that every line is scrubbed of the
-providers' passwords, and turns the package's errors into an exit code:
-0 done, 1 a step failed, 2 a provider cannot be reached or the configuration
-or an argument is wrong.
+providers' passwords, and turns the package's errors into an exit code
+(the table is `exit_codes`).
 """
 
 from __future__ import annotations
@@ -34,23 +33,24 @@ from ..errors import (
 )
 from ..schema.copy import ProgressCallback
 from ..schema.migrations import DEFAULT_EMBEDDING_DIM, check_embedding_dim, describe_db_error
+from .exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE
 
 __all__ = [
-    "EMBEDDING_DIM_VAR", "EXIT_FAILED", "EXIT_OK", "EXIT_UNAVAILABLE", "Action", "Context",
+    "EMBEDDING_DIM_VAR", "Action", "Context",
     "bind", "connect", "context", "dispatch", "exit_code", "positive_float", "positive_int",
     "progress", "resolve_targets", "run",
 ]
 
-EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
 EMBEDDING_DIM_VAR = "DATABASE_EMBEDDING_DIM"
 # Commands talk to one provider at a time and may wake a serverless one.
 _MIN_CONNECT_TIMEOUT = 10.0
 
 
 def exit_code(exc: BaseException) -> int:
-    """2 for what stops us from reaching a working provider, 1 for schema problems."""
-    unreachable = (ConfigurationError, ProviderError, ExtensionUnavailableError,
-                   psycopg.OperationalError)
+    """The exit code for an error (see `exit_codes`): usage, unreachable, or failed."""
+    if isinstance(exc, ConfigurationError):
+        return EXIT_USAGE
+    unreachable = (ProviderError, ExtensionUnavailableError, psycopg.OperationalError)
     return EXIT_UNAVAILABLE if isinstance(exc, unreachable) else EXIT_FAILED
 
 
@@ -62,7 +62,7 @@ def dispatch(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int
         return command(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def positive_int(text: str) -> int:

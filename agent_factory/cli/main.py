@@ -6,6 +6,8 @@
     agent-factory-db dashboard [--host H] [--port P] [--token T] [--demo]
     agent-factory-db monitor [--interval S] [--once]
 
+Exit codes: one table for every command, in `agent_factory.cli.exit_codes`.
+
 Rich draws for a terminal only and is imported inside the commands that use
 it, so importing this module stays cheap; pipes, logs and machines without
 Rich get plain aligned text. Nothing printed here contains a password: only names,
@@ -27,6 +29,7 @@ from ..errors import BindRefusedError, PostgresNotFoundError
 from .console import ms, print_table, rich_console, scrub, yes_no
 from .demo.screen import print_summary, run_live, run_plain
 from .demo.screen import render as _render  # noqa: F401 - tests import it from here
+from .exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
     from ..core.database_manager import DatabaseManager
@@ -36,7 +39,6 @@ __all__ = ["main"]
 
 _PROG = "agent-factory-db"
 _INSTALL = "pip install 'agent-factory[embedded]'"
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(args)
     except KeyboardInterrupt:
         print(f"{_PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,7 +123,7 @@ def _open_manager() -> DatabaseManager | None:
 def _health(args: argparse.Namespace) -> int:
     db = _open_manager()
     if db is None:
-        return EXIT_CONFIG
+        return EXIT_USAGE
     try:
         healthy = db.health_check_all(max_age=0)
         stats = db.get_provider_stats()
@@ -159,7 +161,7 @@ def _health(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     db = _open_manager()
     if db is None:
-        return EXIT_CONFIG
+        return EXIT_USAGE
     try:
         # Unprobed providers count as healthy; probe so the table tells the truth.
         db.health_check_all()
@@ -196,7 +198,7 @@ def _demo(args: argparse.Namespace) -> int:
     except PostgresNotFoundError as exc:
         print(f"{_PROG}: the demo needs PostgreSQL binaries: {exc}\n"
               f"install them with: {_INSTALL}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     from .demo.scenario import Demo, DemoConfig
 
     config = DemoConfig(hang=args.hang, down_seconds=args.down_seconds)
@@ -206,7 +208,7 @@ def _demo(args: argparse.Namespace) -> int:
         result = run_live(Demo(config)) if live else run_plain(config)
     except PostgresNotFoundError as exc:
         print(f"{_PROG}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     except Exception as exc:  # servers are already stopped; say what went wrong, briefly
         print(f"{_PROG}: demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -265,14 +267,14 @@ def _dashboard(args: argparse.Namespace) -> int:
         )
     except ImportError as exc:
         print(f"{_PROG}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     token = args.token or os.environ.get("AGENT_FACTORY_DASHBOARD_TOKEN") or None
     try:
         check_bind(args.host, token)
         sock = bind(args.host, args.port)
     except BindRefusedError as exc:
         print(f"{_PROG}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     except OSError as exc:
         print(f"{_PROG}: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
               file=sys.stderr)
@@ -305,7 +307,7 @@ def _dashboard(args: argparse.Namespace) -> int:
 def _dashboard_manager(demo: bool) -> tuple[DemoFleet | None, DatabaseManager | None, int]:
     """The manager to show (and the demo fleet behind it), or None and the exit code."""
     if not demo:
-        return None, _open_manager(), EXIT_CONFIG
+        return None, _open_manager(), EXIT_USAGE
     from ..observability.dashboard.demo import DemoFleet
 
     fleet = DemoFleet()
@@ -315,7 +317,7 @@ def _dashboard_manager(demo: bool) -> tuple[DemoFleet | None, DatabaseManager | 
     except PostgresNotFoundError as exc:
         print(f"{_PROG}: the demo needs PostgreSQL binaries: {exc}\n"
               f"install them with: {_INSTALL}", file=sys.stderr)
-        return None, None, EXIT_CONFIG
+        return None, None, EXIT_USAGE
     except Exception as exc:  # start() stopped what it had started
         print(f"{_PROG}: demo servers failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None, None, EXIT_FAILED
@@ -326,7 +328,7 @@ def _monitor(args: argparse.Namespace) -> int:
 
     db = _open_manager()
     if db is None:
-        return EXIT_CONFIG
+        return EXIT_USAGE
     _terminate_as_interrupt()
     try:
         run_monitor(db, interval=args.interval, once=args.once, console=rich_console(),

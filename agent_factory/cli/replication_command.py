@@ -6,10 +6,10 @@
     agent-factory-db replicate teardown
     agent-factory-db sync --from NAME --to NAME [--table T]... [--since ISO8601] [--no-progress]
 
-Exit codes, as for the schema commands: 0 done (status: every backup
+Exit codes (`agent_factory.cli.exit_codes`): 0 done (status: every backup
 streams); 1 a step failed, a backup does not stream or lags too much; 2 a
-provider cannot be reached, lacks a prerequisite (wal_level, the right to
-subscribe, a table) or the configuration or an argument is wrong.
+prerequisite is missing (wal_level, the right to subscribe, a table) or the
+configuration or an argument is wrong; 3 a provider cannot be reached.
 
 Output names providers and ``user@host:port/db``, never a password or a
 connection string, and every line is scrubbed once more before printing.
@@ -42,9 +42,6 @@ from ..engine.settings import ProviderSettings, Settings, connection_params
 from ..errors import ConfigurationError, ReplicationPrerequisiteError
 from ..schema.copy import MANAGED_TABLES, TableReport
 from .command_support import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
     Action,
     Context,
     bind,
@@ -54,8 +51,9 @@ from .command_support import (
     progress,
     resolve_targets,
 )
+from .exit_codes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_UNAVAILABLE", "add_replication_commands", "main"]
+__all__ = ["add_replication_commands", "main"]
 
 
 def add_replication_commands(
@@ -140,7 +138,8 @@ def _timestamp(text: str) -> datetime:
 
 
 def _exit_code(exc: BaseException) -> int:
-    return EXIT_UNAVAILABLE if isinstance(exc, ReplicationPrerequisiteError) else exit_code(exc)
+    # A prerequisite (wal_level, privileges) is the setup to fix, not an outage.
+    return EXIT_USAGE if isinstance(exc, ReplicationPrerequisiteError) else exit_code(exc)
 
 
 def _action(action: Action) -> Callable[[argparse.Namespace], int]:

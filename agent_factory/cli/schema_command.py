@@ -9,9 +9,10 @@
 actions and also the flags of the original script: ``--provider NAME``,
 ``--all``, ``--verify`` and ``--dry-run``.
 
-Exit codes: 0 done (verify: the providers match); 1 a migration failed, the
-schemas drifted or a copy was refused; 2 a provider cannot be reached, lacks
-pgvector, or the configuration or a command-line argument is wrong.
+Exit codes (`agent_factory.cli.exit_codes`): 0 done (verify: the providers
+match); 1 a migration failed, the schemas drifted or a copy was refused; 2 the
+configuration or a command-line argument is wrong; 3 a provider cannot be
+reached or lacks pgvector.
 
 Providers come from the environment like `DatabaseManager()` does
 (`settings_from_env`); ``DATABASE_EMBEDDING_DIM`` is read here only (through
@@ -46,9 +47,6 @@ from ..schema.migrations import (
 )
 from .command_support import (
     EMBEDDING_DIM_VAR,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
     Context,
     bind,
     connect,
@@ -61,9 +59,9 @@ from .command_support import (
     resolve_targets,
     run,
 )
+from .exit_codes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 
-__all__ = ["ACTIONS", "EXIT_FAILED", "EXIT_OK", "EXIT_UNAVAILABLE", "add_schema_commands",
-           "exit_code", "main"]
+__all__ = ["ACTIONS", "add_schema_commands", "exit_code", "main"]
 
 ACTIONS = ("deploy", "verify", "status", "copy")
 _DEFAULT_TIMEOUT = 60.0
@@ -201,7 +199,7 @@ def _legacy(args: argparse.Namespace) -> int:
 
 def _usage_error(message: str) -> int:
     print(f"error: {message} (see --help)", file=sys.stderr)
-    return EXIT_UNAVAILABLE
+    return EXIT_USAGE
 
 
 def _deploy_command(args: argparse.Namespace) -> int:
