@@ -18,7 +18,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,14 @@ from agent_factory.cli.demo.scenario import Demo, DemoConfig
 from agent_factory.cli.main import _render
 from agent_factory.errors import PostgresNotFoundError
 from agent_factory.testing.embedded import EmbeddedPostgres, find_bin_dir
+from agent_factory.testing.fleet import PROVIDERS, start_fleet
 
 try:
     find_bin_dir()
 except PostgresNotFoundError as exc:  # pragma: no cover - depends on the machine
     pytest.skip(f"no PostgreSQL binaries: {exc}", allow_module_level=True)
 
-NAMES = ("supabase", "railway")
+NAMES = PROVIDERS[:2]
 
 
 def _postgres_under(path: Path) -> list[int]:
@@ -69,17 +69,11 @@ def _assert_no_postgres_left(path: Path) -> None:
 @pytest.fixture(scope="module")
 def servers() -> Iterator[dict[str, EmbeddedPostgres]]:
     base = Path(tempfile.mkdtemp(prefix="afcli-"))  # short: Unix socket paths are limited
-    started = {
-        name: EmbeddedPostgres(name, base_dir=base, password=f"pw-{secrets.token_hex(12)}")
-        for name in NAMES
-    }
     try:
-        with ThreadPoolExecutor(len(started)) as pool:
-            list(pool.map(lambda s: s.start(60.0), started.values()))
-        yield started
+        with start_fleet(NAMES, base_dir=base, proxy=False,
+                         password=lambda _: f"pw-{secrets.token_hex(12)}") as fleet:
+            yield {member.name: member.server for member in fleet}
     finally:
-        for server in started.values():
-            server.close()
         _assert_no_postgres_left(base)
         shutil.rmtree(base, ignore_errors=True)
 

@@ -16,7 +16,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +25,10 @@ from psycopg import sql
 from ...core.database_manager import DatabaseManager
 from ...errors import ManagerClosedError, OutcomeUnknownError
 from ...testing.embedded import EmbeddedPostgres
+from ...testing.fleet import PROVIDERS, Fleet, start_fleet
 from .tally import Counts, EventLog, Served, Tally
 
 __all__ = [
-    "PROVIDERS",
     "Counts",
     "Demo",
     "DemoConfig",
@@ -39,8 +38,6 @@ __all__ = [
     "ProviderView",
     "run_demo",
 ]
-
-PROVIDERS = ("supabase", "railway", "neon")
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS demo_events "
@@ -164,7 +161,6 @@ class _Fault:
 
 
 def _prepare(name: str, server: EmbeddedPostgres) -> None:
-    server.start()
     with psycopg.connect(server.url, autocommit=True) as conn:
         conn.execute(_SCHEMA)
         conn.execute(
@@ -185,7 +181,7 @@ class Demo:
         self._log = EventLog(self._t0, on_log)
         self._primary = PROVIDERS[0]
         self._tally = Tally(PROVIDERS, self._primary)
-        self._servers: dict[str, EmbeddedPostgres] = {}
+        self._fleet = Fleet(())
         self._db: DatabaseManager | None = None
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
@@ -198,7 +194,7 @@ class Demo:
         try:
             self._start_servers()
             self._db = DatabaseManager(
-                providers={n: s.url for n, s in self._servers.items()},
+                providers=self._fleet.urls(),
                 order=list(PROVIDERS),
                 hang_timeout=c.hang_timeout,
                 listeners=[self._log],
@@ -217,15 +213,12 @@ class Demo:
     # -- setup and teardown ----------------------------------------------------
 
     def _start_servers(self) -> None:
-        # Construction finds the binaries first: a missing install starts nothing.
-        self._servers = {n: EmbeddedPostgres(n, base_dir=self.config.base_dir) for n in PROVIDERS}
         self._log.add(f"starting {len(PROVIDERS)} embedded PostgreSQL servers: "
                       + ", ".join(PROVIDERS))
-        with ThreadPoolExecutor(len(PROVIDERS), thread_name_prefix="demo-start") as pool:
-            futures = [pool.submit(_prepare, n, s) for n, s in self._servers.items()]
-            for f in futures:
-                f.result()
-        ports = ", ".join(f"{n} :{s.port}" for n, s in self._servers.items())
+        self._fleet = start_fleet(PROVIDERS, base_dir=self.config.base_dir, proxy=False)
+        for member in self._fleet:
+            _prepare(member.name, member.server)
+        ports = ", ".join(f"{m.name} :{m.server.port}" for m in self._fleet)
         self._log.add(f"servers ready ({ports}); table demo_events created on each")
 
     def _start_workers(self) -> None:
@@ -241,18 +234,15 @@ class Demo:
     def _shutdown(self) -> None:
         self.phase = "cleaning up"
         self._stop.set()
-        for server in self._servers.values():
-            server.resume()  # a frozen server would hold the workers until their deadline
+        self._fleet.release_faults()  # a frozen server would hold the workers until their deadline
         limit = time.monotonic() + self.config.hang_timeout + 10.0
         for t in self._workers:
             t.join(timeout=max(0.0, limit - time.monotonic()))
         if self._db is not None:
             self._db.close_all()
-        for name, server in self._servers.items():
-            try:
-                server.close()
-            except Exception as exc:  # keep closing the others; the finalizer kills it
-                self._log.add(f"could not stop {name} cleanly: {exc}")
+        # A server that fails to stop does not keep the others running; its finalizer kills it.
+        self._fleet.close(
+            on_error=lambda name, exc: self._log.add(f"could not stop {name} cleanly: {exc}"))
         self.phase = "done"
 
     # -- traffic ---------------------------------------------------------------
@@ -297,7 +287,7 @@ class Demo:
 
     def _scenario(self) -> list[FaultResult]:
         c = self.config
-        server = self._servers[self._primary]
+        server = self._fleet[self._primary].server
         self.phase = "warm-up"
         self._log.add(f"warming up for {c.warmup:g}s: all traffic on the primary {self._primary}")
         time.sleep(c.warmup)

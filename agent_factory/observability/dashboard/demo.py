@@ -13,7 +13,6 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -21,10 +20,10 @@ import psycopg
 from ...core.database_manager import DatabaseManager
 from ...errors import ManagerClosedError
 from ...testing.embedded import EmbeddedPostgres
+from ...testing.fleet import PROVIDERS, Fleet, start_fleet
 
-__all__ = ["PROVIDERS", "DemoFleet"]
+__all__ = ["DemoFleet"]
 
-PROVIDERS = ("supabase", "railway", "neon")
 logger = logging.getLogger("agent_factory.observability.dashboard")
 _SCHEMA = "CREATE TABLE IF NOT EXISTS dashboard_demo (id bigserial PRIMARY KEY, at timestamptz)"
 _READ = "SELECT max(id) FROM dashboard_demo"
@@ -52,7 +51,7 @@ class DemoFleet:
         self._write_share = write_share
         self._workers = workers
         self._base_dir = base_dir
-        self.servers: dict[str, EmbeddedPostgres] = {}
+        self._fleet = Fleet(())
         self.db: DatabaseManager | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -61,12 +60,11 @@ class DemoFleet:
     def start(self) -> DatabaseManager:
         """Start everything; on failure whatever was started is stopped again."""
         try:
-            # Construction looks for the binaries first: a missing install starts nothing.
-            self.servers = {n: EmbeddedPostgres(n, base_dir=self._base_dir) for n in self.names}
-            with ThreadPoolExecutor(len(self.servers), thread_name_prefix="demo-start") as pool:
-                list(pool.map(_prepare, self.servers.values()))
+            self._fleet = start_fleet(self.names, base_dir=self._base_dir, proxy=False)
+            for member in self._fleet:
+                _prepare(member.server)
             self.db = DatabaseManager(
-                providers={n: s.url for n, s in self.servers.items()},
+                providers=self._fleet.urls(),
                 order=list(self.names),
                 hang_timeout=self.hang_timeout,
             )
@@ -94,7 +92,7 @@ class DemoFleet:
             raise RuntimeError("the demo is not running")
         name = self.db.primary_provider
         with self._action_lock:
-            action(self.servers[name])
+            action(self._fleet[name].server)
         return done.format(name)
 
     def _work(self, index: int) -> None:
@@ -116,21 +114,17 @@ class DemoFleet:
     def close(self) -> None:
         """Stop the traffic, the manager and every server. Idempotent."""
         self._stop.set()
-        for server in self.servers.values():
-            server.resume()  # a frozen server would hold the workers until their deadline
+        self._fleet.release_faults()  # a frozen server would hold the workers until their deadline
         for t in self._threads:
             t.join(timeout=self.hang_timeout + 5.0)
         self._threads = []
         if self.db is not None:
             self.db.close_all()
-        for name, server in self.servers.items():
-            try:
-                server.close()
-            except Exception:  # keep closing the others; its finalizer kills it at exit
-                logger.warning("could not stop the demo server %s cleanly", name, exc_info=True)
+        # A server that fails to stop does not keep the others running; its finalizer kills it.
+        self._fleet.close(on_error=lambda name, exc: logger.warning(
+            "could not stop the demo server %s cleanly", name, exc_info=exc))
 
 
 def _prepare(server: EmbeddedPostgres) -> None:
-    server.start()
     with psycopg.connect(server.url, autocommit=True) as conn:
         conn.execute(_SCHEMA)
