@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BindRefusedError, PostgresNotFoundError
 from .console import ms, print_table, rich_console, scrub, yes_no
@@ -131,7 +131,7 @@ def _health(args: argparse.Namespace) -> int:
         secrets = _passwords(db)
     finally:
         db.close_all()
-    report = {
+    report: dict[str, dict[str, Any]] = {
         name: {
             "healthy": healthy.get(name, False),
             "role": s["role"],

@@ -18,6 +18,7 @@ from ..engine.events import Dispatcher, Listener
 from ..engine.failover import Failover, P
 from ..engine.health import HealthCallback
 from ..engine.settings import Settings
+from ..engine.stats import ProviderStats
 from ..engine.watchdog import Watchdog
 
 ProviderFactory = Callable[[str, Settings, Watchdog, HealthCallback], P]
@@ -140,14 +141,15 @@ class BaseManager(Generic[P]):
     def closed(self) -> bool:
         return self._core.closed
 
-    def get_provider_stats(self) -> dict[str, dict[str, Any]]:
-        """Per provider: health, role, breaker, host, pool usage, last error, latency, lag."""
-        out = {}
-        for name, provider in self.providers.items():
-            stats = provider.stats()
-            stats.update(self._core.describe(provider))
-            out[name] = stats
-        return out
+    def get_provider_stats(self) -> dict[str, ProviderStats]:
+        """Per provider: health, role, breaker, host, pool usage, last error, latency, lag.
+
+        Each entry is a `ProviderStats` (keys and types in `engine.stats`).
+        """
+        return {
+            name: {**provider.stats(), **self._core.describe(provider)}
+            for name, provider in self.providers.items()
+        }
 
     def __repr__(self) -> str:
         core = self._core

@@ -32,6 +32,7 @@ from .provider import (
     watched,
 )
 from .settings import Settings
+from .stats import ShellStats, pool_stats
 from .watchdog import Watchdog, tcp_progress
 
 _ROWS = pq.ExecStatus.TUPLES_OK
@@ -192,20 +193,11 @@ class AsyncProvider:
 
     # -- introspection and lifecycle ---------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
-        p = self._pool.get_stats() if self._pool is not None else {}
-        out: dict[str, Any] = {
-            "healthy": self.health.up,
-            "connection_string_host": self.target.host,
-            "port": self.target.port,
-            "database": self.target.params.get("dbname", ""),
-            "pool_active": self._pool is not None and not self._pool.closed,
-            "pool_size": p.get("pool_size", 0),
-            "pool_idle": p.get("pool_available", 0),
-            "pool_max": self.tuning.pool_max_size,
-        }
-        out.update(self.health.stats())
-        return out
+    def stats(self) -> ShellStats:
+        active = self._pool is not None and not self._pool.closed
+        counts = self._pool.get_stats() if self._pool is not None else {}
+        pool = pool_stats(self.target, self.tuning, self.health.up, active, counts)
+        return {**pool, **self.health.stats()}
 
     async def close(self) -> None:
         self._closed = True

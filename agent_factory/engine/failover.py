@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import psycopg
 
@@ -31,6 +31,7 @@ from .health import Lag, ProviderHealth
 from .policy import Kind, candidates, classify, is_read_only, order_reads, retry_rule
 from .provider import Unavailable, tag
 from .settings import Settings
+from .stats import RoleStats, ShellStats
 
 logger = logging.getLogger("agent_factory.core.database_manager")
 
@@ -39,7 +40,7 @@ class HasHealth(Protocol):
     name: str
     health: ProviderHealth
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> ShellStats: ...
 
 
 P = TypeVar("P", bound=HasHealth)
@@ -362,7 +363,7 @@ class Failover(Generic[P]):
             self._paused = False
             self._gate.notify_all()
 
-    def describe(self, provider: P) -> dict[str, object]:
+    def describe(self, provider: P) -> RoleStats:
         """What the manager adds to a provider's stats: role, lag, pending failback."""
         lag = self.lag(provider.name)
         bound = self.settings.max_replication_lag

@@ -25,6 +25,7 @@ import psycopg
 
 from .policy import Breaker
 from .settings import ProviderSettings, Tuning
+from .stats import HealthStats
 from .walclock import WalClock
 from .watchdog import Watch, Watchdog, vouches
 
@@ -371,7 +372,7 @@ class ProviderHealth:
 
     # -- introspection and lifecycle ---------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> HealthStats:
         b = self.breaker
         lat = sorted(self._latencies)
         p99 = lat[min(len(lat) - 1, math.ceil(0.99 * len(lat)) - 1)] if lat else None

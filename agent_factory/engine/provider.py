@@ -25,6 +25,7 @@ from ..errors import HangTimeoutError, OutcomeUnknownError, ProviderUnavailableE
 from .health import HealthCallback, ProviderHealth
 from .policy import Kind, classify, may_retry_after_send
 from .settings import ProviderSettings, Settings
+from .stats import ShellStats, pool_stats
 from .watchdog import Watch, Watchdog, tcp_progress
 
 Fetch = Callable[[psycopg.Cursor[Any]], Any]
@@ -260,20 +261,10 @@ class DatabaseProvider:
     def health_check(self, *, max_age: float | None = None) -> bool:
         return self.health.health_check(max_age=max_age)
 
-    def stats(self) -> dict[str, Any]:
-        p = self._pool.get_stats()
-        out: dict[str, Any] = {
-            "healthy": self.health.up,
-            "connection_string_host": self.target.host,
-            "port": self.target.port,
-            "database": self.target.params.get("dbname", ""),
-            "pool_active": self.pool_active,
-            "pool_size": p.get("pool_size", 0),
-            "pool_idle": p.get("pool_available", 0),
-            "pool_max": self.tuning.pool_max_size,
-        }
-        out.update(self.health.stats())
-        return out
+    def stats(self) -> ShellStats:
+        pool = pool_stats(self.target, self.tuning, self.health.up, self.pool_active,
+                          self._pool.get_stats())
+        return {**pool, **self.health.stats()}
 
     def close(self) -> None:
         self._closed = True

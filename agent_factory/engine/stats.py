@@ -1,0 +1,87 @@
+"""The shape of a provider's stats: what `get_provider_stats()` returns for each one.
+
+The CLI, the metrics and the dashboard read these keys; the types say what
+each holds. Three parts, filled by the layer that knows them: the pool (the
+provider's I/O shell), the health (breaker, probes, watchdog evidence) and
+the role (the manager's routing: primary, serving, lag, pending failback).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypedDict
+
+from .settings import ProviderSettings, Tuning
+
+__all__ = [
+    "HealthStats", "PoolStats", "ProviderStats", "RoleStats", "ShellStats", "pool_stats",
+]
+
+
+class PoolStats(TypedDict):
+    """Where the provider is and how its pool is used (never a password)."""
+
+    healthy: bool
+    connection_string_host: str
+    port: str
+    database: str
+    pool_active: bool
+    pool_size: int
+    pool_idle: int
+    pool_max: int
+
+
+class HealthStats(TypedDict):
+    """The provider's breaker, probes and calls (see `engine.health`)."""
+
+    healthy: bool
+    breaker: str
+    writable: bool
+    last_error: str | None
+    consecutive_failures: int
+    errors: int
+    last_latency_ms: float | None
+    latency_avg_ms: float | None
+    latency_p99_ms: float | None
+    in_flight: int
+    pool_waiting: int
+    weight: int
+    serverless: bool
+    per_call_hang_check: bool
+    prober_errors: int
+    checked: bool
+
+
+class RoleStats(TypedDict):
+    """What the manager adds: the provider's role, replication lag, pending failback."""
+
+    role: str
+    replication_lag_s: float | None
+    replication_lag_bytes: int | None
+    stale: bool
+    failback_pending_since: str | None
+
+
+class ShellStats(PoolStats, HealthStats):
+    """What a provider reports on its own (`DatabaseProvider.stats()`)."""
+
+
+class ProviderStats(ShellStats, RoleStats):
+    """One provider's entry in `get_provider_stats()`."""
+
+
+def pool_stats(
+    target: ProviderSettings, tuning: Tuning, healthy: bool, active: bool,
+    pool: Mapping[str, Any],
+) -> PoolStats:
+    """The pool part, from psycopg_pool's ``get_stats()`` (the same for both shells)."""
+    return {
+        "healthy": healthy,
+        "connection_string_host": target.host,
+        "port": target.port,
+        "database": target.params.get("dbname", ""),
+        "pool_active": active,
+        "pool_size": pool.get("pool_size", 0),
+        "pool_idle": pool.get("pool_available", 0),
+        "pool_max": tuning.pool_max_size,
+    }
