@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,7 +333,7 @@ class Demo:
 
     def view(self, events: int = 12) -> DemoView:
         """The current state: per provider roles and traffic, the last ``events`` lines."""
-        stats: dict[str, dict[str, object]] = {}
+        stats: Mapping[str, Mapping[str, object]] = {}
         db = self._db
         if db is not None and not db.closed:
             try:
@@ -347,7 +347,7 @@ class Demo:
 
 
 def _provider_view(
-    name: str, stats: dict[str, object] | None, served: Served, phase: str
+    name: str, stats: Mapping[str, object] | None, served: Served, phase: str
 ) -> ProviderView:
     s = stats or {}
 
