@@ -181,32 +181,8 @@ def build_state(
             out = out.replace(secret, "***")
         return out
 
-    providers = []
-    for name, s in stats.items():
-        outcomes = {k: int(v) for k, v in counts.get(name, {}).items()}
-        qps, avg_ms = history.rates(name)
-        line, marks = sparkline(history.latencies(name), history.size)
-        size, idle = _int(s.get("pool_size")), _int(s.get("pool_idle"))
-        providers.append({
-            "name": name,
-            "role": str(s.get("role", "?")),
-            "healthy": bool(s.get("healthy")),
-            "breaker": clean(s.get("breaker")),
-            "host": clean(s.get("connection_string_host")),
-            "port": clean(s.get("port")),
-            "latency_ms": s.get("last_latency_ms"),
-            "spark": line,
-            "spark_down": marks,
-            "queries": outcomes.get("ok", 0),
-            "errors": sum(outcomes.get(k, 0) for k in _ERROR_OUTCOMES),
-            "outcomes": outcomes,
-            "qps": None if qps is None else round(qps, 1),
-            "avg_query_ms": None if avg_ms is None else round(avg_ms, 2),
-            "pool": {"size": size, "idle": idle, "used": max(size - idle, 0),
-                     "waiting": _int(s.get("pool_waiting")), "max": _int(s.get("pool_max"))},
-            "consecutive_failures": _int(s.get("consecutive_failures")),
-            "last_error": clean(s.get("last_error")),
-        })
+    providers = [_provider_card(name, s, counts.get(name, {}), history, clean)
+                 for name, s in stats.items()]
     return {
         "now": time.time() if now is None else now,
         "primary": primary,
@@ -218,6 +194,37 @@ def build_state(
             {"at": e.at, "kind": e.kind, "text": clean(e.text)}
             for e in reversed(events[-last_events:])
         ],
+    }
+
+
+def _provider_card(
+    name: str, s: Mapping[str, Any], counts: Mapping[str, int], history: History,
+    clean: Callable[[object], str | None],
+) -> dict[str, Any]:
+    """One provider's card: its stats, outcome counts, rates and sparkline."""
+    outcomes = {k: int(v) for k, v in counts.items()}
+    qps, avg_ms = history.rates(name)
+    line, marks = sparkline(history.latencies(name), history.size)
+    size, idle = _int(s.get("pool_size")), _int(s.get("pool_idle"))
+    return {
+        "name": name,
+        "role": str(s.get("role", "?")),
+        "healthy": bool(s.get("healthy")),
+        "breaker": clean(s.get("breaker")),
+        "host": clean(s.get("connection_string_host")),
+        "port": clean(s.get("port")),
+        "latency_ms": s.get("last_latency_ms"),
+        "spark": line,
+        "spark_down": marks,
+        "queries": outcomes.get("ok", 0),
+        "errors": sum(outcomes.get(k, 0) for k in _ERROR_OUTCOMES),
+        "outcomes": outcomes,
+        "qps": None if qps is None else round(qps, 1),
+        "avg_query_ms": None if avg_ms is None else round(avg_ms, 2),
+        "pool": {"size": size, "idle": idle, "used": max(size - idle, 0),
+                 "waiting": _int(s.get("pool_waiting")), "max": _int(s.get("pool_max"))},
+        "consecutive_failures": _int(s.get("consecutive_failures")),
+        "last_error": clean(s.get("last_error")),
     }
 
 
