@@ -51,7 +51,7 @@ for _entry in (str(HERE), str(ROOT)):
         sys.path.insert(0, _entry)
 
 import psycopg  # noqa: E402
-from resilience import NAMES, Fleet, fleet  # noqa: E402
+from resilience import fleet, server_version  # noqa: E402
 
 from agent_factory.continuity.reconcile import reconcile  # noqa: E402
 from agent_factory.continuity.replication import (  # noqa: E402
@@ -65,8 +65,9 @@ from agent_factory.engine.events import Listener  # noqa: E402
 from agent_factory.engine.settings import Settings  # noqa: E402
 from agent_factory.errors import OutcomeUnknownError  # noqa: E402
 from agent_factory.schema.migrations import apply_migrations  # noqa: E402
+from agent_factory.testing.fleet import PROVIDERS, Fleet  # noqa: E402
 
-PRIMARY, BACKUPS = NAMES[0], NAMES[1:]
+PRIMARY, BACKUPS = PROVIDERS[0], PROVIDERS[1:]
 INSERT = (
     "INSERT INTO session_memories (id, session_id, user_id, memory_type, message_id, content) "
     "VALUES (%s, %s, 'w', 'log', %s, '{}'::jsonb)"
@@ -110,12 +111,12 @@ QUICK = Config(300.0, 1.5, 2.0, 1.5, 0, 4.0, 300.0, 2_000)
 
 
 def settings_of(f: Fleet) -> Settings:
-    return Settings.build(f.urls(), order=list(NAMES))
+    return Settings.build(f.urls(), order=list(PROVIDERS))
 
 
 def prepare_fleet(f: Fleet, progress: Progress) -> float:
     """Schema on every server, replication primary -> backups; seconds until streaming."""
-    for n in NAMES:
+    for n in PROVIDERS:
         apply_migrations(f[n].url, embedding_dim=8, provider=n)
     report = setup_replication(settings_of(f))
     if report.errors:
@@ -138,7 +139,7 @@ def wait_streaming(f: Fleet, timeout: float) -> float:
 
 
 def truncate(f: Fleet) -> None:
-    for n in NAMES:
+    for n in PROVIDERS:
         with psycopg.connect(f[n].url, autocommit=True) as conn:
             conn.execute("TRUNCATE session_memories")
 
@@ -279,11 +280,11 @@ def fault_scenario(
 ) -> FaultOutcome:
     truncate(f)
     session = f"bench-{fault}"
-    primary = f[PRIMARY]
+    primary = f[PRIMARY].server
     ports = f.port_names()
     events = Events()
     notes: list[str] = []
-    db = DatabaseManager(f.urls(), order=list(NAMES), listeners=[events], dotenv=None,
+    db = DatabaseManager(f.urls(), order=list(PROVIDERS), listeners=[events], dotenv=None,
                          **MANAGER_OPTIONS)
     try:
         for _ in range(20):
@@ -472,7 +473,7 @@ def replication_lag(f: Fleet, cfg: Config, progress: Progress) -> LagResult:
         t.start()
     apps = {subscription_name(b): b for b in BACKUPS}
     markers = 0
-    db = DatabaseManager(f.urls(), order=list(NAMES), dotenv=None, **MANAGER_OPTIONS)
+    db = DatabaseManager(f.urls(), order=list(PROVIDERS), dotenv=None, **MANAGER_OPTIONS)
     try:
         for _ in range(20):
             db.execute_query("SELECT 1")
@@ -615,7 +616,7 @@ class ContinuityResult:
 def run(quick: bool = False, progress: Progress = _stderr) -> ContinuityResult:
     cfg = QUICK if quick else FULL
     with fleet("bench-cont") as f, _replication(f):
-        pg_version = f.pg_version()
+        pg_version = server_version(f)
         streaming = prepare_fleet(f, progress)
         progress("continuity 1/3: replication lag under a steady write load")
         lag = replication_lag(f, cfg, progress)
@@ -636,7 +637,7 @@ def _apply_errors(f: Fleet) -> dict[str, str]:
     out = {}
     for b in BACKUPS:
         try:
-            lines = f[b].log_path.read_text(errors="replace").splitlines()
+            lines = f[b].server.log_path.read_text(errors="replace").splitlines()
         except OSError:
             continue
         for i in range(len(lines) - 1, -1, -1):
@@ -666,8 +667,8 @@ def _replication(f: Fleet) -> Iterator[None]:
         yield
     finally:
         with contextlib.suppress(Exception):
-            f[PRIMARY].resume()  # a no-op unless a failure left it hung
-            if all(s.is_running() for s in f.servers.values()):
+            f[PRIMARY].server.resume()  # a no-op unless a failure left it hung
+            if all(m.server.is_running() for m in f):
                 teardown_replication(settings_of(f))
 
 
@@ -720,7 +721,7 @@ def render(res: ContinuityResult, header: list[str]) -> str:
     row("writes attempted", lambda o: str(o.attempted))
     row("acknowledged", lambda o: str(o.acked))
     row("… by the primary / railway / neon",
-        lambda o: " / ".join(str(o.acked_by.get(n, 0)) for n in NAMES))
+        lambda o: " / ".join(str(o.acked_by.get(n, 0)) for n in PROVIDERS))
     row("**lost** (acknowledged, missing on the primary)", lambda o: f"**{o.lost}**")
     row("duplicated on the primary", lambda o: str(o.duplicated))
     row("outcome unknown (`OutcomeUnknownError`)", lambda o: str(o.unknown))

@@ -32,8 +32,8 @@ from psycopg_pool import ConnectionPool
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.testing.embedded import EmbeddedPostgres
+from agent_factory.testing.fleet import PROVIDERS, Fleet, start_fleet
 
-NAMES = ("supabase", "railway", "neon")
 QUERY = "SELECT inet_server_port()"
 MANAGER = "DatabaseManager"
 MULTIHOST = "libpq multi-host pool"
@@ -105,36 +105,19 @@ def embedded_hang_freezes_backends(server: EmbeddedPostgres) -> bool:
 # -- clients ---------------------------------------------------------------------
 
 
-class Servers:
-    """The three embedded servers, sharing one password (the multi-host peer needs it)."""
-
-    def __init__(self) -> None:
-        password = secrets.token_urlsafe(18)
-        self.servers = {n: EmbeddedPostgres(f"bench-{n}", password=password) for n in NAMES}
-
-    def __getitem__(self, name: str) -> EmbeddedPostgres:
-        return self.servers[name]
-
-    def fresh(self) -> None:
-        """(Re)start every server: no state survives from the previous scenario."""
-        for s in self.servers.values():
-            if s.is_running():
-                s.stop()
-            s.start()
-
-    def close(self) -> None:
-        for s in self.servers.values():
-            s.close()
-
-    def ports(self) -> dict[int, str]:
-        return {s.port: n for n, s in self.servers.items()}
+def fresh(fleet: Fleet) -> None:
+    """(Re)start every server: no state survives from the previous scenario."""
+    for member in fleet:
+        if member.server.is_running():
+            member.server.stop()
+        member.server.start()
 
 
 @contextlib.contextmanager
-def manager_client(servers: Servers, cfg: Config) -> Iterator[tuple[Callable[[], int], Any]]:
+def manager_client(fleet: Fleet, cfg: Config) -> Iterator[tuple[Callable[[], int], Any]]:
     manager = DatabaseManager(
-        providers={n: servers[n].url for n in NAMES},
-        order=list(NAMES),
+        providers=fleet.urls(),
+        order=list(PROVIDERS),
         hang_timeout=cfg.hang_timeout,
         pool_min_size=cfg.pool_min,
         pool_max_size=cfg.pool_max,
@@ -152,10 +135,10 @@ def manager_client(servers: Servers, cfg: Config) -> Iterator[tuple[Callable[[],
         manager.close_all()
 
 
-def multihost_conninfo(servers: Servers, cfg: Config) -> str:
-    first = servers[NAMES[0]]
-    hosts = ",".join(servers[n].host for n in NAMES)
-    ports = ",".join(str(servers[n].port) for n in NAMES)
+def multihost_conninfo(fleet: Fleet, cfg: Config) -> str:
+    first = fleet[PROVIDERS[0]].server
+    hosts = ",".join(m.server.host for m in fleet)
+    ports = ",".join(str(m.server.port) for m in fleet)
     return (
         f"host={hosts} port={ports} user={first.user} password={first.password} "
         f"dbname={first.dbname} connect_timeout={cfg.connect_timeout} "
@@ -164,9 +147,9 @@ def multihost_conninfo(servers: Servers, cfg: Config) -> str:
 
 
 @contextlib.contextmanager
-def multihost_client(servers: Servers, cfg: Config) -> Iterator[tuple[Callable[[], int], Any]]:
+def multihost_client(fleet: Fleet, cfg: Config) -> Iterator[tuple[Callable[[], int], Any]]:
     pool: ConnectionPool[Any] = ConnectionPool(
-        multihost_conninfo(servers, cfg),
+        multihost_conninfo(fleet, cfg),
         min_size=cfg.pool_min,
         max_size=cfg.pool_max,
         kwargs={"autocommit": True},
@@ -219,17 +202,17 @@ def _reader(
 
 
 def run_scenario(
-    servers: Servers,
+    fleet: Fleet,
     client: str,
     fault: str,
     cfg: Config,
     progress: Callable[[str], None] = print,
 ) -> Outcome:
-    servers.fresh()
-    primary = servers[NAMES[0]]
-    port_names = servers.ports()
+    fresh(fleet)
+    primary = fleet[PROVIDERS[0]].server
+    port_names = fleet.port_names()
     reads: list[Read] = []
-    with CLIENTS[client](servers, cfg) as (read, handle):
+    with CLIENTS[client](fleet, cfg) as (read, handle):
         for _ in range(50):  # connections made, primary serving
             read()
         stop = threading.Event()
@@ -296,7 +279,7 @@ def _client_state_notes(client: str, handle: Any, threads: list[threading.Thread
         down = [n for n, s in stats.items() if not s["healthy"]]
         if down:
             notes.append(f"providers still marked down at the end: {', '.join(down)}")
-        if handle.serving_provider != NAMES[0]:
+        if handle.serving_provider != PROVIDERS[0]:
             notes.append(f"serving provider at the end: {handle.serving_provider!r}")
     return notes
 
@@ -361,19 +344,17 @@ def summarize(
 
 def run(cfg: Config, progress: Callable[[str], None] = print) -> list[Outcome]:
     """Every client through every fault."""
-    servers = Servers()
-    try:
-        servers.fresh()
-        if not embedded_hang_freezes_backends(servers[NAMES[1]]):
+    # The servers share one password: the multi-host peer's conninfo has one.
+    with start_fleet(PROVIDERS, prefix="bench-", password=secrets.token_urlsafe(18),
+                     proxy=False, parallel=False) as fleet:
+        if not embedded_hang_freezes_backends(fleet[PROVIDERS[1]].server):
             raise RuntimeError(
                 "EmbeddedPostgres.hang() does not silence open connections (backends "
                 "not frozen): the hang scenarios would measure nothing"
             )
         outcomes = [
-            run_scenario(servers, client, fault, cfg, progress)
+            run_scenario(fleet, client, fault, cfg, progress)
             for client in (MANAGER, MULTIHOST)
             for fault in ("crash", "hang")
         ]
-    finally:
-        servers.close()
     return outcomes

@@ -51,10 +51,9 @@ from psycopg_pool import AsyncConnectionPool  # noqa: E402
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager  # noqa: E402
 from agent_factory.core.database_manager import DatabaseManager  # noqa: E402
-from agent_factory.testing.embedded import EmbeddedPostgres  # noqa: E402
 from agent_factory.testing.faultproxy import FaultProxy  # noqa: E402
+from agent_factory.testing.fleet import PROVIDERS, Fleet, start_fleet  # noqa: E402
 
-NAMES = ("supabase", "railway", "neon")
 SKIP_TARGET_US = 50.0
 ASYNC_TARGET = 1.10
 NEAREST_ONE_WAY_MS = {"supabase": 20.0, "railway": 5.0, "neon": 1.0}
@@ -73,55 +72,22 @@ def _stderr(text: str) -> None:
 # -- servers ------------------------------------------------------------------------
 
 
-class Fleet:
-    """Three embedded servers, one password; ``close()`` stops and deletes them all."""
-
-    def __init__(self, prefix: str, settings: dict[str, str] | None = None) -> None:
-        password = secrets.token_urlsafe(18)
-        self.servers: dict[str, EmbeddedPostgres] = {}
-        try:
-            for n in NAMES:
-                self.servers[n] = EmbeddedPostgres(
-                    f"{prefix}-{n}", password=password, settings=settings
-                )
-        except BaseException:
-            self.close()
-            raise
-
-    def __getitem__(self, name: str) -> EmbeddedPostgres:
-        return self.servers[name]
-
-    def start(self) -> None:
-        for s in self.servers.values():
-            s.start()
-
-    def urls(self) -> dict[str, str]:
-        return {n: s.url for n, s in self.servers.items()}
-
-    def port_names(self) -> dict[int, str]:
-        return {s.port: n for n, s in self.servers.items()}
-
-    def pg_version(self) -> str:
-        with psycopg.connect(self.servers[NAMES[0]].url) as conn:
-            row = conn.execute("SHOW server_version").fetchone()
-        return str(row[0]) if row else "?"
-
-    def close(self) -> None:
-        for name, s in self.servers.items():
-            try:
-                s.close()
-            except Exception as exc:  # keep closing the others
-                logger.error("could not close server %s: %s", name, exc)
-
-
 @contextlib.contextmanager
-def fleet(prefix: str, settings: dict[str, str] | None = None) -> Iterator[Fleet]:
-    f = Fleet(prefix, settings)
+def fleet(prefix: str) -> Iterator[Fleet]:
+    """Three embedded servers sharing one password, started one after the other."""
+    f = start_fleet(PROVIDERS, prefix=f"{prefix}-", password=secrets.token_urlsafe(18),
+                    proxy=False, parallel=False)
     try:
-        f.start()
         yield f
     finally:
-        f.close()
+        f.close(on_error=lambda name, exc: logger.error("could not close server %s: %s",
+                                                        name, exc))
+
+
+def server_version(f: Fleet) -> str:
+    with psycopg.connect(f[PROVIDERS[0]].url) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return str(row[0]) if row else "?"
 
 
 # -- measuring ----------------------------------------------------------------------
@@ -235,7 +201,7 @@ def breaker_skip(
         managers.append(third)
         for m in managers:
             m.execute_query("SELECT 1")
-        f["supabase"].kill()
+        f["supabase"].server.kill()
         first.execute_query("SELECT 1")  # finds the primary dead, marks it down
         _wait(lambda: first.get_provider_stats()["supabase"]["breaker"] == "open", 10.0,
               "the primary's breaker to open")
@@ -280,8 +246,8 @@ def breaker_skip(
         for m in managers:
             m.close_all()
         switch_filter.removeFilter(_quiet_primary_switch)
-        if not f["supabase"].is_running():
-            f["supabase"].start()
+        if not f["supabase"].server.is_running():
+            f["supabase"].server.start()
 
 
 # -- 2. nearest routing ---------------------------------------------------------------
@@ -344,7 +310,7 @@ def _routing_run(
 ) -> RoutingRun:
     db = DatabaseManager(
         urls,
-        order=list(NAMES),
+        order=list(PROVIDERS),
         read_routing=policy,
         monitor_interval=0.2,
         pool_min_size=1,
@@ -389,20 +355,20 @@ def _round_trip_ms(url: str, n: int = 15) -> float:
 def nearest_routing(f: Fleet, *, settle: float, progress: Progress) -> NearestResult:
     proxies: dict[str, FaultProxy] = {}
     try:
-        for n in NAMES:
-            p = FaultProxy(f[n].host, f[n].port)
+        for n in PROVIDERS:
+            p = FaultProxy(f[n].server.host, f[n].server.port)
             proxies[n] = p
             p.start()
             p.set_latency(NEAREST_ONE_WAY_MS[n] / 1e3)
-        urls = {n: proxies[n].url_for(f[n].url) for n in NAMES}
+        urls = {n: proxies[n].url_for(f[n].url) for n in PROVIDERS}
         ports = f.port_names()
-        rtt = {n: _round_trip_ms(urls[n]) for n in NAMES}
+        rtt = {n: _round_trip_ms(urls[n]) for n in PROVIDERS}
         nearest = _routing_run(urls, ports, "nearest", NEAREST_READS, settle)
         progress(
             "nearest: "
-            + ", ".join(f"{n} {nearest.served.get(n, 0)}" for n in NAMES)
+            + ", ".join(f"{n} {nearest.served.get(n, 0)}" for n in PROVIDERS)
             + " reads; latency "
-            + ", ".join(f"{n} {nearest.latency[n][0]} ms" for n in NAMES)
+            + ", ".join(f"{n} {nearest.latency[n][0]} ms" for n in PROVIDERS)
         )
         baseline = _routing_run(urls, ports, "primary", BASELINE_READS, settle)
         return NearestResult(dict(NEAREST_ONE_WAY_MS), rtt, settle, nearest, baseline)
@@ -552,7 +518,7 @@ class ResilienceResult:
 def run(quick: bool = False, progress: Progress = _stderr) -> ResilienceResult:
     cfg = QUICK if quick else FULL
     with fleet("bench-res") as f:
-        pg_version = f.pg_version()
+        pg_version = server_version(f)
         progress("resilience 1/3: cost of skipping an open breaker")
         skip = breaker_skip(f, rounds=cfg.skip_rounds, queries=cfg.skip_queries,
                             warmup=cfg.skip_warmup, progress=progress)
@@ -640,7 +606,7 @@ def render(res: ResilienceResult, header: list[str]) -> str:
     add("")
     add(
         "The three servers behind `FaultProxy` instances that delay every chunk by "
-        + ", ".join(f"{NEAREST_ONE_WAY_MS[k]:g} ms ({k})" for k in NAMES)
+        + ", ".join(f"{NEAREST_ONE_WAY_MS[k]:g} ms ({k})" for k in PROVIDERS)
         + " in each direction; supabase is the primary and neon is last in the failover "
         "order. Manager: `read_routing=\"nearest\"`, `monitor_interval=0.2`, pools 1–2, "
         "otherwise defaults. Once every provider had a measured latency, the run waited "
@@ -657,7 +623,7 @@ def render(res: ResilienceResult, header: list[str]) -> str:
         "latency_avg_ms after the reads | reads served (nearest) | "
         "reads served (primary policy) |")
     add("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for k in NAMES:
+    for k in PROVIDERS:
         avg, p99 = n.nearest.latency[k]
         after = n.nearest.latency_after[k][0]
         rtt = n.rtt_ms[k]

@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -30,8 +29,8 @@ from agent_factory.memory import (
     SQLiteStorage,
 )
 from agent_factory.testing.embedded import EmbeddedPostgres
+from agent_factory.testing.fleet import PROVIDERS, Fleet, start_fleet
 
-PROVIDERS = ("supabase", "railway", "neon")
 MIGRATIONS = Path(agent_factory.__file__).parent / "schema" / "migrations"
 SCHEMA_FILES = ("0001_extensions.sql", "0002_session_memories.sql", "0003_knowledge_atoms.sql")
 
@@ -59,15 +58,15 @@ def local_storages() -> None:
         print(f"  ContextManager(max_tokens=25) keeps: {[m.content for m in window]}")
 
 
-def use_environment(servers: dict[str, EmbeddedPostgres]) -> None:
+def use_environment(fleet: Fleet) -> None:
     """Configure DatabaseManager() the way a deployment's .env would."""
     os.environ.update({
         "DATABASE_PROVIDER": "supabase",
         "DATABASE_FAILOVER_ENABLED": "true",
         "DATABASE_FAILOVER_ORDER": ",".join(PROVIDERS),
-        "SUPABASE_DB_URL": servers["supabase"].url,
-        "RAILWAY_DB_URL": servers["railway"].url,
-        "NEON_DB_URL": servers["neon"].url,
+        "SUPABASE_DB_URL": fleet["supabase"].url,
+        "RAILWAY_DB_URL": fleet["railway"].url,
+        "NEON_DB_URL": fleet["neon"].url,
         "DATABASE_HANG_TIMEOUT": "1",
     })
 
@@ -113,22 +112,16 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="  [log] %(message)s", stream=sys.stdout)
     logging.getLogger("psycopg").setLevel(logging.ERROR)
     local_storages()
-    servers = {name: EmbeddedPostgres(name) for name in PROVIDERS}
-    try:
-        print("\nstarting three PostgreSQL servers...")
-        with ThreadPoolExecutor(len(servers)) as pool:
-            list(pool.map(lambda s: s.start(60.0), servers.values()))
-        for server in servers.values():
-            deploy_schema(server.url)
-        use_environment(servers)
+    print("\nstarting three PostgreSQL servers...")
+    with start_fleet(PROVIDERS, proxy=False) as fleet:
+        for member in fleet:
+            deploy_schema(member.url)
+        use_environment(fleet)
         storage = spec_example()
         try:
-            crash_primary(storage, servers["supabase"])
+            crash_primary(storage, fleet["supabase"].server)
         finally:
             storage.close()
-    finally:
-        for server in servers.values():
-            server.close()
 
 
 if __name__ == "__main__":
