@@ -12,10 +12,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from fleet import START_TIMEOUT, Fleet, can_connect, start_fleet, wait_until
+from fleet import wait_until
 from pooler import PgBouncer, find_pgbouncer
 
 from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.testing.fleet import START_TIMEOUT, Fleet, can_connect, start_fleet
 
 MakeDb = Callable[..., DatabaseManager]
 

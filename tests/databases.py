@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 
 import psycopg
-from fleet import Fleet
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from agent_factory.testing.fleet import Fleet
 
 
 def with_dbname(url: str, dbname: str) -> str:

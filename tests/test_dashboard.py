@@ -22,13 +22,14 @@ from typing import Any
 
 import httpx
 import pytest
-from fleet import Fleet, wait_until
+from fleet import wait_until
 
 from agent_factory.cli.main import main
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.observability.dashboard.app import create_app
 from agent_factory.observability.dashboard.server import BackgroundServer, check_bind, is_loopback
 from agent_factory.observability.dashboard.state import History, Timeline, build_state, sparkline
+from agent_factory.testing.fleet import Fleet
 
 TOKEN = "t0ken-for-tests"
 JSON = {"Content-Type": "application/json"}

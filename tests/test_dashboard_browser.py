@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from fleet import Fleet
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.observability.dashboard.app import create_app
 from agent_factory.observability.dashboard.server import BackgroundServer
+from agent_factory.testing.fleet import Fleet
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

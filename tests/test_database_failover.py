@@ -12,10 +12,10 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from fleet import Fleet
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import ManagerClosedError, NoProvidersConfiguredError
+from agent_factory.testing.fleet import Fleet
 
 DB_VARS = (
     "DATABASE_PROVIDER",

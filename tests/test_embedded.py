@@ -13,11 +13,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from fleet import PROVIDERS, Fleet
 from psycopg.conninfo import make_conninfo
 
 from agent_factory.errors import EmbeddedPostgresError, PostgresNotFoundError
 from agent_factory.testing.embedded import EmbeddedPostgres, pgvector_available
+from agent_factory.testing.fleet import PROVIDERS, Fleet
 
 
 def refused(host: str, port: int) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from databases import create_databases, drop_databases
-from fleet import Fleet, wait_until
+from fleet import wait_until
 from test_failback import FAST, ORDER, Writer, ids_on
 
 from agent_factory.continuity.replication import setup_replication, teardown_replication
@@ -15,6 +15,7 @@ from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.engine.settings import Settings
 from agent_factory.errors import AllProvidersUnavailableError
 from agent_factory.schema import apply_migrations
+from agent_factory.testing.fleet import Fleet
 
 
 def direct(fleet: Fleet, urls: dict[str, str]) -> dict[str, str]:

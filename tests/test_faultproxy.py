@@ -11,10 +11,11 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
-from fleet import Fleet, local_port, wait_until
+from fleet import local_port, wait_until
 
 from agent_factory.testing.embedded import EmbeddedPostgres
 from agent_factory.testing.faultproxy import FaultProxy
+from agent_factory.testing.fleet import Fleet
 
 
 @pytest.fixture

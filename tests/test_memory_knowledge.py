@@ -10,12 +10,12 @@ from datetime import datetime, timezone
 
 import psycopg
 import pytest
-from fleet import Fleet
 from test_memory_postgres import FAST, ORDER, schema_databases
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import InvalidMemoryError
 from agent_factory.memory import KnowledgeAtom, KnowledgeStore
+from agent_factory.testing.fleet import Fleet
 
 DIM = 8
 

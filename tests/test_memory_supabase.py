@@ -21,13 +21,13 @@ from urllib.parse import parse_qsl, urlsplit
 
 import psycopg
 import pytest
-from fleet import Fleet
 from psycopg import sql
 from test_memory_postgres import rich_session, schema_databases
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import ConfigurationError, MemoryStorageError
 from agent_factory.memory import PostgresMemoryStorage, Session
+from agent_factory.testing.fleet import Fleet
 
 pytest.importorskip("supabase", reason="the supabase package is not installed")
 # The client passes deprecated arguments to its own REST client; not ours to fix.

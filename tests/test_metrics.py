@@ -16,7 +16,7 @@ from wsgiref.util import setup_testing_defaults
 import httpx
 import psycopg
 import pytest
-from fleet import Fleet, wait_until
+from fleet import wait_until
 from prometheus_client import CollectorRegistry
 
 from agent_factory.core.database_manager import DatabaseManager
@@ -29,6 +29,7 @@ from agent_factory.observability.metrics import (
     metrics_app,
     start_http_server,
 )
+from agent_factory.testing.fleet import Fleet
 
 
 class Recorder(Listener):

@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleet import Fleet, wait_until
+from fleet import wait_until
 from rich.console import Console
 
 from agent_factory.cli.monitor import plain_lines, run_monitor, snapshot_of
 from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.testing.fleet import Fleet
 
 
 @pytest.fixture

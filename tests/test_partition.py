@@ -17,12 +17,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-from fleet import Fleet, wait_until
+from fleet import wait_until
 from test_failback import FAST, ORDER, Writer, ids_on
 from test_failback_replication import direct, replicated  # noqa: F401 - fixture
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.testing.faultproxy import FaultProxy
+from agent_factory.testing.fleet import Fleet
 
 INSTANCE_B = textwrap.dedent(
     """

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from fleet import Fleet, wait_until
+from fleet import wait_until
 
 from agent_factory.engine.provider import DatabaseProvider
 from agent_factory.errors import HangTimeoutError, OutcomeUnknownError, ProviderUnavailableError
+from agent_factory.testing.fleet import Fleet
 
 
 def test_standalone_provider_queries_and_health(healthy_fleet: Fleet) -> None:

@@ -10,10 +10,10 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 from databases import create_databases, drop_databases
-from fleet import Fleet
 
 from agent_factory.continuity.reconcile import reconcile, tables_on_both
 from agent_factory.schema import apply_migrations
+from agent_factory.testing.fleet import Fleet
 
 USER_TABLE = "events_log"
 

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 from databases import create_databases, drop_databases, with_dbname
-from fleet import Fleet, wait_until
+from fleet import wait_until
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from agent_factory.cli.replication_command import main
@@ -37,6 +37,7 @@ from agent_factory.engine.environment import settings_from_env
 from agent_factory.engine.settings import Settings
 from agent_factory.schema import apply_migrations
 from agent_factory.testing.embedded import EmbeddedPostgres, free_port
+from agent_factory.testing.fleet import Fleet
 
 BACKUPS = ("railway", "neon")
 PASSWORDS: list[str] = []  # extra secrets that must never be printed

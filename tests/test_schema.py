@@ -20,10 +20,10 @@ from typing import Any
 import psycopg
 import pytest
 from databases import create_databases, drop_databases
-from fleet import Fleet
 
 from agent_factory.cli.schema_command import main
 from agent_factory.schema import apply_migrations, load_migrations, read_applied
+from agent_factory.testing.fleet import Fleet
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "deploy_multi_provider_schema.py"

@@ -9,10 +9,10 @@ from typing import Any
 import psycopg
 import pytest
 from databases import create_databases, drop_databases
-from fleet import Fleet
 
 from agent_factory.cli.schema_command import _Context, _progress, main
 from agent_factory.schema import apply_migrations, copy_tables
+from agent_factory.testing.fleet import Fleet
 
 DIM = 3
 

@@ -9,13 +9,14 @@ from typing import Any
 
 import psycopg
 import pytest
-from fleet import Fleet, wait_until
+from fleet import wait_until
 from psycopg.conninfo import make_conninfo
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.engine.provider import DatabaseProvider
 from agent_factory.engine.settings import Settings
 from agent_factory.engine.watchdog import TRANSPORT_EVIDENCE, Watch, Watchdog, tcp_progress, vouches
+from agent_factory.testing.fleet import Fleet
 
 # -- what a probe's view of a call's server process means (no I/O) -------------------
 
