@@ -8,7 +8,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from defaults import FAST, ORDER
 from fleet import Fleet, local_port, wait_until
+from observers import count_rows, served_by_async
 from psycopg import errors as pge
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
@@ -18,30 +20,15 @@ from agent_factory.errors import (
     OutcomeUnknownError,
 )
 
-ORDER = ["supabase", "railway", "neon"]
-FAST = {"hang_timeout": 1.0, "probe_interval": 0.1, "checkout_timeout": 30.0}
-
 
 def manager(fleet: Fleet, **options: Any) -> AsyncDatabaseManager:
     return AsyncDatabaseManager(fleet.urls(), order=ORDER, **{**FAST, **options})
 
 
-async def served_by(db: AsyncDatabaseManager, fleet: Fleet) -> str:
-    (port,) = await db.execute_query("SELECT inet_server_port()", fetch_mode="one")
-    return next(m.name for m in fleet if m.server.port == port)
-
-
-def count_rows(fleet: Fleet, name: str, table: str) -> int:
-    with psycopg.connect(fleet[name].direct_url, autocommit=True) as conn:
-        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def test_queries_and_sql_errors(healthy_fleet: Fleet) -> None:
     async def main() -> None:
         async with manager(healthy_fleet) as db:
-            assert await served_by(db, healthy_fleet) == "supabase"
+            assert await served_by_async(db, healthy_fleet) == "supabase"
             assert await db.execute_query("SELECT 1, 'a'") == [(1, "a")]
             assert await db.execute_query("SELECT %s::int", (3,), fetch_mode="one") == (3,)
             assert await db.execute_query("SELECT 1", fetch_mode="none") is None
@@ -63,17 +50,17 @@ def test_queries_and_sql_errors(healthy_fleet: Fleet) -> None:
 def test_crash_hang_and_return_to_primary(healthy_fleet: Fleet) -> None:
     async def main() -> None:
         async with manager(healthy_fleet) as db:
-            assert await served_by(db, healthy_fleet) == "supabase"
+            assert await served_by_async(db, healthy_fleet) == "supabase"
             healthy_fleet["supabase"].server.kill()
-            assert await served_by(db, healthy_fleet) == "railway"
+            assert await served_by_async(db, healthy_fleet) == "railway"
             healthy_fleet["supabase"].server.restart()
             deadline = time.monotonic() + 20
-            while await served_by(db, healthy_fleet) != "supabase":
+            while await served_by_async(db, healthy_fleet) != "supabase":
                 assert time.monotonic() < deadline, "no return to the primary"
                 await asyncio.sleep(0.05)
             healthy_fleet["supabase"].server.hang()
             t0 = time.monotonic()
-            assert await served_by(db, healthy_fleet) == "railway"
+            assert await served_by_async(db, healthy_fleet) == "railway"
             assert time.monotonic() - t0 < 1.0 + 3.0
 
     asyncio.run(main())
@@ -107,7 +94,7 @@ def test_silenced_connection_on_a_live_server_is_abandoned(healthy_fleet: Fleet)
                 port = local_port(conn)
             healthy_fleet["supabase"].proxy.blackhole_client(port)
             t0 = time.monotonic()
-            served = await asyncio.wait_for(served_by(db, healthy_fleet), timeout=15)
+            served = await asyncio.wait_for(served_by_async(db, healthy_fleet), timeout=15)
             assert served == "railway"
             assert time.monotonic() - t0 < 1.0 + 3.0
 
@@ -140,7 +127,7 @@ def test_cancellation_is_safe(healthy_fleet: Fleet) -> None:
             assert db.providers["supabase"].health.in_flight == 0
             # The pool still serves, and nothing was retried elsewhere.
             for _ in range(5):
-                assert await served_by(db, healthy_fleet) == "supabase"
+                assert await served_by_async(db, healthy_fleet) == "supabase"
             assert db.get_provider_stats()["supabase"]["healthy"] is True
 
     asyncio.run(main())

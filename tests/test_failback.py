@@ -12,14 +12,18 @@ from typing import Any
 import psycopg
 import pytest
 from databases import create_databases, drop_databases
+from defaults import ORDER
 from fleet import Fleet, wait_until
+from observers import Reconciled
 
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.engine.events import Listener
 from agent_factory.errors import AllProvidersUnavailableError, OutcomeUnknownError
 from agent_factory.schema import apply_migrations
 
-ORDER = ["supabase", "railway", "neon"]
+# Not the shared FAST: checkout_timeout 10 s, the value these tests (and
+# test_rpo_bound, which imports this FAST) were written and run with;
+# recovery_probes is the library's default, named because the tests wait for
+# the recovery (and the failback) it paces.
 FAST = {"hang_timeout": 1.0, "probe_interval": 0.1, "checkout_timeout": 10.0,
         "recovery_probes": 2}
 INSERT = (
@@ -37,14 +41,6 @@ def dbs(healthy_fleet: Fleet) -> Iterator[dict[str, str]]:
     yield urls
     healthy_fleet.heal()
     drop_databases(healthy_fleet, urls)
-
-
-class Reconciled(Listener):
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, int]] = []
-
-    def on_reconcile(self, primary: str, source: str, rows: int) -> None:
-        self.events.append((primary, source, rows))
 
 
 class Writer:

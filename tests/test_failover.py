@@ -6,12 +6,14 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
+from conftest import MakeDb
+from defaults import FAST, ORDER
 from fleet import Fleet, wait_until
+from observers import count_rows, served_by
 from psycopg import errors as pge
 
 from agent_factory.core.database_manager import DatabaseManager
@@ -21,24 +23,6 @@ from agent_factory.errors import (
     OutcomeUnknownError,
     ProviderUnavailableError,
 )
-
-ORDER = ["supabase", "railway", "neon"]
-FAST = {"hang_timeout": 1.0, "probe_interval": 0.1, "checkout_timeout": 30.0}
-
-MakeDb = Callable[..., DatabaseManager]
-
-
-def served_by(db: DatabaseManager, fleet: Fleet, **kw: Any) -> str:
-    """Run a read and say which provider's server answered it."""
-    (port,) = db.execute_query("SELECT inet_server_port()", fetch_mode="one", **kw)
-    return next(m.name for m in fleet if m.server.port == port)
-
-
-def count_rows(fleet: Fleet, name: str, table: str) -> int:
-    with psycopg.connect(fleet[name].direct_url, autocommit=True) as conn:
-        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 class Recorder(Listener):

@@ -32,6 +32,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from defaults import ORDER
 from fleet import Fleet, wait_until
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
@@ -40,7 +41,6 @@ from agent_factory.engine import async_provider, provider, watchdog
 from agent_factory.engine.events import Listener
 from agent_factory.testing.faultproxy import FaultProxy
 
-ORDER = ["supabase", "railway", "neon"]
 PRIMARY = ORDER[0]
 
 BUSY_SECONDS = 10.0  # back-to-back statements in one transaction, this long

@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from databases import create_databases, drop_databases
+from defaults import ORDER
 from fleet import Fleet
 
 import agent_factory
@@ -21,7 +22,8 @@ from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import InvalidMemoryError, NoProvidersConfiguredError
 from agent_factory.memory import Message, MessageHistory, PostgresMemoryStorage, Session
 
-ORDER = ["supabase", "railway", "neon"]
+# Not the shared FAST: checkout_timeout 10 s, the value these tests were written
+# and run with.
 FAST = {"hang_timeout": 1.0, "probe_interval": 0.1, "checkout_timeout": 10.0}
 MIGRATIONS = Path(agent_factory.__file__).parent / "schema" / "migrations"
 SCHEMA_FILES = ("0001_extensions.sql", "0002_session_memories.sql", "0003_knowledge_atoms.sql")

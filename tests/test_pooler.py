@@ -26,12 +26,14 @@ from typing import Any, Protocol, TypeVar
 import psycopg
 import pytest
 from fleet import Fleet, wait_until
+from observers import HealthLog, provider_of
 from pooler import SETTINGS, PgBouncer
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.engine.events import Listener
 
+# Two providers, not the fleet's three: the primary behind the pooler and one
+# backup reached directly are all these tests need.
 ORDER = ["supabase", "railway"]
 HANG_TIMEOUT = 2.0  # the default, which the managers below keep
 BOUND = HANG_TIMEOUT + 0.5
@@ -53,14 +55,6 @@ class Client(Protocol):
     def transaction(self, statements: Statements) -> Any: ...
     def healthy(self, name: str) -> bool: ...
     def close(self) -> None: ...
-
-
-class HealthLog(Listener):
-    def __init__(self) -> None:
-        self.changes: list[tuple[str, bool, str | None]] = []
-
-    def on_health_change(self, provider: str, healthy: bool, reason: str | None) -> None:
-        self.changes.append((provider, healthy, reason))
 
 
 def providers(pooler: PgBouncer, fleet: Fleet) -> dict[str, Any]:
@@ -140,10 +134,6 @@ def client(request: pytest.FixtureRequest, pooled_primary: PgBouncer,
         yield made, log
     finally:
         made.close()
-
-
-def provider_of(fleet: Fleet, port: int) -> str:
-    return next(m.name for m in fleet if m.server.port == port)
 
 
 @dataclass

@@ -16,7 +16,9 @@ from fleet import Fleet, wait_until
 
 from agent_factory.core.database_manager import DatabaseManager
 
-ORDER = ["supabase", "railway", "neon"]
+# Not the shared FAST: probes every 50 ms and recovery after 2 good ones, so
+# that the prober reaches the failback gate and the pool renewal quickly (and
+# retries them at the next probe) within these tests' waits.
 FAST = {"hang_timeout": 1.0, "probe_interval": 0.05, "recovery_probes": 2}
 
 

@@ -5,33 +5,25 @@ from __future__ import annotations
 import collections
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from conftest import MakeDb
+from defaults import FAST, ORDER
 from fleet import Fleet, read_only_server, wait_until
+from observers import provider_of
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.engine.environment import settings_from_env
 from agent_factory.engine.settings import Settings
 from agent_factory.errors import AllProvidersUnavailableError, ConfigurationError
 
-ORDER = ["supabase", "railway", "neon"]
-FAST = {"hang_timeout": 1.0, "probe_interval": 0.1, "checkout_timeout": 30.0}
-
-MakeDb = Callable[..., DatabaseManager]
-
-
-
-
-def port_of(fleet: Fleet, port: int) -> str:
-    return next(m.name for m in fleet if m.server.port == port)
-
 
 def read_by(db: DatabaseManager, fleet: Fleet) -> str:
     (port,) = db.read("SELECT inet_server_port()", fetch_mode="one")
-    return port_of(fleet, port)
+    return provider_of(fleet, port)
 
 
 def test_nearest_routes_reads_to_the_lowest_measured_latency(
@@ -53,7 +45,7 @@ def test_nearest_routes_reads_to_the_lowest_measured_latency(
     assert stats["railway"]["latency_avg_ms"] < stats["supabase"]["latency_avg_ms"]
     # Plain execute_query (not marked read-only) still goes to the primary.
     (port,) = db.execute_query("SELECT inet_server_port()", fetch_mode="one")
-    assert port_of(healthy_fleet, port) == "supabase"
+    assert provider_of(healthy_fleet, port) == "supabase"
 
 
 def test_read_your_writes_pins_reads_to_the_primary(
@@ -85,12 +77,12 @@ def test_breaker_threshold(make_db: MakeDb, healthy_fleet: Fleet) -> None:
     healthy_fleet["supabase"].proxy.set_mode("reset")
     for _ in range(3):
         (port,) = db.execute_query("SELECT inet_server_port()", fetch_mode="one")
-        assert port_of(healthy_fleet, port) == "railway"
+        assert provider_of(healthy_fleet, port) == "railway"
     stats = db.get_provider_stats()["supabase"]
     assert stats["breaker"] == "closed" and stats["consecutive_failures"] >= 3
     healthy_fleet["supabase"].proxy.set_mode("pass")
     # Never opened: no probes needed, the next call is back on the primary.
-    wait_until(lambda: port_of(healthy_fleet, db.execute_query(
+    wait_until(lambda: provider_of(healthy_fleet, db.execute_query(
         "SELECT inet_server_port()", fetch_mode="one")[0]) == "supabase", timeout=10,
         message="primary serving again")
     # With the default threshold (1) the same fault opens it at once.
@@ -121,7 +113,7 @@ def test_read_only_server_takes_reads_not_writes(
         stats = db.get_provider_stats()["supabase"]
         assert stats["writable"] is False and stats["healthy"] is True
         (port,) = db.execute_query("SELECT inet_server_port()", fetch_mode="one")
-        assert port_of(healthy_fleet, port) == "supabase"  # reads stay on the primary
+        assert provider_of(healthy_fleet, port) == "supabase"  # reads stay on the primary
     counts = {}
     for member in healthy_fleet:
         with psycopg.connect(member.direct_url, autocommit=True) as conn:
@@ -261,7 +253,7 @@ def test_a_statement_declared_not_idempotent_counts_as_a_write(
     for i in range(3):
         _, port = db.execute_query(f"SELECT {fn}(%s), inet_server_port()", (i,), "one",
                                    read_only=True, idempotent=False)
-        assert port_of(healthy_fleet, port) == "supabase"
+        assert provider_of(healthy_fleet, port) == "supabase"
     assert {read_by(db, healthy_fleet) for _ in range(6)} == {"supabase"}
     assert db._core.diverged == {}
     healthy_fleet["supabase"].proxy.set_mode("refuse")

@@ -16,6 +16,7 @@ from test_failback_replication import replicated  # noqa: F401  (the fixture)
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import AllProvidersUnavailableError
 
+# Two providers, not three: a primary and the one backup it replicates to.
 ORDER = ["supabase", "railway"]
 INSERT = ("INSERT INTO session_memories (session_id, memory_type, content) "
           "VALUES ('rpo', 'log', '{}')")

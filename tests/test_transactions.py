@@ -7,18 +7,17 @@ from typing import Any
 
 import pytest
 from conftest import MakeDb
+from defaults import ORDER
 from fleet import Fleet, read_only_server, wait_until
+from observers import provider_of
 from psycopg import errors as pge
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
 
-ORDER = ["supabase", "railway", "neon"]
+# Not the shared FAST: no checkout_timeout, so the library's 5 s default is kept
+# (BUSY shortens it further where a full pool is the point of the test).
 FAST = {"hang_timeout": 1.0, "probe_interval": 0.1}
 BUSY = {"pool_min_size": 1, "pool_max_size": 1, "checkout_timeout": 0.5}
-
-
-def port_of(fleet: Fleet, port: int) -> str:
-    return next(m.name for m in fleet if m.server.port == port)
 
 
 def assert_primary_untouched(stats: dict[str, dict[str, Any]]) -> None:
@@ -34,14 +33,14 @@ def test_busy_pool_at_transaction_checkout_moves_on_without_marking_down(
     db = make_db(**BUSY)
     with db.transaction() as held:  # the primary's only pooled connection
         (port,) = held.execute("SELECT inet_server_port()").fetchone() or (0,)
-        assert port_of(healthy_fleet, port) == "supabase"
+        assert provider_of(healthy_fleet, port) == "supabase"
         with db.transaction() as conn:
             (port,) = conn.execute("SELECT inet_server_port()").fetchone() or (0,)
-        assert port_of(healthy_fleet, port) == "railway"
+        assert provider_of(healthy_fleet, port) == "railway"
     assert_primary_untouched(db.get_provider_stats())
     with db.transaction() as conn:  # back on the primary at once
         (port,) = conn.execute("SELECT inet_server_port()").fetchone() or (0,)
-    assert port_of(healthy_fleet, port) == "supabase"
+    assert provider_of(healthy_fleet, port) == "supabase"
 
 
 def test_busy_pool_at_async_transaction_checkout_moves_on_without_marking_down(
@@ -52,11 +51,11 @@ def test_busy_pool_at_async_transaction_checkout_moves_on_without_marking_down(
                                         **{**FAST, **BUSY}) as db:
             async with db.transaction() as held:
                 cur = await held.execute("SELECT inet_server_port()")
-                assert port_of(healthy_fleet, (await cur.fetchone() or (0,))[0]) == "supabase"
+                assert provider_of(healthy_fleet, (await cur.fetchone() or (0,))[0]) == "supabase"
                 async with db.transaction() as conn:
                     cur = await conn.execute("SELECT inet_server_port()")
                     port = (await cur.fetchone() or (0,))[0]
-                assert port_of(healthy_fleet, port) == "railway"
+                assert provider_of(healthy_fleet, port) == "railway"
             assert_primary_untouched(db.get_provider_stats())
 
     asyncio.run(main())
@@ -109,4 +108,4 @@ def test_read_only_server_inside_a_transaction_is_marked_not_writable_not_down(
         assert_primary_untouched(db.get_provider_stats())
         with db.transaction() as conn:  # the next block goes where writes are taken
             (port,) = conn.execute("SELECT inet_server_port()").fetchone() or (0,)
-        assert port_of(healthy_fleet, port) == "railway"
+        assert provider_of(healthy_fleet, port) == "railway"
