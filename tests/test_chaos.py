@@ -20,29 +20,47 @@ served by a backup stays there: "on two providers" always means applied twice.
 Bounds are generous (CI runs this on two shared cores) but far below "hung".
 The tests at the end pin down bugs these scenarios once found (a silent
 primary during the failback copy, a slow primary, a cancelled async write);
-each raises `StillBroken` for that symptom only.
+each raises `StillBroken` for that symptom only. The harness (the load, its
+checks, the faults) is tests/chaos.py.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
-import sys
 import threading
 import time
-import traceback
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import pytest
+from chaos import (
+    CALL_BOUND,
+    FAST,  # noqa: F401  (make_db's default timings)
+    HANG_TIMEOUT,
+    Load,
+    StillBroken,
+    active_backends,
+    blackhole_while_blocked,
+    can_query,
+    diverge,
+    ids_on,
+    inject,
+    join_or_unblock,
+    reset_while_running,
+    run_in_thread,
+    silence,
+    silence_pooled_connection,
+    summary,
+    unblock,
+    undo,
+)
+from conftest import MakeDb
+from defaults import ORDER
 from fleet import Fleet, local_port, wait_until
+from observers import HealthLog, Reconciled, provider_of, served_by
 
-from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.engine.events import Listener
 from agent_factory.errors import (
     AllProvidersUnavailableError,
     HangTimeoutError,
@@ -50,264 +68,7 @@ from agent_factory.errors import (
     ProviderError,
 )
 
-ORDER = ["supabase", "railway", "neon"]
-HANG_TIMEOUT = 1.0
-CONNECT_TIMEOUT = 2.0  # libpq's floor: a blackholed connect takes this long to fail
-FAST = {
-    "hang_timeout": HANG_TIMEOUT,
-    "probe_interval": 0.1,
-    "connect_timeout": CONNECT_TIMEOUT,
-    "checkout_timeout": 5.0,
-}
-# No call may take longer than the slower of the two deadlines (a hung
-# pooled connection: hang_timeout; a blackholed new connection:
-# connect_timeout), plus a generous margin for two shared cores.
-CALL_BOUND = max(HANG_TIMEOUT, CONNECT_TIMEOUT) + 2.0
-
-MakeDb = Callable[..., DatabaseManager]
-
-
-def provider_of(fleet: Fleet, port: int) -> str:
-    return next(m.name for m in fleet if m.server.port == port)
-
-
-def served_by(db: DatabaseManager, fleet: Fleet) -> str:
-    (port,) = db.execute_query("SELECT inet_server_port()", fetch_mode="one")
-    return provider_of(fleet, port)
-
-
-def ids_on(fleet: Fleet, name: str, table: str) -> list[int]:
-    with psycopg.connect(fleet[name].direct_url, autocommit=True) as conn:
-        return [row[0] for row in conn.execute(f"SELECT id FROM {table}")]
-
-
-def can_query(url: str) -> bool:
-    try:
-        with psycopg.connect(url, autocommit=True, connect_timeout=2) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error:
-        return False
-    return True
-
-
-def active_backends(fleet: Fleet, name: str, marker: str) -> int:
-    """Statements containing ``marker`` still running on provider ``name``'s server."""
-    with psycopg.connect(fleet[name].direct_url, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-            "AND pid <> pg_backend_pid() AND position(%s in query) > 0",
-            (marker,),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-class StillBroken(AssertionError):
-    """The symptom of a bug these tests once found (a regression if raised)."""
-
-
-class HealthLog(Listener):
-    def __init__(self) -> None:
-        self.events: list[tuple[str, bool]] = []
-
-    def on_health_change(self, provider: str, healthy: bool, reason: str | None) -> None:
-        self.events.append((provider, healthy))
-
-
-# -- the load generator -----------------------------------------------------------
-
-
-@dataclass
-class Op:
-    kind: str  # "read" | "write"
-    id: int | None  # the write's unique id
-    outcome: str  # "ok" | "unknown" | "all_down" | "error"
-    seconds: float
-    provider: str | None  # who served it (ok) or who lost it (unknown)
-    started: float
-    error: BaseException | None = None
-
-
-class Load:
-    """Worker threads alternating reads and unique-id writes, every outcome recorded.
-
-    A write is ``INSERT ... RETURNING inet_server_port()``: its acknowledgement
-    says which provider applied it. Writes are never idempotent here, so the
-    library must never run one on two providers.
-    """
-
-    def __init__(self, db: DatabaseManager, fleet: Fleet, table: str, *,
-                 workers: int = 4, pace: float = 0.01) -> None:
-        self.db, self.fleet, self.table = db, fleet, table
-        self.pace = pace
-        self.ops: list[Op] = []
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._work, args=(i,), name=f"chaos-load-{i}", daemon=True)
-            for i in range(workers)
-        ]
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=CALL_BOUND + 10)
-        stuck = [t for t in self._threads if t.is_alive()]
-        frames = sys._current_frames()
-        stacks = "\n".join(
-            f"--- {t.name}:\n" + "".join(traceback.format_stack(frames[t.ident]))
-            for t in stuck if t.ident in frames)
-        assert not stuck, f"worker threads still blocked in a call:\n{stacks}"
-
-    def count(self) -> int:
-        return len(self.ops)
-
-    def settled_on_primary(self, n: int = 20) -> bool:
-        """The last ``n`` calls (at least) all succeeded on the primary."""
-        tail = self.ops[-n:]
-        return len(tail) == n and all(
-            o.outcome == "ok" and o.provider == "supabase" for o in tail)
-
-    def _next_id(self) -> int:
-        with self._lock:
-            return next(self._ids)
-
-    def _work(self, worker: int) -> None:
-        for n in itertools.count():
-            if self._stop.is_set():
-                return
-            if (n + worker) % 2:
-                self._write()
-            else:
-                self._read()
-            time.sleep(self.pace)
-
-    def _record(self, op: Op) -> None:
-        with self._lock:
-            self.ops.append(op)
-
-    def _read(self) -> None:
-        t0 = time.monotonic()
-        try:
-            (port,) = self.db.execute_query("SELECT inet_server_port()", fetch_mode="one")
-        except AllProvidersUnavailableError as exc:
-            self._record(Op("read", None, "all_down", time.monotonic() - t0, None, t0, exc))
-        except Exception as exc:  # noqa: BLE001 - any other error fails the test
-            self._record(Op("read", None, "error", time.monotonic() - t0, None, t0, exc))
-        else:
-            provider = provider_of(self.fleet, port)
-            self._record(Op("read", None, "ok", time.monotonic() - t0, provider, t0))
-
-    def _write(self) -> None:
-        wid = self._next_id()
-        t0 = time.monotonic()
-        try:
-            (port,) = self.db.execute_query(
-                f"INSERT INTO {self.table} (id, note) VALUES (%s, %s) "
-                "RETURNING inet_server_port()",
-                (wid, f"w{wid}"),
-                fetch_mode="one",
-            )
-        except OutcomeUnknownError as exc:
-            self._record(Op("write", wid, "unknown", time.monotonic() - t0, exc.provider, t0,
-                            exc))
-        except AllProvidersUnavailableError as exc:
-            self._record(Op("write", wid, "all_down", time.monotonic() - t0, None, t0, exc))
-        except Exception as exc:  # noqa: BLE001 - any other error fails the test
-            self._record(Op("write", wid, "error", time.monotonic() - t0, None, t0, exc))
-        else:
-            provider = provider_of(self.fleet, port)
-            self._record(Op("write", wid, "ok", time.monotonic() - t0, provider, t0))
-
-    # -- the checks ------------------------------------------------------------------
-
-    def assert_bounded(self, bound: float = CALL_BOUND) -> None:
-        assert_bounded(self.ops, bound)
-
-    def assert_only(self, reads: set[str], writes: set[str]) -> None:
-        assert_only(self.ops, reads, writes)
-
-    def assert_no_write_twice(self) -> dict[str, int]:
-        return assert_no_write_twice(self.fleet, self.table, self.ops)
-
-
-def assert_bounded(ops: list[Op], bound: float = CALL_BOUND) -> None:
-    slow = sorted((op for op in ops if op.seconds > bound), key=lambda o: -o.seconds)
-    assert not slow, (
-        f"{len(slow)} calls took longer than {bound:g}s, slowest: "
-        + ", ".join(f"{o.kind} {o.outcome} {o.seconds:.2f}s" for o in slow[:5])
-    )
-
-
-def assert_only(ops: list[Op], reads: set[str], writes: set[str]) -> None:
-    bad = [op for op in ops if op.outcome not in (reads if op.kind == "read" else writes)]
-    assert not bad, (
-        f"{len(bad)} unexpected outcomes, e.g.: "
-        + "; ".join(f"{o.kind} {o.outcome}: {o.error!r}" for o in bad[:5])
-    )
-
-
-def assert_no_write_twice(fleet: Fleet, table: str, ops: list[Op]) -> dict[str, int]:
-    """Every server's rows against the recorded outcomes (the fleet must be running).
-
-    Acknowledged: exactly once, on the provider that acknowledged it. Outcome
-    unknown: at most once, and only on the provider it was sent to. Refused
-    everywhere: nowhere. No row that no call wrote.
-    """
-    where: dict[int, list[str]] = collections.defaultdict(list)
-    for name in ORDER:
-        for wid in ids_on(fleet, name, table):
-            where[wid].append(name)
-    writes = {op.id: op for op in ops if op.kind == "write"}
-    twice = {wid: names for wid, names in where.items() if len(names) > 1}
-    assert not twice, f"writes applied on two providers: {twice}"
-    phantom = set(where) - set(writes)
-    assert not phantom, f"rows no recorded call wrote: {sorted(phantom)}"
-    for wid, op in writes.items():
-        found = where.get(wid, [])
-        if op.outcome == "ok":
-            assert found == [op.provider], (
-                f"acknowledged write {wid} by {op.provider} found on {found}")
-        elif op.outcome == "unknown":
-            assert found in ([], [op.provider]), (
-                f"unknown-outcome write {wid} sent to {op.provider} found on {found}")
-        else:
-            assert found == [], f"write {wid} that failed everywhere found on {found}"
-    return collections.Counter(op.outcome for op in writes.values())
-
-
-def summary(ops: list[Op]) -> str:
-    counts = collections.Counter((o.kind, o.outcome, o.provider) for o in ops)
-    worst = max((o.seconds for o in ops), default=0.0)
-    return f"{len(ops)} ops, slowest {worst:.2f}s: {dict(counts)}"
-
-
 # -- 1. flapping primary ------------------------------------------------------------
-
-
-def inject(fleet: Fleet, fault: str) -> None:
-    member = fleet["supabase"]
-    if fault == "hang":
-        member.server.hang()
-    else:
-        member.proxy.set_mode(fault)  # type: ignore[arg-type]
-
-
-def undo(fleet: Fleet, fault: str) -> None:
-    member = fleet["supabase"]
-    if fault == "hang":
-        member.server.resume()
-    else:
-        member.proxy.set_mode("pass")
 
 
 FLAPS = [
@@ -392,7 +153,7 @@ def test_slow_primary_is_not_failed_over(
     assert min(o.seconds for o in load.ops) >= 2 * SLOW - 0.02, summary(load.ops)
     load.assert_bounded(2 * SLOW * 3 + 2.0)
     load.assert_no_write_twice()
-    assert health.events == []  # never marked down
+    assert health.changes == []  # never marked down
     assert db.get_provider_stats()["supabase"]["healthy"] is True
 
 
@@ -409,41 +170,13 @@ def test_slow_primary_cold_probe_is_not_failed_over(
     (port,) = db.execute_query("SELECT inet_server_port() FROM pg_sleep(1.2)", fetch_mode="one")
     served[provider_of(healthy_fleet, port)] += 1
     served.update(served_by(db, healthy_fleet) for _ in range(5))
-    if set(served) != {"supabase"} or health.events:
+    if set(served) != {"supabase"} or health.changes:
         raise StillBroken(f"a slow primary was failed over: served {dict(served)}, health "
-                          f"{health.events}, {time.monotonic() - t0:.1f}s, "
+                          f"{health.changes}, {time.monotonic() - t0:.1f}s, "
                           f"{db.get_provider_stats()['supabase']['last_error']}")
 
 
 # -- 3. connection reset mid-query ---------------------------------------------------
-
-
-def run_in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        t0 = time.monotonic()
-        try:
-            out["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - inspected by the test
-            out["error"] = exc
-        out["seconds"] = time.monotonic() - t0
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, out
-
-
-def reset_while_running(fleet: Fleet, marker: str, fn: Callable[[], Any]) -> dict[str, Any]:
-    """Start ``fn`` (a statement tagged with ``marker``), reset the primary's link mid-way."""
-    thread, out = run_in_thread(fn)
-    wait_until(lambda: active_backends(fleet, "supabase", marker) > 0, timeout=10,
-               message="the statement running on the primary")
-    fleet["supabase"].proxy.set_mode("reset")
-    thread.join(timeout=CALL_BOUND + 5)
-    assert not thread.is_alive(), "the call hung after the reset"
-    fleet["supabase"].proxy.set_mode("pass")
-    return out
 
 
 def test_reset_mid_query_retries_reads_and_never_replays_writes(
@@ -556,7 +289,7 @@ def test_pool_exhaustion_is_bounded_and_moves_calls_on(
     served = collections.Counter(r[2] for r in results if r[0] == "ok")
     # 8 callers, 2 connections: the primary cannot hold them all within 1 s.
     assert set(served) - {"supabase"}, served
-    assert ("supabase", False) not in health.events
+    assert "supabase" not in health.downs()
     # And the primary takes the traffic back once the burst is over.
     wait_until(lambda: served_by(db, healthy_fleet) == "supabase", timeout=20,
                message="traffic back on the primary after the burst")
@@ -661,36 +394,6 @@ def test_hung_primary_inside_a_transaction_fails_the_block_in_time(
 # -- 7. one connection silenced while its server stays alive ----------------------
 
 
-def silence(fleet: Fleet, conn: psycopg.Connection[Any]) -> None:
-    """Drop every byte of ``conn``'s link to the primary from now on.
-
-    A NAT or firewall that forgot the connection: the server stays alive and
-    every other connection (the health monitor's, new pooled ones) works.
-    """
-    fleet["supabase"].proxy.blackhole_client(local_port(conn))
-
-
-def silence_pooled_connection(make_db: MakeDb, fleet: Fleet) -> DatabaseManager:
-    """A manager whose one pooled connection to the primary is silently dead."""
-    db = make_db(pool_min_size=1, pool_max_size=1)
-    db.health_check_all(max_age=0)  # the monitor connection is open, and stays fine
-    with db.transaction() as conn:  # the one pooled connection
-        assert conn.execute("SELECT inet_server_port()").fetchone() == (
-            fleet["supabase"].server.port,)
-        port = local_port(conn)
-    fleet["supabase"].proxy.blackhole_client(port)
-    return db
-
-
-def join_or_unblock(thread: threading.Thread, fleet: Fleet, timeout: float, symptom: str) -> None:
-    """Wait for the call in ``thread``; a call still blocked is freed, then reported."""
-    thread.join(timeout=timeout)
-    if thread.is_alive():
-        unblock(fleet)
-        thread.join(timeout=CALL_BOUND)
-        raise StillBroken(symptom)
-
-
 def test_silenced_connection_on_a_live_server_is_abandoned_and_the_read_moves_on(
     make_db: MakeDb, healthy_fleet: Fleet
 ) -> None:
@@ -785,53 +488,6 @@ def test_silenced_connection_inside_a_transaction_fails_the_block_in_time(
 
 
 # -- failback reconciliation caught by a silent fault --------------------------------
-
-
-class Reconciled(Listener):
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, int]] = []
-
-    def on_reconcile(self, primary: str, source: str, rows: int) -> None:
-        self.events.append((primary, source, rows))
-
-
-def lock_waiters(fleet: Fleet, name: str, table: str) -> int:
-    with psycopg.connect(fleet[name].direct_url, autocommit=True) as conn:
-        row = conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted "
-                           "AND relation = to_regclass(%s)", (table,)).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def diverge(db: DatabaseManager, fleet: Fleet, table: str) -> None:
-    """Take the primary down and acknowledge a write on a backup (failback has work)."""
-    db.register_table(table)
-    assert served_by(db, fleet) == "supabase"
-    fleet["supabase"].proxy.set_mode("refuse")
-    (port,) = db.execute_query(
-        f"INSERT INTO {table} (id, note) VALUES (1, 'outage') RETURNING inet_server_port()",
-        fetch_mode="one")
-    assert provider_of(fleet, port) == "railway"
-
-
-def blackhole_while_blocked(fleet: Fleet, table: str, locker: psycopg.Connection[Any]) -> None:
-    """Once the reconciliation waits on ``locker``'s lock, silence its link, then let it go.
-
-    The server completes the statement and answers into the blackhole: the
-    reconciliation's connection now waits for an answer that never comes, as
-    with a primary that dies silently (network partition, frozen VM) mid-way.
-    """
-    wait_until(lambda: lock_waiters(fleet, "supabase", table) > 0, timeout=15,
-               message="the failback reconciliation waiting on the primary")
-    fleet["supabase"].proxy.set_mode("blackhole")
-    locker.rollback()
-    fleet["supabase"].proxy.set_mode("pass")  # new connections work again
-
-
-def unblock(fleet: Fleet) -> None:
-    """Reset every link of the primary's proxy (frees a connection stuck in a blackhole)."""
-    fleet["supabase"].proxy.set_mode("reset")
-    fleet["supabase"].proxy.set_mode("pass")
 
 
 def test_primary_silent_during_failback_pass1_still_comes_back(
