@@ -24,12 +24,13 @@ from typing import Any
 import psycopg
 from conftest import MakeDb
 from defaults import ORDER
-from fleet import Fleet, local_port, wait_until
+from fleet import local_port, wait_until
 from observers import provider_of, served_by
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import AllProvidersUnavailableError, OutcomeUnknownError
+from agent_factory.testing.fleet import Fleet
 
 HANG_TIMEOUT = 1.0
 CONNECT_TIMEOUT = 2.0  # libpq's floor: a blackholed connect takes this long to fail

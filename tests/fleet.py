@@ -1,8 +1,7 @@
 """Test-only helpers around the fleet of `agent_factory.testing.fleet`.
 
 The fleet itself (``Fleet``, ``Member``, ``start_fleet``, ``PROVIDERS``) lives in the
-package, shared with the benchmarks, the demo and the examples; it is re-exported
-here for the test modules that still import it from ``fleet``.
+package, shared with the benchmarks, the demo and the examples; import it from there.
 """
 
 from __future__ import annotations
@@ -16,26 +15,9 @@ from typing import Any
 
 import psycopg
 
-from agent_factory.testing.fleet import (
-    PROVIDERS,
-    START_TIMEOUT,
-    Fleet,
-    Member,
-    can_connect,
-    start_fleet,
-)
+from agent_factory.testing.fleet import Member
 
-__all__ = [
-    "PROVIDERS",
-    "START_TIMEOUT",
-    "Fleet",
-    "Member",
-    "can_connect",
-    "local_port",
-    "read_only_server",
-    "start_fleet",
-    "wait_until",
-]
+__all__ = ["local_port", "read_only_server", "wait_until"]
 
 
 def local_port(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> int:

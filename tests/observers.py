@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
-from fleet import Fleet
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.engine.events import Listener
+from agent_factory.testing.fleet import Fleet
 
 
 def provider_of(fleet: Fleet, port: int) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 from defaults import FAST, ORDER
-from fleet import Fleet, local_port, wait_until
+from fleet import local_port, wait_until
 from observers import count_rows, served_by_async
 from psycopg import errors as pge
 
@@ -19,6 +19,7 @@ from agent_factory.errors import (
     ManagerClosedError,
     OutcomeUnknownError,
 )
+from agent_factory.testing.fleet import Fleet
 
 
 def manager(fleet: Fleet, **options: Any) -> AsyncDatabaseManager:

@@ -58,7 +58,7 @@ from chaos import (
 )
 from conftest import MakeDb
 from defaults import ORDER
-from fleet import Fleet, local_port, wait_until
+from fleet import local_port, wait_until
 from observers import HealthLog, Reconciled, provider_of, served_by
 
 from agent_factory.errors import (
@@ -67,6 +67,7 @@ from agent_factory.errors import (
     OutcomeUnknownError,
     ProviderError,
 )
+from agent_factory.testing.fleet import Fleet
 
 # -- 1. flapping primary ------------------------------------------------------------
 

@@ -22,10 +22,10 @@ from chaos import (
     summary,
     undo,
 )
-from fleet import Fleet
 from observers import Reconciled, provider_of, served_by_async
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
+from agent_factory.testing.fleet import Fleet
 
 
 def test_async_flapping_primary_bounded_no_double_write_and_recovery(

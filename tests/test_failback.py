@@ -13,12 +13,13 @@ import psycopg
 import pytest
 from databases import create_databases, drop_databases
 from defaults import ORDER
-from fleet import Fleet, wait_until
+from fleet import wait_until
 from observers import Reconciled
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import AllProvidersUnavailableError, OutcomeUnknownError
 from agent_factory.schema import apply_migrations
+from agent_factory.testing.fleet import Fleet
 
 # Not the shared FAST: checkout_timeout 10 s, the value these tests (and
 # test_rpo_bound, which imports this FAST) were written and run with;

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from conftest import MakeDb
 from defaults import FAST, ORDER
-from fleet import Fleet, wait_until
+from fleet import wait_until
 from observers import count_rows, served_by
 from psycopg import errors as pge
 
@@ -23,6 +23,7 @@ from agent_factory.errors import (
     OutcomeUnknownError,
     ProviderUnavailableError,
 )
+from agent_factory.testing.fleet import Fleet
 
 
 class Recorder(Listener):

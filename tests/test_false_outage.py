@@ -33,13 +33,14 @@ from typing import Any
 import psycopg
 import pytest
 from defaults import ORDER
-from fleet import Fleet, wait_until
+from fleet import wait_until
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.engine import async_provider, provider, watchdog
 from agent_factory.engine.events import Listener
 from agent_factory.testing.faultproxy import FaultProxy
+from agent_factory.testing.fleet import Fleet
 
 PRIMARY = ORDER[0]
 

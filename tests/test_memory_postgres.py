@@ -15,12 +15,12 @@ import psycopg
 import pytest
 from databases import create_databases, drop_databases
 from defaults import ORDER
-from fleet import Fleet
 
 import agent_factory
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import InvalidMemoryError, NoProvidersConfiguredError
 from agent_factory.memory import Message, MessageHistory, PostgresMemoryStorage, Session
+from agent_factory.testing.fleet import Fleet
 
 # Not the shared FAST: checkout_timeout 10 s, the value these tests were written
 # and run with.

@@ -25,12 +25,13 @@ from typing import Any, Protocol, TypeVar
 
 import psycopg
 import pytest
-from fleet import Fleet, wait_until
+from fleet import wait_until
 from observers import HealthLog, provider_of
 from pooler import SETTINGS, PgBouncer
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.testing.fleet import Fleet
 
 # Two providers, not the fleet's three: the primary behind the pooler and one
 # backup reached directly are all these tests need.

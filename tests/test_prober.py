@@ -12,9 +12,10 @@ from collections.abc import Callable
 
 import pytest
 from conftest import MakeDb
-from fleet import Fleet, wait_until
+from fleet import wait_until
 
 from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.testing.fleet import Fleet
 
 # Not the shared FAST: probes every 50 ms and recovery after 2 good ones, so
 # that the prober reaches the failback gate and the pool renewal quickly (and

@@ -12,13 +12,14 @@ import psycopg
 import pytest
 from conftest import MakeDb
 from defaults import FAST, ORDER
-from fleet import Fleet, read_only_server, wait_until
+from fleet import read_only_server, wait_until
 from observers import provider_of
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.engine.environment import settings_from_env
 from agent_factory.engine.settings import Settings
 from agent_factory.errors import AllProvidersUnavailableError, ConfigurationError
+from agent_factory.testing.fleet import Fleet
 
 
 def read_by(db: DatabaseManager, fleet: Fleet) -> str:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from fleet import Fleet, wait_until
+from fleet import wait_until
 from test_failback import FAST
 from test_failback_replication import replicated  # noqa: F401  (the fixture)
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import AllProvidersUnavailableError
+from agent_factory.testing.fleet import Fleet
 
 # Two providers, not three: a primary and the one backup it replicates to.
 ORDER = ["supabase", "railway"]

@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 from conftest import MakeDb
 from defaults import ORDER
-from fleet import Fleet, read_only_server, wait_until
+from fleet import read_only_server, wait_until
 from observers import provider_of
 from psycopg import errors as pge
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
+from agent_factory.testing.fleet import Fleet
 
 # Not the shared FAST: no checkout_timeout, so the library's 5 s default is kept
 # (BUSY shortens it further where a full pool is the point of the test).
