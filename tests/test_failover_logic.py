@@ -151,7 +151,7 @@ class Rig:
         failures: dict[str, str] = {}
         error = self.core.attempt_unavailable(
             self[name], Unavailable(f"{name} refused", sent=sent),
-            self.route(query, idempotent=idempotent), failures, None)
+            route=self.route(query, idempotent=idempotent), failures=failures, t0=None)
         return error, failures
 
     def failover_warnings(self, caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -307,8 +307,9 @@ def test_a_write_lost_after_sending_is_an_unknown_outcome(rig: Rig) -> None:
 def test_a_read_only_refusal_moves_on_without_marking_the_provider_down(rig: Rig) -> None:
     failures: dict[str, str] = {}
     refused = Unavailable("read-only", sent=False, down=False)
-    assert rig.core.attempt_unavailable(rig["a"], refused, rig.route(WRITE), failures, 0.0) \
-        is None
+    outcome = rig.core.attempt_unavailable(rig["a"], refused, route=rig.route(WRITE),
+                                           failures=failures, t0=0.0)
+    assert outcome is None
     assert rig["a"].health.breaker.up
     assert failures == {"a": "read-only"}
     assert rig.events.seen == [("query", "a", "unavailable")]
@@ -316,7 +317,7 @@ def test_a_read_only_refusal_moves_on_without_marking_the_provider_down(rig: Rig
 
 def test_a_sql_error_is_reported_and_changes_nothing(rig: Rig) -> None:
     error = ValueError("syntax error")
-    rig.core.attempt_error(rig["a"], error, 0.0)
+    rig.core.attempt_error(rig["a"], error, t0=0.0)
     assert rig.events.seen == [("query", "a", "sql_error"), ("sql_error", "a", error)]
     assert rig["a"].health.breaker.up and rig.core.serving is None
 

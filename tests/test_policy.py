@@ -290,8 +290,9 @@ def test_route_retries_by_the_same_rule_for_text_and_composed_queries(
 ) -> None:
     """`idempotent` wins, then `read_only`; without either a composed query is not retried."""
     core = _core()
-    text = core.route("SELECT 1", read_only, idempotent)
-    composed = core.route(sql.SQL("SELECT {}").format(1), read_only, idempotent)
+    text = core.route("SELECT 1", read_only=read_only, idempotent=idempotent)
+    composed = core.route(sql.SQL("SELECT {}").format(1), read_only=read_only,
+                          idempotent=idempotent)
     assert text.retry_after_send is may_retry("SELECT 1", read_only, idempotent)
     if idempotent is False:
         assert composed.write is text.write is True  # must not run twice: a write
@@ -311,29 +312,30 @@ def test_a_statement_declared_not_idempotent_is_routed_as_a_write(read_only: boo
     now = [100.0]
     core = _core(lambda: now[0], read_routing="round_robin", read_your_writes=5.0,
                  max_replication_lag=10.0)
-    route = core.route("SELECT my_insert_fn(%s)", read_only, False)
+    route = core.route("SELECT my_insert_fn(%s)", read_only=read_only, idempotent=False)
     assert route.write and not route.routed and not route.retry_after_send
     # max_replication_lag: the backup's lag is unknown, so it may not take it.
     assert [p.name for p in route.providers] == ["a"]
     core.providers["a"].health.breaker.up = False
-    assert core.route("SELECT my_insert_fn(%s)", read_only, False).providers == []
+    insert = "SELECT my_insert_fn(%s)"
+    assert core.route(insert, read_only=read_only, idempotent=False).providers == []
     # Written on the backup (once its lag is known): divergence and read-your-writes.
     core.providers["a"].health.replication["b"] = Lag(0, 0.5, 99.0)
     core.providers["a"].health.last_alive = 99.0
-    (backup,) = core.route("SELECT my_insert_fn(%s)", read_only, False).providers
-    core.succeeded(backup, core.epoch, {"a": "refused"}, write=True)
+    (backup,) = core.route(insert, read_only=read_only, idempotent=False).providers
+    core.succeeded(backup, epoch=core.epoch, failures={"a": "refused"}, write=True)
     assert "b" in core.diverged and core.last_write == 100.0
     core.providers["a"].health.breaker.up = True
-    assert not core.route("SELECT 1", True, None).routed  # reads stay on the primary a while
+    assert not core.route("SELECT 1", read_only=True).routed  # reads stay on the primary a while
     now[0] += 5.0
-    assert core.route("SELECT 1", True, None).routed
+    assert core.route("SELECT 1", read_only=True).routed
 
 
 def test_the_classifier_alone_routes_an_unknown_function_as_a_write() -> None:
     core = _core()
-    assert core.route("SELECT my_insert_fn(%s)", None, None).write
-    assert not core.route("SELECT lower(%s)", None, None).write
-    assert core.route("SELECT lower(%s)", None, False).write
+    assert core.route("SELECT my_insert_fn(%s)").write
+    assert not core.route("SELECT lower(%s)").write
+    assert core.route("SELECT lower(%s)", idempotent=False).write
 
 
 def _lagging(sample: Lag | None, primary_alive: float, **options: Any) -> Failover[Any]:
@@ -366,7 +368,7 @@ def test_writes_after_the_primary_died_obey_the_bounded_lag() -> None:
     fresh.providers["a"].health.breaker.up = False  # the primary died at ~101
     for later in (0.0, 60.0, 3600.0):  # however long the outage lasts
         now[0] = 101.0 + later
-        assert [p.name for p in fresh.route("INSERT INTO t VALUES (1)", None, None).providers] \
+        assert [p.name for p in fresh.route("INSERT INTO t VALUES (1)").providers] \
             == ["b"]
         assert fresh.describe(fresh.providers["b"])["replication_lag_s"] == 1.5
         assert fresh.describe(fresh.providers["b"])["stale"] is False
@@ -374,7 +376,7 @@ def test_writes_after_the_primary_died_obey_the_bounded_lag() -> None:
     wrote_on = _lagging(Lag(0, 0.5, measured_at=100.0), 105.0, clock=clock,
                         max_replication_lag=2.0)
     wrote_on.providers["a"].health.breaker.up = False
-    assert wrote_on.route("INSERT INTO t VALUES (1)", None, None).providers == []
+    assert wrote_on.route("INSERT INTO t VALUES (1)").providers == []
     stats = wrote_on.describe(wrote_on.providers["b"])
     assert stats["replication_lag_s"] == 5.5 and stats["stale"] is True
     error = wrote_on.all_failed({}, write=True)
@@ -383,4 +385,4 @@ def test_writes_after_the_primary_died_obey_the_bounded_lag() -> None:
     behind = _lagging(Lag(0, 3.0, measured_at=100.0), 100.0, clock=clock,
                       max_replication_lag=2.0)
     behind.providers["a"].health.breaker.up = False
-    assert behind.route("INSERT INTO t VALUES (1)", None, None).providers == []
+    assert behind.route("INSERT INTO t VALUES (1)").providers == []

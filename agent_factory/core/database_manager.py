@@ -101,10 +101,11 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         core = self._core
         if core.closed:
             raise ManagerClosedError(_CLOSED)
-        route = core.route(query, read_only, idempotent)
+        route = core.route(query, read_only=read_only, idempotent=idempotent)
         if route.write and core.track_writes:
             if core.enter_write():
-                route = core.route(query, read_only, idempotent)  # after a failback pause
+                # After a failback pause: the primary may be back.
+                route = core.route(query, read_only=read_only, idempotent=idempotent)
             try:
                 return self._run(route, query, params, fetch)
             finally:
@@ -123,16 +124,17 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
             try:
                 result = provider.run(query, params, fetch)
             except Unavailable as exc:
-                error = core.attempt_unavailable(provider, exc, route, failures, t0)
+                error = core.attempt_unavailable(provider, exc, route=route, failures=failures,
+                                                 t0=t0)
                 if error is not None:
                     raise error from exc.__cause__
                 continue
             except Exception as exc:
-                core.attempt_error(provider, exc, t0)
+                core.attempt_error(provider, exc, t0=t0)
                 raise
-            core.attempt_ok(provider, epoch, failures, route, t0)
+            core.attempt_ok(provider, epoch=epoch, failures=failures, route=route, t0=t0)
             return result
-        raise core.all_failed(failures, route.write)
+        raise core.all_failed(failures, write=route.write)
 
     def read(self, query: Any, params: Any = None, fetch_mode: FetchMode = "all") -> Any:
         """A read routed by the ``read_routing`` policy (``read_only=True``)."""
@@ -154,7 +156,7 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         if core.track_writes:
             core.enter_write()
         try:
-            with self._pinned(core.route("", False, False)) as conn:
+            with self._pinned(core.route("", read_only=False, idempotent=False)) as conn:
                 yield conn
         finally:
             if core.track_writes:
@@ -176,8 +178,8 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
                 continue
             break
         else:
-            raise core.all_failed(failures, True)
-        core.succeeded(provider, core.epoch, failures or None, True)
+            raise core.all_failed(failures, write=True)
+        core.succeeded(provider, epoch=core.epoch, failures=failures or None, write=True)
         health = provider.health
         # Each statement of the block is watched by the connection itself
         # (see provider._observed_class): the gaps between them are not calls.
@@ -187,7 +189,7 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
                 yield conn
                 phase = "commit"
         except psycopg.Error as exc:
-            error = core.transaction_error(provider, exc, phase, abandoned(conn))
+            error = core.transaction_error(provider, exc, phase=phase, hung=abandoned(conn))
             if error is None:
                 raise
             raise error from exc

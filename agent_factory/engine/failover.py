@@ -125,7 +125,9 @@ class Failover(Generic[P]):
 
     # -- routing -------------------------------------------------------------------
 
-    def route(self, query: object, read_only: bool | None, idempotent: bool | None) -> Route[P]:
+    def route(
+        self, query: object, *, read_only: bool | None = None, idempotent: bool | None = None
+    ) -> Route[P]:
         """Which providers to try, in order, for one statement.
 
         A statement is a read when ``read_only=True`` says so or, without it,
@@ -196,7 +198,7 @@ class Failover(Generic[P]):
 
     # -- outcomes --------------------------------------------------------------------
 
-    def succeeded(self, provider: P, epoch: int, failures: dict[str, str] | None,
+    def succeeded(self, provider: P, *, epoch: int, failures: dict[str, str] | None,
                   write: bool) -> None:
         if write:
             self.last_write = self._clock()
@@ -215,7 +217,7 @@ class Failover(Generic[P]):
     # -- one attempt, as both shells see it ---------------------------------------------
 
     def attempt_unavailable(
-        self, provider: P, exc: Unavailable, route: Route[P], failures: dict[str, str],
+        self, provider: P, exc: Unavailable, *, route: Route[P], failures: dict[str, str],
         t0: float | None,
     ) -> Exception | None:
         """A provider could not serve: the error to raise, or None to try the next one."""
@@ -228,22 +230,22 @@ class Failover(Generic[P]):
             self.events.query_done(provider.name, time.perf_counter() - t0, outcome)
         return OutcomeUnknownError(provider.name, exc.reason) if unknown else None
 
-    def attempt_error(self, provider: P, exc: BaseException, t0: float | None) -> None:
+    def attempt_error(self, provider: P, exc: BaseException, *, t0: float | None) -> None:
         """The statement failed with a SQL error (it propagates unchanged)."""
         if t0 is not None:
             self.events.query_done(provider.name, time.perf_counter() - t0, "sql_error")
         if self.events:
             self.events.query_error(provider.name, exc)
 
-    def attempt_ok(self, provider: P, epoch: int, failures: dict[str, str] | None,
+    def attempt_ok(self, provider: P, *, epoch: int, failures: dict[str, str] | None,
                    route: Route[P], t0: float | None) -> None:
         if t0 is not None:
             self.events.query_done(provider.name, time.perf_counter() - t0, "ok")
         if not route.routed:
-            self.succeeded(provider, epoch, failures, route.write)
+            self.succeeded(provider, epoch=epoch, failures=failures, write=route.write)
 
     def transaction_error(
-        self, provider: P, exc: psycopg.Error, phase: str, hung: bool
+        self, provider: P, exc: psycopg.Error, *, phase: str, hung: bool
     ) -> Exception | None:
         """Why a pinned transaction failed; None for a SQL error (re-raise it unchanged).
 
@@ -271,7 +273,7 @@ class Failover(Generic[P]):
             f"COMMIT ({reason}); nothing was committed",
         )
 
-    def all_failed(self, failures: dict[str, str] | None, write: bool) -> Exception:
+    def all_failed(self, failures: dict[str, str] | None, *, write: bool) -> Exception:
         if self.closed:
             return ManagerClosedError("DatabaseManager is closed; create a new one")
         reasons = dict(failures or {})
