@@ -18,7 +18,7 @@ import pytest
 
 from agent_factory.engine.events import Dispatcher, Listener
 from agent_factory.engine.failover import Failover, Route
-from agent_factory.engine.health import Lag
+from agent_factory.engine.lag import Lag
 from agent_factory.engine.policy import Breaker
 from agent_factory.engine.provider import Unavailable
 from agent_factory.engine.settings import Settings

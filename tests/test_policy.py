@@ -18,7 +18,7 @@ from psycopg_pool import PoolTimeout
 
 from agent_factory.engine.events import Dispatcher
 from agent_factory.engine.failover import Failover
-from agent_factory.engine.health import Lag
+from agent_factory.engine.lag import Lag
 from agent_factory.engine.policy import (
     MEMO_MAX_CHARS,
     Breaker,

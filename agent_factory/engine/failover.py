@@ -27,7 +27,8 @@ from ..errors import (
     ProviderUnavailableError,
 )
 from .events import Dispatcher
-from .health import Lag, ProviderHealth
+from .health import ProviderHealth
+from .lag import Lag
 from .policy import Kind, candidates, classify, is_read_only, order_reads, retry_rule
 from .provider import Unavailable, tag
 from .settings import Settings

@@ -12,21 +12,21 @@ server, and on request of the watchdog when a call waits long.
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import psycopg
 
+from .lag import Lag, LagMonitor
+from .latency import Latency
 from .policy import Breaker
 from .settings import ProviderSettings, Tuning
 from .stats import HealthStats
-from .walclock import WalClock
 from .watchdog import Watch, Watchdog, vouches
 
 logger = logging.getLogger("agent_factory.core.database_manager")
@@ -47,21 +47,6 @@ _PROBE = (
     "FROM pg_stat_activity WHERE pid = ANY(%s::int4[])), CASE WHEN pg_is_in_recovery() THEN NULL "
     "ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint END"
 )
-SUBSCRIPTION_PREFIX = "agent_factory_"
-
-
-class Lag(NamedTuple):
-    """A subscriber's replication lag, as its publisher saw it at ``measured_at``.
-
-    ``bytes``: how far its received (applied) position is behind the publisher's WAL;
-    ``seconds``: how old the publisher's WAL at that position is (see walclock).
-    """
-
-    bytes: int | None
-    seconds: float
-    measured_at: float
-
-
 class ProviderHealth:
     """Breaker, liveness and probes of one provider."""
 
@@ -91,12 +76,11 @@ class ProviderHealth:
         self.in_flight = 0
         self.waiting = 0
         self.errors = 0
-        self.latency_ewma: float | None = None
+        self.latency = Latency()
         #: The last failed pool connect: ends the waits that began before it,
         #: even while the breaker (threshold > 1) stays closed.
         self.connect_error: str | None = None
         self.connect_failed_at = -1.0
-        self._latencies: collections.deque[float] = collections.deque(maxlen=200)
         #: Called (by the prober) just before the breaker closes, so that the
         #: I/O shell can replace its pool before traffic returns.
         self.before_recovery: Callable[[], None] | None = None
@@ -104,11 +88,8 @@ class ProviderHealth:
         #: retry at the next probe); `after_recovery` always follows a True.
         self.gate_recovery: Callable[[str], bool] | None = None
         self.after_recovery: Callable[[str], None] | None = None
-        #: Replication lag of our subscribers, when this provider publishes,
-        #: and every subscriber ever seen (they reconnect a while after a restart).
-        self.replication: dict[str, Lag] = {}
-        self.subscribers: set[str] = set()
-        self._wal_clock = WalClock()
+        #: Replication lag of our subscribers, when this provider publishes.
+        self.lag = LagMonitor()
         self._watchdog = watchdog
         self._on_change = on_change
         self._clock = clock
@@ -130,6 +111,19 @@ class ProviderHealth:
             self._wake_prober(want_probe=True)
 
     # -- state seen by the data path --------------------------------------------
+
+    @property
+    def replication(self) -> dict[str, Lag]:
+        """Our subscribers' last lag, when this provider publishes (see `lag`)."""
+        return self.lag.replication
+
+    @property
+    def subscribers(self) -> set[str]:
+        return self.lag.subscribers
+
+    @property
+    def latency_ewma(self) -> float | None:
+        return self.latency.ewma
 
     @property
     def up(self) -> bool:
@@ -230,45 +224,11 @@ class ProviderHealth:
                 if self.tracks_backends:
                     _vouch(suspects, row[4] or [], sent, self._watchdog.clock())
         if row is not None and not row[0]:
-            self._read_replication(row[2] or [], row[5], now)
-        self._record_latency(now - t0)
+            self.lag.record(row[2] or [], row[5], now)
+        self.latency.record(now - t0)
         self._set_writable(row is not None and not row[0] and row[1] == "off")
         self._probe_passed(now - t0)
         return True
-
-    def _read_replication(
-        self, subscribers: list[list[Any]], position: int | None, now: float
-    ) -> None:
-        """Each subscriber's lag, read on the WAL clock at its received position.
-
-        A logical subscriber applies each change as it receives it, so its
-        ``write_lsn`` is what it has applied (a transaction it is stuck in
-        included, not committed). Not ``replay_lsn`` or ``replay_lag``: they
-        also wait for the subscriber's own asynchronous flush and its next
-        status message (up to ``wal_receiver_status_interval``, 10 s), so an
-        idle, caught-up subscriber would look seconds behind; and replay_lag
-        is NULL most of the time and keeps its last value while a subscriber
-        is stuck. One that has not reported a position yet has no known lag
-        (left out: writes to it count as stale).
-        """
-        clock = self._wal_clock
-        if position is not None:
-            clock.record(now, position)
-        lags = {}
-        for app, received in subscribers:
-            name = app.removeprefix(SUBSCRIPTION_PREFIX)
-            self.subscribers.add(name)
-            if received is None or position is None:
-                continue
-            seconds = clock.lag(received)
-            if seconds is not None:
-                lags[name] = Lag(max(0, position - received), seconds, now)
-        self.replication = lags
-
-    def _record_latency(self, seconds: float) -> None:
-        self._latencies.append(seconds)
-        ewma = self.latency_ewma
-        self.latency_ewma = seconds if ewma is None else 0.8 * ewma + 0.2 * seconds
 
     def _set_writable(self, writable: bool) -> None:
         if writable != self.writable:
@@ -374,8 +334,6 @@ class ProviderHealth:
 
     def stats(self) -> HealthStats:
         b = self.breaker
-        lat = sorted(self._latencies)
-        p99 = lat[min(len(lat) - 1, math.ceil(0.99 * len(lat)) - 1)] if lat else None
         return {
             "healthy": b.up,
             "breaker": b.state.value,
@@ -384,8 +342,8 @@ class ProviderHealth:
             "consecutive_failures": b.consecutive_failures,
             "errors": self.errors,
             "last_latency_ms": _ms(b.last_latency),
-            "latency_avg_ms": _ms(self.latency_ewma),
-            "latency_p99_ms": _ms(p99),
+            "latency_avg_ms": _ms(self.latency.ewma),
+            "latency_p99_ms": _ms(self.latency.p99()),
             "in_flight": self.in_flight,
             "pool_waiting": self.waiting,
             "weight": self.tuning.weight,
