@@ -48,6 +48,15 @@ def read_only_server(member: Member) -> Iterator[None]:
         with psycopg.connect(member.direct_url, autocommit=True) as conn:
             conn.execute(f"ALTER SYSTEM SET default_transaction_read_only = {value}")
             conn.execute("SELECT pg_reload_conf()")
+        # The reload is asynchronous: once a new session sees the value, the
+        # postmaster has reloaded and signalled the running sessions too.
+        wait_until(lambda: seen() == value, timeout=10,
+                   message=f"default_transaction_read_only = {value} in force")
+
+    def seen() -> str:
+        with psycopg.connect(member.direct_url, autocommit=True) as conn:
+            row = conn.execute("SHOW default_transaction_read_only").fetchone()
+        return "" if row is None else str(row[0])
 
     setting("on")
     try:
