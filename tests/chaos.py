@@ -5,7 +5,7 @@
 call as an `Op`; `assert_bounded`, `assert_only` and `assert_no_write_twice`
 hold the recorded outcomes against the deadlines and against every server's
 rows. The fault helpers inject faults into the primary ("supabase") and undo
-them. Used by tests/test_chaos.py and tests/test_chaos_async.py.
+them. Used by tests/core/test_chaos.py and tests/core/test_chaos_async.py.
 """
 
 from __future__ import annotations

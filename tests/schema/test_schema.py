@@ -25,7 +25,7 @@ from agent_factory.cli.schema_command import main
 from agent_factory.schema import apply_migrations, load_migrations, read_applied
 from agent_factory.testing.fleet import Fleet
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "deploy_multi_provider_schema.py"
 SHIPPED = ROOT / "agent_factory" / "schema" / "migrations"
 

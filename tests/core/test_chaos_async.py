@@ -1,6 +1,6 @@
 """Chaos tests for AsyncDatabaseManager: a mixed load of tasks while the primary flaps.
 
-The same assertions as tests/test_chaos.py (bounded latency, no write applied
+The same assertions as tests/core/test_chaos.py (bounded latency, no write applied
 twice, only documented errors, recovery), with the load made of asyncio tasks
 on one event loop (`AsyncLoad`, in the harness tests/chaos.py).
 """

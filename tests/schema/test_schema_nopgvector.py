@@ -16,7 +16,7 @@ from agent_factory.schema import apply_migrations
 from agent_factory.testing.embedded import EmbeddedPostgres, pgvector_available
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "deploy_multi_provider_schema.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "deploy_multi_provider_schema.py"
 
 
 @pytest.fixture(scope="module")
