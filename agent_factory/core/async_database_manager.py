@@ -11,31 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 import psycopg
 
 from ..engine.async_provider import AsyncFetch, AsyncProvider, async_fetcher
-from ..engine.events import Listener
 from ..engine.failover import Route
 from ..engine.health import HealthCallback
 from ..engine.provider import FetchMode, Unavailable, abandoned
 from ..engine.settings import Settings
 from ..engine.watchdog import Watchdog
 from ..errors import ManagerClosedError
-from .base import BaseManager, resolve_settings
+from .base import BaseManager
 
 __all__ = ["AsyncDatabaseManager"]
-
-
-def _make_provider(
-    name: str, settings: Settings, watchdog: Watchdog, on_change: HealthCallback
-) -> AsyncProvider:
-    return AsyncProvider(name, settings=settings, watchdog=watchdog, on_health_change=on_change)
 
 
 _CLOSED = "AsyncDatabaseManager is closed; create a new one"
@@ -46,23 +38,14 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
 
     _kind = "AsyncDatabaseManager"
 
-    def __init__(
-        self,
-        providers: Mapping[str, Any] | None = None,
-        *,
-        order: list[str] | tuple[str, ...] | None = None,
-        primary: str | None = None,
-        failover_enabled: bool | None = None,
-        settings: Settings | None = None,
-        listeners: tuple[Listener, ...] | list[Listener] = (),
-        dotenv: str | Path | None = ".env",
-        **options: Any,
-    ) -> None:
-        settings = resolve_settings(
-            providers, order, primary, failover_enabled, settings, dotenv, options
-        )
-        super().__init__(settings, listeners, _make_provider)
-        self._opened = False
+    #: The pools are opened by `open()` (or the first call, or ``async with``).
+    _opened = False
+
+    def _new_provider(
+        self, name: str, settings: Settings, watchdog: Watchdog, on_change: HealthCallback
+    ) -> AsyncProvider:
+        return AsyncProvider(name, settings=settings, watchdog=watchdog,
+                             on_health_change=on_change)
 
     async def open(self) -> None:
         """Open the pools (they connect in the background)."""

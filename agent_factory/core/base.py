@@ -8,7 +8,7 @@ only the calls that wait on a database.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Generic
 
@@ -20,8 +20,6 @@ from ..engine.health import HealthCallback
 from ..engine.settings import Settings
 from ..engine.stats import ProviderStats
 from ..engine.watchdog import Watchdog
-
-ProviderFactory = Callable[[str, Settings, Watchdog, HealthCallback], P]
 
 
 def resolve_settings(
@@ -55,8 +53,21 @@ class BaseManager(Generic[P]):
 
     _kind = "DatabaseManager"
 
-    def __init__(self, settings: Settings, listeners: tuple[Listener, ...] | list[Listener],
-                 make_provider: ProviderFactory[P]) -> None:
+    def __init__(
+        self,
+        providers: Mapping[str, Any] | None = None,
+        *,
+        order: list[str] | tuple[str, ...] | None = None,
+        primary: str | None = None,
+        failover_enabled: bool | None = None,
+        settings: Settings | None = None,
+        listeners: tuple[Listener, ...] | list[Listener] = (),
+        dotenv: str | Path | None = ".env",
+        **options: Any,
+    ) -> None:
+        settings = resolve_settings(
+            providers, order, primary, failover_enabled, settings, dotenv, options
+        )
         self._events = Dispatcher(listeners)
         self._watchdog = Watchdog(probe_after=settings.hang_timeout / 4)
         self.providers: dict[str, P] = {}
@@ -64,7 +75,7 @@ class BaseManager(Generic[P]):
         self._failback: Failback | None = None
         # Pools start connecting (and may report failures) from here on.
         for name in settings.providers:
-            self.providers[name] = make_provider(
+            self.providers[name] = self._new_provider(
                 name, settings, self._watchdog, self._on_health_change
             )
         self._core.replan()
@@ -77,6 +88,12 @@ class BaseManager(Generic[P]):
         for provider in self.providers.values():
             provider.health.gate_recovery = self._failback.before_return
             provider.health.after_recovery = self._failback.after_return
+
+    def _new_provider(
+        self, name: str, settings: Settings, watchdog: Watchdog, on_change: HealthCallback
+    ) -> P:
+        """One provider of this manager's kind (the shells say which)."""
+        raise NotImplementedError
 
     # -- configuration ---------------------------------------------------------------
 

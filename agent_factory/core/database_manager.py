@@ -15,33 +15,22 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 import psycopg
 
-from ..engine.events import Listener
 from ..engine.failover import Route
 from ..engine.health import HealthCallback
 from ..engine.provider import DatabaseProvider, Fetch, FetchMode, Unavailable, abandoned, fetcher
 from ..engine.settings import Settings
 from ..engine.watchdog import Watchdog
 from ..errors import ManagerClosedError
-from .base import BaseManager, resolve_settings
+from .base import BaseManager
 
-__all__ = ["DatabaseManager", "DatabaseProvider", "FetchMode", "resolve_settings"]
-
-
-def _make_provider(
-    name: str, settings: Settings, watchdog: Watchdog, on_change: HealthCallback
-) -> DatabaseProvider:
-    return DatabaseProvider(
-        name, settings.providers[name], settings=settings, watchdog=watchdog,
-        on_health_change=on_change,
-    )
+__all__ = ["DatabaseManager", "DatabaseProvider", "FetchMode"]
 
 
 _CLOSED = "DatabaseManager is closed; create a new one"
@@ -58,22 +47,13 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
     use it as a context manager.
     """
 
-    def __init__(
-        self,
-        providers: Mapping[str, Any] | None = None,
-        *,
-        order: list[str] | tuple[str, ...] | None = None,
-        primary: str | None = None,
-        failover_enabled: bool | None = None,
-        settings: Settings | None = None,
-        listeners: tuple[Listener, ...] | list[Listener] = (),
-        dotenv: str | Path | None = ".env",
-        **options: Any,
-    ) -> None:
-        settings = resolve_settings(
-            providers, order, primary, failover_enabled, settings, dotenv, options
+    def _new_provider(
+        self, name: str, settings: Settings, watchdog: Watchdog, on_change: HealthCallback
+    ) -> DatabaseProvider:
+        return DatabaseProvider(
+            name, settings.providers[name], settings=settings, watchdog=watchdog,
+            on_health_change=on_change,
         )
-        super().__init__(settings, listeners, _make_provider)
 
     # -- queries ---------------------------------------------------------------------
 
