@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
         run([str(PY), "-m", "mypy"])
         run([str(PY), "-m", "pytest", *rest])
     else:
-        run([str(PY), "bench/run.py", *rest])
+        run([str(PY), "-m", "bench", *rest])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Continuity benchmarks: no acknowledged write lost; replication lag; reconciliation.
 
-    python bench/run.py --suite continuity     # full run, updates bench/RESULTS.md (~1 min)
-    python bench/continuity.py [--quick]       # prints the tables only
+    python -m bench --suite continuity     # full run, updates bench/RESULTS.md (~1 min)
+    python -m bench.continuity [--quick]     # prints the tables only
 
 Three embedded servers (supabase = primary, railway, neon) with the schema
 deployed (`apply_migrations`, embedding_dim=8) and logical replication from
@@ -41,31 +41,24 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for _entry in (str(HERE), str(ROOT)):
-    if _entry not in sys.path:
-        sys.path.insert(0, _entry)
+import psycopg
 
-import psycopg  # noqa: E402
-from resilience import fleet, server_version  # noqa: E402
-
-from agent_factory.continuity.reconcile import reconcile  # noqa: E402
-from agent_factory.continuity.replication import (  # noqa: E402
+from agent_factory.continuity.reconcile import reconcile
+from agent_factory.continuity.replication import (
     replication_status,
     setup_replication,
     subscription_name,
     teardown_replication,
 )
-from agent_factory.core.database_manager import DatabaseManager  # noqa: E402
-from agent_factory.engine.events import Listener  # noqa: E402
-from agent_factory.engine.settings import Settings  # noqa: E402
-from agent_factory.errors import OutcomeUnknownError  # noqa: E402
-from agent_factory.schema.migrations import apply_migrations  # noqa: E402
-from agent_factory.testing.fleet import PROVIDERS, Fleet  # noqa: E402
+from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.engine.events import Listener
+from agent_factory.engine.settings import Settings
+from agent_factory.errors import OutcomeUnknownError
+from agent_factory.schema.migrations import apply_migrations
+from agent_factory.testing.fleet import PROVIDERS, Fleet
+from bench.resilience import fleet, server_version
 
 PRIMARY, BACKUPS = PROVIDERS[0], PROVIDERS[1:]
 INSERT = (

@@ -1,7 +1,7 @@
 """Memory storage benchmarks on one embedded PostgreSQL server over loopback.
 
-    python bench/memory.py            # ~1 min
-    python bench/memory.py --quick    # fewer saves, 2,000 atoms
+    python -m bench.memory            # ~1 min
+    python -m bench.memory --quick    # fewer saves, 2,000 atoms
 
 * **save**: `PostgresMemoryStorage.save_session` of a 20-message session
   through `DatabaseManager`, one thread: saves/s and latency, for new
@@ -31,20 +31,17 @@ from typing import Any
 
 import psycopg
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from agent_factory.core.database_manager import DatabaseManager  # noqa: E402
-from agent_factory.memory import (  # noqa: E402
+from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.memory import (
     AtomMatch,
     KnowledgeAtom,
     KnowledgeStore,
     PostgresMemoryStorage,
     Session,
 )
-from agent_factory.testing.embedded import EmbeddedPostgres  # noqa: E402
+from agent_factory.testing.embedded import EmbeddedPostgres
 
+ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "agent_factory" / "schema" / "migrations"
 SCHEMA_FILES = ("0001_extensions.sql", "0002_session_memories.sql", "0003_knowledge_atoms.sql")
 DIM = 1536

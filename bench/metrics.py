@@ -1,6 +1,6 @@
 """Per-query cost of the Prometheus metrics listener.
 
-    python bench/metrics.py [--rounds 21] [--queries 2000]
+    python -m bench.metrics [--rounds 21] [--queries 2000]
 
 One embedded PostgreSQL server, one `DatabaseManager` (pool of 1, so every
 round uses the same connection), ``execute_query("SELECT 1")`` in rounds
@@ -17,11 +17,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 TARGET = 0.05
 

@@ -1,7 +1,7 @@
 """Resilience benchmarks: open-breaker skip cost, ``nearest`` read routing, async overhead.
 
-    python bench/run.py --suite resilience     # full run, updates bench/RESULTS.md (~1 min)
-    python bench/resilience.py [--quick]       # prints the tables only
+    python -m bench --suite resilience     # full run, updates bench/RESULTS.md (~1 min)
+    python -m bench.resilience [--quick]     # prints the tables only
 
 1. **Skipping an open breaker.** Three embedded servers. The primary
    (supabase) is killed and stays dead; the manager marks it down and, with
@@ -37,22 +37,15 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for _entry in (str(HERE), str(ROOT)):
-    if _entry not in sys.path:
-        sys.path.insert(0, _entry)
+import psycopg
+from psycopg_pool import AsyncConnectionPool
 
-import psycopg  # noqa: E402
-from psycopg_pool import AsyncConnectionPool  # noqa: E402
-
-from agent_factory.core.async_database_manager import AsyncDatabaseManager  # noqa: E402
-from agent_factory.core.database_manager import DatabaseManager  # noqa: E402
-from agent_factory.testing.faultproxy import FaultProxy  # noqa: E402
-from agent_factory.testing.fleet import PROVIDERS, Fleet, start_fleet  # noqa: E402
+from agent_factory.core.async_database_manager import AsyncDatabaseManager
+from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.testing.faultproxy import FaultProxy
+from agent_factory.testing.fleet import PROVIDERS, Fleet, start_fleet
 
 SKIP_TARGET_US = 50.0
 ASYNC_TARGET = 1.10

@@ -1,19 +1,20 @@
 """Benchmarks: per-query overhead and failover windows of the DatabaseManager, and more.
 
-    python bench/run.py            # the core suite, updates bench/RESULTS.md (~3 min)
-    python bench/run.py --quick    # fewer rounds, short outages, < 60 s; prints only
-    python bench/run.py --suite resilience   # open-breaker skip, nearest routing, async
-    python bench/run.py --suite continuity   # acknowledged writes, replication lag, reconcile
-    python bench/run.py --suite memory       # bench/memory.py (saves, vector search)
-    python bench/run.py --suite metrics      # bench/metrics.py (metrics listener cost)
-    python bench/run.py --suite all          # all of them, one after the other (~6 min)
+    python -m bench            # the core suite, updates bench/RESULTS.md (~3 min)
+    python -m bench --quick    # fewer rounds, short outages, < 60 s; prints only
+    python -m bench --suite resilience   # open-breaker skip, nearest routing, async
+    python -m bench --suite continuity   # acknowledged writes, replication lag, reconcile
+    python -m bench --suite memory       # bench/memory.py (saves, vector search)
+    python -m bench --suite metrics      # bench/metrics.py (metrics listener cost)
+    python -m bench --suite all          # all of them, one after the other (~6 min)
     python3 dev.py bench [--quick] [--suite ...]
 
 Each suite replaces only its own part of bench/RESULTS.md: the core suite the
 title and the sections before the first delimited one, every other suite its
 section between ``<!-- suite:NAME -->`` and ``<!-- /suite:NAME -->``.
 
-Needs the embedded PostgreSQL binaries (``pip install 'agent-factory[embedded]'``).
+Run it from the repository root (``bench`` is a package). Needs the embedded
+PostgreSQL binaries (``pip install 'agent-factory[embedded]'``).
 Progress goes to stderr, the Markdown tables to stdout. ``--out FILE`` writes
 the report elsewhere (or, with --quick, at all); ``--log FILE`` keeps every
 log record of the run.
@@ -36,9 +37,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for entry in (str(HERE), str(ROOT)):
-    if entry not in sys.path:
-        sys.path.insert(0, entry)
 
 OVERHEAD_TARGET = 1.10
 HANG_SLACK = 0.5
@@ -95,7 +93,7 @@ class Context:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--suite",
         choices=("all", *SUITES),
@@ -189,12 +187,11 @@ def update_report(path: Path, suite: str, text: str) -> None:
 def run_core(ctx: Context) -> str | None:
     """The per-query overhead and the failover windows (the original benchmark)."""
     args = ctx.args
-    import failover
-    import overhead
     import psycopg
 
     from agent_factory.errors import EmbeddedPostgresError
     from agent_factory.testing.embedded import EmbeddedPostgres
+    from bench import failover, overhead
 
     mark = ctx.mark()
     quick = args.quick
@@ -305,18 +302,18 @@ def _notes(problems: list[str]) -> str:
 
 
 def _command(ctx: Context, suite: str) -> str:
-    return f"python bench/run.py --suite {suite}" + (" --quick" if ctx.args.quick else "")
+    return f"python -m bench --suite {suite}" + (" --quick" if ctx.args.quick else "")
 
 
 def run_resilience(ctx: Context) -> str | None:
-    import resilience
-
     from agent_factory.errors import EmbeddedPostgresError
 
     mark = ctx.mark()
     when = dt.datetime.now(dt.timezone.utc)
     t0 = time.monotonic()
     try:
+        from bench import resilience
+
         res = resilience.run(ctx.args.quick, progress)
     except EmbeddedPostgresError as exc:
         print(f"cannot run the benchmark: {exc}", file=sys.stderr)
@@ -327,14 +324,14 @@ def run_resilience(ctx: Context) -> str | None:
 
 
 def run_continuity(ctx: Context) -> str | None:
-    import continuity
-
     from agent_factory.errors import EmbeddedPostgresError
 
     mark = ctx.mark()
     when = dt.datetime.now(dt.timezone.utc)
     t0 = time.monotonic()
     try:
+        from bench import continuity
+
         res = continuity.run(ctx.args.quick, progress)
     except EmbeddedPostgresError as exc:
         print(f"cannot run the benchmark: {exc}", file=sys.stderr)
@@ -350,7 +347,7 @@ def _run_script(ctx: Context, suite: str, title: str, script: str, extra: list[s
 
     when = dt.datetime.now(dt.timezone.utc)
     t0 = time.monotonic()
-    cmd = [sys.executable, str(HERE / script), *extra]
+    cmd = [sys.executable, "-m", f"bench.{script}", *extra]
     progress(f"{suite}: running {script} {' '.join(extra)}".rstrip())
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -364,7 +361,7 @@ def _run_script(ctx: Context, suite: str, title: str, script: str, extra: list[s
     header = suite_header(ctx, when, time.monotonic() - t0, _pg_version(),
                           _command(ctx, suite))
     header[-1] = header[-1].rstrip(".") + (
-        f", which runs `python bench/{script}{' ' if extra else ''}{' '.join(extra)}`; "
+        f", which runs `python -m bench.{script}{' ' if extra else ''}{' '.join(extra)}`; "
         f"{status}{meaning.get(status, '')}."
     )
     return "\n".join([f"## {title}", "", *header, "", "```text", body, "```", ""])
@@ -372,14 +369,14 @@ def _run_script(ctx: Context, suite: str, title: str, script: str, extra: list[s
 
 def run_memory(ctx: Context) -> str | None:
     extra = ["--quick"] if ctx.args.quick else []
-    return _run_script(ctx, "memory", "Memory storage: saves and vector search", "memory.py",
+    return _run_script(ctx, "memory", "Memory storage: saves and vector search", "memory",
                        extra)
 
 
 def run_metrics(ctx: Context) -> str | None:
     extra = ["--rounds", "7", "--queries", "1000"] if ctx.args.quick else []
     return _run_script(ctx, "metrics", "Prometheus metrics listener: per-query cost",
-                       "metrics.py", extra)
+                       "metrics", extra)
 
 
 def _revision() -> str:
@@ -441,7 +438,7 @@ def render(
     revision: str,
     problems: list[str],
 ) -> str:
-    import overhead
+    from bench import overhead
 
     lines: list[str] = []
     add = lines.append
@@ -452,7 +449,7 @@ def render(
     add("- Machine: 2 shared cores (other work ran at the same time), loopback (127.0.0.1).")
     add(f"- Software: {versions}.")
     add(f"- Code: commit {revision}.")
-    add("- Command: `python bench/run.py" + (" --quick" if quick else "") + "`.")
+    add("- Command: `python -m bench" + (" --quick" if quick else "") + "`.")
     add("")
     if ov is not None:
         add("## Per-query overhead")
@@ -701,7 +698,7 @@ def _restore(outcomes: list[Any], fault: str) -> str:
 
 
 def _targets(ov: Any, outcomes: list[Any], cfg: Any) -> str:
-    import failover
+    from bench import failover
 
     rows = ["| target | result | met |", "|---|---|---|"]
 
@@ -742,6 +739,3 @@ def _targets(ov: Any, outcomes: list[Any], cfg: Any) -> str:
         )
     return "\n".join(rows)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
