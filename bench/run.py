@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.report import row, signed, targets
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -423,6 +425,145 @@ def _sec(v: float | None, observed: float | None = None) -> str:
     return f"{v:.2f} s"
 
 
+_HEADER = """\
+# Benchmark results
+
+- Date: {when:%Y-%m-%d %H:%M} UTC, {mode}, {elapsed:.0f} s in all.
+- Machine: 2 shared cores (other work ran at the same time), loopback (127.0.0.1).
+- Software: {versions}.
+- Code: commit {revision}.
+- Command: `python -m bench{quick}`.
+"""
+
+_OVERHEAD_INTRO = (
+    "`SELECT 1` on one embedded server, same process, pools of {ov.pool_size} "
+    "connections (min = max = {ov.pool_size}) for every client. {ov.warmup} warm-up "
+    "queries per client, then {ov.rounds} rounds of {ov.queries} queries per client, "
+    "interleaved (the order rotates every round). With 4 threads the same number "
+    "of queries is shared by 4 threads and the time is wall time / queries. The "
+    "manager has one provider and `hang_timeout=2.0`."
+)
+
+_OVERHEAD_TABLE = """\
+| client | threads | median µs/query | fastest–slowest round | CPU µs/query | \
+context switches/query | vs plain autocommit (ratio of medians) | per-round ratio, median |
+|---|---:|---:|---:|---:|---:|---:|---:|"""
+
+_OVERHEAD_TERMS = """\
+- *manager*: `DatabaseManager.execute_query("SELECT 1")`.
+- *manager, watchdog never woken (diagnostic)*: the same on a second manager \
+whose watchdog holds one watch parked far in the future, so that starting a \
+call can never wake the watchdog thread. Not a configuration anyone runs: \
+it shows how much of the overhead such wake-ups cost.
+- *plain-autocommit*: `ConnectionPool(url, kwargs={"autocommit": True})`, \
+`with pool.connection() as c: c.execute("SELECT 1").fetchall()` — the like-for-like peer.
+- *plain-autocommit, identical twin pool (A/A)*: a second pool configured \
+exactly like plain-autocommit. Its distance from 1.00× is the noise floor \
+of this machine: differences of that size mean nothing.
+- *plain-default*: the same without autocommit: psycopg sends BEGIN, the \
+statement, and the pool's context manager COMMIT (three round trips).
+- *median µs/query*: median over rounds of (round time / queries in the round).
+- *CPU µs/query*: median over rounds of the process CPU time (user + system, \
+all threads of the benchmark process, so the manager's watchdog thread counts) \
+per query; the server's CPU is not included.
+- *context switches/query*: voluntary + involuntary context switches of the \
+benchmark process (all threads, `getrusage`) per query, median over rounds.
+- *per-round ratio*: manager (or plain-default) / plain-autocommit within the \
+same round, which cancels slow drifts of the shared machine.
+
+### Reading the numbers
+
+Wall-clock times on this machine move by ±20 % and more between runs (other \
+work on the same 2 cores, see the fastest–slowest column); process CPU time \
+and context switches per query are steadier and show where the difference \
+comes from:
+"""
+
+_READING = (
+    "- {t} thread(s): compared with the plain autocommit pool, the manager "
+    "uses {m_cpu} µs CPU and {m_sw} context switches per query; with the watchdog "
+    "never woken, {k_cpu} µs and {k_sw}; the identical twin pool (A/A), {a_cpu} µs "
+    "and {a_sw}."
+)
+
+_WATCHDOG_NOTE = """\
+- The diagnostic row isolates the cost of waking the watchdog thread when a \
+call starts. Up to commit 043467a `Watchdog.watch()` notified the thread \
+whenever its set of watches went from empty to one, i.e. on every query of a \
+single caller (+25 to +30 µs CPU and +2 to +3.5 context switches per query in \
+earlier runs); since then the thread wakes by itself every 0.1 s and \
+a call never wakes it, so the two manager rows should match.
+"""
+
+_LAYERS_INTRO = """\
+### Python-level costs (CPU µs per call, no network I/O)
+
+Best of 5 `timeit` runs of 20000 calls, watchdog parked (no thread woken); \
+the dispatch row replaces `provider.run` by a no-op.
+
+| piece | CPU µs/call |
+|---|---:|"""
+
+_SAME_INTRO = """\
+### Same pool, same server backend (diagnostic)
+
+The plain-pool idiom and the manager on one pool of one connection (the \
+manager's own), so both use the very same socket and server backend and the \
+pool-to-pool noise drops out. Single thread, 30 interleaved rounds of 1000 \
+queries; ratios and differences are per round, then the median.
+
+| path | median µs/query | vs plain idiom | CPU µs/query | CPU vs plain idiom |
+|---|---:|---:|---:|---:|"""
+
+_FAILOVER_INTRO = """\
+## Failover windows
+
+Three embedded servers: supabase (primary), railway, neon. \
+{c.readers} reader threads, each {c.rate:g} reads/s on a monotonic \
+clock schedule (a late reader catches up, no read is skipped), each read is \
+`SELECT inet_server_port()` so the port tells which server answered. \
+{c.before:g} s of normal reads, then the fault on the primary: *crash* = \
+SIGKILL to the postmaster and every backend, restarted (crash recovery) \
+{c.outage:g} s later; *hang* = SIGSTOP to all of them, SIGCONT \
+{c.hang_outage:g} s later. Then {c.after:g} s more of reads. All \
+servers are restarted between scenarios.
+
+- DatabaseManager: `hang_timeout={c.hang_timeout:g}`, \
+`connect_timeout={c.connect_timeout}`, pool {c.pool_min}–\
+{c.pool_max} per provider, other settings at their defaults \
+(probe_interval 0.5 s, recovery_probes 2, checkout_timeout 5 s).
+- libpq multi-host pool: `ConnectionPool("host=127.0.0.1,127.0.0.1,127.0.0.1 \
+port=p1,p2,p3 ... connect_timeout={c.connect_timeout} \
+target_session_attrs=any load_balance_hosts=disable", \
+min_size={c.pool_min}, max_size={c.pool_max}, \
+kwargs={{"autocommit": True}})`, otherwise defaults.
+
+| client | fault | reads | failed reads | fault → first read on a backup | \
+longest read during the fault | on time (≤ 1 s late) | primary restored → first read on it |
+|---|---|---:|---:|---:|---:|---:|---:|"""
+
+_FAILOVER_TERMS = """\
+- *reads*: reads completed by all reader threads in the whole scenario.
+- *failed reads*: reads that raised an exception (whole scenario).
+- *fault → first read on a backup*: from the signal to the end of the first \
+read answered by railway or neon; `never` = every read waited for the primary.
+- *longest read during the fault*: the slowest single read that was running at \
+any time between the signal and the primary being back.
+- *on time*: of the reads scheduled between the signal and the primary being \
+back, the share that succeeded at most 1 s after their scheduled time.
+- *primary restored → first read on it*: from the restart (server accepting \
+logins again) or SIGCONT to the end of the first read, started after that \
+moment, answered by the primary.
+
+Restart after the crash took {crash}; SIGCONT took {hang}.
+"""
+
+_NO_NOTES = (
+    "- No correctness problem seen: every scenario ended with all providers healthy "
+    "and the primary serving; no thread died, no error was logged."
+)
+
+
 def render(
     *,
     when: dt.datetime,
@@ -438,256 +579,88 @@ def render(
     revision: str,
     problems: list[str],
 ) -> str:
-    from bench import overhead
-
-    lines: list[str] = []
-    add = lines.append
+    """The core suite's report: the title, its sections, its notes."""
     mode = "quick run (`--quick`)" if quick else "full run"
-    add("# Benchmark results")
-    add("")
-    add(f"- Date: {when:%Y-%m-%d %H:%M} UTC, {mode}, {elapsed:.0f} s in all.")
-    add("- Machine: 2 shared cores (other work ran at the same time), loopback (127.0.0.1).")
-    add(f"- Software: {versions}.")
-    add(f"- Code: commit {revision}.")
-    add("- Command: `python -m bench" + (" --quick" if quick else "") + "`.")
-    add("")
+    lines = [_HEADER.format(when=when, mode=mode, elapsed=elapsed, versions=versions,
+                            revision=revision, quick=" --quick" if quick else "")]
     if ov is not None:
-        add("## Per-query overhead")
-        add("")
-        add(
-            f"`SELECT 1` on one embedded server, same process, pools of {ov.pool_size} "
-            f"connections (min = max = {ov.pool_size}) for every client. {ov.warmup} warm-up "
-            f"queries per client, then {ov.rounds} rounds of {ov.queries} queries per client, "
-            "interleaved (the order rotates every round). With 4 threads the same number "
-            "of queries is shared by 4 threads and the time is wall time / queries. The "
-            "manager has one provider and `hang_timeout=2.0`."
-        )
-        add("")
-        add(
-            "| client | threads | median µs/query | fastest–slowest round | CPU µs/query | "
-            "context switches/query | vs plain autocommit (ratio of medians) | "
-            "per-round ratio, median |"
-        )
-        add("|---|---:|---:|---:|---:|---:|---:|---:|")
-        threads_seen = sorted({t for (_, t) in ov.series})
-        for t in threads_seen:
-            base = ov.series[(overhead.PLAIN_AC, t)].median
-            for v in overhead.VARIANTS:
-                s = ov.series[(v, t)]
-                paired = "—"
-                if v != overhead.PLAIN_AC:
-                    paired = f"{statistics.median(ov.paired_ratios(t, v)):.2f}×"
-                add(
-                    f"| {v} | {t} | {s.median:.1f} | {min(s.samples):.0f}–{max(s.samples):.0f} "
-                    f"| {s.cpu_median:.1f} | {s.switches_median:.2f} | {s.median / base:.2f}× "
-                    f"| {paired} |"
-                )
-        add("")
-        add('- *manager*: `DatabaseManager.execute_query("SELECT 1")`.')
-        add(
-            "- *manager, watchdog never woken (diagnostic)*: the same on a second manager "
-            "whose watchdog holds one watch parked far in the future, so that starting a "
-            "call can never wake the watchdog thread. Not a configuration anyone runs: "
-            "it shows how much of the overhead such wake-ups cost."
-        )
-        add(
-            '- *plain-autocommit*: `ConnectionPool(url, kwargs={"autocommit": True})`, '
-            '`with pool.connection() as c: c.execute("SELECT 1").fetchall()` — the '
-            "like-for-like peer."
-        )
-        add(
-            "- *plain-autocommit, identical twin pool (A/A)*: a second pool configured "
-            "exactly like plain-autocommit. Its distance from 1.00× is the noise floor "
-            "of this machine: differences of that size mean nothing."
-        )
-        add(
-            "- *plain-default*: the same without autocommit: psycopg sends BEGIN, the "
-            "statement, and the pool's context manager COMMIT (three round trips)."
-        )
-        add("- *median µs/query*: median over rounds of (round time / queries in the round).")
-        add(
-            "- *CPU µs/query*: median over rounds of the process CPU time (user + system, "
-            "all threads of the benchmark process, so the manager's watchdog thread counts) "
-            "per query; the server's CPU is not included."
-        )
-        add(
-            "- *context switches/query*: voluntary + involuntary context switches of the "
-            "benchmark process (all threads, `getrusage`) per query, median over rounds."
-        )
-        add(
-            "- *per-round ratio*: manager (or plain-default) / plain-autocommit within the "
-            "same round, which cancels slow drifts of the shared machine."
-        )
-        add("")
-        add("### Reading the numbers")
-        add("")
-        add(
-            "Wall-clock times on this machine move by ±20 % and more between runs (other "
-            "work on the same 2 cores, see the fastest–slowest column); process CPU time "
-            "and context switches per query are steadier and show where the difference "
-            "comes from:"
-        )
-        add("")
-        for t in threads_seen:
-            m = ov.series[(overhead.MANAGER, t)]
-            k = ov.series[(overhead.PARKED, t)]
-            p = ov.series[(overhead.PLAIN_AC, t)]
-            a = ov.series[(overhead.TWIN, t)]
-            add(
-                f"- {t} thread(s): compared with the plain autocommit pool, the manager "
-                f"uses {_d(m.cpu_median - p.cpu_median, 0)} µs CPU and "
-                f"{_d(m.switches_median - p.switches_median, 2)} context switches per "
-                f"query; with the watchdog never woken, {_d(k.cpu_median - p.cpu_median, 0)}"
-                f" µs and {_d(k.switches_median - p.switches_median, 2)}; the identical twin "
-                f"pool (A/A), {_d(a.cpu_median - p.cpu_median, 0)} µs and "
-                f"{_d(a.switches_median - p.switches_median, 2)}."
-            )
-        add(
-            "- The diagnostic row isolates the cost of waking the watchdog thread when a "
-            "call starts. Up to commit 043467a `Watchdog.watch()` notified the thread "
-            "whenever its set of watches went from empty to one, i.e. on every query of a "
-            "single caller (+25 to +30 µs CPU and +2 to +3.5 context switches per query in "
-            "earlier runs); since then the thread wakes by itself every 0.1 s and "
-            "a call never wakes it, so the two manager rows should match."
-        )
-        add("")
+        lines += _overhead_section(ov)
         if layers:
-            add("### Python-level costs (CPU µs per call, no network I/O)")
-            add("")
-            add(
-                "Best of 5 `timeit` runs of 20000 calls, watchdog parked (no thread woken); "
-                "the dispatch row replaces `provider.run` by a no-op."
-            )
-            add("")
-            add("| piece | CPU µs/call |")
-            add("|---|---:|")
-            for name, v in layers.items():
-                add(f"| {name} | {v:.2f} |")
-            added = sum(v for name, v in layers.items() if name.startswith("manager"))
-            plain = sum(v for name, v in layers.items() if name.startswith("plain"))
-            add("")
-            add(
-                f"Net Python-level cost of the manager: {added:.1f} − {plain:.1f} = "
-                f"{added - plain:+.1f} µs CPU per query."
-            )
-            add("")
+            lines += _layers_section(layers)
     if same:
-        add("### Same pool, same server backend (diagnostic)")
-        add("")
-        add(
-            "The plain-pool idiom and the manager on one pool of one connection (the "
-            "manager's own), so both use the very same socket and server backend and the "
-            "pool-to-pool noise drops out. Single thread, 30 interleaved rounds of 1000 "
-            "queries; ratios and differences are per round, then the median."
-        )
-        add("")
-        add("| path | median µs/query | vs plain idiom | CPU µs/query | CPU vs plain idiom |")
-        add("|---|---:|---:|---:|---:|")
-        for r in same:
-            add(
-                f"| {r.name} | {r.wall:.1f} | {r.ratio:.2f}× | {r.cpu:.1f} | "
-                f"{_d(r.cpu_diff, 1)} µs |"
-            )
-        add("")
+        lines += _same_section(same)
     if outcomes:
-        add("## Failover windows")
-        add("")
-        add(
-            "Three embedded servers: supabase (primary), railway, neon. "
-            f"{fo_cfg.readers} reader threads, each {fo_cfg.rate:g} reads/s on a monotonic "
-            "clock schedule (a late reader catches up, no read is skipped), each read is "
-            "`SELECT inet_server_port()` so the port tells which server answered. "
-            f"{fo_cfg.before:g} s of normal reads, then the fault on the primary: *crash* = "
-            f"SIGKILL to the postmaster and every backend, restarted (crash recovery) "
-            f"{fo_cfg.outage:g} s later; *hang* = SIGSTOP to all of them, SIGCONT "
-            f"{fo_cfg.hang_outage:g} s later. Then {fo_cfg.after:g} s more of reads. All "
-            "servers are restarted between scenarios."
-        )
-        add("")
-        add(
-            f"- DatabaseManager: `hang_timeout={fo_cfg.hang_timeout:g}`, "
-            f"`connect_timeout={fo_cfg.connect_timeout}`, pool {fo_cfg.pool_min}–"
-            f"{fo_cfg.pool_max} per provider, other settings at their defaults "
-            "(probe_interval 0.5 s, recovery_probes 2, checkout_timeout 5 s)."
-        )
-        add(
-            '- libpq multi-host pool: `ConnectionPool("host=127.0.0.1,127.0.0.1,127.0.0.1 '
-            f"port=p1,p2,p3 ... connect_timeout={fo_cfg.connect_timeout} "
-            'target_session_attrs=any load_balance_hosts=disable", '
-            f"min_size={fo_cfg.pool_min}, max_size={fo_cfg.pool_max}, "
-            'kwargs={"autocommit": True})`, otherwise defaults.'
-        )
-        add("")
-        add(
-            "| client | fault | reads | failed reads | fault → first read on a backup | "
-            "longest read during the fault | on time (≤ 1 s late) | "
-            "primary restored → first read on it |"
-        )
-        add("|---|---|---:|---:|---:|---:|---:|---:|")
-        for o in outcomes:
-            back = _sec(o.back_to_primary, o.observed_after)
-            if o.first_backup is None and o.back_to_primary is not None:
-                back += " (never left)"
-            add(
-                f"| {o.client} | {o.fault} | {o.reads} | {o.failed} | {_sec(o.first_backup)} "
-                f"| {o.max_latency * 1e3:.0f} ms | {o.on_time:.1f}% | {back} |"
-            )
-        add("")
-        add("- *reads*: reads completed by all reader threads in the whole scenario.")
-        add("- *failed reads*: reads that raised an exception (whole scenario).")
-        add(
-            "- *fault → first read on a backup*: from the signal to the end of the first "
-            "read answered by railway or neon; `never` = every read waited for the primary."
-        )
-        add(
-            "- *longest read during the fault*: the slowest single read that was running at "
-            "any time between the signal and the primary being back."
-        )
-        add(
-            "- *on time*: of the reads scheduled between the signal and the primary being "
-            "back, the share that succeeded at most 1 s after their scheduled time."
-        )
-        add(
-            "- *primary restored → first read on it*: from the restart (server accepting "
-            "logins again) or SIGCONT to the end of the first read, started after that "
-            "moment, answered by the primary."
-        )
-        add("")
-        add(
-            f"Restart after the crash took {_restore(outcomes, 'crash')}; SIGCONT took "
-            f"{_restore(outcomes, 'hang')}."
-        )
-        add("")
-        errs = [(o, e, n) for o in outcomes for e, n in o.errors.items()]
-        if errs:
-            add("Errors seen by the readers:")
-            add("")
-            for o, e, n in errs:
-                add(f"- {o.client}, {o.fault}: {n} × `{e}`")
-            add("")
-        add("### Targets")
-        add("")
-        add(_targets(ov, outcomes, fo_cfg))
-        add("")
+        lines += _failover_section(outcomes, fo_cfg)
+        lines += ["### Targets", "", _targets(ov, outcomes, fo_cfg), ""]
     notes = [f"{o.client}, {o.fault}: {n}" for o in outcomes for n in o.notes]
     notes.extend(dict.fromkeys(problems))
-    add("## Notes")
-    add("")
-    if notes:
-        add("\n".join(f"- {n}" for n in notes))
-    else:
-        add(
-            "- No correctness problem seen: every scenario ended with all providers healthy "
-            "and the primary serving; no thread died, no error was logged."
-        )
-    add("")
+    lines += ["## Notes", "", "\n".join(f"- {n}" for n in notes) if notes else _NO_NOTES, ""]
     return "\n".join(lines)
 
 
-def _d(value: float, digits: int) -> str:
-    """A signed difference, without a "-0" for values that round to zero."""
-    text = f"{value:+.{digits}f}"
-    return text.replace("-", "+") if float(text) == 0 else text
+def _overhead_section(ov: Any) -> list[str]:
+    from bench import overhead
+
+    lines = ["## Per-query overhead", "", _OVERHEAD_INTRO.format(ov=ov), "", _OVERHEAD_TABLE]
+    threads_seen = sorted({t for (_, t) in ov.series})
+    for t in threads_seen:
+        base = ov.series[(overhead.PLAIN_AC, t)].median
+        for v in overhead.VARIANTS:
+            s = ov.series[(v, t)]
+            paired = "—"
+            if v != overhead.PLAIN_AC:
+                paired = f"{statistics.median(ov.paired_ratios(t, v)):.2f}×"
+            lines.append(row(v, t, f"{s.median:.1f}",
+                             f"{min(s.samples):.0f}–{max(s.samples):.0f}",
+                             f"{s.cpu_median:.1f}", f"{s.switches_median:.2f}",
+                             f"{s.median / base:.2f}×", paired))
+    lines += ["", _OVERHEAD_TERMS]
+    for t in threads_seen:
+        p = ov.series[(overhead.PLAIN_AC, t)]
+        diffs = {}
+        for key, v in (("m", overhead.MANAGER), ("k", overhead.PARKED), ("a", overhead.TWIN)):
+            s = ov.series[(v, t)]
+            diffs[f"{key}_cpu"] = signed(s.cpu_median - p.cpu_median, 0)
+            diffs[f"{key}_sw"] = signed(s.switches_median - p.switches_median, 2)
+        lines.append(_READING.format(t=t, **diffs))
+    return lines + [_WATCHDOG_NOTE]
+
+
+def _layers_section(layers: dict[str, float]) -> list[str]:
+    added = sum(v for name, v in layers.items() if name.startswith("manager"))
+    plain = sum(v for name, v in layers.items() if name.startswith("plain"))
+    return [
+        _LAYERS_INTRO,
+        *(f"| {name} | {v:.2f} |" for name, v in layers.items()),
+        "",
+        f"Net Python-level cost of the manager: {added:.1f} − {plain:.1f} = "
+        f"{added - plain:+.1f} µs CPU per query.",
+        "",
+    ]
+
+
+def _same_section(same: list[Any]) -> list[str]:
+    rows = [row(r.name, f"{r.wall:.1f}", f"{r.ratio:.2f}×", f"{r.cpu:.1f}",
+                f"{signed(r.cpu_diff, 1)} µs") for r in same]
+    return [_SAME_INTRO, *rows, ""]
+
+
+def _failover_section(outcomes: list[Any], cfg: Any) -> list[str]:
+    lines = [_FAILOVER_INTRO.format(c=cfg)]
+    for o in outcomes:
+        back = _sec(o.back_to_primary, o.observed_after)
+        if o.first_backup is None and o.back_to_primary is not None:
+            back += " (never left)"
+        lines.append(row(o.client, o.fault, o.reads, o.failed, _sec(o.first_backup),
+                         f"{o.max_latency * 1e3:.0f} ms", f"{o.on_time:.1f}%", back))
+    lines += ["", _FAILOVER_TERMS.format(crash=_restore(outcomes, "crash"),
+                                         hang=_restore(outcomes, "hang"))]
+    errs = [(o, e, n) for o in outcomes for e, n in o.errors.items()]
+    if errs:
+        lines += ["Errors seen by the readers:", ""]
+        lines += [f"- {o.client}, {o.fault}: {n} × `{e}`" for o, e, n in errs]
+        lines.append("")
+    return lines
 
 
 def _restore(outcomes: list[Any], fault: str) -> str:
@@ -700,42 +673,34 @@ def _restore(outcomes: list[Any], fault: str) -> str:
 def _targets(ov: Any, outcomes: list[Any], cfg: Any) -> str:
     from bench import failover
 
-    rows = ["| target | result | met |", "|---|---|---|"]
-
-    def row(target: str, result: str, ok: bool) -> None:
-        rows.append(f"| {target} | {result} | {'yes' if ok else '**no**'} |")
-
+    rows: list[tuple[str, str, bool]] = []
     if ov is not None:
         for t in sorted({t for (_, t) in ov.series}):
             r = ov.ratio(t)
             paired = statistics.median(ov.paired_ratios(t))
-            row(
+            rows.append((
                 f"overhead ≤ {OVERHEAD_TARGET:.2f}× plain autocommit pool ({t} thread(s))",
                 f"{r:.2f}× (per-round median {paired:.2f}×)",
                 r <= OVERHEAD_TARGET,
-            )
+            ))
     for o in outcomes:
         if o.client != failover.MANAGER:
             continue
+        fb, b = o.first_backup, o.back_to_primary
         if o.fault == "crash":
-            row("crash: zero failed reads", f"{o.failed}", o.failed == 0)
-            fb = o.first_backup
-            row(
-                "crash: first backup-served read within 1 s", _sec(fb), fb is not None and fb <= 1.0
-            )
+            rows.append(("crash: zero failed reads", f"{o.failed}", o.failed == 0))
+            rows.append(("crash: first backup-served read within 1 s", _sec(fb),
+                         fb is not None and fb <= 1.0))
         else:
             limit = cfg.hang_timeout + HANG_SLACK
-            fb = o.first_backup
-            row(
+            rows.append((
                 f"hang: backup-served read within hang_timeout + {HANG_SLACK:g} s = {limit:g} s",
                 _sec(fb),
                 fb is not None and fb <= limit,
-            )
-        b = o.back_to_primary
-        row(
+            ))
+        rows.append((
             f"{o.fault}: back on the primary within {RETURN_TARGET:g} s of it being healthy",
             _sec(b, o.observed_after),
             b is not None and b <= RETURN_TARGET,
-        )
-    return "\n".join(rows)
-
+        ))
+    return "\n".join(targets(rows))
