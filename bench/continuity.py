@@ -58,6 +58,7 @@ from agent_factory.engine.settings import Settings
 from agent_factory.errors import OutcomeUnknownError
 from agent_factory.schema.migrations import apply_migrations
 from agent_factory.testing.fleet import PROVIDERS, Fleet
+from bench.report import yes
 from bench.resilience import fleet, server_version
 
 PRIMARY, BACKUPS = PROVIDERS[0], PROVIDERS[1:]
@@ -668,12 +669,8 @@ def _replication(f: Fleet) -> Iterator[None]:
 # -- Markdown ---------------------------------------------------------------------------
 
 
-def _yes(ok: bool) -> str:
-    return "yes" if ok else "**no**"
-
 
 def render(res: ContinuityResult, header: list[str]) -> str:
-    cfg = res.config
     lines: list[str] = []
     add = lines.append
     add("## Continuity: acknowledged writes, replication lag, reconciliation")
@@ -690,6 +687,17 @@ def render(res: ContinuityResult, header: list[str]) -> str:
         + ", failback reconciliation on (the default), other settings at their defaults."
     )
     add("")
+    lines += _faults_section(res)
+    lines += _lag_section(res.lag)
+    lines += _recon_section(res.recon)
+    lines += _targets_section(res)
+    return "\n".join(lines)
+
+
+def _faults_section(res: ContinuityResult) -> list[str]:
+    lines: list[str] = []
+    add = lines.append
+    cfg = res.config
     add("### Acknowledged writes across crash → failover → restore → failback")
     add("")
     add(
@@ -749,7 +757,12 @@ def render(res: ContinuityResult, header: list[str]) -> str:
         "write reported as failed must not exist) and the backups."
     )
     add("")
-    lag = res.lag
+    return lines
+
+
+def _lag_section(lag: LagResult) -> list[str]:
+    lines: list[str] = []
+    add = lines.append
     add("### Replication lag under a steady write load")
     add("")
     span = lag.seconds + 0.5
@@ -786,7 +799,12 @@ def render(res: ContinuityResult, header: list[str]) -> str:
         "up to one poll interval plus one query round trip of measurement error."
     )
     add("")
-    rc = res.recon
+    return lines
+
+
+def _recon_section(rc: ReconcileResult) -> list[str]:
+    lines: list[str] = []
+    add = lines.append
     add("### Reconciliation of rows written on a backup during an outage")
     add("")
     add(
@@ -804,6 +822,13 @@ def render(res: ContinuityResult, header: list[str]) -> str:
     add("")
     add(f"Rows of the outage on the primary afterwards: {rc.on_primary} of {rc.rows}.")
     add("")
+    return lines
+
+
+def _targets_section(res: ContinuityResult) -> list[str]:
+    lines: list[str] = []
+    add = lines.append
+    cfg, lag, rc = res.config, res.lag, res.recon
     add("### Targets")
     add("")
     add("| target | result | met |")
@@ -812,25 +837,25 @@ def render(res: ContinuityResult, header: list[str]) -> str:
         ok = o.lost == LOST_TARGET and o.acked >= cfg.min_acked and o.failed_on_primary == 0
         add(f"| {o.fault}: 0 acknowledged writes lost out of ≥ {cfg.min_acked} | {o.lost} lost "
             f"of {o.acked} ({o.unknown} unknown outcome, {o.failed_on_primary} refused "
-            f"writes present) | {_yes(ok)} |")
+            f"writes present) | {yes(ok)} |")
     for o in res.faults:
         missing = sum(o.missing_on_backups.values())
         add(f"| {o.fault} (extra check): every acknowledged write on every backup | "
             + ", ".join(f"{o.missing_on_backups.get(b, '?')} missing on {b}" for b in BACKUPS)
-            + f" | {_yes(missing == 0)} |")
+            + f" | {yes(missing == 0)} |")
     for b in BACKUPS:
         p99 = _q(lag.end_to_end[b], 0.99)
         ok = bool(lag.end_to_end[b]) and p99 < LAG_P99_TARGET and lag.unseen[b] == 0
         add(f"| replication lag p99 < {LAG_P99_TARGET:g} s ({b}, end to end) | {_sec(p99)} | "
-            f"{_yes(ok)} |")
+            f"{yes(ok)} |")
     first, second = rc.runs
     ok = first.seconds < RECONCILE_TARGET and first.copied == rc.rows
     add(f"| reconcile {rc.rows} rows < {RECONCILE_TARGET:g} s | {first.seconds:.2f} s, "
-        f"{first.copied} copied | {_yes(ok)} |")
+        f"{first.copied} copied | {yes(ok)} |")
     add(f"| second reconcile copies 0 rows | {second.copied} copied in {second.seconds:.2f} s | "
-        f"{_yes(second.copied == 0)} |")
+        f"{yes(second.copied == 0)} |")
     add("")
-    return "\n".join(lines)
+    return lines
 
 
 def _bytes(v: float) -> str:

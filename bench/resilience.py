@@ -46,6 +46,7 @@ from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.testing.faultproxy import FaultProxy
 from agent_factory.testing.fleet import PROVIDERS, Fleet, start_fleet
+from bench.report import signed, yes
 
 SKIP_TARGET_US = 50.0
 ASYNC_TARGET = 1.10
@@ -528,17 +529,10 @@ def run(quick: bool = False, progress: Progress = _stderr) -> ResilienceResult:
 # -- Markdown -----------------------------------------------------------------------
 
 
-def _yes(ok: bool) -> str:
-    return "yes" if ok else "**no**"
-
 
 def _ms(v: float | None) -> str:
     return "—" if v is None else f"{v:.1f}"
 
-
-def _d(value: float, digits: int = 1) -> str:
-    text = f"{value:+.{digits}f}"
-    return text.replace("-", "+") if float(text) == 0 else text
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -553,7 +547,16 @@ def render(res: ResilienceResult, header: list[str]) -> str:
     add("")
     lines.extend(header)
     add("")
-    s = res.skip
+    lines += _skip_section(res.skip)
+    lines += _nearest_section(res)
+    lines += _async_section(res.asyncr)
+    lines += _targets_section(res)
+    return "\n".join(lines)
+
+
+def _skip_section(s: SkipResult) -> list[str]:
+    lines: list[str] = []
+    add = lines.append
     add("### Cost of skipping an open breaker")
     add("")
     add(
@@ -577,8 +580,8 @@ def render(res: ResilienceResult, header: list[str]) -> str:
     base = s.series[DIRECT]
     for v in SKIP_VARIANTS:
         x = s.series[v]
-        delta = "—" if v == DIRECT else f"{_d(statistics.median(paired(x, base)))} µs"
-        dcpu = "—" if v == DIRECT else f"{_d(statistics.median(paired(x, base, cpu=True)))} µs"
+        delta = "—" if v == DIRECT else f"{signed(statistics.median(paired(x, base)))} µs"
+        dcpu = "—" if v == DIRECT else f"{signed(statistics.median(paired(x, base, cpu=True)))} µs"
         add(f"| {v} | {s.served_by.get(v, '?')} | {x.median:.1f} | {min(x.samples):.0f}–"
             f"{max(x.samples):.0f} | {x.cpu_median:.1f} | {delta} | {dcpu} |")
     add("")
@@ -586,14 +589,20 @@ def render(res: ResilienceResult, header: list[str]) -> str:
     same_cpu = s.extra_us(SWITCH, cpu=True)
     twin = statistics.median(paired(s.series[TWIN], base))
     add(
-        f"Extra cost of the skip: **{_d(s.extra_us())} µs** per query against the second "
-        f"manager ({_d(s.extra_us(cpu=True))} µs CPU); against the same manager and pool "
-        f"{_d(same)} µs ({_d(same_cpu)} µs CPU). The A/A twin differs from the second "
-        f"manager by {_d(twin)} µs: differences of that size are noise. The open breaker is "
+        f"Extra cost of the skip: **{signed(s.extra_us())} µs** per query against the second "
+        f"manager ({signed(s.extra_us(cpu=True))} µs CPU); against the same manager and pool "
+        f"{signed(same)} µs ({signed(same_cpu)} µs CPU). The A/A twin differs from the second "
+        f"manager by {signed(twin)} µs: differences of that size are noise. The open breaker is "
         "checked when the route is built: skipping it costs no connection attempt and no "
         "network round trip."
     )
     add("")
+    return lines
+
+
+def _nearest_section(res: ResilienceResult) -> list[str]:
+    lines: list[str] = []
+    add = lines.append
     n = res.nearest
     add("### `nearest` read routing")
     add("")
@@ -640,7 +649,12 @@ def render(res: ResilienceResult, header: list[str]) -> str:
             "the same proxy (1.0: a probe costs one round trip)."
         )
         add("")
-    a = res.asyncr
+    return lines
+
+
+def _async_section(a: AsyncResult) -> list[str]:
+    lines: list[str] = []
+    add = lines.append
     add("### Async overhead")
     add("")
     add(
@@ -670,31 +684,40 @@ def render(res: ResilienceResult, header: list[str]) -> str:
     for t in a.tasks:
         m, p, w = (a.series[(v, t)] for v in ASYNC_VARIANTS)
         add(
-            f"- {t} task(s): the manager uses {_d(statistics.median(paired(m, p, cpu=True)))} µs "
+            f"- {t} task(s): the manager uses "
+            f"{signed(statistics.median(paired(m, p, cpu=True)))} µs "
             f"CPU per query more than the plain pool (per-round median); the twin pool "
-            f"{_d(statistics.median(paired(w, p, cpu=True)))} µs."
+            f"{signed(statistics.median(paired(w, p, cpu=True)))} µs."
         )
     add("")
+    return lines
+
+
+def _targets_section(res: ResilienceResult) -> list[str]:
+    lines: list[str] = []
+    add = lines.append
+    s, n, a = res.skip, res.nearest, res.asyncr
+    same = s.extra_us(SWITCH)
     add("### Targets")
     add("")
     add("| target | result | met |")
     add("|---|---|---|")
     extra = s.extra_us()
     add(f"| skipping an open breaker costs < {SKIP_TARGET_US:g} µs per query | "
-        f"{_d(extra)} µs (same pool: {_d(same)} µs) | "
-        f"{_yes(extra < SKIP_TARGET_US and same < SKIP_TARGET_US)} |")
+        f"{signed(extra)} µs (same pool: {signed(same)} µs) | "
+        f"{yes(extra < SKIP_TARGET_US and same < SKIP_TARGET_US)} |")
     nearest_name = min(NEAREST_ONE_WAY_MS, key=lambda k: NEAREST_ONE_WAY_MS[k])
     share = n.nearest.share(nearest_name)
     add(f"| `nearest` reads go to the lowest-latency provider ({nearest_name}, "
         f"{NEAREST_ONE_WAY_MS[nearest_name]:g} ms) | {100 * share:.1f}% of "
-        f"{n.nearest.reads} reads | {_yes(share == 1.0)} |")
+        f"{n.nearest.reads} reads | {yes(share == 1.0)} |")
     for t in a.tasks:
         ratio, per_round = a.ratio(t), a.paired_ratio(t)
         add(f"| async overhead ≤ {ASYNC_TARGET:.2f}× plain pool ({t} task(s)) | {ratio:.2f}× "
             f"(per-round median {per_round:.2f}×; A/A twin {a.ratio(t, ATWIN):.2f}×) | "
-            f"{_yes(ratio <= ASYNC_TARGET)} |")
+            f"{yes(ratio <= ASYNC_TARGET)} |")
     add("")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
