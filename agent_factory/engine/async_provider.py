@@ -25,15 +25,15 @@ from .provider import (
     FIRST_SLICE,
     MAX_SLICE,
     Unavailable,
+    WatchedCalls,
     abandoned,
     check_wait,
     is_dead,
     translate,
-    watched,
 )
 from .settings import Settings
 from .stats import ShellStats, pool_stats
-from .watchdog import Watchdog, tcp_progress
+from .watchdog import Watchdog
 
 _ROWS = pq.ExecStatus.TUPLES_OK
 AsyncFetch = Callable[[psycopg.AsyncCursor[Any]], Awaitable[Any]]
@@ -216,7 +216,6 @@ def _observed_async_class(
     """
     ref = weakref.ref(provider)
     watchdog = provider._watchdog
-    clock = watchdog.clock
 
     def report(exc: BaseException | None) -> None:
         p = ref()
@@ -227,13 +226,7 @@ def _observed_async_class(
         else:
             p.health.connect_failed(exc)
 
-    class ObservedAsyncConnection(psycopg.AsyncConnection[Any]):
-        #: Set once the watchdog shut this connection's socket.
-        abandoned = False
-        #: Its socket has TCP counters (the watchdog reads its progress there);
-        #: otherwise each wait is wrapped to see it. Known at the first call.
-        counted: bool | None = None
-
+    class ObservedAsyncConnection(WatchedCalls, psycopg.AsyncConnection[Any]):
         @classmethod
         async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
             try:
@@ -248,16 +241,10 @@ def _observed_async_class(
             p = ref()
             if p is None:
                 return await super().wait(gen, *args, **kwargs)
-            w = watchdog.watch_call(self.pgconn, p.health)
-            if self.counted is None:
-                self.counted = tcp_progress(self.pgconn.socket) is not None
+            w, gen = self.begin_call(gen, p.health, watchdog)
             try:
-                if not self.counted:
-                    gen = watched(gen, w, clock)
                 return await super().wait(gen, *args, **kwargs)
             finally:
-                watchdog.unwatch(w)
-                if w.fired:
-                    self.abandoned = True
+                self.end_call(w, watchdog)
 
     return ObservedAsyncConnection

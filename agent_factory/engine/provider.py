@@ -340,6 +340,36 @@ def watched(gen: PQGen[RV], w: Watch, clock: Callable[[], float]) -> PQGen[RV]:
         return ex.value  # type: ignore[no-any-return]
 
 
+class WatchedCalls:
+    """What both pool connection classes add: each call under the watchdog.
+
+    A mixin for `psycopg.Connection` and `psycopg.AsyncConnection`; their
+    ``wait`` brackets each call with `begin_call` and `end_call`.
+    """
+
+    #: Set once the watchdog shut this connection's socket.
+    abandoned = False
+    #: Its socket has TCP counters (the watchdog reads its progress there);
+    #: otherwise each wait is wrapped to see it. Known at the first call.
+    counted: bool | None = None
+    pgconn: Any
+
+    def begin_call(
+        self, gen: PQGen[RV], health: ProviderHealth, watchdog: Watchdog
+    ) -> tuple[Watch, PQGen[RV]]:
+        """Watch one call: its watch, and the generator to wait on."""
+        w = watchdog.watch_call(self.pgconn, health)
+        if self.counted is None:
+            self.counted = tcp_progress(self.pgconn.socket) is not None
+        return w, gen if self.counted else watched(gen, w, watchdog.clock)
+
+    def end_call(self, w: Watch, watchdog: Watchdog) -> None:
+        """The call ended: let go of its watch (after a shutdown in progress, if any)."""
+        watchdog.unwatch(w)
+        if w.fired:
+            self.abandoned = True
+
+
 def abandoned(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
     """Whether the watchdog abandoned a call of ``conn`` (its socket was shut down)."""
     return bool(getattr(conn, "abandoned", False))
@@ -358,7 +388,6 @@ def _observed_class(
     """
     health_ref = weakref.ref(health)
     owner_ref = weakref.ref(owner)
-    clock = watchdog.clock
 
     def report(exc: BaseException | None) -> None:
         h, o = health_ref(), owner_ref()
@@ -369,13 +398,7 @@ def _observed_class(
         else:
             h.connect_failed(exc)
 
-    class ObservedConnection(psycopg.Connection[Any]):
-        #: Set once the watchdog shut this connection's socket.
-        abandoned = False
-        #: Its socket has TCP counters (the watchdog reads its progress there);
-        #: otherwise each wait is wrapped to see it. Known at the first call.
-        counted: bool | None = None
-
+    class ObservedConnection(WatchedCalls, psycopg.Connection[Any]):
         @classmethod
         def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
             try:
@@ -390,16 +413,10 @@ def _observed_class(
             h = health_ref()
             if h is None:
                 return super().wait(gen, *args, **kwargs)
-            w = watchdog.watch_call(self.pgconn, h)
-            if self.counted is None:
-                self.counted = tcp_progress(self.pgconn.socket) is not None
+            w, gen = self.begin_call(gen, h, watchdog)
             try:
-                if not self.counted:
-                    gen = watched(gen, w, clock)
                 return super().wait(gen, *args, **kwargs)
             finally:
-                watchdog.unwatch(w)
-                if w.fired:
-                    self.abandoned = True
+                self.end_call(w, watchdog)
 
     return ObservedConnection

@@ -37,7 +37,7 @@ from fleet import wait_until
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.engine import async_provider, provider, watchdog
+from agent_factory.engine import provider, watchdog
 from agent_factory.engine.events import Listener
 from agent_factory.testing.faultproxy import FaultProxy
 from agent_factory.testing.fleet import Fleet
@@ -533,7 +533,7 @@ def test_healthy_work_is_never_abandoned(
     sees a call's progress only through psycopg waking on its socket.
     """
     if not counters:
-        for module in (watchdog, provider, async_provider):
+        for module in (watchdog, provider):
             monkeypatch.setattr(module, "tcp_progress", lambda fd: None)
     for seed in (1, 2):
         vector_literals(VECTORS, seed)  # built (and cached) before the event loop runs
