@@ -47,6 +47,8 @@ _PROBE = (
     "FROM pg_stat_activity WHERE pid = ANY(%s::int4[])), CASE WHEN pg_is_in_recovery() THEN NULL "
     "ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint END"
 )
+
+
 class ProviderHealth:
     """Breaker, liveness and probes of one provider."""
 
