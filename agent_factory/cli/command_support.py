@@ -37,8 +37,8 @@ from .exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_US
 
 __all__ = [
     "EMBEDDING_DIM_VAR", "Action", "Context",
-    "bind", "connect", "context", "dispatch", "exit_code", "positive_float", "positive_int",
-    "progress", "resolve_targets", "run",
+    "bind", "connect", "context", "dispatch", "exit_code",
+    "progress", "resolve_targets", "run", "source_and_target",
 ]
 
 EMBEDDING_DIM_VAR = "DATABASE_EMBEDDING_DIM"
@@ -63,26 +63,6 @@ def dispatch(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 @dataclass
@@ -161,6 +141,17 @@ def resolve_targets(settings: Settings, name: str | None, option: str = "--provi
             "DATABASE_FAILOVER_ORDER) or pick a configured one."
         )
     return [settings.providers[key]]
+
+
+def source_and_target(settings: Settings, args: argparse.Namespace
+                      ) -> tuple[ProviderSettings, ProviderSettings]:
+    """The two different providers that ``--from`` and ``--to`` name."""
+    source = resolve_targets(settings, args.source, "--from")[0]
+    target = resolve_targets(settings, args.target, "--to")[0]
+    if source.name == target.name:
+        raise ConfigurationError(f"--from and --to both name {source.name!r}; pick two "
+                                 "different providers")
+    return source, target
 
 
 def connect(target: ProviderSettings, settings: Settings, *, application_name: str,

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BindRefusedError, PostgresNotFoundError
+from .arguments import positive_float
 from .console import ms, print_table, rich_console, scrub, yes_no
 from .demo.screen import print_summary, run_live, run_plain
 from .demo.screen import render as _render  # noqa: F401 - tests import it from here
@@ -73,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="plain line-by-line output (automatic when stdout is not a terminal)")
     demo.add_argument("--hang", action=argparse.BooleanOptionalAction, default=True,
                       help="also hang the primary (SIGSTOP) after the crash (default: yes)")
-    demo.add_argument("--down-seconds", type=_positive, default=4.0, metavar="N",
+    demo.add_argument("--down-seconds", type=positive_float, default=4.0, metavar="N",
                       help="how long the primary stays down per fault (default: 4)")
     demo.set_defaults(command=_demo)
 
@@ -93,16 +94,6 @@ def _parser() -> argparse.ArgumentParser:
     add_schema_commands(sub)
     add_replication_commands(sub)
     return parser
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 # -- health and stats ----------------------------------------------------------
@@ -247,7 +238,7 @@ def _add_dashboard_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     dash.set_defaults(command=_dashboard)
 
     monitor = sub.add_parser("monitor", help="live health table of the configured providers")
-    monitor.add_argument("--interval", type=_positive, default=2.0, metavar="SECONDS",
+    monitor.add_argument("--interval", type=positive_float, default=2.0, metavar="SECONDS",
                          help="refresh period (default: 2)")
     monitor.add_argument("--once", action="store_true", help="print one snapshot and exit")
     monitor.set_defaults(command=_monitor)

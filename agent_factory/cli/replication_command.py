@@ -39,7 +39,7 @@ from ..continuity.replication import (
     teardown_replication,
 )
 from ..engine.settings import ProviderSettings, Settings, connection_params
-from ..errors import ConfigurationError, ReplicationPrerequisiteError
+from ..errors import ReplicationPrerequisiteError
 from ..schema.copy import MANAGED_TABLES, TableReport
 from .command_support import (
     Action,
@@ -49,7 +49,7 @@ from .command_support import (
     dispatch,
     exit_code,
     progress,
-    resolve_targets,
+    source_and_target,
 )
 from .exit_codes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 
@@ -267,11 +267,7 @@ def _sync(ctx: Context, args: argparse.Namespace) -> int:
     from ..continuity.reconcile import reconcile
 
     settings = ctx.settings()
-    source = resolve_targets(settings, args.source, "--from")[0]
-    target = resolve_targets(settings, args.target, "--to")[0]
-    if source.name == target.name:
-        raise ConfigurationError(f"--from and --to both name {source.name!r}; pick two "
-                                 "different providers")
+    source, target = source_and_target(settings, args)
     tables = tuple(dict.fromkeys(args.tables or MANAGED_TABLES))
     since = f" updated since {args.since.isoformat()}" if args.since else ""
     ctx.print(f"Syncing {', '.join(tables)}{since} from {source.name} ({source.describe()}) "

@@ -33,7 +33,7 @@ from typing import Any
 import psycopg
 
 from ..engine.settings import ProviderSettings, Settings
-from ..errors import AgentFactoryError, ConfigurationError
+from ..errors import AgentFactoryError
 from ..schema.catalog import Catalog, diff_catalogs, format_differences, read_catalogs
 from ..schema.copy import DEFAULT_BATCH_SIZE, MANAGED_TABLES, TableReport, copy_tables
 from ..schema.migrations import (
@@ -45,6 +45,7 @@ from ..schema.migrations import (
     plan_migrations,
     render_script,
 )
+from .arguments import positive_float, positive_int
 from .command_support import (
     EMBEDDING_DIM_VAR,
     Context,
@@ -53,11 +54,10 @@ from .command_support import (
     context,
     dispatch,
     exit_code,
-    positive_float,
-    positive_int,
     progress,
     resolve_targets,
     run,
+    source_and_target,
 )
 from .exit_codes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 
@@ -346,11 +346,7 @@ def _status(ctx: Context, args: argparse.Namespace) -> int:
 
 def _copy(ctx: Context, args: argparse.Namespace) -> int:
     settings = ctx.settings()
-    source = resolve_targets(settings, args.source, "--from")[0]
-    target = resolve_targets(settings, args.target, "--to")[0]
-    if source.name == target.name:
-        raise ConfigurationError(f"--from and --to both name {source.name!r}; pick two "
-                                 "different providers")
+    source, target = source_and_target(settings, args)
     tables = tuple(dict.fromkeys(args.tables or MANAGED_TABLES))
     ctx.print(f"Copying {', '.join(tables)} from {source.name} ({source.describe()}) "
               f"to {target.name} ({target.describe()})")

@@ -13,7 +13,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from types import TracebackType
 from typing import Any, Literal
 
 import psycopg
@@ -221,11 +220,6 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         await self.open()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Literal[False]:
+    async def __aexit__(self, *exc_info: object) -> Literal[False]:
         await self.close()
         return False

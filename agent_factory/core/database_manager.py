@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import TracebackType
 from typing import Any, Literal
 
 import psycopg
@@ -223,11 +222,6 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
             raise ManagerClosedError(_CLOSED)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Literal[False]:
+    def __exit__(self, *exc_info: object) -> Literal[False]:
         self.close_all()
         return False

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -23,6 +22,7 @@ from psycopg import sql
 from ..core.database_manager import DatabaseManager
 from ..errors import InvalidMemoryError
 from .history import to_utc
+from .manager import ManagedStore
 
 __all__ = ["AtomMatch", "KnowledgeAtom", "KnowledgeStore"]
 
@@ -165,7 +165,7 @@ def _atom(row: Sequence[Any]) -> KnowledgeAtom:
     return KnowledgeAtom(**values)
 
 
-class KnowledgeStore:
+class KnowledgeStore(ManagedStore):
     """Upsert, fetch, filter and search `KnowledgeAtom` rows of ``knowledge_atoms``.
 
     ``db=None`` creates ``DatabaseManager()`` (from the environment) on first use.
@@ -174,9 +174,7 @@ class KnowledgeStore:
     def __init__(
         self, db: DatabaseManager | None = None, *, table_name: str = "knowledge_atoms"
     ) -> None:
-        self._db = db
-        self._owns_db = db is None
-        self._lock = threading.Lock()
+        super().__init__(db)
         self.table_name = table_name
         t = sql.Identifier(*table_name.split("."))
         cols = ", ".join(_WRITABLE)
@@ -203,14 +201,6 @@ class KnowledgeStore:
         self._search = {
             vectors: render(_SEARCH, columns=_select_list(vectors)) for vectors in (False, True)
         }
-
-    @property
-    def db(self) -> DatabaseManager:
-        if self._db is None:
-            with self._lock:
-                if self._db is None:
-                    self._db = DatabaseManager()
-        return self._db
 
     def upsert(self, atom: KnowledgeAtom) -> KnowledgeAtom:
         """Insert or replace the atom with this ``atom_id``; returns it as stored."""
@@ -295,11 +285,6 @@ class KnowledgeStore:
         ).as_string()
         row = self.db.execute_query(query, fetch_mode="one", read_only=True)
         return int(row[0])
-
-    def close(self) -> None:
-        """Close the manager if this store created it."""
-        if self._owns_db and self._db is not None:
-            self._db.close_all()
 
 
 def _filters(

@@ -13,10 +13,8 @@ is on that backup only.
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 from psycopg import sql
@@ -24,6 +22,7 @@ from psycopg import sql
 from ..core.database_manager import DatabaseManager
 from ..errors import InvalidMemoryError
 from .history import ROLES, Message, MessageHistory, parse_timestamp, to_utc
+from .manager import ManagedStore
 from .session import MemoryStorage, Session
 
 __all__ = ["ATOM_TYPES", "PostgresMemoryStorage"]
@@ -167,7 +166,7 @@ def session_from_rows(
     )
 
 
-class PostgresMemoryStorage(MemoryStorage):
+class PostgresMemoryStorage(ManagedStore, MemoryStorage):
     """Sessions and memory atoms in PostgreSQL, on the providers of a `DatabaseManager`.
 
     ``db=None`` creates ``DatabaseManager()`` (from the environment) on first
@@ -177,9 +176,7 @@ class PostgresMemoryStorage(MemoryStorage):
     def __init__(
         self, db: DatabaseManager | None = None, *, table_name: str = "session_memories"
     ) -> None:
-        self._db = db
-        self._owns_db = db is None
-        self._lock = threading.Lock()
+        super().__init__(db)
         self.table_name = table_name
         self._sql = {
             name: _render(template, table_name)
@@ -187,15 +184,6 @@ class PostgresMemoryStorage(MemoryStorage):
                                    ("list", _LIST), ("save_atom", _SAVE_ATOM),
                                    ("query_atoms", _QUERY_ATOMS))
         }
-
-    @property
-    def db(self) -> DatabaseManager:
-        """The manager queries go through (created from the environment if none was given)."""
-        if self._db is None:
-            with self._lock:
-                if self._db is None:
-                    self._db = DatabaseManager()
-        return self._db
 
     # -- sessions ----------------------------------------------------------------
 
@@ -258,20 +246,10 @@ class PostgresMemoryStorage(MemoryStorage):
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def close(self) -> None:
-        """Close the manager if this storage created it."""
-        if self._owns_db and self._db is not None:
-            self._db.close_all()
-
     def __enter__(self) -> PostgresMemoryStorage:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -26,7 +26,6 @@ import selectors
 import socket
 import threading
 import time
-from types import TracebackType
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -210,12 +209,7 @@ class FaultProxy:
             self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
