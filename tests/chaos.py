@@ -19,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from conftest import MakeDb
@@ -47,6 +47,9 @@ FAST = {
 # pooled connection: hang_timeout; a blackholed new connection:
 # connect_timeout), plus a generous margin for two shared cores.
 CALL_BOUND = max(HANG_TIMEOUT, CONNECT_TIMEOUT) + 2.0
+
+
+W = TypeVar("W", bound="Workers")
 
 
 # -- reading the servers ------------------------------------------------------------
@@ -104,7 +107,58 @@ class Op:
     error: BaseException | None = None
 
 
-class Load:
+class Workers:
+    """Threads running ``self._work(i)``, one per worker, from the ``with`` block until `stop`."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._work, args=(i,), name=f"{name}-{i}", daemon=True)
+            for i in range(workers)
+        ]
+
+    def __enter__(self: W) -> W:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _work(self, worker: int) -> None:
+        raise NotImplementedError
+
+
+READ = "SELECT inet_server_port()"
+
+
+def write_statement(table: str, wid: int) -> tuple[str, tuple[int, str]]:
+    """Write ``wid`` (a unique id) into ``table``: returns the applying server's port."""
+    return (f"INSERT INTO {table} (id, note) VALUES (%s, %s) RETURNING inet_server_port()",
+            (wid, f"w{wid}"))
+
+
+def finished(fleet: Fleet, kind: str, wid: int | None, t0: float,
+             result: int | BaseException) -> Op:
+    """The record of a call started at ``t0``: the port of the server that answered, or the error.
+
+    A write that may or may not have committed is "unknown", on the provider
+    it was sent to; a call every provider refused, "all_down"; any other
+    error, "error" (which fails the test).
+    """
+    seconds = time.monotonic() - t0
+    if not isinstance(result, BaseException):
+        return Op(kind, wid, "ok", seconds, provider_of(fleet, result), t0)
+    if kind == "write" and isinstance(result, OutcomeUnknownError):
+        return Op(kind, wid, "unknown", seconds, result.provider, t0, result)
+    outcome = "all_down" if isinstance(result, AllProvidersUnavailableError) else "error"
+    return Op(kind, wid, outcome, seconds, None, t0, result)
+
+
+class Load(Workers):
     """Worker threads alternating reads and unique-id writes, every outcome recorded.
 
     A write is ``INSERT ... RETURNING inet_server_port()``: its acknowledgement
@@ -119,19 +173,7 @@ class Load:
         self.ops: list[Op] = []
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._work, args=(i,), name=f"chaos-load-{i}", daemon=True)
-            for i in range(workers)
-        ]
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(workers, "chaos-load")
 
     def stop(self) -> None:
         self._stop.set()
@@ -149,60 +191,29 @@ class Load:
 
     def settled_on_primary(self, n: int = 20) -> bool:
         """The last ``n`` calls (at least) all succeeded on the primary."""
-        tail = self.ops[-n:]
-        return len(tail) == n and all(
-            o.outcome == "ok" and o.provider == "supabase" for o in tail)
-
-    def _next_id(self) -> int:
-        with self._lock:
-            return next(self._ids)
+        return settled_on_primary(self.ops, n)
 
     def _work(self, worker: int) -> None:
         for n in itertools.count():
             if self._stop.is_set():
                 return
             if (n + worker) % 2:
-                self._write()
+                with self._lock:
+                    wid = next(self._ids)
+                self._call("write", wid, *write_statement(self.table, wid))
             else:
-                self._read()
+                self._call("read", None, READ)
             time.sleep(self.pace)
 
-    def _record(self, op: Op) -> None:
+    def _call(self, kind: str, wid: int | None, query: str, params: Any = None) -> None:
+        t0 = time.monotonic()
+        try:
+            (result,) = self.db.execute_query(query, params, fetch_mode="one")
+        except Exception as exc:  # noqa: BLE001 - recorded: an unexpected one fails the test
+            result = exc
+        op = finished(self.fleet, kind, wid, t0, result)
         with self._lock:
             self.ops.append(op)
-
-    def _read(self) -> None:
-        t0 = time.monotonic()
-        try:
-            (port,) = self.db.execute_query("SELECT inet_server_port()", fetch_mode="one")
-        except AllProvidersUnavailableError as exc:
-            self._record(Op("read", None, "all_down", time.monotonic() - t0, None, t0, exc))
-        except Exception as exc:  # noqa: BLE001 - any other error fails the test
-            self._record(Op("read", None, "error", time.monotonic() - t0, None, t0, exc))
-        else:
-            provider = provider_of(self.fleet, port)
-            self._record(Op("read", None, "ok", time.monotonic() - t0, provider, t0))
-
-    def _write(self) -> None:
-        wid = self._next_id()
-        t0 = time.monotonic()
-        try:
-            (port,) = self.db.execute_query(
-                f"INSERT INTO {self.table} (id, note) VALUES (%s, %s) "
-                "RETURNING inet_server_port()",
-                (wid, f"w{wid}"),
-                fetch_mode="one",
-            )
-        except OutcomeUnknownError as exc:
-            self._record(Op("write", wid, "unknown", time.monotonic() - t0, exc.provider, t0,
-                            exc))
-        except AllProvidersUnavailableError as exc:
-            self._record(Op("write", wid, "all_down", time.monotonic() - t0, None, t0, exc))
-        except Exception as exc:  # noqa: BLE001 - any other error fails the test
-            self._record(Op("write", wid, "error", time.monotonic() - t0, None, t0, exc))
-        else:
-            provider = provider_of(self.fleet, port)
-            self._record(Op("write", wid, "ok", time.monotonic() - t0, provider, t0))
 
     # -- the checks ------------------------------------------------------------------
 
@@ -261,6 +272,12 @@ def assert_no_write_twice(fleet: Fleet, table: str, ops: list[Op]) -> dict[str, 
     return collections.Counter(op.outcome for op in writes.values())
 
 
+def settled_on_primary(ops: list[Op], n: int = 20) -> bool:
+    """The last ``n`` calls (at least) all succeeded on the primary."""
+    tail = ops[-n:]
+    return len(tail) == n and all(o.outcome == "ok" and o.provider == "supabase" for o in tail)
+
+
 def summary(ops: list[Op]) -> str:
     counts = collections.Counter((o.kind, o.outcome, o.provider) for o in ops)
     worst = max((o.seconds for o in ops), default=0.0)
@@ -306,52 +323,26 @@ class AsyncLoad:
             task.result()  # a bug in the load itself surfaces here
 
     def settled_on_primary(self, n: int = 20) -> bool:
-        tail = self.ops[-n:]
-        return len(tail) == n and all(
-            o.outcome == "ok" and o.provider == "supabase" for o in tail)
+        return settled_on_primary(self.ops, n)
 
     async def _work(self, worker: int) -> None:
         for n in itertools.count():
             if self._stop.is_set():
                 return
             if (n + worker) % 2:
-                await self._write()
+                wid = next(self._ids)
+                await self._call("write", wid, *write_statement(self.table, wid))
             else:
-                await self._read()
+                await self._call("read", None, READ)
             await asyncio.sleep(self.pace)
 
-    async def _read(self) -> None:
+    async def _call(self, kind: str, wid: int | None, query: str, params: Any = None) -> None:
         t0 = time.monotonic()
         try:
-            (port,) = await self.db.execute_query("SELECT inet_server_port()", fetch_mode="one")
-        except AllProvidersUnavailableError as exc:
-            self.ops.append(Op("read", None, "all_down", time.monotonic() - t0, None, t0, exc))
-        except Exception as exc:  # noqa: BLE001 - any other error fails the test
-            self.ops.append(Op("read", None, "error", time.monotonic() - t0, None, t0, exc))
-        else:
-            self.ops.append(Op("read", None, "ok", time.monotonic() - t0,
-                               provider_of(self.fleet, port), t0))
-
-    async def _write(self) -> None:
-        wid = next(self._ids)
-        t0 = time.monotonic()
-        try:
-            (port,) = await self.db.execute_query(
-                f"INSERT INTO {self.table} (id, note) VALUES (%s, %s) "
-                "RETURNING inet_server_port()",
-                (wid, f"w{wid}"),
-                fetch_mode="one",
-            )
-        except OutcomeUnknownError as exc:
-            self.ops.append(Op("write", wid, "unknown", time.monotonic() - t0, exc.provider, t0,
-                               exc))
-        except AllProvidersUnavailableError as exc:
-            self.ops.append(Op("write", wid, "all_down", time.monotonic() - t0, None, t0, exc))
-        except Exception as exc:  # noqa: BLE001 - any other error fails the test
-            self.ops.append(Op("write", wid, "error", time.monotonic() - t0, None, t0, exc))
-        else:
-            self.ops.append(Op("write", wid, "ok", time.monotonic() - t0,
-                               provider_of(self.fleet, port), t0))
+            (result,) = await self.db.execute_query(query, params, fetch_mode="one")
+        except Exception as exc:  # noqa: BLE001 - recorded: an unexpected one fails the test
+            result = exc
+        self.ops.append(finished(self.fleet, kind, wid, t0, result))
 
 
 # -- faults ---------------------------------------------------------------------------
