@@ -8,7 +8,8 @@ the server (not through its fault proxy), so that the faults are the server's ow
 Clients log in with the server's user and password (SCRAM); PgBouncer checks them
 against its own user list, then logs in to the server with the same password.
 Like PostgreSQL, PgBouncer refuses to run as root: under root it runs as the
-embedded servers' system user.
+embedded servers' system user. `pooled_providers` declares a manager's providers
+behind it (the ``pooled_primary`` fixture of conftest).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import quote
 
 import psycopg
 
 from agent_factory.testing.embedded import EmbeddedPostgres, free_port
+from agent_factory.testing.fleet import Fleet
 from agent_factory.testing.postgres_process import (
     Account,
     identity,
@@ -187,3 +190,12 @@ class PgBouncer:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return "(no log)"
+
+
+def pooled_providers(pooler: PgBouncer, fleet: Fleet) -> dict[str, Any]:
+    """A manager's providers with the ``pooled_primary`` fixture: two, not the fleet's three.
+
+    The primary ("supabase") through ``pooler``, declared ``pooler=True``; the
+    backup ("railway") reached directly (through its fault proxy).
+    """
+    return {"supabase": {"url": pooler.url, "pooler": True}, "railway": fleet["railway"].url}

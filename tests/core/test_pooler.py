@@ -25,9 +25,10 @@ from typing import Any, Protocol, TypeVar
 
 import psycopg
 import pytest
+from chaos import Workers
 from fleet import wait_until
 from observers import HealthLog, provider_of
-from pooler import SETTINGS, PgBouncer
+from pooler import SETTINGS, PgBouncer, pooled_providers
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.core.database_manager import DatabaseManager
@@ -58,13 +59,9 @@ class Client(Protocol):
     def close(self) -> None: ...
 
 
-def providers(pooler: PgBouncer, fleet: Fleet) -> dict[str, Any]:
-    return {"supabase": {"url": pooler.url, "pooler": True}, "railway": fleet["railway"].url}
-
-
 class SyncClient:
     def __init__(self, pooler: PgBouncer, fleet: Fleet, log: HealthLog) -> None:
-        self.db = DatabaseManager(providers(pooler, fleet), order=ORDER, listeners=[log])
+        self.db = DatabaseManager(pooled_providers(pooler, fleet), order=ORDER, listeners=[log])
 
     def query(self, sql: str, params: tuple[Any, ...] | None = None) -> Any:
         return self.db.execute_query(sql, params, fetch_mode="one", read_only=True)
@@ -92,7 +89,7 @@ class AsyncClient:
         self.thread.start()
 
         async def make() -> AsyncDatabaseManager:
-            db = AsyncDatabaseManager(providers(pooler, fleet), order=ORDER, listeners=[log])
+            db = AsyncDatabaseManager(pooled_providers(pooler, fleet), order=ORDER, listeners=[log])
             await db.open()
             return db
 
@@ -145,7 +142,7 @@ class Call:
     error: BaseException | None
 
 
-class Reads:
+class Reads(Workers):
     """Worker threads reading continuously (a few ms apart), each call timed."""
 
     def __init__(self, client: Client, fleet: Fleet, workers: int) -> None:
@@ -153,18 +150,7 @@ class Reads:
         self.calls: list[Call] = []
         self.blocked: list[float] = []  # ages of the calls still running when given up on
         self._started: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._work, args=(i,), daemon=True,
-                                          name=f"pooler-test-reader-{i}")
-                         for i in range(workers)]
-
-    def __enter__(self) -> Reads:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(workers, "pooler-test-reader")
 
     def served(self, name: str) -> int:
         return sum(1 for c in list(self.calls) if c.provider == name)
