@@ -15,11 +15,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from psycopg import sql
 
 from agent_factory.engine.events import Dispatcher, Listener
 from agent_factory.engine.failover import Failover, Route
 from agent_factory.engine.lag import Lag
-from agent_factory.engine.policy import Breaker
+from agent_factory.engine.policy import Breaker, may_retry_after_send
 from agent_factory.engine.provider import Unavailable
 from agent_factory.engine.settings import Settings
 from agent_factory.errors import (
@@ -225,6 +226,59 @@ def test_a_statement_declared_not_idempotent_is_routed_as_a_write() -> None:
     route = rig.route(READ, read_only=True, idempotent=False)
     assert route.write and not route.routed and not route.retry_after_send
     assert [p.name for p in route.providers] == ["b", "c"]
+
+
+@pytest.mark.parametrize("read_only", [True, None])
+def test_a_statement_declared_not_idempotent_gets_every_safety_of_a_write(
+    read_only: bool | None,
+) -> None:
+    """No retry, no backup of unknown lag, divergence and read-your-writes once written."""
+    rig = Rig(read_routing="round_robin", read_your_writes=5.0, max_replication_lag=10.0)
+    insert = "SELECT my_insert_fn(%s)"
+    route = rig.route(insert, read_only=read_only, idempotent=False)
+    assert route.write and not route.routed and not route.retry_after_send
+    # max_replication_lag: the backups' lag is unknown, so they may not take it.
+    assert [p.name for p in route.providers] == ["a"]
+    rig["a"].health.breaker.up = False
+    assert rig.route(insert, read_only=read_only, idempotent=False).providers == []
+    # Written on the backup (once its lag is known): divergence and read-your-writes.
+    rig["a"].health.replication["b"] = Lag(0, 0.5, 99.0)
+    rig["a"].health.last_alive = 99.0
+    (backup,) = rig.route(insert, read_only=read_only, idempotent=False).providers
+    rig.core.succeeded(backup, epoch=rig.core.epoch, failures={"a": "refused"}, write=True)
+    assert "b" in rig.core.diverged and rig.core.last_write == rig.clock.now
+    rig["a"].health.breaker.up = True
+    assert not rig.route(READ, read_only=True).routed  # reads stay on the primary a while
+    rig.clock.advance(5.0)
+    assert rig.route(READ, read_only=True).routed
+
+
+@pytest.mark.parametrize("read_only", [True, False, None])
+@pytest.mark.parametrize("idempotent", [True, False, None])
+def test_route_retries_by_the_same_rule_for_text_and_composed_queries(
+    rig: Rig, read_only: bool | None, idempotent: bool | None
+) -> None:
+    """`idempotent` wins, then `read_only`; without either a composed query is not retried."""
+    text = rig.route(READ, read_only=read_only, idempotent=idempotent)
+    composed = rig.core.route(sql.SQL("SELECT {}").format(1), read_only=read_only,
+                              idempotent=idempotent)
+    assert text.retry_after_send is may_retry_after_send(READ, read_only, idempotent)
+    if idempotent is False:
+        assert composed.write is text.write is True  # must not run twice: a write
+    elif read_only is None:
+        assert composed.write is True  # cannot tell what it does: treated as a write
+    else:
+        assert composed.write is text.write is not read_only
+    if read_only is None and idempotent is None:
+        assert composed.retry_after_send is False
+    else:
+        assert composed.retry_after_send is text.retry_after_send
+
+
+def test_the_classifier_alone_routes_an_unknown_function_as_a_write(rig: Rig) -> None:
+    assert rig.route("SELECT my_insert_fn(%s)").write
+    assert not rig.route("SELECT lower(%s)").write
+    assert rig.route("SELECT lower(%s)", idempotent=False).write
 
 
 def test_round_robin_rotates_declared_reads_only() -> None:
@@ -440,6 +494,54 @@ def test_a_write_paused_too_long_goes_on(caplog: pytest.LogCaptureFixture) -> No
 
 
 # -- the replication lag bound -------------------------------------------------------
+
+
+def lagging(sample: Lag | None, primary_alive: float, **options: Any) -> Rig:
+    """A rig whose primary measured ``sample`` of b's lag and was last alive at ``primary_alive``.
+
+    "c"'s lag is unknown.
+    """
+    rig = Rig(**options)
+    health = rig["a"].health
+    health.replication = {} if sample is None else {"b": sample}
+    health.last_alive = primary_alive
+    return rig
+
+
+def test_lag_is_bounded_by_the_primarys_last_sign_of_life() -> None:
+    """The sample, plus what the primary may have written after it until it fell silent."""
+    core = lagging(Lag(1024, 1.0, measured_at=100.0), primary_alive=100.0).core
+    lag = core.lag("b")
+    assert lag is not None and lag.seconds == 1.0 and lag.bytes == 1024
+    # The primary kept answering (and maybe writing) for 3 s after its last probe.
+    core = lagging(Lag(1024, 1.0, measured_at=100.0), primary_alive=103.0).core
+    lag = core.lag("b")
+    assert lag is not None and lag.seconds == 4.0 and lag.bytes == 1024
+    assert core.lag("a") is None  # the primary itself
+    assert lagging(None, primary_alive=103.0).core.lag("b") is None
+
+
+def test_writes_after_the_primary_died_obey_the_bounded_lag() -> None:
+    """Not refused for the whole outage; not let through onto a backup already too far behind."""
+    fresh = lagging(Lag(0, 0.5, measured_at=100.0), 101.0, max_replication_lag=2.0)
+    fresh["a"].health.breaker.up = False  # the primary died at ~101
+    for later in (0.0, 60.0, 3600.0):  # however long the outage lasts
+        fresh.clock.now = 101.0 + later
+        assert fresh.names(WRITE) == ["b"]  # "c": lag unknown
+        assert fresh.core.describe(fresh["b"])["replication_lag_s"] == 1.5
+        assert fresh.core.describe(fresh["b"])["stale"] is False
+    # The sample alone (0.5 s) is within the bound, but the primary wrote for 5 s more.
+    wrote_on = lagging(Lag(0, 0.5, measured_at=100.0), 105.0, max_replication_lag=2.0)
+    wrote_on["a"].health.breaker.up = False
+    assert wrote_on.names(WRITE) == []
+    stats = wrote_on.core.describe(wrote_on["b"])
+    assert stats["replication_lag_s"] == 5.5 and stats["stale"] is True
+    error = wrote_on.core.all_failed({}, write=True)
+    assert "stale: replication lag 5.5s exceeds max_replication_lag 2s" in str(error)
+    # A backup already too far behind at the last sample stays refused.
+    behind = lagging(Lag(0, 3.0, measured_at=100.0), 100.0, max_replication_lag=2.0)
+    behind["a"].health.breaker.up = False
+    assert behind.names(WRITE) == []
 
 
 def test_lag_ok_bounds_the_lag_by_the_primarys_last_sign_of_life(rig: Rig) -> None:

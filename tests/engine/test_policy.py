@@ -1,24 +1,19 @@
-"""Failover decisions without I/O: error classes, retry rules, ranking, hysteresis."""
+"""The failover policy without I/O: error classes, retry rules, read ranking, hysteresis.
+
+`Failover` itself, the decision core, is tested in test_failover_logic.py.
+"""
 
 from __future__ import annotations
 
 import gc
-import time
 import uuid
 import weakref
-from collections.abc import Callable
-from types import SimpleNamespace
-from typing import Any
 
 import psycopg
 import pytest
 from psycopg import errors as pge
-from psycopg import sql
 from psycopg_pool import PoolTimeout
 
-from agent_factory.engine.events import Dispatcher
-from agent_factory.engine.failover import Failover
-from agent_factory.engine.lag import Lag
 from agent_factory.engine.policy import (
     MEMO_MAX_CHARS,
     Breaker,
@@ -30,7 +25,6 @@ from agent_factory.engine.policy import (
     is_read_only,
 )
 from agent_factory.engine.policy import may_retry_after_send as may_retry
-from agent_factory.engine.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -265,124 +259,3 @@ def test_read_routing_policies() -> None:
     assert firsts.count("h") == 4 and firsts.count("a") == 2
     busy = [_P("x", in_flight=5), _P("y", in_flight=1), _P("z", in_flight=4, weight=8)]
     assert names(order_reads(busy, "least_busy", 0)) == ["z", "y", "x"]
-
-
-def _core(clock: Callable[[], float] = time.monotonic, **options: Any) -> Failover[Any]:
-    """The decision logic over two providers that are up (no I/O: only their health is read)."""
-    settings = Settings.build(
-        {n: f"postgresql://app@127.0.0.1:{port}/db" for n, port in (("a", 5001), ("b", 5002))},
-        **options)
-    providers = {
-        n: SimpleNamespace(name=n, health=SimpleNamespace(
-            breaker=SimpleNamespace(up=True), writable=True, replication={}, last_alive=0.0,
-            last_error=None, tuning=SimpleNamespace(weight=1)))
-        for n in ("a", "b")
-    }
-    core: Failover[Any] = Failover(settings, providers, Dispatcher(), clock)
-    core.replan()
-    return core
-
-
-@pytest.mark.parametrize("read_only", [True, False, None])
-@pytest.mark.parametrize("idempotent", [True, False, None])
-def test_route_retries_by_the_same_rule_for_text_and_composed_queries(
-    read_only: bool | None, idempotent: bool | None
-) -> None:
-    """`idempotent` wins, then `read_only`; without either a composed query is not retried."""
-    core = _core()
-    text = core.route("SELECT 1", read_only=read_only, idempotent=idempotent)
-    composed = core.route(sql.SQL("SELECT {}").format(1), read_only=read_only,
-                          idempotent=idempotent)
-    assert text.retry_after_send is may_retry("SELECT 1", read_only, idempotent)
-    if idempotent is False:
-        assert composed.write is text.write is True  # must not run twice: a write
-    elif read_only is None:
-        assert composed.write is True  # cannot tell what it does: treated as a write
-    else:
-        assert composed.write is text.write is not read_only
-    if read_only is None and idempotent is None:
-        assert composed.retry_after_send is False
-    else:
-        assert composed.retry_after_send is text.retry_after_send
-
-
-@pytest.mark.parametrize("read_only", [True, None])
-def test_a_statement_declared_not_idempotent_is_routed_as_a_write(read_only: bool | None) -> None:
-    """idempotent=False gets every safety of a write, even with read_only=True."""
-    now = [100.0]
-    core = _core(lambda: now[0], read_routing="round_robin", read_your_writes=5.0,
-                 max_replication_lag=10.0)
-    route = core.route("SELECT my_insert_fn(%s)", read_only=read_only, idempotent=False)
-    assert route.write and not route.routed and not route.retry_after_send
-    # max_replication_lag: the backup's lag is unknown, so it may not take it.
-    assert [p.name for p in route.providers] == ["a"]
-    core.providers["a"].health.breaker.up = False
-    insert = "SELECT my_insert_fn(%s)"
-    assert core.route(insert, read_only=read_only, idempotent=False).providers == []
-    # Written on the backup (once its lag is known): divergence and read-your-writes.
-    core.providers["a"].health.replication["b"] = Lag(0, 0.5, 99.0)
-    core.providers["a"].health.last_alive = 99.0
-    (backup,) = core.route(insert, read_only=read_only, idempotent=False).providers
-    core.succeeded(backup, epoch=core.epoch, failures={"a": "refused"}, write=True)
-    assert "b" in core.diverged and core.last_write == 100.0
-    core.providers["a"].health.breaker.up = True
-    assert not core.route("SELECT 1", read_only=True).routed  # reads stay on the primary a while
-    now[0] += 5.0
-    assert core.route("SELECT 1", read_only=True).routed
-
-
-def test_the_classifier_alone_routes_an_unknown_function_as_a_write() -> None:
-    core = _core()
-    assert core.route("SELECT my_insert_fn(%s)").write
-    assert not core.route("SELECT lower(%s)").write
-    assert core.route("SELECT lower(%s)", idempotent=False).write
-
-
-def _lagging(sample: Lag | None, primary_alive: float, **options: Any) -> Failover[Any]:
-    core = _core(**options)
-    health = core.providers["a"].health
-    health.replication = {} if sample is None else {"b": sample}
-    health.last_alive = primary_alive
-    return core
-
-
-def test_lag_is_bounded_by_the_primarys_last_sign_of_life() -> None:
-    """The sample, plus what the primary may have written after it until it fell silent."""
-    core = _lagging(Lag(1024, 1.0, measured_at=100.0), primary_alive=100.0)
-    lag = core.lag("b")
-    assert lag is not None and lag.seconds == 1.0 and lag.bytes == 1024
-    # The primary kept answering (and maybe writing) for 3 s after its last probe.
-    core = _lagging(Lag(1024, 1.0, measured_at=100.0), primary_alive=103.0)
-    lag = core.lag("b")
-    assert lag is not None and lag.seconds == 4.0 and lag.bytes == 1024
-    assert core.lag("a") is None  # the primary itself
-    assert _lagging(None, primary_alive=103.0).lag("b") is None
-
-
-def test_writes_after_the_primary_died_obey_the_bounded_lag() -> None:
-    """Not refused for the whole outage; not let through onto a backup already too far behind."""
-    now = [100.0]
-    clock = lambda: now[0]  # noqa: E731
-    fresh = _lagging(Lag(0, 0.5, measured_at=100.0), 101.0, clock=clock,
-                     max_replication_lag=2.0)
-    fresh.providers["a"].health.breaker.up = False  # the primary died at ~101
-    for later in (0.0, 60.0, 3600.0):  # however long the outage lasts
-        now[0] = 101.0 + later
-        assert [p.name for p in fresh.route("INSERT INTO t VALUES (1)").providers] \
-            == ["b"]
-        assert fresh.describe(fresh.providers["b"])["replication_lag_s"] == 1.5
-        assert fresh.describe(fresh.providers["b"])["stale"] is False
-    # The sample alone (0.5 s) is within the bound, but the primary wrote for 5 s more.
-    wrote_on = _lagging(Lag(0, 0.5, measured_at=100.0), 105.0, clock=clock,
-                        max_replication_lag=2.0)
-    wrote_on.providers["a"].health.breaker.up = False
-    assert wrote_on.route("INSERT INTO t VALUES (1)").providers == []
-    stats = wrote_on.describe(wrote_on.providers["b"])
-    assert stats["replication_lag_s"] == 5.5 and stats["stale"] is True
-    error = wrote_on.all_failed({}, write=True)
-    assert "stale: replication lag 5.5s exceeds max_replication_lag 2s" in str(error)
-    # A backup already too far behind at the last sample stays refused.
-    behind = _lagging(Lag(0, 3.0, measured_at=100.0), 100.0, clock=clock,
-                      max_replication_lag=2.0)
-    behind.providers["a"].health.breaker.up = False
-    assert behind.route("INSERT INTO t VALUES (1)").providers == []
