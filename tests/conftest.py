@@ -16,6 +16,7 @@ from fleet import wait_until
 from pooler import PgBouncer, find_pgbouncer
 
 from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.memory import MemoryStorage, Session
 from agent_factory.testing.fleet import START_TIMEOUT, Fleet, can_connect, start_fleet
 
 MakeDb = Callable[..., DatabaseManager]
@@ -49,8 +50,7 @@ def make_db(healthy_fleet: Fleet, request: pytest.FixtureRequest) -> Iterator[Ma
     Defaults come from the test module's ``ORDER`` and ``FAST`` (its timing
     options); keyword arguments override them.
     """
-    order = getattr(request.module, "ORDER", list(healthy_fleet.names))
-    defaults = getattr(request.module, "FAST", {})
+    order, defaults = module_options(request, healthy_fleet)
     made: list[DatabaseManager] = []
 
     def make(**options: Any) -> DatabaseManager:
@@ -61,6 +61,42 @@ def make_db(healthy_fleet: Fleet, request: pytest.FixtureRequest) -> Iterator[Ma
     yield make
     for db in made:
         db.close_all()
+
+
+def module_options(request: pytest.FixtureRequest,
+                   fleet: Fleet) -> tuple[list[str], dict[str, Any]]:
+    """The test module's ``ORDER`` (else the fleet's) and ``FAST`` (else none)."""
+    return (getattr(request.module, "ORDER", list(fleet.names)),
+            getattr(request.module, "FAST", {}))
+
+
+@pytest.fixture
+def db(healthy_fleet: Fleet, urls: dict[str, str],
+       request: pytest.FixtureRequest) -> Iterator[DatabaseManager]:
+    """A manager over the test module's own databases (its ``urls`` fixture), closed after the test.
+
+    Its order and options as with `make_db`; a module whose manager differs
+    defines its own ``db``.
+    """
+    order, defaults = module_options(request, healthy_fleet)
+    with DatabaseManager(urls, order=order, **defaults) as manager:
+        yield manager
+
+
+@pytest.fixture
+def three_sessions(storage: MemoryStorage) -> tuple[str, list[str]]:
+    """A new user's three saved sessions, a message each, in the test module's ``storage``.
+
+    Returns the user and the session ids, in the order they were saved.
+    """
+    user = f"user-{uuid.uuid4().hex[:10]}"
+    ids = []
+    for _ in range(3):
+        session = Session(user_id=user, storage=storage)
+        session.add_user_message("hi")
+        session.save()
+        ids.append(session.session_id)
+    return user, ids
 
 
 @pytest.fixture(scope="session")

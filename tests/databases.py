@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from agent_factory.schema import apply_migrations
 from agent_factory.testing.fleet import Fleet
 
 
@@ -30,3 +33,17 @@ def drop_databases(fleet: Fleet, urls: dict[str, str]) -> None:
         dbname = conninfo_to_dict(urls[member.name])["dbname"]
         with psycopg.connect(member.direct_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+@contextmanager
+def schema_databases(fleet: Fleet, prefix: str, embedding_dim: int = 8) -> Iterator[dict[str, str]]:
+    """Fresh databases on every provider with the shipped schema; dropped afterwards."""
+    fleet.heal()
+    urls = create_databases(fleet, prefix)
+    try:
+        for url in urls.values():
+            apply_migrations(url, embedding_dim=embedding_dim)
+        yield urls
+    finally:
+        fleet.heal()
+        drop_databases(fleet, urls)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,7 +18,7 @@ import psycopg
 
 from agent_factory.testing.fleet import Member
 
-__all__ = ["local_port", "read_only_server", "wait_until"]
+__all__ = ["local_port", "read_only_server", "run_concurrently", "wait_until"]
 
 
 def local_port(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> int:
@@ -38,6 +39,29 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {message}")
         time.sleep(interval)
+
+
+def run_concurrently(target: Callable[[str], object], names: Iterable[str],
+                     timeout: float) -> list[BaseException]:
+    """Run ``target(name)`` for every name at once, a thread each; return what they raised.
+
+    Each thread is waited for up to ``timeout`` seconds; one still running then fails the test.
+    """
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            target(name)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(name,), daemon=True) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), f"still running after {timeout}s"
+    return errors
 
 
 @contextmanager

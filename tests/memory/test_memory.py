@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from fleet import run_concurrently
 
 import agent_factory.memory as memory
 from agent_factory.errors import AgentFactoryError, MissingDependencyError
@@ -192,11 +192,7 @@ def test_sqlite_concurrent_writers(tmp_path: Path) -> None:
             session.add_user_message(f"{name}{i}")
             storage.save_session(session)
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in "xy"]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    assert run_concurrently(writer, "xy", timeout=30) == []
     loaded = SQLiteStorage(path).load_session(base.session_id)
     assert loaded is not None and len(loaded) == 40
 

@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 
 import psycopg
 import pytest
-from test_memory_postgres import FAST, ORDER, schema_databases
+from databases import schema_databases
+from test_memory_postgres import FAST, ORDER
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import InvalidMemoryError
@@ -29,13 +30,7 @@ def urls(fleet: Fleet) -> Iterator[dict[str, str]]:
             dbname = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute(f'ALTER DATABASE "{dbname}" SET enable_seqscan = off')
-        yield made
-
-
-@pytest.fixture
-def db(healthy_fleet: Fleet, urls: dict[str, str]) -> Iterator[DatabaseManager]:
-    with DatabaseManager(urls, order=ORDER, **FAST) as manager:
-        yield manager
+        yield made  # ``db``, the conftest fixture, is a manager over them
 
 
 @pytest.fixture

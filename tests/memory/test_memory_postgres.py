@@ -6,17 +6,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from databases import create_databases, drop_databases
+from databases import schema_databases
 from defaults import ORDER
+from fleet import run_concurrently
 
-import agent_factory
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import InvalidMemoryError, NoProvidersConfiguredError
 from agent_factory.memory import Message, MessageHistory, PostgresMemoryStorage, Session
@@ -25,30 +24,6 @@ from agent_factory.testing.fleet import Fleet
 # Not the shared FAST: checkout_timeout 10 s, the value these tests were written
 # and run with.
 FAST = {"hang_timeout": 1.0, "probe_interval": 0.1, "checkout_timeout": 10.0}
-MIGRATIONS = Path(agent_factory.__file__).parent / "schema" / "migrations"
-SCHEMA_FILES = ("0001_extensions.sql", "0002_session_memories.sql", "0003_knowledge_atoms.sql")
-
-
-def deploy_schema(url: str, embedding_dim: int = 8) -> None:
-    """Run the three shipped migrations, in order, on one database."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        for name in SCHEMA_FILES:
-            script = (MIGRATIONS / name).read_text()
-            conn.execute(script.replace("{{EMBEDDING_DIM}}", str(embedding_dim)))
-
-
-@contextmanager
-def schema_databases(fleet: Fleet, prefix: str, embedding_dim: int = 8) -> Iterator[dict[str, str]]:
-    """Fresh databases on every provider with the schema deployed; dropped afterwards."""
-    fleet.heal()
-    urls = create_databases(fleet, prefix)
-    try:
-        for url in urls.values():
-            deploy_schema(url, embedding_dim)
-        yield urls
-    finally:
-        fleet.heal()
-        drop_databases(fleet, urls)
 
 
 def run(url: str, script: str) -> None:
@@ -63,14 +38,9 @@ def query(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
 
 @pytest.fixture(scope="module")
 def urls(fleet: Fleet) -> Iterator[dict[str, str]]:
+    """The module's databases (``db``, the conftest fixture, is a manager over them)."""
     with schema_databases(fleet, "mem") as made:
         yield made
-
-
-@pytest.fixture
-def db(healthy_fleet: Fleet, urls: dict[str, str]) -> Iterator[DatabaseManager]:
-    with DatabaseManager(urls, order=ORDER, **FAST) as manager:
-        yield manager
 
 
 @pytest.fixture
@@ -207,28 +177,18 @@ def test_concurrent_appends_lose_nothing(urls: dict[str, str], healthy_fleet: Fl
     with DatabaseManager(urls, order=ORDER, **FAST) as m, PostgresMemoryStorage(m) as setup:
         setup.save_session(base)
     barrier = threading.Barrier(2)
-    errors: list[BaseException] = []
 
     def writer(name: str) -> None:
-        try:
-            # Own manager and pool: as separate as two processes.
-            with DatabaseManager(urls, order=ORDER, **FAST) as m, \
-                    PostgresMemoryStorage(m) as mine:
-                session = mine.load_session(base.session_id)
-                assert session is not None
-                barrier.wait()
-                for i in range(15):
-                    session.add_user_message(f"{name}-{i}")
-                    mine.save_session(session)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
+        # Own manager and pool: as separate as two processes.
+        with DatabaseManager(urls, order=ORDER, **FAST) as m, PostgresMemoryStorage(m) as mine:
+            session = mine.load_session(base.session_id)
+            assert session is not None
+            barrier.wait()
+            for i in range(15):
+                session.add_user_message(f"{name}-{i}")
+                mine.save_session(session)
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in ("a", "b")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    assert run_concurrently(writer, ("a", "b"), timeout=60) == []
     with DatabaseManager(urls, order=ORDER, **FAST) as m, PostgresMemoryStorage(m) as reader:
         loaded = reader.load_session(base.session_id)
     assert loaded is not None
@@ -241,14 +201,10 @@ def test_concurrent_appends_lose_nothing(urls: dict[str, str], healthy_fleet: Fl
         ]
 
 
-def test_list_delete_and_memory_atoms(storage: PostgresMemoryStorage) -> None:
-    user = f"user-{time.monotonic_ns()}"
-    ids = []
-    for _ in range(3):
-        s = Session(user_id=user, storage=storage)
-        s.add_user_message("hi")
-        s.save()
-        ids.append(s.session_id)
+def test_list_delete_and_memory_atoms(
+    storage: PostgresMemoryStorage, three_sessions: tuple[str, list[str]]
+) -> None:
+    user, ids = three_sessions
     assert storage.list_sessions(user) == sorted(ids)
     assert set(ids) <= set(storage.list_sessions())
     assert storage.list_sessions(user + "-nobody") == []

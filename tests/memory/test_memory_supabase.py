@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -21,8 +20,10 @@ from urllib.parse import parse_qsl, urlsplit
 
 import psycopg
 import pytest
+from databases import schema_databases
+from fleet import run_concurrently
 from psycopg import sql
-from test_memory_postgres import rich_session, schema_databases
+from test_memory_postgres import rich_session
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import ConfigurationError, MemoryStorageError
@@ -260,38 +261,25 @@ def test_pages_through_long_sessions(emulator: PostgrestEmulator, clean_env: Non
 
 def test_concurrent_first_saves_lose_nothing(emulator: PostgrestEmulator, clean_env: None) -> None:
     base = Session(user_id="race")
-    errors: list[BaseException] = []
     barrier = threading.Barrier(2)
 
     def writer(name: str) -> None:
-        try:
-            mine = SupabaseMemoryStorage(emulator.url, "k")
-            session = Session.from_dict(base.to_dict(), storage=mine)
-            barrier.wait()
-            for i in range(8):
-                session.add_user_message(f"{name}{i}")
-                session.save()
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
+        mine = SupabaseMemoryStorage(emulator.url, "k")
+        session = Session.from_dict(base.to_dict(), storage=mine)
+        barrier.wait()
+        for i in range(8):
+            session.add_user_message(f"{name}{i}")
+            session.save()
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in "ab"]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    assert run_concurrently(writer, "ab", timeout=60) == []
     loaded = SupabaseMemoryStorage(emulator.url, "k").load_session(base.session_id)
     assert loaded is not None and len(loaded) == 16
 
 
-def test_list_delete_and_memory_atoms(storage: SupabaseMemoryStorage) -> None:
-    user = f"u-{uuid.uuid4().hex[:8]}"
-    ids = []
-    for _ in range(3):
-        s = Session(user_id=user, storage=storage)
-        s.add_user_message("hi")
-        s.save()
-        ids.append(s.session_id)
+def test_list_delete_and_memory_atoms(
+    storage: SupabaseMemoryStorage, three_sessions: tuple[str, list[str]]
+) -> None:
+    user, ids = three_sessions
     assert storage.list_sessions(user) == sorted(ids)
     atom = storage.save_memory_atom(ids[0], user, "decision", {"title": "REST"}, {"m": 1})
     assert atom["content"] == {"title": "REST"} and atom["metadata"] == {"m": 1}
