@@ -12,19 +12,41 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from agent_factory.testing.fleet import Member
 
-__all__ = ["local_port", "read_only_server", "run_concurrently", "wait_until"]
+__all__ = ["local_port", "postgres_under", "read_only_server", "run_concurrently",
+           "wait_until"]
 
 
 def local_port(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> int:
     """The client-side port of ``conn`` (what `FaultProxy.blackhole_client` takes)."""
     with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
         return int(sock.getsockname()[1])
+
+
+def postgres_under(path: Path) -> list[int]:
+    """Live (non-zombie) processes whose working directory is under ``path``.
+
+    PostgreSQL processes run in their data directory, so this finds the
+    servers started there and no one else's (Linux: it reads ``/proc``).
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cwd = os.readlink(entry / "cwd")
+        except (OSError, IndexError):
+            continue  # gone, a zombie, or not ours to read
+        if state not in ("Z", "X") and cwd.startswith(str(path)):
+            found.append(int(entry.name))
+    return found
 
 
 def wait_until(

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fleet import postgres_under
 from rich.console import Console
 
 from agent_factory.cli.demo.scenario import Demo, DemoConfig
@@ -37,31 +38,11 @@ except PostgresNotFoundError as exc:  # pragma: no cover - depends on the machin
 NAMES = PROVIDERS[:2]
 
 
-def _postgres_under(path: Path) -> list[int]:
-    """Live (non-zombie) processes whose working directory is under ``path``.
-
-    PostgreSQL processes run in their data directory, so this finds the
-    servers started here and no one else's.
-    """
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            cwd = os.readlink(entry / "cwd")
-        except (OSError, IndexError):
-            continue  # gone, a zombie, or not ours to read
-        if state not in ("Z", "X") and cwd.startswith(str(path)):
-            found.append(int(entry.name))
-    return found
-
-
 def _assert_no_postgres_left(path: Path) -> None:
     if not Path("/proc").is_dir():
         return
     deadline = time.monotonic() + 10.0
-    while (left := _postgres_under(path)) and time.monotonic() < deadline:
+    while (left := postgres_under(path)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not left, f"postgres processes left behind: {left}"
 

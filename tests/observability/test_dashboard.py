@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fleet import wait_until
+from fleet import postgres_under, wait_until
 
 from agent_factory.cli.main import main
 from agent_factory.core.database_manager import DatabaseManager
@@ -329,21 +329,6 @@ def test_command_serves_env_providers_and_stops_on_sigterm(
         assert secret not in out + err
 
 
-def _postgres_under(path: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            cwd = os.readlink(entry / "cwd")
-        except (OSError, IndexError):
-            continue
-        if state not in ("Z", "X") and cwd.startswith(str(path)):
-            found.append(int(entry.name))
-    return found
-
-
 def test_demo_mode_fails_over_live_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     base = Path(tempfile.mkdtemp(prefix="afdash-"))  # short: Unix socket paths are limited
     try:
@@ -360,12 +345,12 @@ def test_demo_mode_fails_over_live_and_ctrl_c_stops_everything(tmp_path: Path) -
                 return serving
 
             wait_until(lambda: serving() == "railway", timeout=10, message="failover to railway")
-            assert _postgres_under(base)
+            assert postgres_under(base)
         finally:
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         assert "stopping the demo servers" in out and "Traceback" not in err
-        wait_until(lambda: not _postgres_under(base), timeout=10, message="servers stopped")
+        wait_until(lambda: not postgres_under(base), timeout=10, message="servers stopped")
     finally:
         shutil.rmtree(base, ignore_errors=True)
