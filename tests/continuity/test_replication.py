@@ -16,7 +16,7 @@ import secrets
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from agent_factory.testing.fleet import Fleet
 
 BACKUPS = ("railway", "neon")
 PASSWORDS: list[str] = []  # extra secrets that must never be printed
+Cli = Callable[..., tuple[int, str, str]]
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +120,6 @@ def assert_no_secret(fleet: Fleet, *texts: str) -> None:
             assert secret not in text
 
 
-def run(fleet: Fleet, capsys: pytest.CaptureFixture[str], env: Mapping[str, str],
-        *args: str) -> tuple[int, str, str]:
-    code = main(list(args), environ=env)
-    out, err = capsys.readouterr()
-    assert_no_secret(fleet, out, err)
-    return code, out, err
-
-
 def statuses(env: Mapping[str, str]) -> dict[str, BackupStatus]:
     return {s.provider: s for s in replication_status(settings_from_env(env, dotenv=None))}
 
@@ -136,12 +129,35 @@ def synced(env: Mapping[str, str]) -> bool:
     return all(s.streaming and not s.tables_syncing for s in statuses(env).values())
 
 
+@pytest.fixture
+def cli(healthy_fleet: Fleet, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> Cli:
+    """Runs the command in-process with ``env`` (or ``environ``): its code, stdout and stderr.
+
+    No password may show in what it printed.
+    """
+
+    def run(*args: str, environ: Mapping[str, str] | None = None) -> tuple[int, str, str]:
+        code = main(list(args), environ=env if environ is None else environ)
+        out, err = capsys.readouterr()
+        assert_no_secret(healthy_fleet, out, err)
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def streaming(cli: Cli, env: dict[str, str]) -> None:
+    """``replicate setup`` done, both backups streaming and their initial copy over."""
+    code, out, err = cli("replicate", "setup")
+    assert code == 0, out + err
+    wait_until(lambda: synced(env), 30, message="both backups streaming")
+
+
 def test_setup_streams_rows_to_both_backups_twice_is_a_no_op_and_teardown_removes_all(
-    healthy_fleet: Fleet, dbs: dict[str, str], env: dict[str, str],
-    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    healthy_fleet: Fleet, dbs: dict[str, str], env: dict[str, str], cli: Cli, tmp_path: Path,
 ) -> None:
     insert(dbs["supabase"], "before", 2)  # copied: the backups' tables are empty
-    code, out, err = run(healthy_fleet, capsys, env, "replicate", "setup")
+    code, out, err = cli("replicate", "setup")
     assert code == 0, out + err
     assert "publication agent_factory: created (public.session_memories, " \
            "public.knowledge_atoms)" in out
@@ -164,7 +180,7 @@ def test_setup_streams_rows_to_both_backups_twice_is_a_no_op_and_teardown_remove
             message=f"the update (updated_at included) on {name}")
 
     wait_until(lambda: synced(env), 15, message="both backups streaming")
-    code, out, err = run(healthy_fleet, capsys, env, "replicate", "status", "--max-lag", "60")
+    code, out, err = cli("replicate", "status", "--max-lag", "60")
     assert code == 0, out + err
     for name in BACKUPS:
         assert f"{name} (postgres@127.0.0.1:" in out
@@ -176,7 +192,7 @@ def test_setup_streams_rows_to_both_backups_twice_is_a_no_op_and_teardown_remove
 
     # A second setup changes nothing: same subscription, same tables, same publication.
     before = [execute(dbs[n], "SELECT oid, subenabled FROM pg_subscription") for n in BACKUPS]
-    code, out, err = run(healthy_fleet, capsys, env, "replicate", "setup")
+    code, out, err = cli("replicate", "setup")
     assert code == 0, out + err
     assert "publication agent_factory: unchanged" in out
     assert out.count("unchanged") == 3
@@ -194,7 +210,7 @@ def test_setup_streams_rows_to_both_backups_twice_is_a_no_op_and_teardown_remove
     assert [r["provider"] for r in report] == list(BACKUPS)
     assert all(r["streaming"] and r["enabled"] and r["lag_bytes"] is not None for r in report)
 
-    code, out, err = run(healthy_fleet, capsys, env, "replicate", "teardown")
+    code, out, err = cli("replicate", "teardown")
     assert code == 0, out + err
     assert "subscription agent_factory_railway dropped" in out
     assert "publication agent_factory on supabase: dropped" in out
@@ -203,19 +219,15 @@ def test_setup_streams_rows_to_both_backups_twice_is_a_no_op_and_teardown_remove
     assert execute(dbs["supabase"], "SELECT * FROM pg_publication") == []
     wait_until(lambda: not execute(dbs["supabase"], "SELECT slot_name FROM pg_replication_slots"),
                5, message="the slots to be gone")
-    code, out, err = run(healthy_fleet, capsys, env, "replicate", "teardown")
+    code, out, err = cli("replicate", "teardown")
     assert code == 0, out + err
     assert "publication agent_factory on supabase: absent" in out
 
 
 def test_status_reports_a_streaming_backup_that_stopped_applying_as_lagging(
-    healthy_fleet: Fleet, dbs: dict[str, str], env: dict[str, str],
-    capsys: pytest.CaptureFixture[str],
+    dbs: dict[str, str], env: dict[str, str], cli: Cli, streaming: None,
 ) -> None:
     """replay_lag is NULL for subscribers: the lag in seconds comes from watching the WAL."""
-    code, out, err = run(healthy_fleet, capsys, env, "replicate", "setup")
-    assert code == 0, out + err
-    wait_until(lambda: synced(env), 30, message="both backups streaming")
     insert(dbs["supabase"], "warm")
     wait_until(lambda: count(dbs["railway"]) == 1 and count(dbs["neon"]) == 1, 15,
                message="caught up")
@@ -223,7 +235,7 @@ def test_status_reports_a_streaming_backup_that_stopped_applying_as_lagging(
         blocker.execute("LOCK TABLE session_memories IN ACCESS EXCLUSIVE MODE")
         insert(dbs["supabase"], "stuck")
         wait_until(lambda: count(dbs["neon"]) == 2, 15, message="the row on neon")
-        code, out, err = run(healthy_fleet, capsys, env, "replicate", "status", "--max-lag", "0.5")
+        code, out, err = cli("replicate", "status", "--max-lag", "0.5")
         now = statuses(env)
     assert code == 1, out + err
     railway = next(line for line in out.splitlines() if line.startswith("railway"))
@@ -239,14 +251,11 @@ def test_status_reports_a_streaming_backup_that_stopped_applying_as_lagging(
 
 
 def test_replication_resumes_by_itself_after_a_primary_crash(
-    healthy_fleet: Fleet, dbs: dict[str, str], env: dict[str, str],
-    capsys: pytest.CaptureFixture[str],
+    healthy_fleet: Fleet, dbs: dict[str, str], cli: Cli, streaming: None,
 ) -> None:
-    assert run(healthy_fleet, capsys, env, "replicate", "setup")[0] == 0
-    wait_until(lambda: synced(env), 15, message="both backups streaming")
     primary = healthy_fleet["supabase"].server
     primary.kill()
-    code, out, err = run(healthy_fleet, capsys, env, "replicate", "status")
+    code, out, err = cli("replicate", "status")
     assert code == 3, out + err
     assert "railway (postgres@127.0.0.1:" in out and "UNREACHABLE: primary: provider " \
            "'supabase' unavailable" in out
@@ -256,16 +265,12 @@ def test_replication_resumes_by_itself_after_a_primary_crash(
     for name in BACKUPS:
         wait_until(lambda name=name: count(dbs[name]) == 1, 30,
                    message=f"streaming again to {name}")
-    wait_until(lambda: run(healthy_fleet, capsys, env, "replicate", "status")[0] == 0, 30,
-               message="status back to streaming")
+    wait_until(lambda: cli("replicate", "status")[0] == 0, 30, message="status back to streaming")
 
 
 def test_a_conflicting_row_stops_that_backups_apply_and_status_counts_its_errors(
-    healthy_fleet: Fleet, dbs: dict[str, str], env: dict[str, str],
-    capsys: pytest.CaptureFixture[str],
+    dbs: dict[str, str], env: dict[str, str], cli: Cli, streaming: None,
 ) -> None:
-    assert run(healthy_fleet, capsys, env, "replicate", "setup")[0] == 0
-    wait_until(lambda: synced(env), 30, message="both backups streaming")
     row = str(uuid.uuid4())
     sql = ("INSERT INTO session_memories (id, session_id, memory_type, message_id, content) "
            "VALUES (%s, 'clash', 'message_user', %s, '{}')")
@@ -276,7 +281,7 @@ def test_a_conflicting_row_stops_that_backups_apply_and_status_counts_its_errors
     insert(dbs["supabase"], "after")
     wait_until(lambda: count(dbs["neon"]) == 2, 15, message="neon unaffected")
     assert count(dbs["railway"]) == 1  # stopped: nothing after the conflict arrives
-    code, out, err = run(healthy_fleet, capsys, env, "replicate", "status")
+    code, out, err = cli("replicate", "status")
     railway = next(line for line in out.splitlines() if line.startswith("railway"))
     assert "apply error(s)" in railway, out + err
     execute(dbs["railway"], "DELETE FROM session_memories WHERE id = %s", (row,))  # resolved
@@ -284,14 +289,12 @@ def test_a_conflicting_row_stops_that_backups_apply_and_status_counts_its_errors
 
 
 def test_teardown_with_the_primary_down_detaches_the_slots_and_says_so(
-    healthy_fleet: Fleet, dbs: dict[str, str], env: dict[str, str],
-    capsys: pytest.CaptureFixture[str],
+    healthy_fleet: Fleet, dbs: dict[str, str], cli: Cli, streaming: None,
 ) -> None:
-    assert run(healthy_fleet, capsys, env, "replicate", "setup")[0] == 0
-    # Killed during the initial copy, the primary would keep its table-sync slots too.
-    wait_until(lambda: synced(env), 15, message="the initial copy to end")
+    # Killed during the initial copy, the primary would keep its table-sync slots too:
+    # ``streaming`` waits for its end.
     healthy_fleet["supabase"].server.kill()
-    code, out, err = run(healthy_fleet, capsys, env, "replicate", "teardown")
+    code, out, err = cli("replicate", "teardown")
     assert code == 3, out + err
     assert "its slot on the primary could not be dropped from there (unreachable?)" in out
     assert "SELECT pg_drop_replication_slot('agent_factory_neon')" in out
@@ -299,15 +302,14 @@ def test_teardown_with_the_primary_down_detaches_the_slots_and_says_so(
     for name in BACKUPS:
         assert execute(dbs[name], "SELECT subname FROM pg_subscription") == []
     healthy_fleet["supabase"].server.restart()
-    code, out, err = run(healthy_fleet, capsys, env, "replicate", "teardown")
+    code, out, err = cli("replicate", "teardown")
     assert code == 0, out + err
     assert execute(dbs["supabase"], "SELECT slot_name FROM pg_replication_slots") == []
     assert execute(dbs["supabase"], "SELECT * FROM pg_publication") == []
 
 
 def test_a_role_that_may_not_subscribe_gets_a_clear_error_and_the_others_are_set_up(
-    healthy_fleet: Fleet, dbs: dict[str, str], env: dict[str, str],
-    capsys: pytest.CaptureFixture[str],
+    dbs: dict[str, str], env: dict[str, str], cli: Cli,
 ) -> None:
     role, password = f"af_plain_{uuid.uuid4().hex[:8]}", secrets.token_urlsafe(16)
     PASSWORDS.append(password)
@@ -315,7 +317,7 @@ def test_a_role_that_may_not_subscribe_gets_a_clear_error_and_the_others_are_set
     try:
         railway = {**conninfo_to_dict(dbs["railway"]), "user": role, "password": password}
         plain = {**env, "RAILWAY_DB_URL": make_conninfo("", **railway)}
-        code, out, err = run(healthy_fleet, capsys, plain, "replicate", "setup")
+        code, out, err = cli("replicate", "setup", environ=plain)
         assert code == 2, out + err
         assert f"error: role '{role}' on provider 'railway' may not create subscriptions" in err
         assert f"GRANT pg_create_subscription TO {role}" in err
@@ -323,7 +325,7 @@ def test_a_role_that_may_not_subscribe_gets_a_clear_error_and_the_others_are_set
         # A member of pg_create_subscription that cannot act as the tables' owner.
         execute(dbs["railway"], f"GRANT pg_create_subscription TO {role}")
         execute(dbs["railway"], f'GRANT CREATE ON DATABASE "{railway["dbname"]}" TO {role}')
-        code, out, err = run(healthy_fleet, capsys, plain, "replicate", "setup")
+        code, out, err = cli("replicate", "setup", environ=plain)
         assert code == 2, out + err
         assert "cannot act as postgres, who own(s) the replicated tables" in err
     finally:
@@ -332,13 +334,11 @@ def test_a_role_that_may_not_subscribe_gets_a_clear_error_and_the_others_are_set
 
 
 def test_sync_brings_rows_written_on_a_backup_and_they_are_not_replicated_back(
-    healthy_fleet: Fleet, dbs: dict[str, str], env: dict[str, str],
-    capsys: pytest.CaptureFixture[str],
+    healthy_fleet: Fleet, dbs: dict[str, str], env: dict[str, str], cli: Cli,
 ) -> None:
     dbname = conninfo_to_dict(dbs["supabase"])["dbname"]
     proxied = with_dbname(healthy_fleet["supabase"].url, dbname)
-    code, out, err = run(healthy_fleet, capsys, env, "replicate", "setup", "--publisher-url",
-                         proxied)
+    code, out, err = cli("replicate", "setup", "--publisher-url", proxied)
     assert code == 0, out + err
     port = str(healthy_fleet["supabase"].proxy.port)
     assert execute(dbs["neon"], "SELECT subconninfo LIKE %s FROM pg_subscription",
@@ -346,9 +346,8 @@ def test_sync_brings_rows_written_on_a_backup_and_they_are_not_replicated_back(
     # During the initial copy, rows that sync writes would be copied too: wait for its end.
     wait_until(lambda: synced(env), 15, message="the initial copy to end")
     insert(dbs["railway"], "outage", 2)  # written on a backup while the primary was away
-    code, out, err = run(healthy_fleet, capsys, env, "sync", "--from", "railway", "--to",
-                         "supabase", "--table", "session_memories",
-                         "--since", "2000-01-01T00:00:00Z")
+    code, out, err = cli("sync", "--from", "railway", "--to", "supabase", "--table",
+                         "session_memories", "--since", "2000-01-01T00:00:00Z")
     assert code == 0, out + err
     assert "Syncing session_memories updated since 2000-01-01T00:00:00+00:00 from railway" in out
     assert "session_memories: 2 row(s) considered, 2 copied (2 inserted, 0 updated)" in out
@@ -360,24 +359,21 @@ def test_sync_brings_rows_written_on_a_backup_and_they_are_not_replicated_back(
     assert execute(dbs["neon"], "SELECT session_id FROM session_memories") == [("marker",)]
     assert all(s.streaming for s in statuses(env).values())
 
-    code, out, err = run(healthy_fleet, capsys, env, "sync", "--from", "railway", "--to",
-                         "supabase")
+    code, out, err = cli("sync", "--from", "railway", "--to", "supabase")
     assert code == 0, out + err
     assert "session_memories: 3 row(s) considered, 0 copied (0 inserted, 0 updated), " \
            "3 unchanged or newer on the target (kept)" in out
-    code, out, err = run(healthy_fleet, capsys, env, "sync", "--from", "railway", "--to", "mars")
+    code, out, err = cli("sync", "--from", "railway", "--to", "mars")
     assert code == 2 and "--to 'mars' is not a configured provider" in err
 
 
 def test_a_publisher_the_backups_cannot_reach_fails_without_showing_its_password(
-    healthy_fleet: Fleet, dbs: dict[str, str], env: dict[str, str],
-    capsys: pytest.CaptureFixture[str],
+    dbs: dict[str, str], cli: Cli,
 ) -> None:
     password = secrets.token_urlsafe(16)
     PASSWORDS.append(password)
     nowhere = f"postgresql://postgres:{password}@127.0.0.1:{free_port()}/app"
-    code, out, err = run(healthy_fleet, capsys, env, "replicate", "setup", "--publisher-url",
-                         nowhere)
+    code, out, err = cli("replicate", "setup", "--publisher-url", nowhere)
     assert code == 2, out + err
     assert "error: subscription agent_factory_railway on 'railway': could not connect to " \
            "the publisher" in err
