@@ -6,13 +6,13 @@ import logging
 import os
 import socket
 import stat
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
+from chaos import run_in_thread
 from psycopg.conninfo import make_conninfo
 
 from agent_factory.errors import EmbeddedPostgresError, PostgresNotFoundError
@@ -116,21 +116,12 @@ def test_kill_fails_fast_and_restart_recovers_committed_data(healthy_fleet: Flee
 def test_hang_gets_no_answer_until_resume(healthy_fleet: Fleet) -> None:
     server = healthy_fleet["neon"].server
     conn = psycopg.connect(server.url, autocommit=True, connect_timeout=5)
-    answers: list[object] = []
-
-    def query() -> None:
-        try:
-            answers.append(conn.execute("SELECT 42").fetchone())
-        except psycopg.Error as exc:
-            answers.append(exc)
-
-    worker = threading.Thread(target=query, daemon=True)
     server.hang()
     try:
         assert server.is_running() and "hung" in repr(server)
-        worker.start()
+        worker, answer = run_in_thread(lambda: conn.execute("SELECT 42").fetchone())
         worker.join(1.0)
-        assert worker.is_alive() and not answers
+        assert worker.is_alive() and not answer
         socket.create_connection((server.host, server.port), timeout=2).close()  # TCP works
         started = time.monotonic()
         with pytest.raises(psycopg.OperationalError):
@@ -139,7 +130,7 @@ def test_hang_gets_no_answer_until_resume(healthy_fleet: Fleet) -> None:
     finally:
         server.resume()
     worker.join(10)
-    assert answers == [(42,)]
+    assert "error" not in answer and answer.get("result") == (42,), answer
     conn.close()
 
 

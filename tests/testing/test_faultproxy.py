@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
+from chaos import run_in_thread
 from fleet import local_port, wait_until
 
 from agent_factory.testing.embedded import EmbeddedPostgres
@@ -183,18 +184,9 @@ def test_rate_and_latency_together(proxy: FaultProxy, server: EmbeddedPostgres) 
 def test_blackhole_accepts_and_never_answers(proxy: FaultProxy, server: EmbeddedPostgres) -> None:
     proxied = proxy.url_for(server.url)
     before = psycopg.connect(proxied, autocommit=True)
-    answers: list[object] = []
-
-    def query() -> None:
-        try:
-            answers.append(before.execute("SELECT 1").fetchone())
-        except psycopg.Error as exc:
-            answers.append(exc)
-
     proxy.set_mode("blackhole")
-    worker = threading.Thread(target=query, daemon=True)
+    worker, answer = run_in_thread(lambda: before.execute("SELECT 1").fetchone())
     try:
-        worker.start()
         started = time.monotonic()
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(proxied, connect_timeout=2)
@@ -204,14 +196,15 @@ def test_blackhole_accepts_and_never_answers(proxy: FaultProxy, server: Embedded
             raw.settimeout(0.3)
             with pytest.raises(socket.timeout):
                 raw.recv(1)
-        assert worker.is_alive() and not answers
+        assert worker.is_alive() and not answer
         with psycopg.connect(server.url, connect_timeout=5) as direct:
             assert direct.execute("SELECT 1").fetchone() == (1,)
     finally:
         proxy.set_mode("reset")  # frees the stuck query
         worker.join(5)
         before.close()
-    assert len(answers) == 1 and isinstance(answers[0], psycopg.OperationalError)
+    assert "result" not in answer
+    assert isinstance(answer.get("error"), psycopg.OperationalError), answer
     proxy.set_mode("pass")
     with psycopg.connect(proxied, connect_timeout=5) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
@@ -223,22 +216,12 @@ def test_blackhole_client_silences_one_connection_only(
     proxied = proxy.url_for(server.url)
     victim = psycopg.connect(proxied, autocommit=True)
     other = psycopg.connect(proxied, autocommit=True)
-    answers: list[object] = []
-    errors: list[psycopg.Error] = []
-
-    def query() -> None:
-        try:
-            answers.append(victim.execute("SELECT 1").fetchone())
-        except psycopg.Error as exc:
-            errors.append(exc)
-
-    worker = threading.Thread(target=query, daemon=True)
+    proxy.blackhole_client(local_port(victim))
+    worker, answer = run_in_thread(lambda: victim.execute("SELECT 1").fetchone())
     try:
-        proxy.blackhole_client(local_port(victim))
         assert proxy.mode == "pass"
-        worker.start()
         worker.join(0.5)
-        assert worker.is_alive() and not answers  # its bytes are dropped
+        assert worker.is_alive() and not answer  # its bytes are dropped
         assert other.execute("SELECT 2").fetchone() == (2,)  # the others flow
         with psycopg.connect(proxied, connect_timeout=5) as fresh:  # and new ones
             assert fresh.execute("SELECT 3").fetchone() == (3,)
@@ -249,8 +232,8 @@ def test_blackhole_client_silences_one_connection_only(
         worker.join(5)
         victim.close()
         other.close()
-    assert not worker.is_alive() and not answers
-    assert len(errors) == 1 and isinstance(errors[0], psycopg.OperationalError)
+    assert not worker.is_alive() and "result" not in answer
+    assert isinstance(answer.get("error"), psycopg.OperationalError), answer
 
 
 def test_reset_breaks_open_connections_at_once(
