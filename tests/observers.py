@@ -6,6 +6,7 @@ the fault proxy in front of it does not change.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import psycopg
@@ -39,6 +40,42 @@ def count_rows(fleet: Fleet, name: str, table: str) -> int:
         row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
     assert row is not None
     return int(row[0])
+
+
+class Recorder(Listener):
+    """Every event a manager reports, in order: (kind, provider, ...).
+
+    Kinds: "failover" (from, to), "failback" (primary, from), "health"
+    (provider, healthy), "query_error" (provider, error type) and "query"
+    (provider, outcome).
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self._lock = threading.Lock()
+
+    def _add(self, *event: Any) -> None:
+        with self._lock:
+            self.events.append(event)
+
+    def kinds(self) -> set[str]:
+        with self._lock:
+            return {e[0] for e in self.events}
+
+    def on_failover(self, from_provider: str, to_provider: str, reason: str | None) -> None:
+        self._add("failover", from_provider, to_provider)
+
+    def on_return_to_primary(self, primary: str, from_provider: str) -> None:
+        self._add("failback", primary, from_provider)
+
+    def on_health_change(self, provider: str, healthy: bool, reason: str | None) -> None:
+        self._add("health", provider, healthy)
+
+    def on_query_error(self, provider: str, error: BaseException) -> None:
+        self._add("query_error", provider, type(error).__name__)
+
+    def on_query(self, provider: str, seconds: float, outcome: str) -> None:
+        self._add("query", provider, outcome)
 
 
 class HealthLog(Listener):

@@ -6,14 +6,13 @@ import logging
 import re
 import threading
 import time
-from typing import Any
 
 import psycopg
 import pytest
 from conftest import MakeDb
 from defaults import FAST, ORDER
 from fleet import wait_until
-from observers import count_rows, served_by
+from observers import Recorder, count_rows, served_by
 from psycopg import errors as pge
 
 from agent_factory.core.database_manager import DatabaseManager
@@ -24,20 +23,6 @@ from agent_factory.errors import (
     ProviderUnavailableError,
 )
 from agent_factory.testing.fleet import Fleet
-
-
-class Recorder(Listener):
-    def __init__(self) -> None:
-        self.events: list[tuple[Any, ...]] = []
-
-    def on_failover(self, from_provider: str, to_provider: str, reason: str | None) -> None:
-        self.events.append(("failover", from_provider, to_provider))
-
-    def on_return_to_primary(self, primary: str, from_provider: str) -> None:
-        self.events.append(("return", primary, from_provider))
-
-    def on_health_change(self, provider: str, healthy: bool, reason: str | None) -> None:
-        self.events.append(("health", provider, healthy))
 
 
 def test_queries_run_on_the_primary(make_db: MakeDb, healthy_fleet: Fleet) -> None:
@@ -120,12 +105,19 @@ def test_hang_abandons_reads_within_deadline(make_db: MakeDb, healthy_fleet: Fle
     assert time.monotonic() - t1 < 0.5
 
 
-def test_write_lost_in_flight_is_outcome_unknown_never_applied_twice(
-    make_db: MakeDb, table: str, healthy_fleet: Fleet
-) -> None:
+@pytest.fixture
+def db_on_hung_primary(make_db: MakeDb, table: str, healthy_fleet: Fleet) -> DatabaseManager:
+    """A manager whose pool holds a live connection to the primary, whose server then hangs."""
     db = make_db()
     db.execute_query(f"SELECT count(*) FROM {table}")
     healthy_fleet["supabase"].server.hang()
+    return db
+
+
+def test_write_lost_in_flight_is_outcome_unknown_never_applied_twice(
+    db_on_hung_primary: DatabaseManager, table: str, healthy_fleet: Fleet
+) -> None:
+    db = db_on_hung_primary
     with pytest.raises(OutcomeUnknownError) as info:
         db.execute_query(f"INSERT INTO {table} VALUES (1)", fetch_mode="none")
     assert info.value.provider == "supabase"
@@ -136,12 +128,9 @@ def test_write_lost_in_flight_is_outcome_unknown_never_applied_twice(
 
 
 def test_idempotent_write_is_retried_after_hang(
-    make_db: MakeDb, table: str, healthy_fleet: Fleet
+    db_on_hung_primary: DatabaseManager, table: str, healthy_fleet: Fleet
 ) -> None:
-    db = make_db()
-    db.execute_query(f"SELECT count(*) FROM {table}")
-    healthy_fleet["supabase"].server.hang()
-    db.execute_query(
+    db_on_hung_primary.execute_query(
         f"INSERT INTO {table} VALUES (1) ON CONFLICT DO NOTHING", fetch_mode="none",
         idempotent=True,
     )
@@ -200,7 +189,7 @@ def test_returns_to_primary_after_recovery(make_db: MakeDb, healthy_fleet: Fleet
     wait_until(lambda: served_by(db, healthy_fleet) == "supabase", timeout=20,
                message="traffic back on the primary")
     assert ("failover", "supabase", "railway") in recorder.events
-    assert ("return", "supabase", "railway") in recorder.events
+    assert ("failback", "supabase", "railway") in recorder.events
     assert ("health", "supabase", False) in recorder.events
     assert ("health", "supabase", True) in recorder.events
 
@@ -350,7 +339,7 @@ def test_passwords_never_leak(healthy_fleet: Fleet, caplog: pytest.LogCaptureFix
 
 class TimedRecorder(Recorder):
     def on_health_change(self, provider: str, healthy: bool, reason: str | None) -> None:
-        self.events.append(("health", provider, healthy, time.monotonic()))
+        self._add("health", provider, healthy, time.monotonic())
 
 
 def test_recovery_does_not_flap_from_stale_pool_connects(

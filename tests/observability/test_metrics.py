@@ -17,6 +17,7 @@ import httpx
 import psycopg
 import pytest
 from fleet import wait_until
+from observers import Recorder
 from prometheus_client import CollectorRegistry
 
 from agent_factory.core.database_manager import DatabaseManager
@@ -30,37 +31,6 @@ from agent_factory.observability.metrics import (
     start_http_server,
 )
 from agent_factory.testing.fleet import Fleet
-
-
-class Recorder(Listener):
-    """Keeps every event it receives."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[Any, ...]] = []
-        self._lock = threading.Lock()
-
-    def _add(self, *event: Any) -> None:
-        with self._lock:
-            self.events.append(event)
-
-    def kinds(self) -> set[str]:
-        with self._lock:
-            return {e[0] for e in self.events}
-
-    def on_failover(self, from_provider: str, to_provider: str, reason: str | None) -> None:
-        self._add("failover", from_provider, to_provider)
-
-    def on_return_to_primary(self, primary: str, from_provider: str) -> None:
-        self._add("failback", primary, from_provider)
-
-    def on_health_change(self, provider: str, healthy: bool, reason: str | None) -> None:
-        self._add("health", provider, healthy)
-
-    def on_query_error(self, provider: str, error: BaseException) -> None:
-        self._add("query_error", provider, type(error).__name__)
-
-    def on_query(self, provider: str, seconds: float, outcome: str) -> None:
-        self._add("query", provider, outcome)
 
 
 class Exploding(Listener):
