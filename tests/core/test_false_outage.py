@@ -27,7 +27,7 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import psycopg
@@ -72,49 +72,48 @@ class EventLog(Listener):
         self.events.append(f"failover {from_provider} -> {to_provider}: {reason}")
 
 
-@dataclass
+#: The scenarios' tables: what each holds.
+TABLE_COLUMNS = {
+    "batch": "(batch int, n int)",
+    "blob": "(id serial, data bytea)",
+    "vec": f"(id serial, v vector({DIMS}))",
+    "lock": "(id int PRIMARY KEY, n int)",
+}
+
+
+@dataclass(frozen=True)
 class Tables:
     """This test's tables, on every provider (a failover then fails on the verdict only)."""
 
-    prefix: str = field(default_factory=lambda: f"fo_{uuid.uuid4().hex[:8]}")
+    batch: str
+    blob: str
+    vec: str
+    lock: str
 
-    @property
-    def batch(self) -> str:
-        return f"{self.prefix}_batch"
-
-    @property
-    def blob(self) -> str:
-        return f"{self.prefix}_blob"
-
-    @property
-    def vec(self) -> str:
-        return f"{self.prefix}_vec"
-
-    @property
-    def lock(self) -> str:
-        return f"{self.prefix}_lock"
+    @classmethod
+    def fresh(cls) -> Tables:
+        prefix = f"fo_{uuid.uuid4().hex[:8]}"
+        return cls(**{kind: f"{prefix}_{kind}" for kind in TABLE_COLUMNS})
 
     def create(self, fleet: Fleet) -> None:
         for member in fleet:
             with psycopg.connect(member.direct_url, autocommit=True) as conn:
                 conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-                conn.execute(f"CREATE TABLE {self.batch} (batch int, n int)")
-                conn.execute(f"CREATE TABLE {self.blob} (id serial, data bytea)")
-                conn.execute(f"CREATE TABLE {self.vec} (id serial, v vector({DIMS}))")
-                conn.execute(f"CREATE TABLE {self.lock} (id int PRIMARY KEY, n int)")
+                for kind, columns in TABLE_COLUMNS.items():
+                    conn.execute(f"CREATE TABLE {getattr(self, kind)} {columns}")
                 conn.execute(f"INSERT INTO {self.lock} VALUES (1, 0)")
 
     def drop(self, fleet: Fleet) -> None:
         for member in fleet:
             with psycopg.connect(member.direct_url, autocommit=True) as conn:
-                for table in (self.batch, self.blob, self.vec, self.lock):
+                for table in astuple(self):
                     conn.execute(f"DROP TABLE IF EXISTS {table}")
 
 
 @pytest.fixture
 def tables(healthy_fleet: Fleet) -> Iterator[dict[str, Tables]]:
     """One set of tables for the sync catalogue and one for the async one."""
-    made = {"sync": Tables(), "async": Tables()}
+    made = {"sync": Tables.fresh(), "async": Tables.fresh()}
     for each in made.values():
         each.create(healthy_fleet)
     yield made
