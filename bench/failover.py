@@ -19,9 +19,7 @@ All servers are restarted between scenarios.
 from __future__ import annotations
 
 import contextlib
-import secrets
 import select
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +30,9 @@ from psycopg_pool import ConnectionPool
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.testing.embedded import EmbeddedPostgres
-from agent_factory.testing.fleet import PROVIDERS, Fleet, start_fleet
+from agent_factory.testing.fleet import PROVIDERS, Fleet
+from bench import common
+from bench.common import FaultTimes, Paced, fault_cycle, first_line
 
 QUERY = "SELECT inet_server_port()"
 MANAGER = "DatabaseManager"
@@ -175,30 +175,20 @@ CLIENTS = {MANAGER: manager_client, MULTIHOST: multihost_client}
 # -- readers ---------------------------------------------------------------------
 
 
-def _reader(
-    idx: int,
-    read: Callable[[], int],
-    t0: float,
-    period: float,
-    stop: threading.Event,
-    out: list[Read],
-) -> None:
-    i = 0
-    while not stop.is_set():
-        sched = t0 + i * period
-        delay = sched - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+def _read_step(read: Callable[[], int]) -> Callable[[int, int, float], Read]:
+    """One scheduled read of a reader thread: which port answered, or the error."""
+
+    def step(reader: int, i: int, sched: float) -> Read:
         start = time.monotonic()
         port: int | None = None
         error: str | None = None
         try:
             port = read()
         except Exception as exc:  # every failure counts, whatever its type
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            error = f"{type(exc).__name__}: {first[:160]}"
-        out.append(Read(idx, sched, start, time.monotonic(), port, error))
-        i += 1
+            error = first_line(exc, 160)
+        return Read(reader, sched, start, time.monotonic(), port, error)
+
+    return step
 
 
 def run_scenario(
@@ -211,56 +201,17 @@ def run_scenario(
     fresh(fleet)
     primary = fleet[PROVIDERS[0]].server
     port_names = fleet.port_names()
-    reads: list[Read] = []
     with CLIENTS[client](fleet, cfg) as (read, handle):
         for _ in range(50):  # connections made, primary serving
             read()
-        stop = threading.Event()
-        period = 1.0 / cfg.rate
-        t0 = time.monotonic() + 0.05
-        threads = [
-            threading.Thread(
-                target=_reader,
-                args=(k, read, t0 + k * period / cfg.readers, period, stop, reads),
-                name=f"bench-reader-{k}",
-                daemon=True,
-            )
-            for k in range(cfg.readers)
-        ]
-        for t in threads:
-            t.start()
-        time.sleep(t0 + cfg.before - time.monotonic())
-        t_fault = time.monotonic()
-        if fault == "crash":
-            primary.kill()
-        else:
-            primary.hang()
-        t_signalled = time.monotonic()
+        readers = Paced(_read_step(read), cfg.readers, 1.0 / cfg.rate, name="bench-reader",
+                        lead=0.05)
         outage = cfg.outage if fault == "crash" else cfg.hang_outage
-        time.sleep(max(0.0, t_fault + outage - time.monotonic()))
-        t_restore_begin = time.monotonic()
-        if fault == "crash":
-            primary.restart()
-        else:
-            primary.resume()
-        t_restore = time.monotonic()
+        times = fault_cycle(primary, fault, at=readers.started + cfg.before, outage=outage)
         time.sleep(cfg.after)
-        stop.set()
-        for t in threads:
-            t.join(timeout=30.0)
-        notes = _client_state_notes(client, handle, threads)
-    out = summarize(
-        client,
-        fault,
-        reads,
-        primary.port,
-        t_fault,
-        t_signalled,
-        t_restore,
-        t_restore - t_restore_begin,
-        cfg,
-        port_names,
-    )
+        stopped = readers.stop()
+        notes = _client_state_notes(client, handle, stopped)
+    out = summarize(client, fault, readers.results, primary.port, times, cfg, port_names)
     out.notes.extend(notes)
     progress(
         f"{client:22s} {fault:5s}: failed {out.failed}, first backup {_s(out.first_backup)}, "
@@ -270,9 +221,9 @@ def run_scenario(
     return out
 
 
-def _client_state_notes(client: str, handle: Any, threads: list[threading.Thread]) -> list[str]:
+def _client_state_notes(client: str, handle: Any, stopped: bool) -> list[str]:
     notes = []
-    if any(t.is_alive() for t in threads):
+    if not stopped:
         notes.append("a reader thread was still blocked 30 s after the end")
     if client == MANAGER:
         stats = handle.get_provider_stats()
@@ -293,13 +244,11 @@ def summarize(
     fault: str,
     reads: list[Read],
     primary_port: int,
-    t_fault: float,
-    t_signalled: float,
-    t_restore: float,
-    restore_took: float,
+    times: FaultTimes,
     cfg: Config,
     port_names: dict[int, str],
 ) -> Outcome:
+    t_fault, t_signalled, t_restore = times.fault, times.signalled, times.restored
     reads = sorted(reads, key=lambda r: r.end)
     failed = [r for r in reads if r.error is not None]
     errors: dict[str, int] = {}
@@ -335,7 +284,7 @@ def summarize(
         max_latency=max((r.end - r.start for r in during), default=0.0),
         on_time=100.0 * len(on_time) / len(scheduled) if scheduled else 0.0,
         back_to_primary=(min(back) - t_restore) if back else None,
-        restore_took=restore_took,
+        restore_took=times.restore_took,
         observed_after=cfg.after,
         errors=errors,
         notes=notes,
@@ -345,15 +294,14 @@ def summarize(
 def run(cfg: Config, progress: Callable[[str], None] = print) -> list[Outcome]:
     """Every client through every fault."""
     # The servers share one password: the multi-host peer's conninfo has one.
-    with start_fleet(PROVIDERS, prefix="bench-", password=secrets.token_urlsafe(18),
-                     proxy=False, parallel=False) as fleet:
-        if not embedded_hang_freezes_backends(fleet[PROVIDERS[1]].server):
+    with common.fleet("bench") as servers:
+        if not embedded_hang_freezes_backends(servers[PROVIDERS[1]].server):
             raise RuntimeError(
                 "EmbeddedPostgres.hang() does not silence open connections (backends "
                 "not frozen): the hang scenarios would measure nothing"
             )
         outcomes = [
-            run_scenario(fleet, client, fault, cfg, progress)
+            run_scenario(servers, client, fault, cfg, progress)
             for client in (MANAGER, MULTIHOST)
             for fault in ("crash", "hang")
         ]

@@ -22,12 +22,13 @@ import threading
 import time
 import timeit
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg_pool import ConnectionPool
 
 from agent_factory.core.database_manager import DatabaseManager
+from bench.common import Series, interleaved, paired
 
 Query = Callable[[], Any]
 
@@ -37,29 +38,6 @@ PLAIN_AC = "plain-autocommit"
 TWIN = "plain-autocommit, identical twin pool (A/A)"
 PLAIN_TX = "plain-default"
 VARIANTS = (MANAGER, PARKED, PLAIN_AC, TWIN, PLAIN_TX)
-
-
-@dataclass
-class Series:
-    """Per round: wall µs/query, process CPU µs/query, context switches/query."""
-
-    variant: str
-    threads: int
-    samples: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
-    switches: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    @property
-    def cpu_median(self) -> float:
-        return statistics.median(self.cpu)
-
-    @property
-    def switches_median(self) -> float:
-        return statistics.median(self.switches)
 
 
 @dataclass
@@ -77,9 +55,7 @@ class OverheadResult:
         self, threads: int, variant: str = MANAGER, peer: str = PLAIN_AC
     ) -> list[float]:
         """variant/peer per round (both measured close together in that round)."""
-        a = self.series[(variant, threads)].samples
-        b = self.series[(peer, threads)].samples
-        return [x / y for x, y in zip(a, b, strict=True)]
+        return paired(self.series[(variant, threads)], self.series[(peer, threads)], ratio=True)
 
 
 def _serial(fn: Query, n: int) -> float:
@@ -211,14 +187,8 @@ def run(
             for name in VARIANTS:
                 measure(fns[name], warmup, threads)  # warm-up: pools full, caches hot
                 series[(name, threads)] = Series(name, threads)
-            for r in range(rounds):
-                shift = r % len(VARIANTS)
-                for name in VARIANTS[shift:] + VARIANTS[:shift]:
-                    wall, cpu, switches = measure(fns[name], queries, threads)
-                    s = series[(name, threads)]
-                    s.samples.append(wall)
-                    s.cpu.append(cpu)
-                    s.switches.append(switches)
+            for name in interleaved(VARIANTS, rounds):
+                series[(name, threads)].add(*measure(fns[name], queries, threads))
             progress(
                 f"overhead, {threads} thread(s): "
                 + ", ".join(f"{v} {series[(v, threads)].median:.1f} µs" for v in VARIANTS)
@@ -347,10 +317,8 @@ def same_backend(url: str, *, rounds: int = 30, queries: int = 1000) -> list[Sam
         for fn in steps.values():
             measure(fn, 500, 1)
         got: dict[str, list[tuple[float, float, float]]] = {k: [] for k in names}
-        for r in range(rounds):
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                got[name].append(measure(steps[name], queries, 1))
+        for name in interleaved(names, rounds):
+            got[name].append(measure(steps[name], queries, 1))
         base = got[names[0]]
         rows = []
         for name in names:
