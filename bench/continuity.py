@@ -31,10 +31,8 @@ and the reconciliation, a fresh one for each fault scenario.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
-import logging
 import sys
 import threading
 import time
@@ -58,8 +56,20 @@ from agent_factory.engine.settings import Settings
 from agent_factory.errors import OutcomeUnknownError
 from agent_factory.schema.migrations import apply_migrations
 from agent_factory.testing.fleet import PROVIDERS, Fleet
-from bench.report import yes
-from bench.resilience import fleet, server_version
+from bench import common
+from bench.common import (
+    FaultTimes,
+    Paced,
+    Progress,
+    fault_cycle,
+    first_line,
+    fleet,
+    run_alone,
+    server_version,
+    sleep_until,
+    wait_for,
+)
+from bench.report import row, section, targets
 
 PRIMARY, BACKUPS = PROVIDERS[0], PROVIDERS[1:]
 INSERT = (
@@ -76,14 +86,6 @@ LOST_TARGET = 0
 MIN_ACKED = 5000
 LAG_P99_TARGET = 1.0
 RECONCILE_TARGET = 10.0
-
-Progress = Callable[[str], None]
-logger = logging.getLogger("bench.continuity")
-
-
-def _stderr(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
 
 @dataclass(frozen=True)
 class Config:
@@ -174,72 +176,52 @@ class Events(Listener):
         self.health.append((time.monotonic(), provider, healthy))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:140] if text else ''}"
+def _write_step(db: DatabaseManager, session: str) -> Callable[[int, int, float], Write]:
+    """One scheduled write of a writer thread: a fresh id, and what became of it."""
 
-
-def _writer(
-    idx: int,
-    db: DatabaseManager,
-    session: str,
-    t0: float,
-    period: float,
-    stop: threading.Event,
-    out: list[Write],
-) -> None:
-    i = 0
-    while not stop.is_set():
-        sched = t0 + i * period
-        delay = sched - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+    def step(idx: int, i: int, sched: float) -> Write:
         wid = uuid.uuid4()
         start = time.monotonic()
         port: int | None = None
         error: str | None = None
         try:
-            row = db.execute_query(WRITE, (wid, session, f"w{idx}-{i}"), fetch_mode="one")
-            outcome, port = "ok", int(row[0])
+            answer = db.execute_query(WRITE, (wid, session, f"w{idx}-{i}"), fetch_mode="one")
+            outcome, port = "ok", int(answer[0])
         except OutcomeUnknownError as exc:
-            outcome, error = "unknown", _first_line(exc)
+            outcome, error = "unknown", first_line(exc, 140)
         except Exception as exc:  # every other failure counts, whatever its type
-            outcome, error = "error", _first_line(exc)
-        out.append(Write(wid, sched, start, time.monotonic(), outcome, port, error))
-        i += 1
+            outcome, error = "error", first_line(exc, 140)
+        return Write(wid, sched, start, time.monotonic(), outcome, port, error)
+
+    return step
 
 
-class Writers:
+class Writers(Paced[Write]):
     """``threads`` writer threads sharing ``rate`` writes/s on one schedule."""
 
     def __init__(self, db: DatabaseManager, session: str, rate: float, threads: int = 2) -> None:
-        self.writes: list[Write] = []
-        self.stop_event = threading.Event()
-        period = threads / rate
-        t0 = time.monotonic() + 0.02
-        self.threads = [
-            threading.Thread(
-                target=_writer,
-                args=(k, db, session, t0 + k * period / threads, period, self.stop_event,
-                      self.writes),
-                name=f"bench-writer-{k}",
-                daemon=True,
-            )
-            for k in range(threads)
-        ]
-        self.started = t0
-        for t in self.threads:
-            t.start()
+        super().__init__(_write_step(db, session), threads, threads / rate,
+                         name="bench-writer", lead=0.02)
+
+    @property
+    def writes(self) -> list[Write]:
+        return self.results
 
     def acked(self) -> int:
         return sum(1 for w in self.writes if w.outcome == "ok")
 
-    def stop(self) -> bool:
-        """Stop and join; False if a writer was still blocked 30 s later."""
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(timeout=30.0)
-        return not any(t.is_alive() for t in self.threads)
+
+def warm_manager(f: Fleet, listeners: tuple[Listener, ...] = ()) -> DatabaseManager:
+    """A manager over the fleet (``MANAGER_OPTIONS``), its pools warmed by 20 queries."""
+    db = DatabaseManager(f.urls(), order=list(PROVIDERS), listeners=listeners, dotenv=None,
+                         **MANAGER_OPTIONS)
+    try:
+        for _ in range(20):
+            db.execute_query("SELECT 1")
+    except BaseException:
+        db.close_all()
+        raise
+    return db
 
 
 @dataclass
@@ -269,96 +251,116 @@ class FaultOutcome:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class FaultRun:
+    """What the writers saw across one fault, before anything is checked."""
+
+    writes: list[Write]
+    started: float  # the writers' schedule began
+    times: FaultTimes
+    failback: float | None  # restore -> manager serving from the primary again
+    ended: float  # the writers stopped
+    ports: dict[int, str]  # provider by server port, as before the fault
+
+
 def fault_scenario(
     f: Fleet, fault: str, cfg: Config, progress: Progress
 ) -> FaultOutcome:
     truncate(f)
     session = f"bench-{fault}"
-    primary = f[PRIMARY].server
-    ports = f.port_names()
     events = Events()
     notes: list[str] = []
-    db = DatabaseManager(f.urls(), order=list(PROVIDERS), listeners=[events], dotenv=None,
-                         **MANAGER_OPTIONS)
+    db = warm_manager(f, listeners=(events,))
     try:
-        for _ in range(20):
-            db.execute_query("SELECT 1")
-        writers = Writers(db, session, cfg.rate)
-        try:
-            time.sleep(max(0.0, writers.started + cfg.before - time.monotonic()))
-            t_fault = time.monotonic()
-            if fault == "crash":
-                primary.kill()
-            else:
-                primary.hang()
-            time.sleep(max(0.0, t_fault + cfg.outage - time.monotonic()))
-            t_restore0 = time.monotonic()
-            if fault == "crash":
-                primary.restart()
-            else:
-                primary.resume()
-            t_restore = time.monotonic()
-            failback: float | None = None
-            deadline = t_restore + 30.0
-            while time.monotonic() < deadline:
-                if db.serving_provider == PRIMARY and db.get_provider_stats()[PRIMARY]["healthy"]:
-                    failback = time.monotonic() - t_restore
-                    break
-                time.sleep(0.01)
-            if failback is None:
-                notes.append("the manager did not serve from the primary within 30 s of the "
-                              "restore")
-            t_after = time.monotonic()
-            while time.monotonic() - t_after < cfg.after or (
-                writers.acked() < cfg.min_acked and time.monotonic() - t_after < 30.0
-            ):
-                time.sleep(0.05)
-        finally:
-            if not writers.stop():
-                notes.append("a writer thread was still blocked 30 s after the stop")
-        t_end = time.monotonic()
-        # A backup that took writes and was unreachable at failback is reconciled
-        # late, in the background: wait for that before checking.
-        pending_deadline = time.monotonic() + 15.0
-        while time.monotonic() < pending_deadline and any(
-            s["failback_pending_since"] for s in db.get_provider_stats().values()
-        ):
-            time.sleep(0.05)
-        pending = [n for n, s in db.get_provider_stats().items() if s["failback_pending_since"]]
-        if pending:
-            notes.append(f"failback still pending for {', '.join(pending)} at the check")
-        down = [n for n, s in db.get_provider_stats().items() if not s["healthy"]]
-        if down:
-            notes.append(f"providers still marked down at the end: {', '.join(down)}")
+        run = _write_across_fault(db, f, fault, cfg, session, notes)
+        _settle_failback(db, notes)
     finally:
         db.close_all()
-    writes = writers.writes
+    out = _check_writes(f, fault, run, session, events.reconciled, notes)
+    progress(
+        f"continuity {fault}: acked {out.acked}, lost {out.lost}, unknown {out.unknown} "
+        f"({out.unknown_on_primary} on the primary), failed {out.failed}, failback "
+        f"{_s(out.failback)}, backups missing {out.missing_on_backups}"
+    )
+    return out
+
+
+def _write_across_fault(db: DatabaseManager, f: Fleet, fault: str, cfg: Config, session: str,
+                        notes: list[str]) -> FaultRun:
+    """Start the writers, crash or hang the primary, wait for failback, write ``after`` s more."""
+    ports = f.port_names()
+    writers = Writers(db, session, cfg.rate)
+    try:
+        times = fault_cycle(f[PRIMARY].server, fault, at=writers.started + cfg.before,
+                            outage=cfg.outage)
+        failback = wait_for(lambda: _serving_primary(db), 30.0, 0.01)
+        if failback is None:
+            notes.append("the manager did not serve from the primary within 30 s of the restore")
+        t_after = time.monotonic()
+        while time.monotonic() - t_after < cfg.after or (
+            writers.acked() < cfg.min_acked and time.monotonic() - t_after < 30.0
+        ):
+            time.sleep(0.05)
+    finally:
+        if not writers.stop():
+            notes.append("a writer thread was still blocked 30 s after the stop")
+    return FaultRun(writers.writes, writers.started, times, failback, time.monotonic(), ports)
+
+
+def _serving_primary(db: DatabaseManager) -> bool:
+    return db.serving_provider == PRIMARY and bool(db.get_provider_stats()[PRIMARY]["healthy"])
+
+
+def _settle_failback(db: DatabaseManager, notes: list[str]) -> None:
+    """Wait (15 s at most) for a late, background failback; note what is still pending or down.
+
+    A backup that took writes and was unreachable at failback is reconciled
+    late, in the background: the checks must come after that.
+    """
+    wait_for(lambda: not any(s["failback_pending_since"]
+                             for s in db.get_provider_stats().values()), 15.0, 0.05)
+    pending = [n for n, s in db.get_provider_stats().items() if s["failback_pending_since"]]
+    if pending:
+        notes.append(f"failback still pending for {', '.join(pending)} at the check")
+    down = [n for n, s in db.get_provider_stats().items() if not s["healthy"]]
+    if down:
+        notes.append(f"providers still marked down at the end: {', '.join(down)}")
+
+
+def _backup_catchup(f: Fleet, acked: set[uuid.UUID],
+                    session: str) -> tuple[dict[str, int], float | None]:
+    """Acknowledged ids missing per backup, polled until none is (15 s at most); seconds it took."""
+    missing: dict[str, int] = {}
+
+    def caught_up() -> bool:
+        missing.update({b: len(acked - set(ids_on(f[b].url, session))) for b in BACKUPS})
+        return not any(missing.values())
+
+    took = wait_for(caught_up, 15.0, 0.1)
+    return missing, took
+
+
+def _check_writes(f: Fleet, fault: str, run: FaultRun, session: str,
+                  reconciled: list[tuple[str, int]], notes: list[str]) -> FaultOutcome:
+    """Every acknowledged, unknown and refused write looked up on each server."""
+    writes, times = run.writes, run.times
     acked = {w.id for w in writes if w.outcome == "ok"}
     unknown = {w.id for w in writes if w.outcome == "unknown"}
     failed = {w.id for w in writes if w.outcome == "error"}
+    primary = f[PRIMARY].server
     on_primary = ids_on(primary.url, session)
     primary_set = set(on_primary)
-    missing: dict[str, int] = {}
-    t_check = time.monotonic()
-    catchup: float | None = None
-    while True:
-        missing = {b: len(acked - set(ids_on(f[b].url, session))) for b in BACKUPS}
-        if not any(missing.values()):
-            catchup = time.monotonic() - t_check
-            break
-        if time.monotonic() - t_check > 15.0:
-            break
-        time.sleep(0.1)
+    missing, catchup = _backup_catchup(f, acked, session)
     with contextlib.suppress(RuntimeError):
         wait_streaming(f, 5.0)
-    replication = _replication_state(f)
-    acked_by = collections.Counter(ports.get(w.port or 0, "?") for w in writes
+    acked_by = collections.Counter(run.ports.get(w.port or 0, "?") for w in writes
                                    if w.outcome == "ok")
     backup_acks = [w.end for w in writes if w.outcome == "ok" and w.port != primary.port
-                   and w.end >= t_fault]
-    during = [w for w in writes if w.end >= t_fault and w.start <= t_restore + (failback or 0)]
+                   and w.end >= times.fault]
+    during = [w for w in writes
+              if w.end >= times.fault and w.start <= times.restored + (run.failback or 0)]
     errors = collections.Counter(w.error for w in writes if w.error is not None)
-    out = FaultOutcome(
+    return FaultOutcome(
         fault=fault,
         attempted=len(writes),
         acked=len(acked),
@@ -371,24 +373,18 @@ def fault_scenario(
         duplicated=len(on_primary) - len(primary_set),
         missing_on_backups=missing,
         backup_catchup=catchup,
-        first_backup_ack=(min(backup_acks) - t_fault) if backup_acks else None,
+        first_backup_ack=(min(backup_acks) - times.fault) if backup_acks else None,
         longest_write=max((w.end - w.start for w in during), default=0.0),
-        restore_took=t_restore - t_restore0,
-        failback=failback,
-        duration=t_end - writers.started,
-        rate=len(acked) / (t_end - writers.started),
-        reconciled=list(events.reconciled),
+        restore_took=times.restore_took,
+        failback=run.failback,
+        duration=run.ended - run.started,
+        rate=len(acked) / (run.ended - run.started),
+        reconciled=list(reconciled),
         errors={str(k): v for k, v in errors.items()},
-        replication=replication,
+        replication=_replication_state(f),
         apply_errors=_apply_errors(f),
         notes=notes,
     )
-    progress(
-        f"continuity {fault}: acked {out.acked}, lost {out.lost}, unknown {out.unknown} "
-        f"({out.unknown_on_primary} on the primary), failed {out.failed}, failback "
-        f"{_s(out.failback)}, backups missing {out.missing_on_backups}"
-    )
-    return out
 
 
 def _s(v: float | None) -> str:
@@ -425,110 +421,111 @@ class Drain:
         self.stopping = True
 
 
-def _poller(url: str, pending: dict[uuid.UUID, float], seen: list[float], lock: threading.Lock,
-            drain: Drain, every: float) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        while time.monotonic() < drain.deadline:
-            with lock:
-                wanted = list(pending)
-            if wanted:
-                rows = conn.execute(
-                    "SELECT id FROM session_memories WHERE id = ANY(%s)", (wanted,)
-                ).fetchall()
-                now = time.monotonic()
-                with lock:
-                    for (mid,) in rows:
-                        t = pending.pop(mid, None)
-                        if t is not None:
-                            seen.append(now - t)
-            elif drain.stopping:
-                return
-            time.sleep(every)
+class LagProbe:
+    """The markers pending on each backup, their end-to-end lags, the primary's replay_lag.
+
+    One poller thread per backup looks for the pending markers every
+    ``every`` s; `mark` adds a marker and samples ``pg_stat_replication``.
+    """
+
+    def __init__(self, f: Fleet, every: float) -> None:
+        self.every = every
+        self.pending: dict[str, dict[uuid.UUID, float]] = {b: {} for b in BACKUPS}
+        self.seen: dict[str, list[float]] = {b: [] for b in BACKUPS}
+        self.replay: dict[str, list[float]] = {b: [] for b in BACKUPS}
+        self.replay_null = {b: 0 for b in BACKUPS}
+        self.replay_bytes: dict[str, list[float]] = {b: [] for b in BACKUPS}
+        self.markers = 0
+        self._apps = {subscription_name(b): b for b in BACKUPS}
+        self._lock = threading.Lock()
+        self._drain = Drain()
+        self._pollers = [
+            threading.Thread(target=self._poll, args=(f[b].url, b),
+                             name=f"bench-lag-poll-{b}", daemon=True)
+            for b in BACKUPS
+        ]
+        for t in self._pollers:
+            t.start()
+
+    def _poll(self, url: str, backup: str) -> None:
+        pending, seen = self.pending[backup], self.seen[backup]
+        with psycopg.connect(url, autocommit=True) as conn:
+            while time.monotonic() < self._drain.deadline:
+                with self._lock:
+                    wanted = list(pending)
+                if wanted:
+                    rows = conn.execute(
+                        "SELECT id FROM session_memories WHERE id = ANY(%s)", (wanted,)
+                    ).fetchall()
+                    now = time.monotonic()
+                    with self._lock:
+                        for (mid,) in rows:
+                            t = pending.pop(mid, None)
+                            if t is not None:
+                                seen.append(now - t)
+                elif self._drain.stopping:
+                    return
+                time.sleep(self.every)
+
+    def mark(self, mconn: psycopg.Connection[Any], sconn: psycopg.Connection[Any],
+             i: int) -> None:
+        """Insert marker ``i`` on the primary (``mconn``), then sample its replay_lag."""
+        mid = uuid.uuid4()
+        mconn.execute(INSERT, (mid, "lag-marker", f"m{i}"))
+        committed = time.monotonic()
+        with self._lock:
+            for b in BACKUPS:
+                self.pending[b][mid] = committed
+        self.markers += 1
+        for app, lag, behind in sconn.execute(
+            "SELECT application_name, extract(epoch FROM replay_lag)::float8, "
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::float8 "
+            "FROM pg_stat_replication WHERE application_name = ANY(%s)",
+            (list(self._apps),),
+        ).fetchall():
+            backup = self._apps[app]
+            if behind is not None:
+                self.replay_bytes[backup].append(behind)
+            if lag is None:
+                self.replay_null[backup] += 1
+            else:
+                self.replay[backup].append(lag)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Let the pollers find what is still pending (``grace`` s at most), then join them."""
+        self._drain.stop(grace)
+        for t in self._pollers:
+            t.join(timeout=10.0)
+
+    def result(self, cfg: Config, writers: Writers) -> LagResult:
+        acked = writers.acked()
+        return LagResult(
+            seconds=cfg.lag_seconds,
+            rate_target=cfg.lag_rate,
+            writes_acked=acked,
+            writes_failed=len(writers.writes) - acked,
+            end_to_end=self.seen,
+            unseen={b: len(self.pending[b]) for b in BACKUPS},
+            replay_lag=self.replay,
+            replay_null=self.replay_null,
+            replay_bytes=self.replay_bytes,
+            markers=self.markers,
+            poll_interval=self.every,
+        )
 
 
 def replication_lag(f: Fleet, cfg: Config, progress: Progress) -> LagResult:
     truncate(f)
     wait_streaming(f, 30.0)
-    poll_every = 0.002
-    pendings: dict[str, dict[uuid.UUID, float]] = {b: {} for b in BACKUPS}
-    seen: dict[str, list[float]] = {b: [] for b in BACKUPS}
-    replay: dict[str, list[float]] = {b: [] for b in BACKUPS}
-    replay_null = {b: 0 for b in BACKUPS}
-    replay_bytes: dict[str, list[float]] = {b: [] for b in BACKUPS}
-    lock = threading.Lock()
-    drain = Drain()
-    pollers = [
-        threading.Thread(target=_poller, args=(f[b].url, pendings[b], seen[b], lock,
-                                               drain, poll_every),
-                         name=f"bench-lag-poll-{b}", daemon=True)
-        for b in BACKUPS
-    ]
-    for t in pollers:
-        t.start()
-    apps = {subscription_name(b): b for b in BACKUPS}
-    markers = 0
-    db = DatabaseManager(f.urls(), order=list(PROVIDERS), dotenv=None, **MANAGER_OPTIONS)
+    probe = LagProbe(f, every=0.002)
     try:
-        for _ in range(20):
-            db.execute_query("SELECT 1")
-        writers = Writers(db, "lag-load", cfg.lag_rate)
-        try:
-            with psycopg.connect(f[PRIMARY].url, autocommit=True) as mconn, psycopg.connect(
-                f[PRIMARY].url, autocommit=True
-            ) as sconn:
-                t0 = time.monotonic() + 0.5  # the writers at full pace first
-                i = 0
-                while True:
-                    due = t0 + i * 0.1
-                    if due > t0 + cfg.lag_seconds:
-                        break
-                    delay = due - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                    mid = uuid.uuid4()
-                    mconn.execute(INSERT, (mid, "lag-marker", f"m{i}"))
-                    committed = time.monotonic()
-                    with lock:
-                        for b in BACKUPS:
-                            pendings[b][mid] = committed
-                    markers += 1
-                    for app, lag, behind in sconn.execute(
-                        "SELECT application_name, extract(epoch FROM replay_lag)::float8, "
-                        "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::float8 "
-                        "FROM pg_stat_replication WHERE application_name = ANY(%s)",
-                        (list(apps),),
-                    ).fetchall():
-                        if behind is not None:
-                            replay_bytes[apps[app]].append(behind)
-                        if lag is None:
-                            replay_null[apps[app]] += 1
-                        else:
-                            replay[apps[app]].append(lag)
-                    i += 1
-        finally:
-            writers.stop()
+        writers = _marked_load(f, cfg, probe)
     finally:
-        db.close_all()
-        drain.stop(5.0)
-        for t in pollers:
-            t.join(timeout=10.0)
-    span = cfg.lag_seconds + 0.5
-    acked = writers.acked()
-    result = LagResult(
-        seconds=cfg.lag_seconds,
-        rate_target=cfg.lag_rate,
-        writes_acked=acked,
-        writes_failed=len(writers.writes) - acked,
-        end_to_end=seen,
-        unseen={b: len(pendings[b]) for b in BACKUPS},
-        replay_lag=replay,
-        replay_null=replay_null,
-        replay_bytes=replay_bytes,
-        markers=markers,
-        poll_interval=poll_every,
-    )
+        probe.stop()
+    result = probe.result(cfg, writers)
+    seen = result.end_to_end
     progress(
-        f"replication lag: {acked / span:.0f} writes/s; "
+        f"replication lag: {result.writes_acked / (cfg.lag_seconds + 0.5):.0f} writes/s; "
         + ", ".join(
             f"{b} p50 {_q(seen[b], 0.5) * 1e3:.1f} ms p99 {_q(seen[b], 0.99) * 1e3:.1f} ms"
             for b in BACKUPS
@@ -536,6 +533,29 @@ def replication_lag(f: Fleet, cfg: Config, progress: Progress) -> LagResult:
         )
     )
     return result
+
+
+def _marked_load(f: Fleet, cfg: Config, probe: LagProbe) -> Writers:
+    """Writers through a manager at ``lag_rate``; after 0.5 s a marker every 100 ms."""
+    db = warm_manager(f)
+    try:
+        writers = Writers(db, "lag-load", cfg.lag_rate)
+        try:
+            url = f[PRIMARY].url
+            with psycopg.connect(url, autocommit=True) as mconn, psycopg.connect(
+                url, autocommit=True
+            ) as sconn:
+                t0 = time.monotonic() + 0.5  # the writers at full pace first
+                i = 0
+                while t0 + i * 0.1 <= t0 + cfg.lag_seconds:
+                    sleep_until(t0 + i * 0.1)
+                    probe.mark(mconn, sconn, i)
+                    i += 1
+        finally:
+            writers.stop()
+    finally:
+        db.close_all()
+    return writers
 
 
 def _q(values: list[float], q: float) -> float:
@@ -607,7 +627,7 @@ class ContinuityResult:
     recon: ReconcileResult
 
 
-def run(quick: bool = False, progress: Progress = _stderr) -> ContinuityResult:
+def run(quick: bool = False, progress: Progress = common.progress) -> ContinuityResult:
     cfg = QUICK if quick else FULL
     with fleet("bench-cont") as f, _replication(f):
         pg_version = server_version(f)
@@ -669,15 +689,8 @@ def _replication(f: Fleet) -> Iterator[None]:
 # -- Markdown ---------------------------------------------------------------------------
 
 
-
 def render(res: ContinuityResult, header: list[str]) -> str:
-    lines: list[str] = []
-    add = lines.append
-    add("## Continuity: acknowledged writes, replication lag, reconciliation")
-    add("")
-    lines.extend(header)
-    add("")
-    add(
+    intro = (
         "Three embedded servers: supabase (primary), railway, neon; schema deployed on each "
         "(`apply_migrations(url, embedding_dim=8)`), logical replication from the primary "
         f"to both backups (`setup_replication`; streaming {res.streaming_after:.1f} s after "
@@ -686,21 +699,44 @@ def render(res: ContinuityResult, header: list[str]) -> str:
         + ", ".join(f"`{k}={v:g}`" for k, v in MANAGER_OPTIONS.items())
         + ", failback reconciliation on (the default), other settings at their defaults."
     )
-    add("")
-    lines += _faults_section(res)
-    lines += _lag_section(res.lag)
-    lines += _recon_section(res.recon)
-    lines += _targets_section(res)
-    return "\n".join(lines)
+    return "\n".join([
+        *section("## Continuity: acknowledged writes, replication lag, reconciliation",
+                 header, intro),
+        *_faults_section(res),
+        *_lag_section(res.lag),
+        *_recon_section(res.recon),
+        *_targets_section(res),
+    ])
+
+
+# The rows of the fault table: a label, and the cell of one scenario.
+FAULT_ROWS: list[tuple[str, Callable[[FaultOutcome], str]]] = [
+    ("writes attempted", lambda o: str(o.attempted)),
+    ("acknowledged", lambda o: str(o.acked)),
+    ("… by the primary / railway / neon",
+     lambda o: " / ".join(str(o.acked_by.get(n, 0)) for n in PROVIDERS)),
+    ("**lost** (acknowledged, missing on the primary)", lambda o: f"**{o.lost}**"),
+    ("duplicated on the primary", lambda o: str(o.duplicated)),
+    ("outcome unknown (`OutcomeUnknownError`)", lambda o: str(o.unknown)),
+    ("… of which on the primary afterwards", lambda o: str(o.unknown_on_primary)),
+    ("other errors", lambda o: str(o.failed)),
+    ("… of which on the primary anyway", lambda o: str(o.failed_on_primary)),
+    ("acknowledged, missing on railway / neon (after ≤ 15 s of catch-up)",
+     lambda o: " / ".join(str(o.missing_on_backups.get(b, "?")) for b in BACKUPS)),
+    ("backups held every acknowledged row after", lambda o: _s(o.backup_catchup)),
+    ("fault → first write acknowledged by a backup", lambda o: _s(o.first_backup_ack)),
+    ("slowest write during the fault", lambda o: f"{o.longest_write:.2f} s"),
+    ("restore (restart / SIGCONT) took", lambda o: f"{o.restore_took:.2f} s"),
+    ("restore → manager serving from the primary", lambda o: _s(o.failback)),
+    ("rows brought back by failback (on_reconcile)",
+     lambda o: ", ".join(f"{n} from {s}" for s, n in o.reconciled) or "—"),
+    ("acknowledged writes/s over the run", lambda o: f"{o.rate:.0f}"),
+]
 
 
 def _faults_section(res: ContinuityResult) -> list[str]:
-    lines: list[str] = []
-    add = lines.append
     cfg = res.config
-    add("### Acknowledged writes across crash → failover → restore → failback")
-    add("")
-    add(
+    intro = (
         f"2 writer threads, {cfg.rate:g} writes/s in all on a monotonic schedule (a late "
         "writer catches up; no write is skipped), each write `INSERT INTO session_memories "
         "(id, session_id, user_id, memory_type, message_id, content) VALUES (%s, <session>, "
@@ -712,61 +748,39 @@ def _faults_section(res: ContinuityResult) -> list[str]:
         f"{cfg.after:g} s more (longer if needed for {cfg.min_acked} acknowledged writes). "
         "Checked afterwards on each server by id."
     )
-    add("")
-    add("| | " + " | ".join(o.fault for o in res.faults) + " |")
-    add("|---|" + "---:|" * len(res.faults))
+    table = [
+        "| | " + " | ".join(o.fault for o in res.faults) + " |",
+        "|---|" + "---:|" * len(res.faults),
+        *(row(label, *(cell(o) for o in res.faults)) for label, cell in FAULT_ROWS),
+    ]
+    return section("### Acknowledged writes across crash → failover → restore → failback",
+                   intro, table, _faults_notes(res.faults))
 
-    def row(label: str, cell: Callable[[FaultOutcome], str]) -> None:
-        add(f"| {label} | " + " | ".join(cell(o) for o in res.faults) + " |")
 
-    row("writes attempted", lambda o: str(o.attempted))
-    row("acknowledged", lambda o: str(o.acked))
-    row("… by the primary / railway / neon",
-        lambda o: " / ".join(str(o.acked_by.get(n, 0)) for n in PROVIDERS))
-    row("**lost** (acknowledged, missing on the primary)", lambda o: f"**{o.lost}**")
-    row("duplicated on the primary", lambda o: str(o.duplicated))
-    row("outcome unknown (`OutcomeUnknownError`)", lambda o: str(o.unknown))
-    row("… of which on the primary afterwards", lambda o: str(o.unknown_on_primary))
-    row("other errors", lambda o: str(o.failed))
-    row("… of which on the primary anyway", lambda o: str(o.failed_on_primary))
-    row("acknowledged, missing on railway / neon (after ≤ 15 s of catch-up)",
-        lambda o: " / ".join(str(o.missing_on_backups.get(b, "?")) for b in BACKUPS))
-    row("backups held every acknowledged row after", lambda o: _s(o.backup_catchup))
-    row("fault → first write acknowledged by a backup", lambda o: _s(o.first_backup_ack))
-    row("slowest write during the fault", lambda o: f"{o.longest_write:.2f} s")
-    row("restore (restart / SIGCONT) took", lambda o: f"{o.restore_took:.2f} s")
-    row("restore → manager serving from the primary", lambda o: _s(o.failback))
-    row("rows brought back by failback (on_reconcile)",
-        lambda o: ", ".join(f"{n} from {s}" for s, n in o.reconciled) or "—")
-    row("acknowledged writes/s over the run", lambda o: f"{o.rate:.0f}")
-    add("")
-    for o in res.faults:
-        for e, n in sorted(o.errors.items(), key=lambda x: -x[1]):
-            add(f"- {o.fault}: {n} × `{e}`")
-        for note in o.notes:
-            add(f"- {o.fault}: {note}")
-    for o in res.faults:
-        add(f"- {o.fault}: replication at the end: "
-            + "; ".join(f"{b}: {p}" for b, p in o.replication.items())
-            + " (PostgreSQL 16 counts a lost connection to the publisher as an apply error).")
-        for b, e in o.apply_errors.items():
-            add(f"- {o.fault}: last apply error on {b}: `{e}`")
-    add(
+def _faults_notes(faults: list[FaultOutcome]) -> list[str]:
+    notes = []
+    for o in faults:
+        notes += [f"- {o.fault}: {n} × `{e}`"
+                  for e, n in sorted(o.errors.items(), key=lambda x: -x[1])]
+        notes += [f"- {o.fault}: {note}" for note in o.notes]
+    for o in faults:
+        notes.append(f"- {o.fault}: replication at the end: "
+                     + "; ".join(f"{b}: {p}" for b, p in o.replication.items())
+                     + " (PostgreSQL 16 counts a lost connection to the publisher as an "
+                     "apply error).")
+        notes += [f"- {o.fault}: last apply error on {b}: `{e}`"
+                  for b, e in o.apply_errors.items()]
+    notes.append(
         "- *duplicated* counts rows beyond one per id; the primary key makes it 0 by "
         "construction, so the meaningful checks are *lost*, *on the primary anyway* (a "
         "write reported as failed must not exist) and the backups."
     )
-    add("")
-    return lines
+    return notes
 
 
 def _lag_section(lag: LagResult) -> list[str]:
-    lines: list[str] = []
-    add = lines.append
-    add("### Replication lag under a steady write load")
-    add("")
     span = lag.seconds + 0.5
-    add(
+    intro = (
         f"2 writer threads through the manager at {lag.rate_target:g} writes/s in all "
         f"({lag.writes_acked / span:.0f}/s achieved, {lag.writes_failed} failed) for "
         f"{lag.seconds:g} s. Every 100 ms a marker row is inserted on the primary over a "
@@ -775,87 +789,77 @@ def _lag_section(lag: LagResult) -> list[str]:
         f"there (end-to-end lag, {lag.markers} markers). At the same moments the primary's "
         "`pg_stat_replication.replay_lag` of `agent_factory_<backup>` is read."
     )
-    add("")
-    add("| backup | markers seen | never seen (5 s drain) | end-to-end p50 | p99 | max | "
+    table = [
+        "| backup | markers seen | never seen (5 s drain) | end-to-end p50 | p99 | max | "
         "replay_lag samples (of them NULL) | replay_lag p50 | p99 | WAL bytes behind "
-        "replay_lsn p50 | p99 |")
-    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        "replay_lsn p50 | p99 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for b in BACKUPS:
-        e2e = lag.end_to_end[b]
-        rl = lag.replay_lag[b]
-        add(
-            f"| {b} | {len(e2e)} | {lag.unseen[b]} | {_sec(_q(e2e, 0.5))} | "
-            f"{_sec(_q(e2e, 0.99))} | {_sec(max(e2e) if e2e else float('nan'))} | "
-            f"{len(rl) + lag.replay_null[b]} ({lag.replay_null[b]}) | {_sec(_q(rl, 0.5))} | "
-            f"{_sec(_q(rl, 0.99))} | {_bytes(_q(lag.replay_bytes[b], 0.5))} | "
-            f"{_bytes(_q(lag.replay_bytes[b], 0.99))} |"
-        )
-    add("")
-    add(
+        e2e, rl, behind = lag.end_to_end[b], lag.replay_lag[b], lag.replay_bytes[b]
+        table.append(row(
+            b, len(e2e), lag.unseen[b], _sec(_q(e2e, 0.5)), _sec(_q(e2e, 0.99)),
+            _sec(max(e2e) if e2e else float("nan")),
+            f"{len(rl) + lag.replay_null[b]} ({lag.replay_null[b]})", _sec(_q(rl, 0.5)),
+            _sec(_q(rl, 0.99)), _bytes(_q(behind, 0.5)), _bytes(_q(behind, 0.99)),
+        ))
+    reading = (
         "`replay_lag` is what the manager's probe reports as `replication_lag_s`; it is "
         "computed by the primary from the subscriber's feedback messages (sent about every "
         "`wal_receiver_status_interval` or when the apply worker catches up), so it is "
         "coarse and reads NULL once the subscriber is idle. The end-to-end figure includes "
         "up to one poll interval plus one query round trip of measurement error."
     )
-    add("")
-    return lines
+    return section("### Replication lag under a steady write load", intro, table, reading)
 
 
 def _recon_section(rc: ReconcileResult) -> list[str]:
-    lines: list[str] = []
-    add = lines.append
-    add("### Reconciliation of rows written on a backup during an outage")
-    add("")
-    add(
+    intro = (
         f"{rc.rows} `session_memories` rows inserted directly on railway (batches of 1000 "
         f"with `executemany`, one transaction, {rc.insert_seconds:.2f} s), the tables empty "
         "on the other servers; then `reconcile(railway_conn, supabase_conn, "
         "tables=[\"session_memories\"])` with fresh connections, timed, twice."
     )
-    add("")
-    add("| run | seconds | source rows | inserted | updated | unchanged | skipped |")
-    add("|---|---:|---:|---:|---:|---:|---:|")
-    for i, r in enumerate(rc.runs, 1):
-        add(f"| {'first' if i == 1 else 'second (idempotent)'} | {r.seconds:.2f} | "
-            f"{r.source_rows} | {r.inserted} | {r.updated} | {r.unchanged} | {r.skipped} |")
-    add("")
-    add(f"Rows of the outage on the primary afterwards: {rc.on_primary} of {rc.rows}.")
-    add("")
-    return lines
+    table = [
+        "| run | seconds | source rows | inserted | updated | unchanged | skipped |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *(row("first" if i == 1 else "second (idempotent)", f"{r.seconds:.2f}", r.source_rows,
+              r.inserted, r.updated, r.unchanged, r.skipped)
+          for i, r in enumerate(rc.runs, 1)),
+    ]
+    return section("### Reconciliation of rows written on a backup during an outage",
+                   intro, table, f"Rows of the outage on the primary afterwards: "
+                   f"{rc.on_primary} of {rc.rows}.")
 
 
 def _targets_section(res: ContinuityResult) -> list[str]:
-    lines: list[str] = []
-    add = lines.append
     cfg, lag, rc = res.config, res.lag, res.recon
-    add("### Targets")
-    add("")
-    add("| target | result | met |")
-    add("|---|---|---|")
-    for o in res.faults:
-        ok = o.lost == LOST_TARGET and o.acked >= cfg.min_acked and o.failed_on_primary == 0
-        add(f"| {o.fault}: 0 acknowledged writes lost out of ≥ {cfg.min_acked} | {o.lost} lost "
-            f"of {o.acked} ({o.unknown} unknown outcome, {o.failed_on_primary} refused "
-            f"writes present) | {yes(ok)} |")
-    for o in res.faults:
-        missing = sum(o.missing_on_backups.values())
-        add(f"| {o.fault} (extra check): every acknowledged write on every backup | "
-            + ", ".join(f"{o.missing_on_backups.get(b, '?')} missing on {b}" for b in BACKUPS)
-            + f" | {yes(missing == 0)} |")
+    rows = [
+        (f"{o.fault}: 0 acknowledged writes lost out of ≥ {cfg.min_acked}",
+         f"{o.lost} lost of {o.acked} ({o.unknown} unknown outcome, {o.failed_on_primary} "
+         "refused writes present)",
+         o.lost == LOST_TARGET and o.acked >= cfg.min_acked and o.failed_on_primary == 0)
+        for o in res.faults
+    ]
+    rows += [
+        (f"{o.fault} (extra check): every acknowledged write on every backup",
+         ", ".join(f"{o.missing_on_backups.get(b, '?')} missing on {b}" for b in BACKUPS),
+         sum(o.missing_on_backups.values()) == 0)
+        for o in res.faults
+    ]
     for b in BACKUPS:
         p99 = _q(lag.end_to_end[b], 0.99)
-        ok = bool(lag.end_to_end[b]) and p99 < LAG_P99_TARGET and lag.unseen[b] == 0
-        add(f"| replication lag p99 < {LAG_P99_TARGET:g} s ({b}, end to end) | {_sec(p99)} | "
-            f"{yes(ok)} |")
+        rows.append((f"replication lag p99 < {LAG_P99_TARGET:g} s ({b}, end to end)", _sec(p99),
+                     bool(lag.end_to_end[b]) and p99 < LAG_P99_TARGET and lag.unseen[b] == 0))
     first, second = rc.runs
-    ok = first.seconds < RECONCILE_TARGET and first.copied == rc.rows
-    add(f"| reconcile {rc.rows} rows < {RECONCILE_TARGET:g} s | {first.seconds:.2f} s, "
-        f"{first.copied} copied | {yes(ok)} |")
-    add(f"| second reconcile copies 0 rows | {second.copied} copied in {second.seconds:.2f} s | "
-        f"{yes(second.copied == 0)} |")
-    add("")
-    return lines
+    rows += [
+        (f"reconcile {rc.rows} rows < {RECONCILE_TARGET:g} s",
+         f"{first.seconds:.2f} s, {first.copied} copied",
+         first.seconds < RECONCILE_TARGET and first.copied == rc.rows),
+        ("second reconcile copies 0 rows", f"{second.copied} copied in {second.seconds:.2f} s",
+         second.copied == 0),
+    ]
+    return section("### Targets", targets(rows))
 
 
 def _bytes(v: float) -> str:
@@ -869,14 +873,7 @@ def _sec(v: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short outages, fewer rows")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    t0 = time.monotonic()
-    res = run(args.quick)
-    print(render(res, [f"- {time.monotonic() - t0:.0f} s, PostgreSQL {res.pg_version}."]))
-    return 0
+    return run_alone(__doc__, run, render, "short outages, fewer rows", argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared helpers of the Markdown reports: number formats, table rows, target rows."""
+"""Shared helpers of the Markdown reports: number formats, table rows, targets, sections."""
 
 from __future__ import annotations
 
@@ -26,3 +26,17 @@ def targets(rows: Iterable[tuple[str, str, bool]]) -> list[str]:
     return ["| target | result | met |", "|---|---|---|"] + [
         row(target, result, yes(ok)) for target, result, ok in rows
     ]
+
+
+def section(title: str, *blocks: str | list[str] | None) -> list[str]:
+    """A section's lines: ``title``, then each block followed by a blank line.
+
+    A block is a paragraph, or the lines of a table or a list; an empty or
+    None block is left out (with its blank line).
+    """
+    lines = [title, ""]
+    for block in blocks:
+        if block:
+            lines += [block] if isinstance(block, str) else block
+            lines.append("")
+    return lines
