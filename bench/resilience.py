@@ -25,18 +25,15 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
-import contextlib
 import logging
 import resource
-import secrets
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -45,8 +42,19 @@ from psycopg_pool import AsyncConnectionPool
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.testing.faultproxy import FaultProxy
-from agent_factory.testing.fleet import PROVIDERS, Fleet, start_fleet
-from bench.report import signed, yes
+from agent_factory.testing.fleet import PROVIDERS, Fleet
+from bench import common
+from bench.common import (
+    Progress,
+    Series,
+    fleet,
+    interleaved,
+    paired,
+    run_alone,
+    server_version,
+    wait_for,
+)
+from bench.report import section, signed, targets
 
 SKIP_TARGET_US = 50.0
 ASYNC_TARGET = 1.10
@@ -55,65 +63,8 @@ NEAREST_READS = 200
 BASELINE_READS = 50
 PORT_QUERY = "SELECT inet_server_port()"
 
-Progress = Callable[[str], None]
-logger = logging.getLogger("bench.resilience")
-
-
-def _stderr(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-# -- servers ------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def fleet(prefix: str) -> Iterator[Fleet]:
-    """Three embedded servers sharing one password, started one after the other."""
-    f = start_fleet(PROVIDERS, prefix=f"{prefix}-", password=secrets.token_urlsafe(18),
-                    proxy=False, parallel=False)
-    try:
-        yield f
-    finally:
-        f.close(on_error=lambda name, exc: logger.error("could not close server %s: %s",
-                                                        name, exc))
-
-
-def server_version(f: Fleet) -> str:
-    with psycopg.connect(f[PROVIDERS[0]].url) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-    return str(row[0]) if row else "?"
-
 
 # -- measuring ----------------------------------------------------------------------
-
-
-@dataclass
-class Series:
-    """Per round: wall µs/query and process CPU µs/query."""
-
-    name: str
-    samples: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    @property
-    def cpu_median(self) -> float:
-        return statistics.median(self.cpu)
-
-    def add(self, wall: float, cpu: float) -> None:
-        self.samples.append(wall)
-        self.cpu.append(cpu)
-
-
-def paired(a: Series, b: Series, *, cpu: bool = False, ratio: bool = False) -> list[float]:
-    """Per round: a - b (or a / b), wall or CPU; both were measured in the same round."""
-    xs, ys = (a.cpu, b.cpu) if cpu else (a.samples, b.samples)
-    if ratio:
-        return [x / y for x, y in zip(xs, ys, strict=True)]
-    return [x - y for x, y in zip(xs, ys, strict=True)]
 
 
 def measure_sync(fn: Callable[[], Any], n: int) -> tuple[float, float]:
@@ -158,74 +109,45 @@ class SkipResult:
 
 
 def _wait(cond: Callable[[], bool], timeout: float, what: str, step: float = 0.02) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(step)
-    return time.monotonic() - t0
+    took = wait_for(cond, timeout, step)
+    if took is None:
+        raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+    return took
 
 
 def _select1(m: DatabaseManager) -> Callable[[], Any]:
     return lambda: m.execute_query("SELECT 1")
 
 
+# The first manager's primary is killed; the second and its twin start at railway.
+SKIP_ORDERS = (
+    ("supabase", "railway", "neon"),
+    ("railway", "neon", "supabase"),
+    ("railway", "neon", "supabase"),
+)
+SKIP_OPTIONS: dict[str, Any] = {"hang_timeout": 2.0, "probe_interval": 3600.0, "dotenv": None}
+# Per variant: what to do before its rounds, and the manager to query.
+Plan = dict[str, tuple[Callable[[], None], DatabaseManager]]
+
+
 def breaker_skip(
     f: Fleet, *, rounds: int, queries: int, warmup: int, progress: Progress
 ) -> SkipResult:
     pool_size = 1
-    options: dict[str, Any] = {
-        "hang_timeout": 2.0,
-        "probe_interval": 3600.0,
-        "pool_min_size": pool_size,
-        "pool_max_size": pool_size,
-        "dotenv": None,
-    }
-    urls = f.urls()
-    ports = f.port_names()
     managers: list[DatabaseManager] = []
     switch_filter = logging.getLogger("agent_factory.core.database_manager")
     switch_filter.addFilter(_quiet_primary_switch)
     try:
-        first = DatabaseManager(urls, order=["supabase", "railway", "neon"], **options)
-        managers.append(first)
-        second = DatabaseManager(urls, order=["railway", "neon", "supabase"], **options)
-        managers.append(second)
-        third = DatabaseManager(urls, order=["railway", "neon", "supabase"], **options)
-        managers.append(third)
+        for order in SKIP_ORDERS:
+            managers.append(DatabaseManager(f.urls(), order=list(order), pool_min_size=pool_size,
+                                            pool_max_size=pool_size, **SKIP_OPTIONS))
         for m in managers:
             m.execute_query("SELECT 1")
-        f["supabase"].server.kill()
-        first.execute_query("SELECT 1")  # finds the primary dead, marks it down
-        _wait(lambda: first.get_provider_stats()["supabase"]["breaker"] == "open", 10.0,
-              "the primary's breaker to open")
-
-        def on(m: DatabaseManager, primary: str) -> Callable[[], None]:
-            def prepare() -> None:
-                if m.primary_provider != primary:
-                    m.set_provider(primary)
-            return prepare
-
-        plan: dict[str, tuple[Callable[[], None], DatabaseManager]] = {
-            SKIP: (on(first, "supabase"), first),
-            DIRECT: (lambda: None, second),
-            TWIN: (lambda: None, third),
-            SWITCH: (on(first, "railway"), first),
-        }
-        served_by: dict[str, str] = {}
-        series = {v: Series(v) for v in SKIP_VARIANTS}
-        for v in SKIP_VARIANTS:
-            prepare, m = plan[v]
-            prepare()
-            row = m.execute_query(PORT_QUERY, fetch_mode="one")
-            served_by[v] = ports.get(int(row[0]), "?")
-            measure_sync(_select1(m), warmup)
-        for r in range(rounds):
-            shift = r % len(SKIP_VARIANTS)
-            for v in SKIP_VARIANTS[shift:] + SKIP_VARIANTS[:shift]:
-                prepare, m = plan[v]
-                prepare()
-                series[v].add(*measure_sync(_select1(m), queries))
+        first = managers[0]
+        _open_primary_breaker(f, first)
+        plan = _skip_plan(*managers)
+        served_by = _served_and_warmed(plan, f.port_names(), warmup)
+        series = _skip_rounds(plan, rounds, queries)
         first.set_provider("supabase")
         stats = first.get_provider_stats()["supabase"]
         result = SkipResult(rounds, queries, warmup, pool_size, series, served_by,
@@ -242,6 +164,54 @@ def breaker_skip(
         switch_filter.removeFilter(_quiet_primary_switch)
         if not f["supabase"].server.is_running():
             f["supabase"].server.start()
+
+
+def _open_primary_breaker(f: Fleet, first: DatabaseManager) -> None:
+    """Kill the first manager's primary (for good) and wait until its breaker is open."""
+    f["supabase"].server.kill()
+    first.execute_query("SELECT 1")  # finds the primary dead, marks it down
+    _wait(lambda: first.get_provider_stats()["supabase"]["breaker"] == "open", 10.0,
+          "the primary's breaker to open")
+
+
+def _skip_plan(first: DatabaseManager, second: DatabaseManager,
+               third: DatabaseManager) -> Plan:
+    """The variants: the first manager set to supabase (skip) or railway (same pool)."""
+
+    def on(primary: str) -> Callable[[], None]:
+        def prepare() -> None:
+            if first.primary_provider != primary:
+                first.set_provider(primary)
+        return prepare
+
+    return {
+        SKIP: (on("supabase"), first),
+        DIRECT: (lambda: None, second),
+        TWIN: (lambda: None, third),
+        SWITCH: (on("railway"), first),
+    }
+
+
+def _served_and_warmed(plan: Plan, ports: dict[int, str], warmup: int) -> dict[str, str]:
+    """Which server answers each variant; then ``warmup`` queries of each."""
+    served_by: dict[str, str] = {}
+    for v in SKIP_VARIANTS:
+        prepare, m = plan[v]
+        prepare()
+        row = m.execute_query(PORT_QUERY, fetch_mode="one")
+        served_by[v] = ports.get(int(row[0]), "?")
+        measure_sync(_select1(m), warmup)
+    return served_by
+
+
+def _skip_rounds(plan: Plan, rounds: int, queries: int) -> dict[str, Series]:
+    """``rounds`` interleaved rounds of ``queries`` queries per variant."""
+    series = {v: Series(v) for v in SKIP_VARIANTS}
+    for v in interleaved(SKIP_VARIANTS, rounds):
+        prepare, m = plan[v]
+        prepare()
+        series[v].add(*measure_sync(_select1(m), queries))
+    return series
 
 
 # -- 2. nearest routing ---------------------------------------------------------------
@@ -459,10 +429,8 @@ async def _async_overhead(
             for v in ASYNC_VARIANTS:
                 await _measure_async(fns[v], warmup, tasks)
                 series[(v, tasks)] = Series(v)
-            for r in range(rounds):
-                shift = r % len(ASYNC_VARIANTS)
-                for v in ASYNC_VARIANTS[shift:] + ASYNC_VARIANTS[:shift]:
-                    series[(v, tasks)].add(*await _measure_async(fns[v], queries, tasks))
+            for v in interleaved(ASYNC_VARIANTS, rounds):
+                series[(v, tasks)].add(*await _measure_async(fns[v], queries, tasks))
             progress(
                 f"async, {tasks} task(s): "
                 + ", ".join(f"{v.split(' (')[0]} {series[(v, tasks)].median:.1f} µs"
@@ -509,7 +477,7 @@ class ResilienceResult:
     rusage_maxrss_mb: float = 0.0
 
 
-def run(quick: bool = False, progress: Progress = _stderr) -> ResilienceResult:
+def run(quick: bool = False, progress: Progress = common.progress) -> ResilienceResult:
     cfg = QUICK if quick else FULL
     with fleet("bench-res") as f:
         pg_version = server_version(f)
@@ -529,10 +497,8 @@ def run(quick: bool = False, progress: Progress = _stderr) -> ResilienceResult:
 # -- Markdown -----------------------------------------------------------------------
 
 
-
 def _ms(v: float | None) -> str:
     return "—" if v is None else f"{v:.1f}"
-
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -541,25 +507,17 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def render(res: ResilienceResult, header: list[str]) -> str:
-    lines: list[str] = []
-    add = lines.append
-    add("## Resilience: breakers, routing, async")
-    add("")
-    lines.extend(header)
-    add("")
-    lines += _skip_section(res.skip)
-    lines += _nearest_section(res)
-    lines += _async_section(res.asyncr)
-    lines += _targets_section(res)
-    return "\n".join(lines)
+    return "\n".join([
+        *section("## Resilience: breakers, routing, async", header),
+        *_skip_section(res.skip),
+        *_nearest_section(res),
+        *_async_section(res.asyncr),
+        *_targets_section(res),
+    ])
 
 
 def _skip_section(s: SkipResult) -> list[str]:
-    lines: list[str] = []
-    add = lines.append
-    add("### Cost of skipping an open breaker")
-    add("")
-    add(
+    intro = (
         "Three embedded servers. The first manager has order supabase, railway, neon; "
         "supabase (its primary) was killed (SIGKILL, kept dead), the manager marked it "
         f"down on the next query and its breaker stayed **{s.breaker}** for the whole run "
@@ -573,22 +531,22 @@ def _skip_section(s: SkipResult) -> list[str]:
         "back to supabase before the skipping rounds), so both use the very same pooled "
         "connection to railway and the pool-to-pool noise drops out."
     )
-    add("")
-    add("| variant | served by | median µs/query | fastest–slowest round | CPU µs/query | "
-        "Δ vs second manager, per round (median) | Δ CPU vs second manager |")
-    add("|---|---|---:|---:|---:|---:|---:|")
+    table = [
+        "| variant | served by | median µs/query | fastest–slowest round | CPU µs/query | "
+        "Δ vs second manager, per round (median) | Δ CPU vs second manager |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     base = s.series[DIRECT]
     for v in SKIP_VARIANTS:
         x = s.series[v]
         delta = "—" if v == DIRECT else f"{signed(statistics.median(paired(x, base)))} µs"
         dcpu = "—" if v == DIRECT else f"{signed(statistics.median(paired(x, base, cpu=True)))} µs"
-        add(f"| {v} | {s.served_by.get(v, '?')} | {x.median:.1f} | {min(x.samples):.0f}–"
-            f"{max(x.samples):.0f} | {x.cpu_median:.1f} | {delta} | {dcpu} |")
-    add("")
+        table.append(f"| {v} | {s.served_by.get(v, '?')} | {x.median:.1f} | {min(x.samples):.0f}–"
+                     f"{max(x.samples):.0f} | {x.cpu_median:.1f} | {delta} | {dcpu} |")
     same = s.extra_us(SWITCH)
     same_cpu = s.extra_us(SWITCH, cpu=True)
     twin = statistics.median(paired(s.series[TWIN], base))
-    add(
+    reading = (
         f"Extra cost of the skip: **{signed(s.extra_us())} µs** per query against the second "
         f"manager ({signed(s.extra_us(cpu=True))} µs CPU); against the same manager and pool "
         f"{signed(same)} µs ({signed(same_cpu)} µs CPU). The A/A twin differs from the second "
@@ -596,17 +554,12 @@ def _skip_section(s: SkipResult) -> list[str]:
         "checked when the route is built: skipping it costs no connection attempt and no "
         "network round trip."
     )
-    add("")
-    return lines
+    return section("### Cost of skipping an open breaker", intro, table, reading)
 
 
 def _nearest_section(res: ResilienceResult) -> list[str]:
-    lines: list[str] = []
-    add = lines.append
     n = res.nearest
-    add("### `nearest` read routing")
-    add("")
-    add(
+    intro = (
         "The three servers behind `FaultProxy` instances that delay every chunk by "
         + ", ".join(f"{NEAREST_ONE_WAY_MS[k]:g} ms ({k})" for k in PROVIDERS)
         + " in each direction; supabase is the primary and neon is last in the failover "
@@ -619,45 +572,44 @@ def _nearest_section(res: ResilienceResult) -> list[str]:
         "one after the other; the port says which server answered. Baseline: the same "
         f"with the default `read_routing=\"primary\"` ({n.baseline.reads} reads)."
     )
-    add("")
-    add("| provider | one-way delay added | plain `SELECT 1` round trip, median ms | "
+    table = [
+        "| provider | one-way delay added | plain `SELECT 1` round trip, median ms | "
         "latency_avg_ms at the reads' start | ÷ round trip | latency_p99_ms | "
         "latency_avg_ms after the reads | reads served (nearest) | "
-        "reads served (primary policy) |")
-    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        "reads served (primary policy) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for k in PROVIDERS:
         avg, p99 = n.nearest.latency[k]
         after = n.nearest.latency_after[k][0]
         rtt = n.rtt_ms[k]
         per = "—" if avg is None else f"{avg / rtt:.1f}"
-        add(
+        table.append(
             f"| {k} | {NEAREST_ONE_WAY_MS[k]:g} ms | {rtt:.1f} | {_ms(avg)} | {per} | "
             f"{_ms(p99)} | {_ms(after)} | {n.nearest.served.get(k, 0)} "
             f"({100 * n.nearest.share(k):.0f}%) | {n.baseline.served.get(k, 0)} |"
         )
-    add("")
+    return section("### `nearest` read routing", intro, table, _read_latency(n))
+
+
+def _read_latency(n: NearestResult) -> str | None:
     nr, br = n.nearest.read_ms, n.baseline.read_ms
-    if nr and br:
-        add(
-            f"Read latency: median {statistics.median(nr):.1f} ms, p99 {_pct(nr, 0.99):.1f} ms "
-            f"with `nearest`; median {statistics.median(br):.1f} ms, p99 {_pct(br, 0.99):.1f} ms "
-            "with `primary`. Failed reads: "
-            f"{n.nearest.errors} (nearest), {n.baseline.errors} (primary). *latency_avg_ms* "
-            "and *latency_p99_ms* are the manager's own figures (`get_provider_stats()`: a "
-            "moving average of its health probes' round trips, and the p99 of the last 200 "
-            "probes); *÷ round trip* compares the average with a plain `SELECT 1` through "
-            "the same proxy (1.0: a probe costs one round trip)."
-        )
-        add("")
-    return lines
+    if not (nr and br):
+        return None
+    return (
+        f"Read latency: median {statistics.median(nr):.1f} ms, p99 {_pct(nr, 0.99):.1f} ms "
+        f"with `nearest`; median {statistics.median(br):.1f} ms, p99 {_pct(br, 0.99):.1f} ms "
+        "with `primary`. Failed reads: "
+        f"{n.nearest.errors} (nearest), {n.baseline.errors} (primary). *latency_avg_ms* "
+        "and *latency_p99_ms* are the manager's own figures (`get_provider_stats()`: a "
+        "moving average of its health probes' round trips, and the p99 of the last 200 "
+        "probes); *÷ round trip* compares the average with a plain `SELECT 1` through "
+        "the same proxy (1.0: a probe costs one round trip)."
+    )
 
 
 def _async_section(a: AsyncResult) -> list[str]:
-    lines: list[str] = []
-    add = lines.append
-    add("### Async overhead")
-    add("")
-    add(
+    intro = (
         f"`SELECT 1` on one embedded server (railway's), same event loop, pools of "
         f"{a.pool_size} connections (min = max) for every client: "
         "`AsyncDatabaseManager({\"supabase\": url}, hang_timeout=2.0)` with "
@@ -669,66 +621,54 @@ def _async_section(a: AsyncResult) -> list[str]:
         "round). With 4 tasks the queries are shared by 4 concurrent tasks (`asyncio.gather`) "
         "and the time is wall time / queries."
     )
-    add("")
-    add("| client | tasks | median µs/query | fastest–slowest round | CPU µs/query | "
-        "vs plain pool (ratio of medians) | per-round ratio, median |")
-    add("|---|---:|---:|---:|---:|---:|---:|")
+    table = [
+        "| client | tasks | median µs/query | fastest–slowest round | CPU µs/query | "
+        "vs plain pool (ratio of medians) | per-round ratio, median |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for t in a.tasks:
         p = a.series[(APLAIN, t)]
         for v in ASYNC_VARIANTS:
             x = a.series[(v, t)]
             pr = "—" if v == APLAIN else f"{a.paired_ratio(t, v):.2f}×"
-            add(f"| {v} | {t} | {x.median:.1f} | {min(x.samples):.0f}–{max(x.samples):.0f} | "
-                f"{x.cpu_median:.1f} | {x.median / p.median:.2f}× | {pr} |")
-    add("")
+            table.append(f"| {v} | {t} | {x.median:.1f} | {min(x.samples):.0f}–"
+                         f"{max(x.samples):.0f} | {x.cpu_median:.1f} | "
+                         f"{x.median / p.median:.2f}× | {pr} |")
+    cpu = []
     for t in a.tasks:
         m, p, w = (a.series[(v, t)] for v in ASYNC_VARIANTS)
-        add(
+        cpu.append(
             f"- {t} task(s): the manager uses "
             f"{signed(statistics.median(paired(m, p, cpu=True)))} µs "
             f"CPU per query more than the plain pool (per-round median); the twin pool "
             f"{signed(statistics.median(paired(w, p, cpu=True)))} µs."
         )
-    add("")
-    return lines
+    return section("### Async overhead", intro, table, cpu)
 
 
 def _targets_section(res: ResilienceResult) -> list[str]:
-    lines: list[str] = []
-    add = lines.append
     s, n, a = res.skip, res.nearest, res.asyncr
-    same = s.extra_us(SWITCH)
-    add("### Targets")
-    add("")
-    add("| target | result | met |")
-    add("|---|---|---|")
-    extra = s.extra_us()
-    add(f"| skipping an open breaker costs < {SKIP_TARGET_US:g} µs per query | "
-        f"{signed(extra)} µs (same pool: {signed(same)} µs) | "
-        f"{yes(extra < SKIP_TARGET_US and same < SKIP_TARGET_US)} |")
+    same, extra = s.extra_us(SWITCH), s.extra_us()
     nearest_name = min(NEAREST_ONE_WAY_MS, key=lambda k: NEAREST_ONE_WAY_MS[k])
     share = n.nearest.share(nearest_name)
-    add(f"| `nearest` reads go to the lowest-latency provider ({nearest_name}, "
-        f"{NEAREST_ONE_WAY_MS[nearest_name]:g} ms) | {100 * share:.1f}% of "
-        f"{n.nearest.reads} reads | {yes(share == 1.0)} |")
+    rows = [
+        (f"skipping an open breaker costs < {SKIP_TARGET_US:g} µs per query",
+         f"{signed(extra)} µs (same pool: {signed(same)} µs)",
+         extra < SKIP_TARGET_US and same < SKIP_TARGET_US),
+        (f"`nearest` reads go to the lowest-latency provider ({nearest_name}, "
+         f"{NEAREST_ONE_WAY_MS[nearest_name]:g} ms)",
+         f"{100 * share:.1f}% of {n.nearest.reads} reads", share == 1.0),
+    ]
     for t in a.tasks:
         ratio, per_round = a.ratio(t), a.paired_ratio(t)
-        add(f"| async overhead ≤ {ASYNC_TARGET:.2f}× plain pool ({t} task(s)) | {ratio:.2f}× "
-            f"(per-round median {per_round:.2f}×; A/A twin {a.ratio(t, ATWIN):.2f}×) | "
-            f"{yes(ratio <= ASYNC_TARGET)} |")
-    add("")
-    return lines
+        rows.append((f"async overhead ≤ {ASYNC_TARGET:.2f}× plain pool ({t} task(s))",
+                     f"{ratio:.2f}× (per-round median {per_round:.2f}×; A/A twin "
+                     f"{a.ratio(t, ATWIN):.2f}×)", ratio <= ASYNC_TARGET))
+    return section("### Targets", targets(rows))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (< 40 s)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    t0 = time.monotonic()
-    res = run(args.quick)
-    print(render(res, [f"- {time.monotonic() - t0:.0f} s, PostgreSQL {res.pg_version}."]))
-    return 0
+    return run_alone(__doc__, run, render, "fewer rounds (< 40 s)", argv)
 
 
 if __name__ == "__main__":
