@@ -7,5 +7,7 @@
 ``bench.overhead`` and ``bench.failover`` measure the core suite, and
 ``bench.resilience``, ``bench.continuity``, ``bench.memory`` and
 ``bench.metrics`` one suite each (each also runs alone with ``python -m
-bench.NAME``). The servers come from ``agent_factory.testing.fleet``.
+bench.NAME``). The servers come from ``agent_factory.testing.fleet``;
+``bench.common`` holds what the suites share (servers, paced threads, faults,
+measured series) and ``bench.report`` the Markdown format helpers.
 """

@@ -31,12 +31,15 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from bench.common import fleet, progress, server_version
 from bench.report import row, signed, targets
 
+T = TypeVar("T")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -72,10 +75,6 @@ class Collector(logging.Handler):
         super().close()
 
 
-def progress(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
 SUITES = ("core", "resilience", "continuity", "memory", "metrics")
 
 
@@ -95,6 +94,26 @@ class Context:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    collector = Collector(args.log)
+    root = logging.getLogger()
+    root.addHandler(collector)
+    # WARNING and up only: psycopg_pool logs three INFO records per
+    # getconn/putconn, which would add their cost to every measured query.
+    root.setLevel(logging.WARNING)
+    logging.getLogger("agent_factory").setLevel(logging.INFO)
+    ctx = Context(args, collector, _catch_thread_errors())
+    started = time.monotonic()
+    try:
+        status = _run_suites(ctx, SUITES if args.suite == "all" else (args.suite,))
+    finally:
+        root.removeHandler(collector)
+        collector.close()
+    progress(f"done in {time.monotonic() - started:.0f} s")
+    return status
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--suite",
@@ -108,15 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, help="write every log record here")
     parser.add_argument("--skip-overhead", action="store_true", help="core suite: no overhead")
     parser.add_argument("--skip-failover", action="store_true", help="core suite: no failover")
-    args = parser.parse_args(argv)
+    return parser
 
-    collector = Collector(args.log)
-    root = logging.getLogger()
-    root.addHandler(collector)
-    # WARNING and up only: psycopg_pool logs three INFO records per
-    # getconn/putconn, which would add their cost to every measured query.
-    root.setLevel(logging.WARNING)
-    logging.getLogger("agent_factory").setLevel(logging.INFO)
+
+def _catch_thread_errors() -> list[str]:
+    """Record every exception that ends a thread (in the list returned) instead of printing it."""
     thread_errors: list[str] = []
 
     def excepthook(hook_args: threading.ExceptHookArgs) -> None:
@@ -124,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         thread_errors.append(f"thread {name}: {hook_args.exc_type.__name__}: {hook_args.exc_value}")
 
     threading.excepthook = excepthook
+    return thread_errors
 
-    ctx = Context(args, collector, thread_errors)
+
+def _run_suites(ctx: Context, suites: tuple[str, ...]) -> int:
+    """Run each suite, print its report and write its section: 2 if a suite could not run."""
     runners = {
         "core": run_core,
         "resilience": run_resilience,
@@ -133,27 +151,20 @@ def main(argv: list[str] | None = None) -> int:
         "memory": run_memory,
         "metrics": run_metrics,
     }
-    suites = SUITES if args.suite == "all" else (args.suite,)
-    out = args.out or (None if args.quick else HERE / "RESULTS.md")
-    started = time.monotonic()
+    out = ctx.args.out or (None if ctx.args.quick else HERE / "RESULTS.md")
     status = 0
-    try:
-        for suite in suites:
-            t0 = time.monotonic()
-            progress(f"suite {suite}")
-            report = runners[suite](ctx)
-            if report is None:
-                status = 2
-                continue
-            print(report)
-            if out is not None:
-                update_report(out, suite, report)
-                progress(f"{suite}: wrote its section of {out.name}")
-            progress(f"{suite}: done in {time.monotonic() - t0:.0f} s")
-    finally:
-        root.removeHandler(collector)
-        collector.close()
-    progress(f"done in {time.monotonic() - started:.0f} s")
+    for suite in suites:
+        t0 = time.monotonic()
+        progress(f"suite {suite}")
+        report = runners[suite](ctx)
+        if report is None:
+            status = 2
+            continue
+        print(report)
+        if out is not None:
+            update_report(out, suite, report)
+            progress(f"{suite}: wrote its section of {out.name}")
+        progress(f"{suite}: done in {time.monotonic() - t0:.0f} s")
     return status
 
 
@@ -186,71 +197,75 @@ def update_report(path: Path, suite: str, text: str) -> None:
     path.write_text(new)
 
 
-def run_core(ctx: Context) -> str | None:
-    """The per-query overhead and the failover windows (the original benchmark)."""
-    args = ctx.args
-    import psycopg
+@dataclass
+class CoreResult:
+    """What the core suite measured; a skipped part stays empty."""
 
-    from agent_factory.errors import EmbeddedPostgresError
-    from agent_factory.testing.embedded import EmbeddedPostgres
-    from bench import failover, overhead
-
-    mark = ctx.mark()
-    quick = args.quick
-    ov_cfg: dict[str, Any] = (
-        {"rounds": 6, "queries": 1000, "warmup": 300}
-        if quick
-        else {"rounds": 40, "queries": 1000, "warmup": 1000}
-    )
-    fo_cfg = (
-        failover.Config(outage=2.0, hang_outage=3.0, before=1.0, after=3.0)
-        if quick
-        else failover.Config(outage=5.0, hang_outage=5.0, before=2.0, after=8.0)
-    )
-    started = time.monotonic()
-    when = dt.datetime.now(dt.timezone.utc)
-    ov: overhead.OverheadResult | None = None
+    ov_cfg: dict[str, Any]  # keyword arguments of overhead.run
+    fo_cfg: Any  # failover.Config
+    pg_version: str = "?"
+    ov: Any = None  # overhead.OverheadResult
     layers: dict[str, float] | None = None
     same: list[Any] | None = None
-    outcomes: list[failover.Outcome] = []
-    pg_version = "?"
+    outcomes: list[Any] = field(default_factory=list)  # failover.Outcome
+
+
+def run_core(ctx: Context) -> str | None:
+    """The per-query overhead and the failover windows (the original benchmark)."""
+    mark = ctx.mark()
+    quick = ctx.args.quick
+    started = time.monotonic()
+    when = dt.datetime.now(dt.timezone.utc)
+    res = _unless_no_postgres(lambda: _measure_core(ctx.args))
+    if res is None:
+        return None
+    header = _HEADER.format(when=when, mode=_mode(quick), elapsed=time.monotonic() - started,
+                            versions=_versions(res.pg_version), revision=_revision(),
+                            quick=" --quick" if quick else "")
+    return render(res, header, ctx.problems_since(mark))
+
+
+def _unless_no_postgres(measure: Callable[[], T]) -> T | None:
+    """``measure()``, or None (and why, on stderr) if the embedded PostgreSQL cannot run."""
+    from agent_factory.errors import EmbeddedPostgresError
+
     try:
-        if not args.skip_overhead:
-            server = EmbeddedPostgres("bench-overhead")
-            try:
-                server.start()
-                with psycopg.connect(server.url) as conn:
-                    row = conn.execute("SHOW server_version").fetchone()
-                    pg_version = row[0] if row else "?"
-                progress("overhead: interleaved rounds")
-                ov = overhead.run(server.url, progress=progress, **ov_cfg)
-                if not quick:
-                    progress("overhead: Python-level costs, same-backend comparison")
-                    layers = overhead.python_costs(server.url)
-                    same = overhead.same_backend(server.url)
-            finally:
-                server.close()
-        if not args.skip_failover:
-            progress("failover: 2 clients x 2 faults, fresh servers each")
-            outcomes = failover.run(fo_cfg, progress=progress)
+        return measure()
     except EmbeddedPostgresError as exc:
         print(f"cannot run the benchmark: {exc}", file=sys.stderr)
         return None
-    elapsed = time.monotonic() - started
-    return render(
-        when=when,
-        quick=quick,
-        elapsed=elapsed,
-        versions=_versions(pg_version),
-        ov=ov,
-        ov_cfg=ov_cfg,
-        layers=layers,
-        same=same,
-        outcomes=outcomes,
-        fo_cfg=fo_cfg,
-        revision=_revision(),
-        problems=ctx.problems_since(mark),
-    )
+
+
+def _measure_core(args: argparse.Namespace) -> CoreResult:
+    from bench import failover
+
+    if args.quick:
+        res = CoreResult({"rounds": 6, "queries": 1000, "warmup": 300},
+                         failover.Config(outage=2.0, hang_outage=3.0, before=1.0, after=3.0))
+    else:
+        res = CoreResult({"rounds": 40, "queries": 1000, "warmup": 1000},
+                         failover.Config(outage=5.0, hang_outage=5.0, before=2.0, after=8.0))
+    if not args.skip_overhead:
+        _measure_overhead(res, args.quick)
+    if not args.skip_failover:
+        progress("failover: 2 clients x 2 faults, fresh servers each")
+        res.outcomes = failover.run(res.fo_cfg, progress=progress)
+    return res
+
+
+def _measure_overhead(res: CoreResult, quick: bool) -> None:
+    """One server: the interleaved rounds; in a full run also the diagnostics."""
+    from bench import overhead
+
+    with fleet("bench", names=("overhead",)) as f:
+        url = f["overhead"].url
+        res.pg_version = server_version(f)
+        progress("overhead: interleaved rounds")
+        res.ov = overhead.run(url, progress=progress, **res.ov_cfg)
+        if not quick:
+            progress("overhead: Python-level costs, same-backend comparison")
+            res.layers = overhead.python_costs(url)
+            res.same = overhead.same_backend(url)
 
 
 def _versions(pg_version: str) -> str:
@@ -282,11 +297,14 @@ def _pg_version() -> str:
     return out.strip().rsplit(" ", 1)[-1] or "?"
 
 
+def _mode(quick: bool) -> str:
+    return "quick run (`--quick`)" if quick else "full run"
+
+
 def suite_header(ctx: Context, when: dt.datetime, elapsed: float, pg_version: str,
                  command: str) -> list[str]:
-    mode = "quick run (`--quick`)" if ctx.args.quick else "full run"
     return [
-        f"- Date: {when:%Y-%m-%d %H:%M} UTC, {mode}, {elapsed:.0f} s.",
+        f"- Date: {when:%Y-%m-%d %H:%M} UTC, {_mode(ctx.args.quick)}, {elapsed:.0f} s.",
         "- Machine: 2 shared cores (other work ran at the same time), loopback (127.0.0.1).",
         f"- Software: {_versions(pg_version)}.",
         f"- Code: commit {_revision()}.",
@@ -308,39 +326,28 @@ def _command(ctx: Context, suite: str) -> str:
 
 
 def run_resilience(ctx: Context) -> str | None:
-    from agent_factory.errors import EmbeddedPostgresError
-
-    mark = ctx.mark()
-    when = dt.datetime.now(dt.timezone.utc)
-    t0 = time.monotonic()
-    try:
-        from bench import resilience
-
-        res = resilience.run(ctx.args.quick, progress)
-    except EmbeddedPostgresError as exc:
-        print(f"cannot run the benchmark: {exc}", file=sys.stderr)
-        return None
-    header = suite_header(ctx, when, time.monotonic() - t0, res.pg_version,
-                          _command(ctx, "resilience"))
-    return resilience.render(res, header) + "\n" + _notes(ctx.problems_since(mark))
+    return _run_module(ctx, "resilience")
 
 
 def run_continuity(ctx: Context) -> str | None:
-    from agent_factory.errors import EmbeddedPostgresError
+    return _run_module(ctx, "continuity")
+
+
+def _run_module(ctx: Context, suite: str) -> str | None:
+    """Run the suite of module ``bench.<suite>``: its tables, then the run's notes."""
+    import importlib
 
     mark = ctx.mark()
     when = dt.datetime.now(dt.timezone.utc)
     t0 = time.monotonic()
-    try:
-        from bench import continuity
-
-        res = continuity.run(ctx.args.quick, progress)
-    except EmbeddedPostgresError as exc:
-        print(f"cannot run the benchmark: {exc}", file=sys.stderr)
+    module = importlib.import_module(f"bench.{suite}")
+    res = _unless_no_postgres(lambda: module.run(ctx.args.quick, progress))
+    if res is None:
         return None
     header = suite_header(ctx, when, time.monotonic() - t0, res.pg_version,
-                          _command(ctx, "continuity"))
-    return continuity.render(res, header) + "\n" + _notes(ctx.problems_since(mark))
+                          _command(ctx, suite))
+    tables: str = module.render(res, header)
+    return tables + "\n" + _notes(ctx.problems_since(mark))
 
 
 def _run_script(ctx: Context, suite: str, title: str, script: str, extra: list[str]) -> str:
@@ -393,21 +400,13 @@ def _revision() -> str:
     if os.environ.get("AGENT_FACTORY_BENCH_REVISION"):
         return os.environ["AGENT_FACTORY_BENCH_REVISION"]
 
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "agent_factory"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "agent_factory")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if not head:
@@ -564,35 +563,19 @@ _NO_NOTES = (
 )
 
 
-def render(
-    *,
-    when: dt.datetime,
-    quick: bool,
-    elapsed: float,
-    versions: str,
-    ov: Any,
-    ov_cfg: dict[str, Any],
-    layers: dict[str, float] | None,
-    same: list[Any] | None,
-    outcomes: list[Any],
-    fo_cfg: Any,
-    revision: str,
-    problems: list[str],
-) -> str:
-    """The core suite's report: the title, its sections, its notes."""
-    mode = "quick run (`--quick`)" if quick else "full run"
-    lines = [_HEADER.format(when=when, mode=mode, elapsed=elapsed, versions=versions,
-                            revision=revision, quick=" --quick" if quick else "")]
-    if ov is not None:
-        lines += _overhead_section(ov)
-        if layers:
-            lines += _layers_section(layers)
-    if same:
-        lines += _same_section(same)
-    if outcomes:
-        lines += _failover_section(outcomes, fo_cfg)
-        lines += ["### Targets", "", _targets(ov, outcomes, fo_cfg), ""]
-    notes = [f"{o.client}, {o.fault}: {n}" for o in outcomes for n in o.notes]
+def render(res: CoreResult, header: str, problems: list[str]) -> str:
+    """The core suite's report: the title (``header``), its sections, its notes."""
+    lines = [header]
+    if res.ov is not None:
+        lines += _overhead_section(res.ov)
+        if res.layers:
+            lines += _layers_section(res.layers)
+    if res.same:
+        lines += _same_section(res.same)
+    if res.outcomes:
+        lines += _failover_section(res.outcomes, res.fo_cfg)
+        lines += ["### Targets", "", _targets(res.ov, res.outcomes, res.fo_cfg), ""]
+    notes = [f"{o.client}, {o.fault}: {n}" for o in res.outcomes for n in o.notes]
     notes.extend(dict.fromkeys(problems))
     lines += ["## Notes", "", "\n".join(f"- {n}" for n in notes) if notes else _NO_NOTES, ""]
     return "\n".join(lines)
