@@ -18,9 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import psycopg
-
-import agent_factory
 from agent_factory.memory import (
     ContextManager,
     InMemoryStorage,
@@ -28,18 +25,14 @@ from agent_factory.memory import (
     Session,
     SQLiteStorage,
 )
+from agent_factory.schema import apply_migrations
 from agent_factory.testing.embedded import EmbeddedPostgres
 from agent_factory.testing.fleet import PROVIDERS, Fleet, start_fleet
 
-MIGRATIONS = Path(agent_factory.__file__).parent / "schema" / "migrations"
-SCHEMA_FILES = ("0001_extensions.sql", "0002_session_memories.sql", "0003_knowledge_atoms.sql")
-
 
 def deploy_schema(url: str, embedding_dim: int = 1536) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        for name in SCHEMA_FILES:
-            script = (MIGRATIONS / name).read_text()
-            conn.execute(script.replace("{{EMBEDDING_DIM}}", str(embedding_dim)))
+    """What `agent-factory-db schema deploy` does on one provider."""
+    apply_migrations(url, embedding_dim=embedding_dim)
 
 
 def local_storages() -> None:

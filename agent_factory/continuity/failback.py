@@ -1,19 +1,21 @@
-"""Failback: before the primary takes traffic again, bring back the rows written on backups.
+"""Failback: bring every change made on a backup back to the primary, from the journal.
 
-While the primary was down, writes went to a backup (`Failover.diverged`
-says which, and since when). When the primary passes its recovery probes,
-the prober asks this module first:
+While a backup stands in for the primary, the writes the managers send it
+are recorded in its own database (`journal`): that record, not this
+process's memory, is what failback drains, so it survives restarts and is
+drained by whichever instance gets to it first (one per backup at a time).
+A drain runs:
 
-1. pass 1 copies the backups' rows written since then to the primary while
-   writes still flow to the backup;
-2. writes are paused (new ones wait, those in flight finish), pass 2 copies
-   what arrived meanwhile;
-3. the primary's breaker closes, the pause ends, writes go to the primary.
+* before a recovered primary takes writes again: a pass while writes still
+  go to the backup, then writes pause (in-flight ones finish), a last pass,
+  and the primary's breaker closes; a drain that keeps failing holds the
+  primary back for at most ``failback_max_wait`` seconds (ERROR logged,
+  counted, shown), after which it takes writes and the drain keeps retrying;
+* when a backup with a non-empty journal becomes reachable, and every
+  ``drain_interval`` seconds from the start, on a daemon thread.
 
-If the primary fails during this, the recovery is vetoed and tried again at
-the next probe; a backup that cannot be reached keeps its rows pending and is
-reconciled as soon as it is healthy again. Both managers (sync and async)
-use it; it runs on the prober's thread with its own connections.
+Conflicts (the primary changed a row too) are settled by the configured
+policy and recorded on the primary (`merge`, table ``agent_factory_conflicts``).
 """
 
 from __future__ import annotations
@@ -22,22 +24,25 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
-from datetime import datetime, timedelta, timezone
+from contextlib import ExitStack, contextmanager, suppress
+from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
 
 from ..engine.events import Dispatcher
 from ..engine.failover import Failover
+from ..engine.provider import Unavailable
 from ..engine.watchdog import Watch, Watchdog
-from .reconcile import changed_ids, reconcile, tables_on_both
+from ..errors import ConfigurationError
+from . import journal
+from .merge import ConflictPolicy
 
 logger = logging.getLogger("agent_factory.core.database_manager")
 
 
 class _Stall:
-    """A watchdog target whose sign of life is the copy's progress."""
+    """A watchdog target whose sign of life is the drain's progress."""
 
     tracks_backends = False
 
@@ -49,19 +54,39 @@ class _Stall:
     def alive(self) -> None:
         self.last_alive = time.monotonic()
 
-    def progress(self, table: str, done: int, total: int) -> None:
-        self.last_alive = time.monotonic()
-
     def request_probe(self, watch: Watch | None = None) -> None:
-        """Nothing to probe: only progress proves the copy alive."""
+        """Nothing to probe: only progress proves the drain alive."""
 
 
 class PrimaryLost(Exception):
-    """Internal: the primary failed during the reconciliation."""
+    """Internal: the primary failed during the drain."""
+
+
+class BackupStatus:
+    """What this process knows of one backup's journal (for stats, CLI, dashboard)."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.oldest: datetime | None = None
+        self.last_drain: datetime | None = None
+        self.last_error: str | None = None
+        self.failing_since: float | None = None
+        self.drained = 0
+        self.conflicts = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pending": self.pending,
+            "oldest": None if self.oldest is None else self.oldest.isoformat(),
+            "last_drain": None if self.last_drain is None else self.last_drain.isoformat(),
+            "last_error": self.last_error,
+            "drained": self.drained,
+            "conflicts": self.conflicts,
+        }
 
 
 class Failback:
-    """Runs the reconciliation a returning primary needs."""
+    """Drains the backups' journals into the primary (see the module's docstring)."""
 
     def __init__(self, core: Failover[Any], conninfos: Mapping[str, str],
                  events: Dispatcher, watchdog: Watchdog) -> None:
@@ -70,169 +95,254 @@ class Failback:
         self._conninfos = conninfos
         self._events = events
         self._tables: list[str] = list(core.settings.reconcile_tables)
-        self._lock = threading.Lock()  # one reconciliation at a time
-        self._paused = False
+        self._policy = ConflictPolicy.from_settings(core.settings)
+        self._lock = threading.Lock()  # one drain at a time in this process
+        self._journaled: dict[str, set[str]] = {n: set() for n in conninfos}
+        self.status: dict[str, BackupStatus] = {n: BackupStatus() for n in conninfos}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._peeks: dict[str, psycopg.Connection[Any]] = {}
+
+    # -- the journal on each provider ----------------------------------------------------
 
     def register_table(self, table: str) -> None:
-        """Also reconcile ``table`` (needs an ``id`` key and an ``updated_at`` column)."""
+        """Journal ``table`` too: installed now on every reachable provider."""
         if table not in self._tables:
             self._tables.append(table)
+        for name in self._conninfos:
+            self._journaled[name].discard(table)
+            # Unreachable: installed before the first write it takes.
+            with suppress(Unavailable):
+                self.ensure_journaled(name)
+
+    def ensure_journaled(self, name: str) -> None:
+        """Before a write goes to provider ``name`` as a backup: its tables record changes.
+
+        Cached after the first success; a registered table that cannot be
+        journaled (missing, no primary key) is a `ConfigurationError`.
+        """
+        if self.journaled(name):
+            return
+        done = self._journaled[name]
+        try:
+            conn = psycopg.connect(self._conninfos[name], autocommit=False, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"journal check: {type(exc).__name__}", sent=False) from exc
+        with conn:
+            for table in self._tables:
+                if table in done:
+                    continue
+                try:
+                    journal.install(conn, table)
+                except ConfigurationError:
+                    if table not in self._core.settings.reconcile_tables:
+                        raise
+                    # A managed table not deployed here: nothing to journal
+                    # (deploy the schema before a provider takes writes).
+                done.add(table)
+
+    def journaled(self, name: str) -> bool:
+        """Every table is known to record changes on ``name`` (no I/O)."""
+        done = self._journaled[name]
+        return all(t in done for t in self._tables)
 
     # -- hooks called by ProviderHealth -----------------------------------------------
 
     def before_return(self, name: str) -> bool:
-        """Reconcile before provider ``name`` (if it is the primary) takes traffic."""
+        """Drain every backup before provider ``name`` (if it is the primary) takes writes."""
         core = self._core
-        if name != core.primary or not core.diverged or not core.track_writes:
+        if name != core.primary or not core.track_writes:
             return True
         with self._lock:
-            pending = dict(core.diverged)
             t0 = time.monotonic()
             try:
-                started = datetime.now(timezone.utc)
-                rows = self._pass(name, pending)
+                moved = self._drain_all(name)
                 if not core.pause_writes(core.settings.write_pause_timeout):
                     logger.warning("failback to %r: writes in flight did not finish; retrying",
                                    name)
                     core.resume_writes()
                     return False
-                self._paused = True
-                margin = timedelta(seconds=core.settings.reconcile_margin)
-                rows += self._pass(name, {b: started - margin for b in pending})
+                moved += self._drain_all(name)
             except PrimaryLost as exc:
                 logger.warning("failback to %r postponed: %s", name, exc)
-                self._resume()
+                core.resume_writes()
                 return False
-            logger.warning(
-                "failback to %r: %d rows brought back from %s in %.0f ms", name, rows,
-                ", ".join(sorted(pending)), (time.monotonic() - t0) * 1e3,
-            )
+            if not self._may_return():
+                core.resume_writes()
+                return False
+            if moved:
+                logger.warning("failback to %r: %d changes brought back in %.0f ms", name,
+                               moved, (time.monotonic() - t0) * 1e3)
             return True
 
     def after_return(self, name: str) -> None:
-        self._resume()
-
-    def backup_healthy(self, name: str) -> None:
-        """A backup with pending rows is reachable again: bring them back now."""
-        core = self._core
-        if name == core.primary or name not in core.diverged:
-            return
-        if not core.providers[core.primary].health.breaker.up:
-            return  # the primary is down: its own return will reconcile
-
-        def run() -> None:
-            with self._lock:
-                since = core.diverged.get(name)
-                if since is not None:
-                    try:
-                        self._pass(core.primary, {name: since})
-                    except PrimaryLost as exc:
-                        logger.warning("late reconciliation from %r failed: %s", name, exc)
-
-        threading.Thread(target=run, name="agent-factory-failback", daemon=True).start()
-
-    # -- the copy ----------------------------------------------------------------------
-
-    def _resume(self) -> None:
-        if self._paused:
-            self._paused = False
         self._core.resume_writes()
 
-    def _pass(self, primary: str, pending: Mapping[str, datetime]) -> int:
-        """Copy each pending backup's rows to the primary; the number of rows copied.
+    def backup_healthy(self, name: str) -> None:
+        """A backup is reachable again: drain it soon (the drainer thread does)."""
+        if name != self._core.primary:
+            self._wake.set()
 
-        Every connection of the pass is under the watchdog: when the copy
-        makes no progress (no batch done) for ``3 * hang_timeout``, its
-        sockets are shut, so a server that goes silent mid-copy cannot hold
-        the prober (and, during the write pause, the writers) for long.
-        """
-        deadline = _Stall("failback", 3 * self._core.settings.hang_timeout)
-        rows = 0
+    # -- the drainer thread ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the daemon that drains non-empty journals (first check at once)."""
+        if self._thread is None and self._core.track_writes:
+            self._thread = threading.Thread(target=self._loop, name="agent-factory-drainer",
+                                            daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+        for conn in list(self._peeks.values()):
+            conn.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.drain_now()
+            except Exception:
+                logger.exception("failback drainer: unexpected error; retrying")
+            self._wake.wait(self._core.settings.drain_interval)
+            self._wake.clear()
+
+    def drain_now(self) -> int:
+        """Drain every reachable backup into the primary if it is up; changes moved."""
+        core = self._core
+        primary = core.primary
+        if not core.providers[primary].health.breaker.up:
+            return 0
+        with self._lock:
+            try:
+                return self._drain_all(primary)
+            except PrimaryLost as exc:
+                logger.warning("failback drain postponed: %s", exc)
+                return 0
+
+    # -- the drain ---------------------------------------------------------------------
+
+    def _may_return(self) -> bool:
+        """False while a reachable backup's drain fails, up to ``failback_max_wait``."""
+        now = time.monotonic()
+        bound = self._core.settings.failback_max_wait
+        for name, st in self.status.items():
+            if st.failing_since is not None and now - st.failing_since < bound:
+                return False
+            if st.failing_since is not None:
+                logger.error("failback: drain of %r has failed for %.0f s (%s); the primary "
+                             "takes writes anyway, %d changes stay pending", name,
+                             now - st.failing_since, st.last_error, st.pending)
+        return True
+
+    def _drain_all(self, primary: str) -> int:
+        moved = 0
+        stall = _Stall("failback", 3 * self._core.settings.hang_timeout)
+        backups = [b for b in self._conninfos if b != primary
+                   and self._core.providers[b].health.breaker.up and self._has_pending(b, stall)]
+        if not backups:
+            return 0
         with ExitStack() as stack:
             try:
-                target = stack.enter_context(self._connect(primary, deadline))
+                target = stack.enter_context(self._connect(primary, stall))
             except psycopg.Error as exc:
                 raise PrimaryLost(f"cannot connect to {primary!r}: {type(exc).__name__}") from exc
-            for backup, since in pending.items():
-                try:
-                    source = stack.enter_context(self._connect(backup, deadline))
-                except psycopg.Error:
-                    logger.warning("failback: backup %r unreachable; its rows stay pending",
-                                   backup)
-                    continue
-                try:
-                    tables = tables_on_both(source, target, self._tables)
-                    # Decided before the copy, at one instant: rows written on the
-                    # backup after it are left to the next pass (and its spread).
-                    outage, updated = changed_ids(source, target, tables, since)
-                except psycopg.Error as exc:
-                    if target.broken or target.closed:
-                        raise PrimaryLost(f"connection to {primary!r} lost") from exc
-                    logger.warning("failback from %r failed (%s); its rows stay pending",
-                                   backup, type(exc).__name__)
-                    continue
-                ids = {t: outage[t] + updated[t] for t in tables}
-                rows += self._copy(source, target, backup, primary, tables, ids, deadline)
-                self._spread(source, backup, primary, tables, outage, deadline)
-        return rows
+            subscribed = self._subscribers(target)
+            for backup in backups:
+                moved += self._drain_one(target, primary, backup, backup in subscribed, stall)
+        return moved
+
+    def _has_pending(self, backup: str, stall: _Stall) -> bool:
+        """Whether ``backup``'s journal holds changes (one short query on a kept connection)."""
+        st = self.status[backup]
+        conn = self._peeks.get(backup)
+        try:
+            if conn is None or conn.closed or conn.broken:
+                conn = self._peeks[backup] = psycopg.connect(
+                    self._conninfos[backup], autocommit=True, connect_timeout=10)
+            stall.alive()
+            watch = self._watchdog.watch(conn.pgconn.socket, stall)
+            try:
+                st.pending, st.oldest = journal.pending(conn)
+            finally:
+                self._watchdog.unwatch(watch)
+        except psycopg.Error as exc:
+            logger.info("failback: journal of %r not readable (%s)", backup, type(exc).__name__)
+            if conn is not None:
+                conn.close()
+            return False
+        return st.pending > 0
+
+    def _subscribers(self, target: psycopg.Connection[Any]) -> set[str]:
+        """Backups subscribed to the primary (by the name of their replication slot)."""
+        try:
+            with target.transaction():
+                rows = target.execute(
+                    "SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'logical'"
+                ).fetchall()
+        except psycopg.Error:
+            return set()
+        prefix = "agent_factory_"
+        return {r[0][len(prefix):] for r in rows if r[0] and r[0].startswith(prefix)}
+
+    def _drain_one(self, target: psycopg.Connection[Any], primary: str, backup: str,
+                   subscribed: bool, stall: _Stall) -> int:
+        st = self.status[backup]
+        moved = 0
+        try:
+            with self._connect(backup, stall) as source:
+                with source.transaction():
+                    st.pending, st.oldest = journal.pending(source)
+                if st.pending == 0:
+                    self._ok(st, backup)
+                    return 0
+                for report in journal.drain(source, target, backup, self._policy,
+                                            delete_inserted_on_source=subscribed):
+                    stall.alive()
+                    moved += report.changes
+                    st.drained += report.changes
+                    st.conflicts += report.conflicts
+                    if report.conflicts:
+                        logger.warning("failback from %r: %d conflicts settled by %s (kept in "
+                                       "agent_factory_conflicts)", backup, report.conflicts,
+                                       self._policy.name)
+                with source.transaction():
+                    st.pending, st.oldest = journal.pending(source)
+        except psycopg.Error as exc:
+            if target.broken or target.closed:
+                raise PrimaryLost(f"connection to {primary!r} lost") from exc
+            self._failed(st, backup, f"{type(exc).__name__}: {exc}".strip())
+            return moved
+        self._ok(st, backup)
+        if moved:
+            self._core.diverged.pop(backup, None)
+            self._events.emit(lambda li: li.on_reconcile(primary, backup, moved))
+        return moved
+
+    def _ok(self, st: BackupStatus, backup: str) -> None:
+        st.last_drain = datetime.now(timezone.utc)
+        st.last_error = None
+        st.failing_since = None
+
+    def _failed(self, st: BackupStatus, backup: str, error: str) -> None:
+        st.last_error = error.splitlines()[0][:300]
+        if st.failing_since is None:
+            st.failing_since = time.monotonic()
+        logger.error("failback: drain of %r failed (%s); its %d changes stay pending and "
+                     "are retried", backup, st.last_error, st.pending)
 
     @contextmanager
     def _connect(self, name: str, stall: _Stall) -> Iterator[psycopg.Connection[Any]]:
-        conn = psycopg.connect(self._conninfos[name])
+        conn = psycopg.connect(self._conninfos[name], connect_timeout=10)
         stall.alive()
         watch = self._watchdog.watch(conn.pgconn.socket, stall)
         try:
             with conn:
+                journal.prepare_session(conn)
                 yield conn
         finally:
             self._watchdog.unwatch(watch)
-
-    def _spread(self, source: psycopg.Connection[Any], backup: str, primary: str,
-                tables: list[str], outage: Mapping[str, list[str]], stall: _Stall) -> None:
-        """Copy the outage rows to the other subscribed backups too.
-
-        The primary's copies carry a replication origin, and subscriptions
-        with ``origin = none`` skip them: without this, a second backup would
-        never see the rows written on the first during the outage. Only the
-        rows written on the backup itself are copied (``outage``): a row it
-        got from the primary may still be on its way to the other backup by
-        replication, and arriving twice would stop that replication on a
-        duplicate key.
-        """
-        if not any(outage.values()):
-            return
-        subscribers = self._core.providers[primary].health.subscribers
-        for other in self._core.providers:
-            if other in (primary, backup) or other not in subscribers:
-                continue
-            try:
-                with self._connect(other, stall) as dest:
-                    present = tables_on_both(source, dest, tables)
-                    reconcile(source, dest, tables=present, only_ids=outage,
-                              source_name=backup, target_name=other,
-                              on_progress=stall.progress)
-            except Exception as exc:  # best effort: `sync` repairs it by hand
-                logger.warning("failback: rows of %r not copied to %r (%s); run "
-                               "'agent-factory-db sync --from %s --to %s'",
-                               backup, other, type(exc).__name__, backup, other)
-
-    def _copy(self, source: psycopg.Connection[Any], target: psycopg.Connection[Any],
-              backup: str, primary: str, tables: list[str], ids: Mapping[str, list[str]],
-              stall: _Stall) -> int:
-        try:
-            reports = reconcile(source, target, tables=tables, only_ids=ids,
-                                source_name=backup, target_name=primary,
-                                on_progress=stall.progress)
-        except psycopg.Error as exc:
-            if target.broken or target.closed:
-                raise PrimaryLost(f"connection to {primary!r} lost") from exc
-            logger.warning("failback from %r failed (%s); its rows stay pending",
-                           backup, type(exc).__name__)
-            return 0
-        except Exception as exc:  # CopyError, ProviderUnavailableError: keep pending
-            logger.warning("failback from %r failed: %s; its rows stay pending", backup, exc)
-            return 0
-        self._core.diverged.pop(backup, None)
-        copied = sum(r.copied for r in reports)
-        self._events.emit(lambda li: li.on_reconcile(primary, backup, copied))
-        return copied

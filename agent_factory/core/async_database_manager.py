@@ -114,7 +114,11 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
             if events.query_listeners:
                 t0 = time.perf_counter()
             try:
-                result = await provider.run(query, params, fetch)
+                journal = self._journal(provider.name, route.write)
+                if journal and not self._failback_ready(provider.name):
+                    assert self._failback is not None
+                    await asyncio.to_thread(self._failback.ensure_journaled, provider.name)
+                result = await provider.run(query, params, fetch, journal=journal)
             except Unavailable as exc:
                 error = core.attempt_unavailable(provider, exc, route=route, failures=failures,
                                                  t0=t0)
@@ -157,6 +161,9 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         failures: dict[str, str] = {}
         for provider in route.providers:
             try:
+                if self._journal(provider.name, True) and not self._failback_ready(provider.name):
+                    assert self._failback is not None
+                    await asyncio.to_thread(self._failback.ensure_journaled, provider.name)
                 pool, conn = await provider.checkout()
             except Unavailable as exc:
                 # The rule of execute_query: a busy pool moves on without
@@ -175,6 +182,9 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         phase = "body"
         try:
             async with conn.transaction():
+                switch = self._journal_local(conn, provider.name)
+                if switch is not None:
+                    await conn.execute(switch)
                 yield conn
                 phase = "commit"
         except psycopg.Error as exc:
@@ -214,6 +224,8 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         self._core.closed = True
         for provider in self.providers.values():
             await provider.close()
+        if self._failback is not None:
+            await asyncio.to_thread(self._failback.close)
         await asyncio.to_thread(self._watchdog.close)
 
     async def __aenter__(self) -> AsyncDatabaseManager:

@@ -17,6 +17,7 @@ from ..engine.environment import settings_from_env
 from ..engine.events import Dispatcher, Listener
 from ..engine.failover import Failover, P
 from ..engine.health import HealthCallback
+from ..engine.provider import JOURNAL_LOCAL
 from ..engine.settings import Settings
 from ..engine.stats import ProviderStats
 from ..engine.watchdog import Watchdog
@@ -88,6 +89,7 @@ class BaseManager(Generic[P]):
         for provider in self.providers.values():
             provider.health.gate_recovery = self._failback.before_return
             provider.health.after_recovery = self._failback.after_return
+        self._failback.start()
 
     def _new_provider(
         self, name: str, settings: Settings, watchdog: Watchdog, on_change: HealthCallback
@@ -141,6 +143,24 @@ class BaseManager(Generic[P]):
         """
         assert self._failback is not None
         self._failback.register_table(table)
+
+    def _journal(self, name: str, write: bool) -> bool | None:
+        """How a statement on provider ``name`` meets the journal: recorded (a write
+        standing in for the primary), not recorded (a write on the primary), or a read."""
+        if not write or not self._core.track_writes:
+            return None
+        return name != self._core.primary
+
+    def _failback_ready(self, name: str) -> bool:
+        return self._failback is None or self._failback.journaled(name)
+
+    def _journal_local(self, conn: Any, name: str) -> str | None:
+        """What a transaction on provider ``name`` runs first for the journal, if anything."""
+        if self._journal(name, True):
+            return JOURNAL_LOCAL
+        if getattr(conn, "journal_on", False):
+            return "SELECT set_config('agent_factory.journal', 'off', true)"
+        return None
 
     def _on_health_change(self, name: str, up: bool, reason: str | None) -> None:
         self._core.on_health_change(name, up, reason)

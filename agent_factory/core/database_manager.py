@@ -101,7 +101,11 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
             if events.query_listeners:
                 t0 = time.perf_counter()
             try:
-                result = provider.run(query, params, fetch)
+                journal = self._journal(provider.name, route.write)
+                if journal:
+                    assert self._failback is not None
+                    self._failback.ensure_journaled(provider.name)
+                result = provider.run(query, params, fetch, journal=journal)
             except Unavailable as exc:
                 error = core.attempt_unavailable(provider, exc, route=route, failures=failures,
                                                  t0=t0)
@@ -147,6 +151,9 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         failures: dict[str, str] = {}
         for provider in route.providers:
             try:
+                if self._journal(provider.name, True):
+                    assert self._failback is not None
+                    self._failback.ensure_journaled(provider.name)
                 pool, conn = provider.checkout()
             except Unavailable as exc:
                 # The rule of execute_query: a busy pool moves on without
@@ -165,6 +172,9 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         phase = "body"
         try:
             with conn.transaction():
+                switch = self._journal_local(conn, provider.name)
+                if switch is not None:
+                    conn.execute(switch)
                 yield conn
                 phase = "commit"
         except psycopg.Error as exc:
@@ -213,6 +223,8 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         self._core.closed = True
         for provider in self.providers.values():
             provider.close()
+        if self._failback is not None:
+            self._failback.close()
         self._watchdog.close()
 
     close = close_all

@@ -23,12 +23,14 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 from .health import HealthCallback, ProviderHealth
 from .provider import (
     FIRST_SLICE,
+    JOURNAL_LOCAL,
     MAX_SLICE,
     Unavailable,
     WatchedCalls,
     abandoned,
     check_wait,
     is_dead,
+    journal_switch,
     translate,
 )
 from .settings import Settings
@@ -100,12 +102,22 @@ class AsyncProvider:
 
     # -- data path -------------------------------------------------------------------
 
-    async def run(self, query: Any, params: Any, fetch: AsyncFetch) -> Any:
+    async def run(
+        self, query: Any, params: Any, fetch: AsyncFetch, *, journal: bool | None = None
+    ) -> Any:
         pool, conn = await self.checkout()
         health = self.health
         health.in_flight += 1
         try:
-            result = await fetch(await conn.execute(query, params))
+            if journal and self.tuning.pooler:
+                async with conn.transaction():
+                    await conn.execute(JOURNAL_LOCAL)
+                    result = await fetch(await conn.execute(query, params))
+            else:
+                switch = journal_switch(conn, journal)
+                if switch is not None:
+                    await conn.execute(switch)
+                result = await fetch(await conn.execute(query, params))
         except psycopg.Error as exc:
             raise translate(health, exc, abandoned(conn)) from exc
         finally:

@@ -56,6 +56,10 @@ ENV_OPTIONS: dict[str, tuple[str, type]] = {
     "DATABASE_RECONCILE_MARGIN": ("reconcile_margin", float),
     "DATABASE_WRITE_PAUSE_TIMEOUT": ("write_pause_timeout", float),
     "DATABASE_MAX_REPLICATION_LAG": ("max_replication_lag", float),
+    "DATABASE_CONFLICT_POLICY": ("conflict_policy", str),
+    "DATABASE_CONFLICT_DELTA_COLUMNS": ("conflict_delta_columns", tuple),
+    "DATABASE_DRAIN_INTERVAL": ("drain_interval", float),
+    "DATABASE_FAILBACK_MAX_WAIT": ("failback_max_wait", float),
 }
 
 

@@ -145,13 +145,26 @@ class DatabaseProvider:
 
     # -- data path -------------------------------------------------------------------
 
-    def run(self, query: Any, params: Any, fetch: Fetch) -> Any:
-        """Run one statement in autocommit mode; raise `Unavailable` or the SQL error."""
+    def run(self, query: Any, params: Any, fetch: Fetch, *, journal: bool | None = None) -> Any:
+        """Run one statement in autocommit mode; raise `Unavailable` or the SQL error.
+
+        ``journal``: a write that the backup's journal records (True), or a
+        write that it must not (False); None for a read.
+        """
         pool, conn = self.checkout()
         health = self.health
         health.in_flight += 1
         try:
-            result = fetch(conn.execute(query, params))
+            if journal and self.tuning.pooler:
+                # Session state does not outlive a transaction behind the pooler.
+                with conn.transaction():
+                    conn.execute(JOURNAL_LOCAL)
+                    result = fetch(conn.execute(query, params))
+            else:
+                switch = journal_switch(conn, journal)
+                if switch is not None:
+                    conn.execute(switch)
+                result = fetch(conn.execute(query, params))
         except psycopg.Error as exc:
             raise translate(health, exc, abandoned(conn)) from exc
         finally:
@@ -340,6 +353,18 @@ def watched(gen: PQGen[RV], w: Watch, clock: Callable[[], float]) -> PQGen[RV]:
         return ex.value  # type: ignore[no-any-return]
 
 
+#: Marks one transaction's writes for the backup's journal (pooler-safe).
+JOURNAL_LOCAL = "SELECT set_config('agent_factory.journal', 'on', true)"
+
+
+def journal_switch(conn: Any, journal: bool | None) -> str | None:
+    """The statement that puts ``conn``'s session in the wanted journal state, if any."""
+    if journal is None or journal == conn.journal_on:
+        return None
+    conn.journal_on = journal
+    return f"SET agent_factory.journal = {'on' if journal else 'off'}"
+
+
 class WatchedCalls:
     """What both pool connection classes add: each call under the watchdog.
 
@@ -352,6 +377,10 @@ class WatchedCalls:
     #: Its socket has TCP counters (the watchdog reads its progress there);
     #: otherwise each wait is wrapped to see it. Known at the first call.
     counted: bool | None = None
+    #: The session carries ``agent_factory.journal = on``: its writes are
+    #: recorded by the backup's journal (set while its provider stands in
+    #: for the primary; see continuity/journal.py).
+    journal_on = False
     pgconn: Any
 
     def begin_call(

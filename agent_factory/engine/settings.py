@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,6 +183,17 @@ class Settings:
     reconcile_margin: float = 120.0
     write_pause_timeout: float = 10.0
     max_replication_lag: float | None = None
+    #: How a drain settles a change the primary also changed (continuity/merge.py).
+    conflict_policy: str = "backup_wins"
+    #: ``table.column`` counters that conflicts merge by the backup's difference.
+    conflict_delta_columns: tuple[str, ...] = ()
+    #: ``conflict_policy="callback"``: called in this process with each conflict.
+    conflict_resolver: Callable[[Any], Any] | None = None
+    #: Seconds between checks of the backups' journals (drained when not empty).
+    drain_interval: float = 5.0
+    #: A returning primary waits at most this long for failing drains before it
+    #: takes writes anyway (alarm raised; the pending changes are drained later).
+    failback_max_wait: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.providers:
@@ -193,16 +204,32 @@ class Settings:
                 f"configured: {', '.join(self.providers)}"
             )
         for name in ("checkout_timeout", "connect_timeout", "hang_timeout", "probe_interval",
-                     "serverless_connect_timeout", "failure_window", "write_pause_timeout"):
+                     "serverless_connect_timeout", "failure_window", "write_pause_timeout",
+                     "drain_interval"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         for name in ("health_ttl", "failover_log_interval", "monitor_interval",
-                     "read_your_writes", "reconcile_margin"):
+                     "read_your_writes", "reconcile_margin", "failback_max_wait"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
         for name in ("recovery_probes", "failure_threshold"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.conflict_policy not in CONFLICT_POLICIES:
+            raise ConfigurationError(
+                f"conflict_policy={self.conflict_policy!r} is not one of "
+                f"{', '.join(CONFLICT_POLICIES)} (DATABASE_CONFLICT_POLICY)"
+            )
+        if self.conflict_policy == "callback" and self.conflict_resolver is None:
+            raise ConfigurationError(
+                "conflict_policy='callback' needs conflict_resolver=a function of the "
+                "conflict (it runs in this process only; other instances and the CLI use "
+                "DATABASE_CONFLICT_POLICY)"
+            )
+        if isinstance(self.conflict_delta_columns, str):
+            object.__setattr__(self, "conflict_delta_columns",
+                               tuple(self.conflict_delta_columns.split(",")))
+        parse_delta_columns(self.conflict_delta_columns)
         lag = self.max_replication_lag
         if lag is not None and not lag > 0:
             raise ConfigurationError(f"max_replication_lag must be > 0 seconds or unset, got {lag}")
@@ -354,3 +381,22 @@ def check_options(options: Mapping[str, Any], *, allow_structure: bool = False) 
         raise ConfigurationError(
             f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
         )
+
+
+CONFLICT_POLICIES = ("backup_wins", "primary_wins", "callback")
+
+
+def parse_delta_columns(items: Sequence[str]) -> dict[str, frozenset[str]]:
+    """``("accounts.balance", "stock.count")`` -> ``{"accounts": {"balance"}, ...}``."""
+    found: dict[str, set[str]] = {}
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        table, dot, column = item.rpartition(".")
+        if not dot or not table or not column:
+            raise ConfigurationError(
+                f"conflict delta column {item!r} must be written table.column "
+                "(DATABASE_CONFLICT_DELTA_COLUMNS=accounts.balance,...)"
+            )
+        found.setdefault(table, set()).add(column)
+    return {t: frozenset(c) for t, c in found.items()}

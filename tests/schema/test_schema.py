@@ -101,7 +101,7 @@ def test_deploy_all_then_verify_then_deploy_again_changes_nothing(
     before = {name: query(url, "SELECT * FROM schema_migrations ORDER BY version")
               for name, url in fresh.items()}
     assert [row[:2] for row in before["neon"]] == [
-        (1, "extensions"), (2, "session_memories"), (3, "knowledge_atoms")]
+        (1, "extensions"), (2, "session_memories"), (3, "knowledge_atoms"), (4, "failback_journal")]
     again = run_script(healthy_fleet, tmp_path, env, "--all", "--verify")
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("already up to date, nothing changed") == 3
@@ -152,7 +152,7 @@ def test_verify_flags_a_provider_missing_migrations(
         env = provider_env({"supabase": deployed["supabase"], "neon": empty["neon"]})
         code, out, _ = run_main(healthy_fleet, capsys, env, "verify")
         assert code == 1
-        assert "neon: 3 migration(s) not applied" in out
+        assert "neon: 4 migration(s) not applied" in out
         assert "table knowledge_atoms" in out
         code, out, _ = run_main(healthy_fleet, capsys, env, "status")
         assert code == 1
@@ -198,7 +198,7 @@ def test_failing_migration_rolls_back_and_names_provider_migration_and_message(
 ) -> None:
     migrations = tmp_path / "migrations"
     shutil.copytree(SHIPPED, migrations)
-    (migrations / "0004_broken.sql").write_text(
+    (migrations / "0005_broken.sql").write_text(
         "CREATE TABLE broken_partial (id integer);\n"
         "INSERT INTO broken_partial VALUES (1);\n"
         "SELECT no_such_function_xyz(42);\n"
@@ -206,11 +206,11 @@ def test_failing_migration_rolls_back_and_names_provider_migration_and_message(
     done = run_script(healthy_fleet, tmp_path, provider_env(deployed), "--provider", "neon",
                       "--migrations-dir", str(migrations))
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "provider 'neon': migration 0004_broken failed and was rolled back" in done.stderr
+    assert "provider 'neon': migration 0005_broken failed and was rolled back" in done.stderr
     assert "function no_such_function_xyz(integer) does not exist" in done.stderr
     assert "(SQLSTATE 42883) at line 3" in done.stderr
     assert query(deployed["neon"], "SELECT to_regclass('broken_partial')") == [(None,)]
-    assert query(deployed["neon"], "SELECT max(version) FROM schema_migrations") == [(3,)]
+    assert query(deployed["neon"], "SELECT max(version) FROM schema_migrations") == [(4,)]
 
 
 def test_edited_migration_or_other_dimension_is_drift_and_applies_nothing(
@@ -221,7 +221,7 @@ def test_edited_migration_or_other_dimension_is_drift_and_applies_nothing(
     shutil.copytree(SHIPPED, migrations)
     edited = migrations / "0002_session_memories.sql"
     edited.write_text(edited.read_text() + "\n-- edited after it was applied\n")
-    (migrations / "0004_more.sql").write_text("CREATE TABLE more_stuff (id integer);\n")
+    (migrations / "0005_more.sql").write_text("CREATE TABLE more_stuff (id integer);\n")
     env = provider_env({"supabase": deployed["supabase"]})
     code, _, err = run_main(healthy_fleet, capsys, env, "deploy", "--provider", "supabase",
                             "--migrations-dir", str(migrations))
@@ -302,4 +302,4 @@ def test_concurrent_deploys_apply_each_migration_once(
         results = list(pool.map(lambda _: apply_migrations(fresh["railway"]), range(3)))
     assert sorted(a.label for done in results for a in done) == [
         m.label for m in load_migrations()]
-    assert query(fresh["railway"], "SELECT count(*) FROM schema_migrations") == [(3,)]
+    assert query(fresh["railway"], "SELECT count(*) FROM schema_migrations") == [(4,)]

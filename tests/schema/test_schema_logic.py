@@ -42,7 +42,8 @@ def test_public_names_exist() -> None:
 def test_shipped_migrations_load_in_order_and_render_the_dimension() -> None:
     migrations = load_migrations()
     assert [m.label for m in migrations] == [
-        "0001_extensions", "0002_session_memories", "0003_knowledge_atoms"]
+        "0001_extensions", "0002_session_memories", "0003_knowledge_atoms",
+        "0004_failback_journal"]
     assert migrations[0].extensions == ("vector",)
     atoms = migrations[2]
     assert "embedding vector(1536)" in atoms.render()

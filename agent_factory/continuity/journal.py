@@ -1,0 +1,331 @@
+"""The change journal in each provider's database, and its drain to the primary.
+
+Installed by migration ``0004_failback_journal`` (``schema deploy``) for the
+managed tables and by `install` for a registered table: an ``AFTER`` row
+trigger that records nothing unless the writing transaction carries
+``agent_factory.journal = on`` -- which the managers set on the writes they
+send to a provider that is not the primary (a session setting on a direct
+connection, ``set_config(..., true)`` inside the transaction behind a
+transaction-mode pooler). The record survives every application process and
+is what any instance, or ``agent-factory-db failback run``, drains.
+
+A drain of backup B, in one transaction on the primary: take the advisory
+lock of B (``pg_try_advisory_xact_lock``: one drainer per backup, the others
+skip), read B's journal in order (whole source transactions), skip the source
+transactions the primary already applied (``agent_factory_drained``), lock
+and read the primary's rows they touch, replay them (`merge.replay`), write
+the final rows set-based, record conflicts and applied transactions, commit;
+then prune B's journal. A drain interrupted anywhere is run again safely.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import partial
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
+
+from ..errors import ConfigurationError
+from ..schema.plan import load_migrations
+from .merge import Change, Conflict, ConflictPolicy, Row, RowKey, replay
+
+__all__ = ["DrainReport", "drain", "install", "pending", "prepare_session"]
+
+JOURNAL = "agent_factory_journal"
+TRIGGER = "agent_factory_journal"
+#: The setting the trigger reads; set by the managers on writes to a backup.
+SETTING = "agent_factory.journal"
+_LOCK_SPACE = 0x4146_4A4E  # "AFJN": advisory lock class of the drains
+
+
+@dataclass(frozen=True)
+class DrainReport:
+    """What one drain of one backup did."""
+
+    backup: str
+    changes: int = 0
+    transactions: int = 0
+    conflicts: int = 0
+    skipped: bool = False  # another drainer held the backup's lock
+
+
+def prepare_session(conn: psycopg.Connection[Any]) -> None:
+    """Exact numbers and one rendering of times for comparing images (drain connections)."""
+    set_json_loads(partial(json.loads, parse_float=Decimal), conn)
+    set_json_dumps(_dumps, conn)
+    conn.execute("SET TimeZone = 'UTC'")
+    conn.execute("SET IntervalStyle = 'iso_8601'")
+    conn.execute("SET extra_float_digits = 1")
+    conn.execute(f"SET {SETTING} = off")
+    if not conn.autocommit:
+        conn.commit()
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(_plain(value))
+
+
+def _plain(value: Any) -> Any:
+    """Decimals back to JSON numbers (as floats when exact, else as their text)."""
+    if isinstance(value, Decimal):
+        if value == value.to_integral_value():
+            return int(value)
+        as_float = float(value)
+        return as_float if Decimal(repr(as_float)) == value else str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _journal_ddl() -> str:
+    """The journal's table and trigger function (migration 0004 without its triggers)."""
+    text = next(m.template for m in load_migrations() if m.name == "failback_journal")
+    return text.split("DROP TRIGGER", 1)[0]
+
+
+def install(conn: psycopg.Connection[Any], table: str) -> tuple[str, ...]:
+    """Journal ``table`` on this database; its primary key columns.
+
+    Raises `ConfigurationError` when the table is missing or has no primary
+    key (a change could not be matched to the primary's row).
+    """
+    with conn.transaction():
+        key = primary_key(conn, table)
+        exists = conn.execute(
+            "SELECT 1 FROM pg_trigger WHERE tgname = %s AND tgrelid = %s::regclass",
+            (TRIGGER, table),
+        ).fetchone()
+        if exists is None:
+            conn.execute(_journal_ddl())
+            conn.execute(sql.SQL(
+                "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} "
+                "FOR EACH ROW EXECUTE FUNCTION agent_factory_journal_row()"
+            ).format(sql.Identifier(TRIGGER), _ident(table)))
+    return key
+
+
+def primary_key(conn: psycopg.Connection[Any], table: str) -> tuple[str, ...]:
+    row = conn.execute("SELECT to_regclass(%s)::text", (table,)).fetchone()
+    if row is None or row[0] is None:
+        raise ConfigurationError(
+            f"registered table {table!r} does not exist on this provider; create it (and "
+            "deploy the same schema on every provider) before writing to it"
+        )
+    cols = [r[0] for r in conn.execute(
+        "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+        "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = %s::regclass AND i.indisprimary "
+        "ORDER BY array_position(i.indkey::int2[], a.attnum)", (table,)).fetchall()]
+    if not cols:
+        raise ConfigurationError(
+            f"registered table {table!r} has no primary key: failback matches a backup's "
+            "changes to the primary's rows by it; add one (ALTER TABLE ... ADD PRIMARY KEY)"
+        )
+    return tuple(cols)
+
+
+def pending(conn: psycopg.Connection[Any]) -> tuple[int, Any]:
+    """(changes recorded, oldest recording time) on this database; (0, None) without a journal."""
+    found = conn.execute("SELECT to_regclass(%s)", (JOURNAL,)).fetchone()
+    if found is None or found[0] is None:
+        return 0, None
+    count, oldest = conn.execute(
+        f"SELECT count(*), min(recorded_at) FROM {JOURNAL}").fetchone() or (0, None)
+    return int(count), oldest
+
+
+def drain(
+    source: psycopg.Connection[Any],
+    target: psycopg.Connection[Any],
+    backup: str,
+    policy: ConflictPolicy,
+    *,
+    batch: int = 20000,
+    delete_inserted_on_source: bool = False,
+) -> Iterator[DrainReport]:
+    """Drain ``backup``'s journal (``source``) into the primary (``target``), batch by batch.
+
+    Both connections are in transaction mode (autocommit off) and prepared by
+    `prepare_session`. ``delete_inserted_on_source``: the backup subscribes to
+    the primary, so the rows it inserted come back to it by replication --
+    they are removed from it first (kept in its journal until the primary has
+    them) so that replication does not stop on a duplicate key.
+    """
+    while True:
+        report = _drain_batch(source, target, backup, policy, batch, delete_inserted_on_source)
+        yield report
+        if report.skipped or report.changes == 0:
+            return
+
+
+def _drain_batch(
+    source: psycopg.Connection[Any], target: psycopg.Connection[Any], backup: str,
+    policy: ConflictPolicy, batch: int, delete_inserted: bool,
+) -> DrainReport:
+    with target.transaction():
+        got = target.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
+                             (_LOCK_SPACE, backup)).fetchone()
+        if not got or not got[0]:
+            return DrainReport(backup, skipped=True)
+        changes = _read(source, batch)
+        if not changes:
+            return DrainReport(backup)
+        done = {r[0] for r in target.execute(
+            "SELECT xid::text FROM agent_factory_drained WHERE provider = %s "
+            "AND xid = ANY(%s::xid8[])", (backup, sorted({c.xid for c in changes}))).fetchall()}
+        todo = [c for c in changes if c.xid not in done]
+        keys = {t: primary_key(target, t) for t in dict.fromkeys(c.table for c in todo)}
+        todo = _normalised(target, todo)
+
+        def key_of(c: Change) -> tuple[Any, ...]:
+            image = c.after if c.after is not None else c.before
+            assert image is not None
+            return tuple(image.get(k) for k in keys[c.table])
+
+        current = _current(target, todo, keys, key_of)
+        final, conflicts = replay(todo, key_of, current, policy)
+        inserted = [k for k, row in final.items() if row is not None and current.get(k) is None]
+        if delete_inserted and inserted:
+            _delete_on_source(source, keys, inserted, todo)
+        _write(target, keys, final, current, todo)
+        _record(target, backup, keys, todo, conflicts)
+    with source.transaction():
+        source.execute(f"DELETE FROM {JOURNAL} WHERE seq = ANY(%s)", ([c.seq for c in changes],))
+    with target.transaction():
+        target.execute("DELETE FROM agent_factory_drained WHERE provider = %s "
+                       "AND xid = ANY(%s::xid8[])", (backup, sorted({c.xid for c in changes})))
+    return DrainReport(backup, len(todo), len({c.xid for c in todo}), len(conflicts))
+
+
+def _read(source: psycopg.Connection[Any], batch: int) -> list[Change]:
+    """Whole source transactions, oldest first (ordered by their last change)."""
+    with source.transaction():
+        rows = source.execute(
+            f"WITH x AS (SELECT xid, max(seq) AS last FROM {JOURNAL} "
+            f"WHERE xid IN (SELECT xid FROM {JOURNAL} ORDER BY seq LIMIT %s) GROUP BY xid) "
+            f"SELECT j.seq, j.xid::text, j.table_name, j.op, j.before, j.after "
+            f"FROM {JOURNAL} j JOIN x USING (xid) ORDER BY x.last, j.seq", (batch,)
+        ).fetchall()
+    return [Change(*r) for r in rows]
+
+
+def _normalised(target: psycopg.Connection[Any], changes: list[Change]) -> list[Change]:
+    """The images as the primary renders its own rows (types, time zone, number text)."""
+    images: list[Row | None] = []
+    for c in changes:
+        images += [c.before, c.after]
+    out: list[Row | None] = [None] * len(images)
+    for table in dict.fromkeys(c.table for c in changes):
+        idx = [i for i, c in enumerate(changes) for i in (2 * i, 2 * i + 1)
+               if c.table == table and images[i] is not None]
+        if not idx:
+            continue
+        rows = target.execute(sql.SQL(
+            "SELECT to_jsonb(jsonb_populate_record(NULL::{}, j)) "
+            "FROM jsonb_array_elements(%s) WITH ORDINALITY AS e(j, n) ORDER BY n"
+        ).format(_ident(table)), (Jsonb([images[i] for i in idx]),)).fetchall()
+        for i, (row,) in zip(idx, rows, strict=True):
+            out[i] = row
+    return [Change(c.seq, c.xid, c.table, c.op, out[2 * i], out[2 * i + 1])
+            for i, c in enumerate(changes)]
+
+
+def _current(target: psycopg.Connection[Any], changes: list[Change],
+             keys: dict[str, tuple[str, ...]], key_of: Any) -> dict[RowKey, Row | None]:
+    """The primary's rows the changes touch, locked until the drain commits."""
+    found: dict[RowKey, Row | None] = {}
+    for table, cols in keys.items():
+        wanted = {key_of(c) for c in changes if c.table == table}
+        for k in wanted:
+            found[(table, k)] = None
+        probe = [dict(zip(cols, k, strict=True)) for k in wanted]
+        match = sql.SQL(" AND ").join(
+            sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in cols)
+        rows = target.execute(sql.SQL(
+            "SELECT to_jsonb(t) FROM {t} t, jsonb_populate_recordset(NULL::{t}, %s) k "
+            "WHERE {match} FOR UPDATE OF t"
+        ).format(t=_ident(table), match=match), (Jsonb(probe),)).fetchall()
+        for (row,) in rows:
+            found[(table, tuple(row.get(c) for c in cols))] = row
+    return found
+
+
+def _write(target: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
+           final: dict[RowKey, Row | None], current: dict[RowKey, Row | None],
+           changes: list[Change]) -> None:
+    """Upserts table by table in first-change order, then deletes in reverse order."""
+    order = list(dict.fromkeys(c.table for c in changes))
+    for table in order:
+        rows = [r for (t, _), r in final.items()
+                if t == table and r is not None and r != current.get((t, _))]
+        if rows:
+            cols = list(rows[0])
+            target.execute(sql.SQL(
+                "INSERT INTO {t} SELECT * FROM jsonb_populate_recordset(NULL::{t}, %s) "
+                "ON CONFLICT ({key}) DO UPDATE SET {set}"
+            ).format(
+                t=_ident(table),
+                key=sql.SQL(", ").join(map(sql.Identifier, keys[table])),
+                set=sql.SQL(", ").join(
+                    sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in cols),
+            ), (Jsonb(rows),))
+    for table in reversed(order):
+        gone = [dict(zip(keys[table], k, strict=True)) for (t, k), r in final.items()
+                if t == table and r is None and current.get((t, k)) is not None]
+        if gone:
+            _delete_keys(target, table, keys[table], gone)
+
+
+def _delete_keys(conn: psycopg.Connection[Any], table: str, cols: Sequence[str],
+                 probe: list[dict[str, Any]]) -> None:
+    match = sql.SQL(" AND ").join(
+        sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in cols)
+    conn.execute(sql.SQL(
+        "DELETE FROM {t} t USING jsonb_populate_recordset(NULL::{t}, %s) k WHERE {match}"
+    ).format(t=_ident(table), match=match), (Jsonb(probe),))
+
+
+def _delete_on_source(source: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
+                      inserted: list[RowKey], changes: list[Change]) -> None:
+    order = list(dict.fromkeys(c.table for c in changes))
+    with source.transaction():
+        for table in reversed(order):
+            probe = [dict(zip(keys[table], k, strict=True)) for t, k in inserted if t == table]
+            if probe:
+                _delete_keys(source, table, keys[table], probe)
+
+
+def _record(target: psycopg.Connection[Any], backup: str, keys: dict[str, tuple[str, ...]],
+            changes: list[Change], conflicts: list[Conflict]) -> None:
+    if conflicts:
+        target.cursor().executemany(
+            "INSERT INTO agent_factory_conflicts (provider, table_name, op, row_key, before, "
+            "backup_version, primary_version, resolved_version, resolution, source_xid) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            [(backup, c.change.table, c.change.op,
+              Jsonb(dict(zip(keys[c.change.table], c.key, strict=True))),
+              _jsonb(c.change.before), _jsonb(c.change.after), _jsonb(c.primary),
+              _jsonb(c.resolved), c.resolution, c.change.xid) for c in conflicts],
+        )
+    target.execute(
+        "INSERT INTO agent_factory_drained (provider, xid) SELECT %s, x::xid8 "
+        "FROM unnest(%s::text[]) AS x ON CONFLICT DO NOTHING",
+        (backup, sorted({c.xid for c in changes})),
+    )
+
+
+def _jsonb(row: Row | None) -> Jsonb | None:
+    return None if row is None else Jsonb(row)
+
+
+def _ident(table: str) -> sql.Composable:
+    if "." in table and not table.startswith('"'):
+        return sql.SQL(".").join(sql.Identifier(p.strip('"')) for p in table.split(".", 1))
+    return sql.Identifier(table.strip('"'))

@@ -1,0 +1,145 @@
+"""Replaying a backup's recorded changes on the primary's rows: the decisions, no I/O.
+
+A change (insert, update, delete of one row, with its before and after image)
+applies cleanly when the primary's row is still what the backup saw: absent
+for an insert, equal to the before image otherwise. Anything else is a
+conflict -- the primary changed the row too (writes that had not reached the
+backup when the primary failed, a partitioned instance, another backup) --
+and is settled by the `ConflictPolicy`, column by column for an update:
+
+* a *delta column* (a counter, a balance) moves by the backup's
+  ``after - before`` from the primary's value, so both sides' changes count;
+* another column the backup changed takes the backup's value
+  (``backup_wins``) or keeps the primary's (``primary_wins``), or the user's
+  callback decides the whole row (``callback``).
+
+Images compare as normalised JSON objects (the primary renders both sides
+with one session's settings). Clocks are never compared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from ..engine.settings import Settings, parse_delta_columns
+
+__all__ = [
+    "Change", "Conflict", "ConflictPolicy", "Row", "RowKey", "replay",
+]
+
+Row = dict[str, Any]
+RowKey = tuple[str, tuple[Any, ...]]  # (table, primary key values)
+
+#: Stamped by the schema's trigger on every update: never a conflict of its own.
+_STAMP = "updated_at"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One recorded row change of a backup (a row of ``agent_factory_journal``)."""
+
+    seq: int
+    xid: str
+    table: str
+    op: str  # INSERT | UPDATE | DELETE
+    before: Row | None
+    after: Row | None
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A change that met a primary row it did not expect, and how it was settled."""
+
+    change: Change
+    key: tuple[Any, ...]
+    primary: Row | None  # the primary's row when the change came
+    resolved: Row | None  # what the primary holds after it (None: no row)
+    resolution: str  # delta | backup_wins | primary_wins | callback
+
+
+#: ``callback(conflict_without_resolution) -> row or None``; in-process only.
+Resolver = Callable[[Conflict], "Row | None"]
+
+
+@dataclass(frozen=True)
+class ConflictPolicy:
+    """How conflicts are settled: the policy's name, delta columns per table, a callback."""
+
+    name: str = "backup_wins"
+    delta_columns: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    callback: Resolver | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConflictPolicy:
+        return cls(settings.conflict_policy, parse_delta_columns(settings.conflict_delta_columns),
+                   settings.conflict_resolver)
+
+    def deltas(self, table: str) -> frozenset[str]:
+        bare = table.rsplit(".", 1)[-1].strip('"')
+        return self.delta_columns.get(table, frozenset()) | self.delta_columns.get(
+            bare, frozenset())
+
+
+def replay(
+    changes: Sequence[Change],
+    key_of: Callable[[Change], tuple[Any, ...]],
+    current: Mapping[RowKey, Row | None],
+    policy: ConflictPolicy,
+) -> tuple[dict[RowKey, Row | None], list[Conflict]]:
+    """Apply ``changes`` in order to ``current``; the final rows and the conflicts met.
+
+    ``current`` holds the primary's row (or None) for every key the changes
+    touch. A change whose after image is already there (a replay interrupted
+    after its commit, or both sides made the same change) is no conflict.
+    """
+    state: dict[RowKey, Row | None] = dict(current)
+    conflicts: list[Conflict] = []
+    for change in changes:
+        key = key_of(change)
+        row_key = (change.table, key)
+        now = state.get(row_key)
+        expected = None if change.op == "INSERT" else change.before
+        if now == expected:
+            state[row_key] = change.after
+            continue
+        if now == change.after:
+            continue
+        conflict = _settle(Conflict(change, key, now, None, ""), policy)
+        state[row_key] = conflict.resolved
+        conflicts.append(conflict)
+    return state, conflicts
+
+
+def _settle(c: Conflict, policy: ConflictPolicy) -> Conflict:
+    change, now = c.change, c.primary
+    if policy.name == "callback":
+        assert policy.callback is not None
+        return Conflict(change, c.key, now, policy.callback(c), "callback")
+    backup_wins = policy.name == "backup_wins"
+    if change.op != "UPDATE" or now is None or change.before is None or change.after is None:
+        # A whole-row disagreement (insert over a row, delete of a changed
+        # row, update of a deleted one): one side's version wins.
+        return Conflict(change, c.key, now, change.after if backup_wins else now, policy.name)
+    deltas = policy.deltas(change.table)
+    merged = dict(now)
+    by_policy = False
+    for column, value in change.after.items():
+        old = change.before.get(column)
+        if value == old:
+            continue
+        if column in deltas and _number(value) and _number(old) and _number(now.get(column)):
+            merged[column] = now[column] + (value - old)
+        elif column == _STAMP:
+            merged[column] = max(value, now.get(column) or value)
+        else:
+            by_policy = True
+            if backup_wins:
+                merged[column] = value
+    return Conflict(change, c.key, now, merged, policy.name if by_policy else "delta")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, Decimal)) and not isinstance(value, bool)
