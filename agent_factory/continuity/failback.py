@@ -307,9 +307,10 @@ class Failback:
                     st.drained += report.changes
                     st.conflicts += report.conflicts
                     if report.conflicts:
-                        logger.warning("failback from %r: %d conflicts settled by %s (kept in "
-                                       "agent_factory_conflicts)", backup, report.conflicts,
-                                       self._policy.name)
+                        logger.warning("failback from %r: %d conflicts (the primary had changed "
+                                       "those rows too), settled by delta columns or %s; both "
+                                       "versions kept in agent_factory_conflicts", backup,
+                                       report.conflicts, self._policy.name)
                 with source.transaction():
                     st.pending, st.oldest = journal.pending(source)
         except psycopg.Error as exc:

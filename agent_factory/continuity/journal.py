@@ -158,8 +158,14 @@ def drain(
     they are removed from it first (kept in its journal until the primary has
     them) so that replication does not stop on a duplicate key.
     """
+    # Up to what is recorded now: writes that keep coming (other instances, or
+    # this one before the write pause) are left to the next drain.
+    with source.transaction():
+        row = source.execute(f"SELECT max(seq) FROM {JOURNAL}").fetchone()
+    upto = row[0] if row and row[0] is not None else 0
     while True:
-        report = _drain_batch(source, target, backup, policy, batch, delete_inserted_on_source)
+        report = _drain_batch(source, target, backup, policy, batch, upto,
+                              delete_inserted_on_source)
         yield report
         if report.skipped or report.changes == 0:
             return
@@ -167,14 +173,14 @@ def drain(
 
 def _drain_batch(
     source: psycopg.Connection[Any], target: psycopg.Connection[Any], backup: str,
-    policy: ConflictPolicy, batch: int, delete_inserted: bool,
+    policy: ConflictPolicy, batch: int, upto: int, delete_inserted: bool,
 ) -> DrainReport:
     with target.transaction():
         got = target.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
                              (_LOCK_SPACE, backup)).fetchone()
         if not got or not got[0]:
             return DrainReport(backup, skipped=True)
-        changes = _read(source, batch)
+        changes = _read(source, batch, upto)
         if not changes:
             return DrainReport(backup)
         done = {r[0] for r in target.execute(
@@ -204,14 +210,15 @@ def _drain_batch(
     return DrainReport(backup, len(todo), len({c.xid for c in todo}), len(conflicts))
 
 
-def _read(source: psycopg.Connection[Any], batch: int) -> list[Change]:
+def _read(source: psycopg.Connection[Any], batch: int, upto: int) -> list[Change]:
     """Whole source transactions, oldest first (ordered by their last change)."""
     with source.transaction():
         rows = source.execute(
             f"WITH x AS (SELECT xid, max(seq) AS last FROM {JOURNAL} "
-            f"WHERE xid IN (SELECT xid FROM {JOURNAL} ORDER BY seq LIMIT %s) GROUP BY xid) "
+            f"WHERE xid IN (SELECT xid FROM {JOURNAL} WHERE seq <= %s ORDER BY seq LIMIT %s) "
+            f"GROUP BY xid) "
             f"SELECT j.seq, j.xid::text, j.table_name, j.op, j.before, j.after "
-            f"FROM {JOURNAL} j JOIN x USING (xid) ORDER BY x.last, j.seq", (batch,)
+            f"FROM {JOURNAL} j JOIN x USING (xid) ORDER BY x.last, j.seq", (upto, batch)
         ).fetchall()
     return [Change(*r) for r in rows]
 

@@ -92,8 +92,11 @@ def replay(
     """Apply ``changes`` in order to ``current``; the final rows and the conflicts met.
 
     ``current`` holds the primary's row (or None) for every key the changes
-    touch. A change whose after image is already there (a replay interrupted
-    after its commit, or both sides made the same change) is no conflict.
+    touch. A change whose after image is already there (both sides made the
+    same change) is no conflict -- unless it moves a delta column, where equal
+    values are a coincidence and the backup's difference still counts.
+    (A replay interrupted after its commit never comes here twice: the
+    primary records the source transactions it applied.)
     """
     state: dict[RowKey, Row | None] = dict(current)
     conflicts: list[Conflict] = []
@@ -105,8 +108,8 @@ def replay(
         if now == expected:
             state[row_key] = change.after
             continue
-        if now == change.after:
-            continue
+        if now == change.after and not _moves_counter(change, policy):
+            continue  # both sides made the same change: nothing to settle
         conflict = _settle(Conflict(change, key, now, None, ""), policy)
         state[row_key] = conflict.resolved
         conflicts.append(conflict)
@@ -139,6 +142,13 @@ def _settle(c: Conflict, policy: ConflictPolicy) -> Conflict:
             if backup_wins:
                 merged[column] = value
     return Conflict(change, c.key, now, merged, policy.name if by_policy else "delta")
+
+
+def _moves_counter(change: Change, policy: ConflictPolicy) -> bool:
+    """The change moves a delta column: equal end values are a coincidence, not a match."""
+    if change.before is None or change.after is None:
+        return False
+    return any(change.after.get(c) != change.before.get(c) for c in policy.deltas(change.table))
 
 
 def _number(value: Any) -> bool:

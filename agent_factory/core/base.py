@@ -162,6 +162,19 @@ class BaseManager(Generic[P]):
             return "SELECT set_config('agent_factory.journal', 'off', true)"
         return None
 
+    def failback_status(self) -> dict[str, Any]:
+        """Per backup: changes pending in its journal, oldest, last drain, last error;
+        and the conflicts this process's drains met (``pending``/``conflicts`` by backup)."""
+        assert self._failback is not None
+        backups = {n: st.as_dict() for n, st in self._failback.status.items()
+                   if n != self._core.primary}
+        return {
+            "pending": {n: b["pending"] for n, b in backups.items()},
+            "conflicts": {n: b["conflicts"] for n, b in backups.items()},
+            "backups": backups,
+            "policy": self._core.settings.conflict_policy,
+        }
+
     def _on_health_change(self, name: str, up: bool, reason: str | None) -> None:
         self._core.on_health_change(name, up, reason)
         if up and self._failback is not None:

@@ -62,6 +62,13 @@ def test_delta_columns_keep_both_sides_changes() -> None:
     assert conflicts[0].primary == acct(130) and conflicts[0].change.after == acct(90)
 
 
+def test_a_counter_that_happens_to_match_still_moves() -> None:
+    policy = ConflictPolicy(delta_columns={"accounts": frozenset({"balance"})})
+    # The primary went 100 -> 101 on its own; the backup 100 -> 101 too: both count.
+    final, conflicts = run([change("UPDATE", acct(100), acct(101))], {1: acct(101)}, policy)
+    assert final[1]["balance"] == 102 and len(conflicts) == 1
+
+
 def test_delta_works_on_exact_decimals() -> None:
     policy = ConflictPolicy(delta_columns={"accounts": frozenset({"balance"})})
     final, _ = run([change("UPDATE", acct(Decimal("1.10")), acct(Decimal("1.30")))],  # type: ignore[arg-type]

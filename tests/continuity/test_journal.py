@@ -1,0 +1,310 @@
+"""Failback from the backups' journals: restarts, other processes, banks, conflicts.
+
+Real servers; the primary is killed (kill -9) and restarted. A bank moves
+money between ten accounts (debit, credit and a ledger row in one
+transaction): after failback every balance must equal 1000 + credits - debits
+of the primary's own ledger, and no acknowledged transfer may be missing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from databases import create_databases, drop_databases
+from defaults import ORDER
+from fleet import wait_until
+
+from agent_factory.continuity.replication import setup_replication, teardown_replication
+from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.engine.settings import Settings
+from agent_factory.errors import AgentFactoryError, ConfigurationError, OutcomeUnknownError
+from agent_factory.schema import apply_migrations
+from agent_factory.testing.fleet import Fleet
+
+FAST = {"hang_timeout": 1.0, "probe_interval": 0.1, "checkout_timeout": 10.0,
+        "recovery_probes": 2, "drain_interval": 0.5}
+BANK = """
+CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL,
+                       updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE ledger (id uuid PRIMARY KEY, src int NOT NULL, dst int NOT NULL,
+                     amount int NOT NULL);
+INSERT INTO accounts SELECT g, 1000, '2026-01-01 00:00+00' FROM generate_series(1, 10) AS g;
+"""
+ACCOUNTS = 10
+
+
+def direct(fleet: Fleet, urls: dict[str, str]) -> dict[str, str]:
+    return {m.name: urls[m.name].replace(str(m.proxy.port), str(m.server.port)) for m in fleet}
+
+
+def query(url: str, sql: str, params: Any = None) -> list[Any]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+@pytest.fixture
+def bank(healthy_fleet: Fleet, request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """Databases with the schema and the bank on every provider (replicated if asked)."""
+    replicate = getattr(request, "param", False)
+    urls = create_databases(healthy_fleet, "bank")
+    plain = direct(healthy_fleet, urls)
+    for url in plain.values():
+        apply_migrations(url, embedding_dim=8)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(BANK)
+    settings = Settings.build(plain, order=ORDER)
+    if replicate:
+        report = setup_replication(settings, tables=("accounts", "ledger"))
+        assert not report.errors, report.errors
+        for backup in ("railway", "neon"):
+            wait_until(lambda b=backup: query(plain[b], "SELECT count(*) FROM pg_stat_subscription "
+                                              "WHERE pid IS NOT NULL")[0][0] > 0,
+                       timeout=30, message=f"{backup} subscribed")
+    yield urls
+    healthy_fleet.heal()
+    if replicate:
+        teardown_replication(settings)
+    drop_databases(healthy_fleet, urls)
+
+
+class Teller:
+    """Transfers between the accounts from two threads; remembers every outcome."""
+
+    def __init__(self, db: DatabaseManager) -> None:
+        self.db = db
+        self.acked: list[str] = []
+        self.unknown: list[str] = []
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True)
+                         for n in range(2)]
+
+    def __enter__(self) -> Teller:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def count(self) -> int:
+        return len(self.acked)
+
+    def _run(self, n: int) -> None:
+        k = 0
+        while not self._stop.is_set():
+            k += 1
+            src, dst = (k * 7 + n) % ACCOUNTS + 1, (k * 3 + n + 1) % ACCOUNTS + 1
+            if src == dst:
+                continue
+            tid, amount = str(uuid.uuid4()), k % 13 + 1
+            try:
+                with self.db.transaction() as conn:
+                    # One lock order for both threads: no deadlock.
+                    for acct, delta in sorted(((src, -amount), (dst, amount))):
+                        conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s",
+                                     (delta, acct))
+                    conn.execute("INSERT INTO ledger VALUES (%s, %s, %s, %s)",
+                                 (tid, src, dst, amount))
+                self.acked.append(tid)
+            except OutcomeUnknownError:
+                self.unknown.append(tid)
+            except (AgentFactoryError, psycopg.Error):
+                self.failed.append(tid)
+                self._stop.wait(0.05)
+
+
+def off_the_ledger(url: str) -> list[tuple[int, int, int]]:
+    """Accounts whose balance is not 1000 + credits - debits of this database's ledger."""
+    rows = query(url, """
+        SELECT a.id, a.balance, 1000 + coalesce(c.s, 0) - coalesce(d.s, 0)
+        FROM accounts a
+        LEFT JOIN (SELECT dst, sum(amount) AS s FROM ledger GROUP BY dst) c ON c.dst = a.id
+        LEFT JOIN (SELECT src, sum(amount) AS s FROM ledger GROUP BY src) d ON d.src = a.id""")
+    return [r for r in rows if r[1] != r[2]]
+
+
+def ledger_ids(url: str) -> set[str]:
+    return {str(r[0]) for r in query(url, "SELECT id FROM ledger")}
+
+
+def journal_size(url: str) -> int:
+    return int(query(url, "SELECT count(*) FROM agent_factory_journal")[0][0])
+
+
+def outage(fleet: Fleet, db: DatabaseManager, teller: Teller, plain: dict[str, str], *,
+           backlog: bool = False) -> None:
+    """Transfers on the primary, (a replication backlog,) a crash, transfers on railway,
+    the primary back; returns once failback has emptied railway's journal."""
+    wait_until(lambda: teller.count() >= 30, timeout=30, message="transfers on the primary")
+    if backlog:
+        for backup in ("railway", "neon"):
+            query_none(plain[backup], f"ALTER SUBSCRIPTION agent_factory_{backup} DISABLE")
+        seen = teller.count()
+        wait_until(lambda: teller.count() >= seen + 30, timeout=30, message="unreplicated")
+    fleet["supabase"].server.kill()
+    wait_until(lambda: journal_size(plain["railway"]) >= 60, timeout=60,
+               message="transfers journaled on railway")
+    if backlog:
+        for backup in ("railway", "neon"):
+            query_none(plain[backup], f"ALTER SUBSCRIPTION agent_factory_{backup} ENABLE")
+    fleet["supabase"].server.restart()
+    wait_until(lambda: db.get_provider_stats()["supabase"]["role"] == "primary"
+               and db.serving_provider == "supabase", timeout=60, message="back on the primary")
+
+
+def check_bank(teller: Teller, plain: dict[str, str]) -> None:
+    primary = plain["supabase"]
+    wait_until(lambda: journal_size(plain["railway"]) == 0, timeout=30, message="journal drained")
+    on_primary = ledger_ids(primary)
+    assert set(teller.acked) <= on_primary, len(set(teller.acked) - on_primary)
+    assert not set(teller.failed) & on_primary
+    assert off_the_ledger(primary) == []
+
+
+def converged(plain: dict[str, str]) -> None:
+    def same() -> bool:
+        want = [query(plain["supabase"], "SELECT id, balance FROM accounts ORDER BY id"),
+                sorted(ledger_ids(plain["supabase"]))]
+        return all([query(plain[b], "SELECT id, balance FROM accounts ORDER BY id"),
+                    sorted(ledger_ids(plain[b]))] == want for b in ("railway", "neon"))
+    wait_until(same, timeout=30, message="every provider holds the primary's rows")
+    for b in ("railway", "neon"):
+        assert query(plain[b], "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL"
+                     )[0][0] > 0, f"{b}'s replication stopped"
+
+
+def bank_db(urls: dict[str, str], **options: Any) -> DatabaseManager:
+    db = DatabaseManager(urls, order=ORDER, **{**FAST, **options})
+    db.register_table("accounts")
+    db.register_table("ledger")
+    return db
+
+
+def test_bank_without_replication_keeps_every_transfer(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    plain = direct(healthy_fleet, bank)
+    with bank_db(bank, conflict_delta_columns="accounts.balance") as db, Teller(db) as teller:
+        outage(healthy_fleet, db, teller, plain)
+        seen = teller.count()
+        wait_until(lambda: teller.count() >= seen + 20, timeout=30,
+                   message="transfers on the primary again")
+    check_bank(teller, plain)
+    # Railway never saw the primary's transfers: each of its updates was a conflict,
+    # settled by delta and kept with both versions.
+    rows = query(plain["supabase"], "SELECT resolution, backup_version IS NOT NULL, "
+                 "primary_version IS NOT NULL FROM agent_factory_conflicts")
+    assert rows and all(r == ("delta", True, True) for r in rows)
+
+
+@pytest.mark.parametrize("bank", [True], indirect=True)
+@pytest.mark.parametrize("backlog", [False, True], ids=["caught-up", "backlog"])
+def test_bank_replicated_crash_keeps_every_transfer_and_converges(
+        healthy_fleet: Fleet, bank: dict[str, str], backlog: bool) -> None:
+    plain = direct(healthy_fleet, bank)
+    with bank_db(bank, conflict_delta_columns=("accounts.balance",)) as db, \
+            Teller(db) as teller:
+        outage(healthy_fleet, db, teller, plain, backlog=backlog)
+    check_bank(teller, plain)
+    converged(plain)
+
+
+def test_without_delta_columns_conflicts_are_reported_never_silent(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    plain = direct(healthy_fleet, bank)
+    with bank_db(bank) as db, Teller(db) as teller:
+        outage(healthy_fleet, db, teller, plain)
+        wait_until(lambda: journal_size(plain["railway"]) == 0, timeout=30,
+                   message="journal drained")
+        stats = db.failback_status()
+    assert stats["conflicts"]["railway"] > 0
+    rows = query(plain["supabase"], "SELECT count(*), count(*) FILTER (WHERE "
+                 "backup_version IS NOT NULL AND primary_version IS NOT NULL) "
+                 "FROM agent_factory_conflicts WHERE resolution = 'backup_wins'")
+    assert rows[0][0] > 0 and rows[0][0] == rows[0][1]
+    assert set(teller.acked) <= ledger_ids(plain["supabase"])
+
+
+def test_deletes_and_updates_on_a_backup_come_back(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    plain = direct(healthy_fleet, bank)
+    with bank_db(bank) as db:
+        healthy_fleet["supabase"].server.kill()
+        db.execute_query("DELETE FROM accounts WHERE id = 10", fetch_mode="none",
+                         idempotent=True)
+        db.execute_query("UPDATE accounts SET balance = 7 WHERE id = 9", fetch_mode="none",
+                         idempotent=True)
+        assert db.serving_provider == "railway"
+        healthy_fleet["supabase"].server.restart()
+        wait_until(lambda: query(plain["supabase"], "SELECT id, balance FROM accounts "
+                                 "WHERE id >= 9 ORDER BY id") == [(9, 7)], timeout=30,
+                   message="the delete and the update on the primary")
+    assert query(plain["supabase"], "SELECT count(*) FROM agent_factory_conflicts") == [(0,)]
+
+
+def test_a_table_without_primary_key_is_refused_at_registration(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    for url in direct(healthy_fleet, bank).values():
+        query_none(url, "CREATE TABLE keyless (x int)")
+    with DatabaseManager(bank, order=ORDER, **FAST) as db, \
+            pytest.raises(ConfigurationError, match="keyless.*no primary key"):
+        db.register_table("keyless")
+
+
+def query_none(url: str, sql: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+WRITER = """
+import json, sys, uuid
+from agent_factory.core.database_manager import DatabaseManager
+urls, order, n = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+acked = []
+with DatabaseManager(urls, order=order, hang_timeout=1.0, probe_interval=0.1,
+                     drain_interval=60.0) as db:
+    for i in range(n):
+        row = str(uuid.uuid4())
+        db.execute_query(
+            "INSERT INTO session_memories (id, session_id, memory_type, message_id, content) "
+            "VALUES (%s, 'restart', 'log', %s, '{}'::jsonb)", (row, f"m{i}"),
+            fetch_mode="none", idempotent=True)
+        acked.append((row, db.serving_provider))
+print(json.dumps(acked))
+"""
+
+
+@pytest.mark.parametrize("primary_back", [True, False], ids=["back-before", "down-at-start"])
+def test_rows_written_by_an_exited_process_reach_the_primary(
+        healthy_fleet: Fleet, bank: dict[str, str], primary_back: bool) -> None:
+    """Process A writes through failover and exits; B, started later, drains them."""
+    plain = direct(healthy_fleet, bank)
+    healthy_fleet["supabase"].server.kill()
+    done = subprocess.run([sys.executable, "-c", WRITER, json.dumps(bank), json.dumps(ORDER),
+                           "300"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    acked = json.loads(done.stdout)
+    assert len(acked) == 300 and {p for _, p in acked} == {"railway"}
+    ids = {r for r, _ in acked}
+    if primary_back:
+        healthy_fleet["supabase"].server.restart()
+    with DatabaseManager(bank, order=ORDER, **FAST):
+        if not primary_back:
+            healthy_fleet["supabase"].server.restart()
+
+        def on_primary() -> bool:
+            rows = query(plain["supabase"], "SELECT id::text FROM session_memories "
+                         "WHERE session_id = 'restart'")
+            return {r[0] for r in rows} >= ids
+        wait_until(on_primary, timeout=15, message="every acknowledged row on the primary")
+    assert journal_size(plain["railway"]) == 0
