@@ -88,11 +88,13 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_dashboard_commands(sub)
 
+    from .failback_command import add_failback_commands
     from .replication_command import add_replication_commands
     from .schema_command import add_schema_commands
 
     add_schema_commands(sub)
     add_replication_commands(sub)
+    add_failback_commands(sub)
     return parser
 
 

@@ -251,7 +251,7 @@ class Failback:
                 target = stack.enter_context(self._connect(primary, stall))
             except psycopg.Error as exc:
                 raise PrimaryLost(f"cannot connect to {primary!r}: {type(exc).__name__}") from exc
-            subscribed = self._subscribers(target)
+            subscribed = journal.subscribers(target)
             for backup in backups:
                 moved += self._drain_one(target, primary, backup, backup in subscribed, stall)
         return moved
@@ -276,18 +276,6 @@ class Failback:
                 conn.close()
             return False
         return st.pending > 0
-
-    def _subscribers(self, target: psycopg.Connection[Any]) -> set[str]:
-        """Backups subscribed to the primary (by the name of their replication slot)."""
-        try:
-            with target.transaction():
-                rows = target.execute(
-                    "SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'logical'"
-                ).fetchall()
-        except psycopg.Error:
-            return set()
-        prefix = "agent_factory_"
-        return {r[0][len(prefix):] for r in rows if r[0] and r[0].startswith(prefix)}
 
     def _drain_one(self, target: psycopg.Connection[Any], primary: str, backup: str,
                    subscribed: bool, stall: _Stall) -> int:

@@ -35,7 +35,10 @@ from ..errors import ConfigurationError
 from ..schema.plan import load_migrations
 from .merge import Change, Conflict, ConflictPolicy, Row, RowKey, replay
 
-__all__ = ["DrainReport", "drain", "install", "pending", "prepare_session"]
+__all__ = [
+    "DrainReport", "conflicts_by_table", "drain", "install", "pending", "prepare_session",
+    "subscribers",
+]
 
 JOURNAL = "agent_factory_journal"
 TRIGGER = "agent_factory_journal"
@@ -139,6 +142,29 @@ def pending(conn: psycopg.Connection[Any]) -> tuple[int, Any]:
     count, oldest = conn.execute(
         f"SELECT count(*), min(recorded_at) FROM {JOURNAL}").fetchone() or (0, None)
     return int(count), oldest
+
+
+def conflicts_by_table(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """The conflicts recorded on this (primary) database, by table."""
+    found = conn.execute("SELECT to_regclass('agent_factory_conflicts')").fetchone()
+    if found is None or found[0] is None:
+        return {}
+    rows = conn.execute("SELECT table_name, count(*) FROM agent_factory_conflicts "
+                        "GROUP BY table_name").fetchall()
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def subscribers(target: psycopg.Connection[Any]) -> set[str]:
+    """The backups subscribed to this primary (by their replication slot's name)."""
+    prefix = "agent_factory_"
+    try:
+        with target.transaction():
+            rows = target.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'logical'"
+            ).fetchall()
+    except psycopg.Error:
+        return set()
+    return {r[0][len(prefix):] for r in rows if r[0] and r[0].startswith(prefix)}
 
 
 def drain(

@@ -308,3 +308,27 @@ def test_rows_written_by_an_exited_process_reach_the_primary(
             return {r[0] for r in rows} >= ids
         wait_until(on_primary, timeout=15, message="every acknowledged row on the primary")
     assert journal_size(plain["railway"]) == 0
+
+
+def test_the_cli_shows_and_drains_what_an_exited_process_left(
+        healthy_fleet: Fleet, bank: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    from agent_factory.cli.failback_command import main
+
+    plain = direct(healthy_fleet, bank)
+    env = {f"{n.upper()}_DB_URL": u for n, u in bank.items()}
+    env["DATABASE_FAILOVER_ORDER"] = ",".join(ORDER)
+    healthy_fleet["supabase"].server.kill()
+    done = subprocess.run([sys.executable, "-c", WRITER, json.dumps(bank), json.dumps(ORDER),
+                           "50"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    healthy_fleet["supabase"].server.restart()
+    capsys.readouterr()
+    assert main(["failback", "status", "--json"], environ=env) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["pending"]["railway"] == 50 and report["conflicts"] == {}
+    assert main(["failback", "run"], environ=env) == 0
+    assert "railway: 50 change(s) replayed, 0 conflict(s)" in capsys.readouterr().out
+    assert query(plain["supabase"], "SELECT count(*) FROM session_memories "
+                 "WHERE session_id = 'restart'") == [(50,)]
+    assert main(["failback", "status", "--json"], environ=env) == 0
+    assert json.loads(capsys.readouterr().out)["pending"] == {"railway": 0, "neon": 0}
