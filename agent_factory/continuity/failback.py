@@ -97,6 +97,7 @@ class Failback:
         self._tables: list[str] = list(core.settings.reconcile_tables)
         self._policy = ConflictPolicy.from_settings(core.settings)
         self._lock = threading.Lock()  # one drain at a time in this process
+        self._installing = threading.Lock()
         self._journaled: dict[str, set[str]] = {n: set() for n in conninfos}
         self.status: dict[str, BackupStatus] = {n: BackupStatus() for n in conninfos}
         self._stop = threading.Event()
@@ -124,12 +125,21 @@ class Failback:
         """
         if self.journaled(name):
             return
-        done = self._journaled[name]
         try:
-            conn = psycopg.connect(self._conninfos[name], autocommit=False, connect_timeout=10)
+            self._install(name)
         except psycopg.OperationalError as exc:
+            # The user's statement was not sent: the next provider may take it.
             raise Unavailable(f"journal check: {type(exc).__name__}", sent=False) from exc
-        with conn:
+
+    def _install(self, name: str) -> None:
+        with self._installing:
+            self._install_locked(name)
+
+    def _install_locked(self, name: str) -> None:
+        done = self._journaled[name]
+        timeout = max(1, round(self._core.settings.connect_timeout))
+        with psycopg.connect(self._conninfos[name], autocommit=False,
+                             connect_timeout=timeout) as conn:
             for table in self._tables:
                 if table in done:
                     continue
@@ -203,6 +213,12 @@ class Failback:
             conn.close()
 
     def _loop(self) -> None:
+        # Journals in place before any write needs them (else the first
+        # write to a backup installs them on its way).
+        for name in self._conninfos:
+            if name != self._core.primary and not self._stop.is_set():
+                with suppress(Exception):
+                    self.ensure_journaled(name)
         while not self._stop.is_set():
             try:
                 self.drain_now()

@@ -101,6 +101,9 @@ def install(conn: psycopg.Connection[Any], table: str) -> tuple[str, ...]:
     key (a change could not be matched to the primary's row).
     """
     with conn.transaction():
+        # Installers (instances, threads, deploys) take turns: CREATE ... IF NOT
+        # EXISTS races with itself.
+        conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_SPACE,))
         key = primary_key(conn, table)
         exists = conn.execute(
             "SELECT 1 FROM pg_trigger WHERE tgname = %s AND tgrelid = %s::regclass",

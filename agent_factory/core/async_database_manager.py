@@ -166,11 +166,7 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
                     await asyncio.to_thread(self._failback.ensure_journaled, provider.name)
                 pool, conn = await provider.checkout()
             except Unavailable as exc:
-                # The rule of execute_query: a busy pool moves on without
-                # marking the provider down.
-                failures[provider.name] = exc.reason
-                if exc.down:
-                    provider.health.mark_down(exc.reason)
+                core.checkout_refused(provider, exc, failures)
                 continue
             break
         else:

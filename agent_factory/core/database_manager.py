@@ -156,11 +156,7 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
                     self._failback.ensure_journaled(provider.name)
                 pool, conn = provider.checkout()
             except Unavailable as exc:
-                # The rule of execute_query: a busy pool moves on without
-                # marking the provider down.
-                failures[provider.name] = exc.reason
-                if exc.down:
-                    provider.health.mark_down(exc.reason)
+                core.checkout_refused(provider, exc, failures)
                 continue
             break
         else:

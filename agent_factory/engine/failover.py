@@ -225,11 +225,21 @@ class Failover(Generic[P]):
         failures[provider.name] = exc.reason
         if exc.down:
             provider.health.mark_down(exc.reason)
+        if exc.busy and route.write and provider.name == self.primary:
+            return busy_primary_error(provider.name, exc.reason)
         unknown = exc.sent and not route.retry_after_send
         if t0 is not None:
             outcome = "outcome_unknown" if unknown else "unavailable"
             self.events.query_done(provider.name, time.perf_counter() - t0, outcome)
         return OutcomeUnknownError(provider.name, exc.reason) if unknown else None
+
+    def checkout_refused(self, provider: P, exc: Unavailable, failures: dict[str, str]) -> None:
+        """A transaction's checkout failed: move on, or raise for a busy primary."""
+        failures[provider.name] = exc.reason
+        if exc.busy and provider.name == self.primary:
+            raise busy_primary_error(provider.name, exc.reason)
+        if exc.down:
+            provider.health.mark_down(exc.reason)
 
     def attempt_error(self, provider: P, exc: BaseException, *, t0: float | None) -> None:
         """The statement failed with a SQL error (it propagates unchanged)."""
@@ -385,3 +395,14 @@ class Failover(Generic[P]):
         if provider.name == self.primary:
             return "primary"
         return "serving" if provider.name == self.serving else "backup"
+
+
+def busy_primary_error(name: str, reason: str) -> ProviderUnavailableError:
+    """A write on a busy (but live) primary waits there; it never moves to a backup.
+
+    A write on a backup while the primary takes others would fork the data
+    (a conflict to settle at failback); back-pressure is the caller's to see.
+    """
+    return ProviderUnavailableError(
+        name, f"{reason}; a write does not move to a backup while the primary is up "
+        "(nothing was sent: retry, or raise pool_max_size / checkout_timeout)")

@@ -71,15 +71,18 @@ class Unavailable(Exception):
     """Internal: the provider could not serve.
 
     ``sent``: the statement may have been applied there. ``down``: the
-    provider is unavailable (a read-only refusal is not).
+    provider is unavailable (a read-only refusal is not). ``busy``: its pool
+    had no free connection in time -- the client's own load, not an outage.
     """
 
-    def __init__(self, reason: str, *, sent: bool, hung: bool = False, down: bool = True) -> None:
+    def __init__(self, reason: str, *, sent: bool, hung: bool = False, down: bool = True,
+                 busy: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.sent = sent
         self.hung = hung
         self.down = down
+        self.busy = busy
 
 
 def translate(health: ProviderHealth, exc: psycopg.Error, hung: bool) -> Unavailable:
@@ -305,6 +308,7 @@ def check_wait(health: ProviderHealth, started: float, now: float, deadline: flo
             f"no free pooled connection within {health.tuning.checkout_timeout:g}s",
             sent=False,
             down=False,
+            busy=True,
         )
 
 

@@ -522,9 +522,10 @@ def test_primary_silent_during_failback_pass2_does_not_stall_writes(
     diverge(db, fleet, table)
     try:
         # A transaction open on the backup holds the failback's write pause
-        # between its two passes, so the lock below catches pass 2.
+        # between its two passes, so the lock below catches pass 2 (which has
+        # this transaction's row to bring back).
         with db.transaction() as tx:
-            tx.execute("SELECT 1")
+            tx.execute(f"INSERT INTO {table} (id, note) VALUES (3, 'in the pause')")
             fleet["supabase"].proxy.set_mode("pass")  # the primary recovers: pass 1 runs
             wait_until(lambda: reconciled.events, timeout=15, message="failback pass 1")
             locker = psycopg.connect(fleet["supabase"].direct_url)

@@ -1,4 +1,9 @@
-"""transaction(): a busy pool and a read-only refusal are not outages (sync and async)."""
+"""transaction(): a busy pool and a read-only refusal are not outages (sync and async).
+
+A write never moves to a backup because the primary's pool is busy: that would
+fork the data while the primary takes other writes. It fails after
+checkout_timeout (nothing sent, safe to retry); reads may move on.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from observers import provider_of
 from psycopg import errors as pge
 
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
+from agent_factory.errors import ProviderUnavailableError
 from agent_factory.testing.fleet import Fleet
 
 # Not the shared FAST: no checkout_timeout, so the library's 5 s default is kept
@@ -27,24 +33,30 @@ def assert_primary_untouched(stats: dict[str, dict[str, Any]]) -> None:
     assert primary["errors"] == 0, primary
 
 
-def test_busy_pool_at_transaction_checkout_moves_on_without_marking_down(
-    make_db: MakeDb, healthy_fleet: Fleet
+def test_busy_pool_at_transaction_checkout_waits_then_fails_without_moving(
+    make_db: MakeDb, healthy_fleet: Fleet, table: str
 ) -> None:
-    """The rule of execute_query: the block moves to the next provider, the primary stays up."""
+    """The block does not run on a backup; the primary stays up; reads may still move."""
     db = make_db(**BUSY)
     with db.transaction() as held:  # the primary's only pooled connection
         (port,) = held.execute("SELECT inet_server_port()").fetchone() or (0,)
         assert provider_of(healthy_fleet, port) == "supabase"
-        with db.transaction() as conn:
-            (port,) = conn.execute("SELECT inet_server_port()").fetchone() or (0,)
-        assert provider_of(healthy_fleet, port) == "railway"
+        with pytest.raises(ProviderUnavailableError, match="does not move to a backup"), \
+                db.transaction() as conn:
+            conn.execute(f"INSERT INTO {table} VALUES (1)")
+        with pytest.raises(ProviderUnavailableError, match="does not move to a backup"):
+            db.execute_query(f"INSERT INTO {table} VALUES (2)", fetch_mode="none")
+        (port,) = db.execute_query("SELECT inet_server_port()", fetch_mode="one")
+        assert provider_of(healthy_fleet, port) == "railway"  # a read moves on
     assert_primary_untouched(db.get_provider_stats())
-    with db.transaction() as conn:  # back on the primary at once
+    for name in ("railway", "neon"):
+        assert db.providers[name].execute_query(f"SELECT count(*) FROM {table}") == [(0,)]
+    with db.transaction() as conn:  # on the primary at once
         (port,) = conn.execute("SELECT inet_server_port()").fetchone() or (0,)
     assert provider_of(healthy_fleet, port) == "supabase"
 
 
-def test_busy_pool_at_async_transaction_checkout_moves_on_without_marking_down(
+def test_busy_pool_at_async_transaction_checkout_waits_then_fails_without_moving(
     healthy_fleet: Fleet,
 ) -> None:
     async def main() -> None:
@@ -53,10 +65,9 @@ def test_busy_pool_at_async_transaction_checkout_moves_on_without_marking_down(
             async with db.transaction() as held:
                 cur = await held.execute("SELECT inet_server_port()")
                 assert provider_of(healthy_fleet, (await cur.fetchone() or (0,))[0]) == "supabase"
-                async with db.transaction() as conn:
-                    cur = await conn.execute("SELECT inet_server_port()")
-                    port = (await cur.fetchone() or (0,))[0]
-                assert provider_of(healthy_fleet, port) == "railway"
+                with pytest.raises(ProviderUnavailableError, match="does not move"):
+                    async with db.transaction():
+                        pass
             assert_primary_untouched(db.get_provider_stats())
 
     asyncio.run(main())
