@@ -54,6 +54,7 @@ __all__ = [
     "SchemaError",
     "Session",
     "Settings",
+    "SplitBrainRefusedError",
     "SupabaseMemoryStorage",
     "settings_from_env",
 ]

@@ -12,6 +12,7 @@ their own psycopg type, carrying the provider's name in ``exc.provider``.
     ├── ManagerClosedError                       used after close_all()
     ├── ProviderError (also OperationalError)    a provider could not serve
     │   ├── ProviderUnavailableError             the statement never ran there
+    │   │   └── SplitBrainRefusedError           a backup write while the primary may live
     │   ├── HangTimeoutError                     no answer within the deadline
     │   └── OutcomeUnknownError                  a write was sent, its fate unknown
     ├── AllProvidersUnavailableError (also OperationalError)  every candidate failed
@@ -61,6 +62,7 @@ __all__ = [
     "ReplicationError",
     "ReplicationPrerequisiteError",
     "SchemaError",
+    "SplitBrainRefusedError",
 ]
 
 
@@ -107,6 +109,15 @@ class ProviderUnavailableError(ProviderError):
     """The statement never reached this provider (connect or checkout failed)."""
 
     __module__ = "agent_factory.errors"
+
+
+class SplitBrainRefusedError(ProviderUnavailableError):
+    """A write refused on a backup: the primary's heartbeat still reaches it.
+
+    This instance lost the primary, but other instances may still write there
+    (a network partition): writing on the backup would fork the data. Nothing
+    was sent; retry later. Reads are served meanwhile.
+    """
 
 
 class HangTimeoutError(ProviderError):

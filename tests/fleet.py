@@ -13,11 +13,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
 from agent_factory.testing.fleet import Member
+
+T = TypeVar("T")
 
 __all__ = ["local_port", "postgres_under", "read_only_server", "run_concurrently",
            "wait_until"]
@@ -110,3 +112,18 @@ def read_only_server(member: Member) -> Iterator[None]:
     finally:
         member.heal()
         setting("off")
+
+
+def until_accepted(call: Callable[[], T], timeout: float = 15.0) -> T:
+    """``call()``, retried while the split-brain fence refuses it (right after a crash,
+    until the primary's heartbeat has stood still on the backup for witness_quiet)."""
+    from agent_factory.errors import SplitBrainRefusedError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except SplitBrainRefusedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)

@@ -18,6 +18,7 @@ PUBLIC = [
     "OutcomeUnknownError", "PostgresMemoryStorage", "PostgresNotFoundError", "ProviderError",
     "ProviderSettings", "ProviderUnavailableError", "ReplicationError",
     "ReplicationPrerequisiteError", "SQLiteStorage", "SchemaError", "Session", "Settings",
+    "SplitBrainRefusedError",
     "SupabaseMemoryStorage", "settings_from_env",
 ]
 

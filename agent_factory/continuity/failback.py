@@ -26,36 +26,22 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
 from ..engine.events import Dispatcher
 from ..engine.failover import Failover
 from ..engine.provider import Unavailable
-from ..engine.watchdog import Watch, Watchdog
+from ..engine.stats import FailbackStats
+from ..engine.watchdog import Watchdog
 from ..errors import ConfigurationError
 from . import journal
 from .merge import ConflictPolicy
+from .peek import Peeker, Stall
 
 logger = logging.getLogger("agent_factory.core.database_manager")
-
-
-class _Stall:
-    """A watchdog target whose sign of life is the drain's progress."""
-
-    tracks_backends = False
-
-    def __init__(self, name: str, hang_timeout: float) -> None:
-        self.name = name
-        self.hang_timeout = hang_timeout
-        self.last_alive = time.monotonic()
-
-    def alive(self) -> None:
-        self.last_alive = time.monotonic()
-
-    def request_probe(self, watch: Watch | None = None) -> None:
-        """Nothing to probe: only progress proves the drain alive."""
+T = TypeVar("T")
 
 
 class PrimaryLost(Exception):
@@ -73,6 +59,10 @@ class BackupStatus:
         self.failing_since: float | None = None
         self.drained = 0
         self.conflicts = 0
+
+    def stats(self) -> FailbackStats:
+        return {"failback_pending": self.pending, "failback_conflicts": self.conflicts,
+                "failback_error": self.last_error}
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -103,7 +93,9 @@ class Failback:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._peeks: dict[str, psycopg.Connection[Any]] = {}
+        settings = core.settings
+        self._peeker = Peeker(conninfos, watchdog, settings.hang_timeout,
+                              settings.connect_timeout)
 
     # -- the journal on each provider ----------------------------------------------------
 
@@ -209,8 +201,7 @@ class Failback:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
-        for conn in list(self._peeks.values()):
-            conn.close()
+        self._peeker.close()
 
     def _loop(self) -> None:
         # Journals in place before any write needs them (else the first
@@ -221,11 +212,31 @@ class Failback:
                     self.ensure_journaled(name)
         while not self._stop.is_set():
             try:
+                self._keep_sequences_ahead()
                 self.drain_now()
             except Exception:
                 logger.exception("failback drainer: unexpected error; retrying")
             self._wake.wait(self._core.settings.drain_interval)
             self._wake.clear()
+
+    def _keep_sequences_ahead(self) -> None:
+        """Backups' sequences ahead of the primary's, before any of them takes writes.
+
+        Sequences are not replicated: a backup's would hand out ids the
+        primary already used (and replicated to it). Checked every
+        ``drain_interval`` while the primary is up; a backup is moved to the
+        primary's value plus `journal.SEQUENCE_GAP` when it is behind.
+        """
+        core = self._core
+        if not core.providers[core.primary].health.breaker.up:
+            return
+        values = self._peeker.run(core.primary,
+                                  lambda c: journal.sequence_values(c, self._tables))
+        if not values:
+            return
+        for name in self._conninfos:
+            if name != core.primary and core.providers[name].health.breaker.up:
+                self._peeker.run(name, lambda c: journal.keep_sequences_ahead(c, values))
 
     def drain_now(self) -> int:
         """Drain every reachable backup into the primary if it is up; changes moved."""
@@ -257,9 +268,9 @@ class Failback:
 
     def _drain_all(self, primary: str) -> int:
         moved = 0
-        stall = _Stall("failback", 3 * self._core.settings.hang_timeout)
+        stall = Stall("failback", 3 * self._core.settings.hang_timeout)
         backups = [b for b in self._conninfos if b != primary
-                   and self._core.providers[b].health.breaker.up and self._has_pending(b, stall)]
+                   and self._core.providers[b].health.breaker.up and self._has_pending(b)]
         if not backups:
             return 0
         with ExitStack() as stack:
@@ -272,29 +283,17 @@ class Failback:
                 moved += self._drain_one(target, primary, backup, backup in subscribed, stall)
         return moved
 
-    def _has_pending(self, backup: str, stall: _Stall) -> bool:
+    def _has_pending(self, backup: str) -> bool:
         """Whether ``backup``'s journal holds changes (one short query on a kept connection)."""
         st = self.status[backup]
-        conn = self._peeks.get(backup)
-        try:
-            if conn is None or conn.closed or conn.broken:
-                conn = self._peeks[backup] = psycopg.connect(
-                    self._conninfos[backup], autocommit=True, connect_timeout=10)
-            stall.alive()
-            watch = self._watchdog.watch(conn.pgconn.socket, stall)
-            try:
-                st.pending, st.oldest = journal.pending(conn)
-            finally:
-                self._watchdog.unwatch(watch)
-        except psycopg.Error as exc:
-            logger.info("failback: journal of %r not readable (%s)", backup, type(exc).__name__)
-            if conn is not None:
-                conn.close()
+        found = self._peeker.run(backup, journal.pending)
+        if found is None:
             return False
+        st.pending, st.oldest = found
         return st.pending > 0
 
     def _drain_one(self, target: psycopg.Connection[Any], primary: str, backup: str,
-                   subscribed: bool, stall: _Stall) -> int:
+                   subscribed: bool, stall: Stall) -> int:
         st = self.status[backup]
         moved = 0
         try:
@@ -341,7 +340,7 @@ class Failback:
                      "are retried", backup, st.last_error, st.pending)
 
     @contextmanager
-    def _connect(self, name: str, stall: _Stall) -> Iterator[psycopg.Connection[Any]]:
+    def _connect(self, name: str, stall: Stall) -> Iterator[psycopg.Connection[Any]]:
         conn = psycopg.connect(self._conninfos[name], connect_timeout=10)
         stall.alive()
         watch = self._watchdog.watch(conn.pgconn.socket, stall)

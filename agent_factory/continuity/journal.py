@@ -147,6 +147,32 @@ def pending(conn: psycopg.Connection[Any]) -> tuple[int, Any]:
     return int(count), oldest
 
 
+#: How far ahead of the primary's last value a backup's sequences are kept, so
+#: that ids it hands out during an outage are never ones the primary used.
+SEQUENCE_GAP = 1_000_000
+
+
+def sequence_values(conn: psycopg.Connection[Any], tables: Sequence[str]) -> dict[str, int]:
+    """The last value of each sequence the tables own (used ones only)."""
+    rows = conn.execute(
+        "SELECT s.oid::regclass::text, pg_sequence_last_value(s.oid) FROM pg_depend d "
+        "JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "
+        "WHERE d.refobjid = ANY(SELECT to_regclass(t) FROM unnest(%s::text[]) AS t) "
+        "AND d.deptype IN ('a', 'i')", (list(tables),)).fetchall()
+    return {r[0]: int(r[1]) for r in rows if r[1] is not None}
+
+
+def keep_sequences_ahead(conn: psycopg.Connection[Any], primary: dict[str, int]) -> int:
+    """Move this backup's sequences to the primary's value + `SEQUENCE_GAP` where behind."""
+    moved = 0
+    for seq, value in primary.items():
+        row = conn.execute(
+            "SELECT setval(%s::regclass, %s) WHERE coalesce(pg_sequence_last_value("
+            "%s::regclass), 0) < %s", (seq, value + SEQUENCE_GAP, seq, value)).fetchone()
+        moved += row is not None
+    return moved
+
+
 def conflicts_by_table(conn: psycopg.Connection[Any]) -> dict[str, int]:
     """The conflicts recorded on this (primary) database, by table."""
     found = conn.execute("SELECT to_regclass('agent_factory_conflicts')").fetchone()
@@ -230,6 +256,7 @@ def _drain_batch(
         if delete_inserted and inserted:
             _delete_on_source(source, keys, inserted, todo)
         _write(target, keys, final, current, todo)
+        _move_sequences_past(source, target, list(keys))
         _record(target, backup, keys, todo, conflicts)
     with source.transaction():
         source.execute(f"DELETE FROM {JOURNAL} WHERE seq = ANY(%s)", ([c.seq for c in changes],))
@@ -237,6 +264,16 @@ def _drain_batch(
         target.execute("DELETE FROM agent_factory_drained WHERE provider = %s "
                        "AND xid = ANY(%s::xid8[])", (backup, sorted({c.xid for c in changes})))
     return DrainReport(backup, len(todo), len({c.xid for c in todo}), len(conflicts))
+
+
+def _move_sequences_past(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
+                         tables: list[str]) -> None:
+    """The primary's sequences past every value the backup handed out."""
+    with source.transaction():
+        used = sequence_values(source, tables)
+    for seq, value in used.items():
+        target.execute("SELECT setval(%s::regclass, greatest(%s, coalesce("
+                       "pg_sequence_last_value(%s::regclass), 0)))", (seq, value, seq))
 
 
 def _read(source: psycopg.Connection[Any], batch: int, upto: int) -> list[Change]:

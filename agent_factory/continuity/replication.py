@@ -58,6 +58,7 @@ from .subscription import (
     scrub,
     subscription_name,
 )
+from .witness import HEARTBEAT
 
 __all__ = [
     "COPY_DATA_MODES", "PUBLICATION", "BackupStatus", "ReplicationReport", "replication_status",
@@ -248,6 +249,11 @@ def setup_replication(settings: Settings, *, tables: tuple[str, ...] = (),
     wanted = tuple(dict.fromkeys((*MANAGED_TABLES, *tables)))
     with connect(primary, settings) as conn:
         check_wal_level(conn, primary.name)
+        # The split-brain witness's heartbeat travels with the data (schema deploy
+        # creates it; without it there is no witness and the fence stays open).
+        row = conn.execute("SELECT to_regclass(%s)", (HEARTBEAT,)).fetchone()
+        if row is not None and row[0] is not None:
+            wanted = (*wanted, HEARTBEAT)
         qualified = resolve_tables(conn, wanted, primary.name)
         report = ReplicationReport(ensure_publication(conn, qualified), tuple(qualified))
 

@@ -102,6 +102,12 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
                 return True
         return waited
 
+    async def _prepare_backup_write_async(self, name: str) -> None:
+        if self._failback_ready(name):
+            self._witness.check(name)
+        else:
+            await asyncio.to_thread(self._prepare_backup_write, name)
+
     async def _run(
         self, route: Route[AsyncProvider], query: Any, params: Any, fetch: AsyncFetch
     ) -> Any:
@@ -115,9 +121,8 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
                 t0 = time.perf_counter()
             try:
                 journal = self._journal(provider.name, route.write)
-                if journal and not self._failback_ready(provider.name):
-                    assert self._failback is not None
-                    await asyncio.to_thread(self._failback.ensure_journaled, provider.name)
+                if journal:
+                    await self._prepare_backup_write_async(provider.name)
                 result = await provider.run(query, params, fetch, journal=journal)
             except Unavailable as exc:
                 error = core.attempt_unavailable(provider, exc, route=route, failures=failures,
@@ -161,9 +166,8 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         failures: dict[str, str] = {}
         for provider in route.providers:
             try:
-                if self._journal(provider.name, True) and not self._failback_ready(provider.name):
-                    assert self._failback is not None
-                    await asyncio.to_thread(self._failback.ensure_journaled, provider.name)
+                if self._journal(provider.name, True):
+                    await self._prepare_backup_write_async(provider.name)
                 pool, conn = await provider.checkout()
             except Unavailable as exc:
                 core.checkout_refused(provider, exc, failures)
@@ -222,6 +226,7 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
             await provider.close()
         if self._failback is not None:
             await asyncio.to_thread(self._failback.close)
+        await asyncio.to_thread(self._witness.close)
         await asyncio.to_thread(self._watchdog.close)
 
     async def __aenter__(self) -> AsyncDatabaseManager:

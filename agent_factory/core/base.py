@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Generic
 
 from ..continuity.failback import Failback
+from ..continuity.peek import Peeker
+from ..continuity.witness import Witness
 from ..engine.environment import settings_from_env
 from ..engine.events import Dispatcher, Listener
 from ..engine.failover import Failover, P
@@ -80,9 +82,10 @@ class BaseManager(Generic[P]):
                 name, settings, self._watchdog, self._on_health_change
             )
         self._core.replan()
+        conninfos = {n: p.health.conninfo for n, p in self.providers.items()}
         self._failback = Failback(
             self._core,
-            {n: p.health.conninfo for n, p in self.providers.items()},
+            conninfos,
             self._events,
             self._watchdog,
         )
@@ -90,6 +93,10 @@ class BaseManager(Generic[P]):
             provider.health.gate_recovery = self._failback.before_return
             provider.health.after_recovery = self._failback.after_return
         self._failback.start()
+        settings = self._core.settings
+        self._witness = Witness(self._core, conninfos, Peeker(
+            conninfos, self._watchdog, settings.hang_timeout, settings.connect_timeout))
+        self._witness.start()
 
     def _new_provider(
         self, name: str, settings: Settings, watchdog: Watchdog, on_change: HealthCallback
@@ -152,7 +159,19 @@ class BaseManager(Generic[P]):
         return name != self._core.primary
 
     def _failback_ready(self, name: str) -> bool:
-        return self._failback is None or self._failback.journaled(name)
+        """A write may go to backup ``name`` without I/O first (journal and witness known)."""
+        return (self._failback is None or self._failback.journaled(name)) and (
+            self._witness.known(name))
+
+    def _prepare_backup_write(self, name: str) -> None:
+        """Before a write goes to backup ``name``: its journal is installed, and the
+        split-brain fence lets it through (else `SplitBrainRefusedError`). May do I/O
+        once per backup (see `_failback_ready`)."""
+        assert self._failback is not None
+        self._failback.ensure_journaled(name)
+        if not self._witness.known(name):
+            self._witness.look(name)
+        self._witness.check(name)
 
     def _journal_local(self, conn: Any, name: str) -> str | None:
         """What a transaction on provider ``name`` runs first for the journal, if anything."""
@@ -196,8 +215,10 @@ class BaseManager(Generic[P]):
 
         Each entry is a `ProviderStats` (keys and types in `engine.stats`).
         """
+        assert self._failback is not None
+        status = self._failback.status
         return {
-            name: {**provider.stats(), **self._core.describe(provider)}
+            name: {**provider.stats(), **self._core.describe(provider), **status[name].stats()}
             for name, provider in self.providers.items()
         }
 

@@ -103,8 +103,7 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
             try:
                 journal = self._journal(provider.name, route.write)
                 if journal:
-                    assert self._failback is not None
-                    self._failback.ensure_journaled(provider.name)
+                    self._prepare_backup_write(provider.name)
                 result = provider.run(query, params, fetch, journal=journal)
             except Unavailable as exc:
                 error = core.attempt_unavailable(provider, exc, route=route, failures=failures,
@@ -152,8 +151,7 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         for provider in route.providers:
             try:
                 if self._journal(provider.name, True):
-                    assert self._failback is not None
-                    self._failback.ensure_journaled(provider.name)
+                    self._prepare_backup_write(provider.name)
                 pool, conn = provider.checkout()
             except Unavailable as exc:
                 core.checkout_refused(provider, exc, failures)
@@ -221,6 +219,7 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
             provider.close()
         if self._failback is not None:
             self._failback.close()
+        self._witness.close()
         self._watchdog.close()
 
     close = close_all

@@ -60,6 +60,8 @@ ENV_OPTIONS: dict[str, tuple[str, type]] = {
     "DATABASE_CONFLICT_DELTA_COLUMNS": ("conflict_delta_columns", tuple),
     "DATABASE_DRAIN_INTERVAL": ("drain_interval", float),
     "DATABASE_FAILBACK_MAX_WAIT": ("failback_max_wait", float),
+    "DATABASE_SPLIT_BRAIN_FENCE": ("split_brain_fence", bool),
+    "DATABASE_WITNESS_QUIET": ("witness_quiet", float),
 }
 
 

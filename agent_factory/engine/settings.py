@@ -194,6 +194,10 @@ class Settings:
     #: A returning primary waits at most this long for failing drains before it
     #: takes writes anyway (alarm raised; the pending changes are drained later).
     failback_max_wait: float = 60.0
+    #: Refuse writes on a backup while the primary's heartbeat still reaches it.
+    split_brain_fence: bool = True
+    #: Seconds the heartbeat must stand still on a backup before it takes writes.
+    witness_quiet: float = 3.0
 
     def __post_init__(self) -> None:
         if not self.providers:
@@ -205,7 +209,7 @@ class Settings:
             )
         for name in ("checkout_timeout", "connect_timeout", "hang_timeout", "probe_interval",
                      "serverless_connect_timeout", "failure_window", "write_pause_timeout",
-                     "drain_interval"):
+                     "drain_interval", "witness_quiet"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         for name in ("health_ttl", "failover_log_interval", "monitor_interval",

@@ -62,11 +62,19 @@ class RoleStats(TypedDict):
     failback_pending_since: str | None
 
 
+class FailbackStats(TypedDict):
+    """What the failback adds: the provider's journal as last read, and its conflicts."""
+
+    failback_pending: int  # changes recorded on it and not yet drained
+    failback_conflicts: int  # conflicts met by this process's drains of it
+    failback_error: str | None  # the last drain's error, while it keeps failing
+
+
 class ShellStats(PoolStats, HealthStats):
     """What a provider reports on its own (`DatabaseProvider.stats()`)."""
 
 
-class ProviderStats(ShellStats, RoleStats):
+class ProviderStats(ShellStats, RoleStats, FailbackStats):
     """One provider's entry in `get_provider_stats()`."""
 
 

@@ -113,6 +113,10 @@ _GAUGES = (
            "WAL bytes the provider has yet to replay from the primary, when measured."),
     _Gauge("stale", f"{PREFIX}_provider_stale",
            "1 when the provider's replication lag exceeds max_replication_lag."),
+    _Gauge("failback_pending", f"{PREFIX}_failback_pending_changes",
+           "Changes recorded in the provider's journal and not yet drained to the primary."),
+    _Gauge("failback_conflicts", f"{PREFIX}_failback_conflicts",
+           "Conflicts this process's drains of the provider met (kept on the primary)."),
 )
 
 

@@ -17,7 +17,11 @@ from fleet import wait_until
 from observers import Reconciled
 
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.errors import AllProvidersUnavailableError, OutcomeUnknownError
+from agent_factory.errors import (
+    AllProvidersUnavailableError,
+    OutcomeUnknownError,
+    SplitBrainRefusedError,
+)
 from agent_factory.schema import apply_migrations
 from agent_factory.testing.fleet import Fleet
 
@@ -53,10 +57,15 @@ class Writer:
         self.acked: list[str] = []
         self.unknown: list[str] = []
         self.refused = 0
+        self.fenced: list[float] = []
         self.errors: list[BaseException] = []
         self.slowest = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def fenced_for(self) -> float:
+        """Seconds from the first to the last write refused by the split-brain fence."""
+        return self.fenced[-1] - self.fenced[0] if self.fenced else 0.0
 
     def __enter__(self) -> Writer:
         self._thread.start()
@@ -78,6 +87,9 @@ class Writer:
                 self.acked.append(row_id)
             except OutcomeUnknownError:
                 self.unknown.append(row_id)
+            except SplitBrainRefusedError:
+                # The primary's heartbeat still reached the backup: nothing sent.
+                self.fenced.append(time.monotonic())
             except AllProvidersUnavailableError:
                 self.refused += 1
             except BaseException as exc:  # noqa: BLE001 - asserted empty by the test

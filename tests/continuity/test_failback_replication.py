@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from databases import create_databases, drop_databases
-from fleet import wait_until
+from fleet import until_accepted, wait_until
 from test_failback import FAST, ORDER, Writer, ids_on
 
 from agent_factory.continuity.replication import setup_replication, teardown_replication
@@ -172,7 +172,8 @@ def test_failback_rows_reach_every_backup_by_replication_which_keeps_flowing(
         # pooled connection just after the statement went out on it (the
         # proxy forwards it a moment later), which would make a plain write's
         # outcome unknown.
-        db.execute_query(insert, (outage, "outage"), fetch_mode="none", idempotent=True)
+        until_accepted(lambda: db.execute_query(insert, (outage, "outage"), fetch_mode="none",
+                                                idempotent=True))
         assert db.serving_provider == "railway"
         healthy_fleet["supabase"].server.restart()
         wait_until(lambda: db.serving_provider == "supabase" or db.execute_query("SELECT 1")

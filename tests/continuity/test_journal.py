@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from databases import create_databases, drop_databases
 from defaults import ORDER
-from fleet import wait_until
+from fleet import until_accepted, wait_until
 
 from agent_factory.continuity.replication import setup_replication, teardown_replication
 from agent_factory.core.database_manager import DatabaseManager
@@ -36,6 +36,7 @@ CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL,
                        updated_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE ledger (id uuid PRIMARY KEY, src int NOT NULL, dst int NOT NULL,
                      amount int NOT NULL);
+CREATE TABLE events (id bigserial PRIMARY KEY, note text NOT NULL);
 INSERT INTO accounts SELECT g, 1000, '2026-01-01 00:00+00' FROM generate_series(1, 10) AS g;
 """
 ACCOUNTS = 10
@@ -62,7 +63,7 @@ def bank(healthy_fleet: Fleet, request: pytest.FixtureRequest) -> Iterator[dict[
             conn.execute(BANK)
     settings = Settings.build(plain, order=ORDER)
     if replicate:
-        report = setup_replication(settings, tables=("accounts", "ledger"))
+        report = setup_replication(settings, tables=("accounts", "ledger", "events"))
         assert not report.errors, report.errors
         for backup in ("railway", "neon"):
             wait_until(lambda b=backup: query(plain[b], "SELECT count(*) FROM pg_stat_subscription "
@@ -227,6 +228,7 @@ def test_without_delta_columns_conflicts_are_reported_never_silent(
         wait_until(lambda: journal_size(plain["railway"]) == 0, timeout=30,
                    message="journal drained")
         stats = db.failback_status()
+        assert db.get_provider_stats()["railway"]["failback_conflicts"] > 0
     assert stats["conflicts"]["railway"] > 0
     rows = query(plain["supabase"], "SELECT count(*), count(*) FILTER (WHERE "
                  "backup_version IS NOT NULL AND primary_version IS NOT NULL) "
@@ -332,3 +334,37 @@ def test_the_cli_shows_and_drains_what_an_exited_process_left(
                  "WHERE session_id = 'restart'") == [(50,)]
     assert main(["failback", "status", "--json"], environ=env) == 0
     assert json.loads(capsys.readouterr().out)["pending"] == {"railway": 0, "neon": 0}
+
+
+@pytest.mark.parametrize("bank", [True], indirect=True)
+def test_serial_keys_work_through_an_outage_with_replication(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """A backup's sequence is kept ahead of the primary's: its outage inserts never collide."""
+    plain = direct(healthy_fleet, bank)
+    insert = "INSERT INTO events (note) VALUES (%s)"
+    with bank_db(bank) as db:
+        db.register_table("events")
+        for _ in range(50):
+            db.execute_query(insert, ("primary",), fetch_mode="none")
+        for backup in ("railway", "neon"):
+            wait_until(lambda b=backup: query(plain[b], "SELECT count(*) FROM events") == [(50,)],
+                       timeout=30, message=f"the rows on {backup}")
+            wait_until(lambda b=backup: query(plain[b], "SELECT coalesce(pg_sequence_last_value("
+                                              "'events_id_seq'), 0)")[0][0] >= 50, timeout=30,
+                       message=f"{backup}'s sequence moved ahead of the primary's")
+        healthy_fleet["supabase"].server.kill()
+        db.execute_query("SELECT 1")  # a read finds the primary gone (retried on railway)
+        for _ in range(10):
+            until_accepted(lambda: db.execute_query(insert, ("outage",), fetch_mode="none"))
+        assert db.serving_provider == "railway"
+        healthy_fleet["supabase"].server.restart()
+        wait_until(lambda: query(plain["supabase"], "SELECT count(*) FROM events") == [(60,)],
+                   timeout=30, message="the outage rows on the primary")
+        wait_until(lambda: db.serving_provider == "supabase" or db.execute_query("SELECT 1")
+                   and db.serving_provider == "supabase", timeout=30, message="back")
+        db.execute_query(insert, ("after",), fetch_mode="none")  # its sequence moved past
+    want = query(plain["supabase"], "SELECT id, note FROM events ORDER BY id")
+    assert len(want) == 61 and len({r[0] for r in want}) == 61
+    for backup in ("railway", "neon"):
+        wait_until(lambda b=backup: query(plain[b], "SELECT id, note FROM events ORDER BY id")
+                   == want, timeout=30, message=f"{backup} converged")

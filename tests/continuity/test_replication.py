@@ -160,7 +160,7 @@ def test_setup_streams_rows_to_both_backups_twice_is_a_no_op_and_teardown_remove
     code, out, err = cli("replicate", "setup")
     assert code == 0, out + err
     assert "publication agent_factory: created (public.session_memories, " \
-           "public.knowledge_atoms)" in out
+           "public.knowledge_atoms, public.agent_factory_heartbeat)" in out
     for name in BACKUPS:
         assert f"subscription agent_factory_{name} created, copying the primary's rows" in out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from fleet import wait_until
+from fleet import until_accepted, wait_until
 from test_failback import FAST
 from test_failback_replication import replicated  # noqa: F401  (the fixture)
 
@@ -60,7 +60,7 @@ def test_writes_are_not_refused_for_the_whole_outage(
         wait_until(lambda: db.get_provider_stats()["railway"]["stale"] is False, timeout=30,
                    message="railway fresh")
         healthy_fleet["supabase"].server.kill()
-        db.execute_query(INSERT, fetch_mode="none")
+        until_accepted(lambda: db.execute_query(INSERT, fetch_mode="none"))
         assert db.serving_provider == "railway"
         time.sleep(2.5)  # longer than max_replication_lag
         db.execute_query(INSERT, fetch_mode="none")

@@ -55,6 +55,17 @@ CREATE TABLE IF NOT EXISTS agent_factory_drained (
     PRIMARY KEY (provider, xid)
 );
 
+-- The split-brain witness: every instance that reaches the primary bumps this
+-- row about once a second; replication carries it to the backups, where an
+-- instance cut off from the primary sees it move (continuity/witness.py).
+CREATE TABLE IF NOT EXISTS agent_factory_heartbeat (
+    id int PRIMARY KEY CHECK (id = 1),
+    beat bigint NOT NULL DEFAULT 0,
+    beat_at timestamptz NOT NULL DEFAULT now()
+);
+-- (Its one row is created by the primary's first beat and replicated: a row
+-- here on a backup would collide with replication's initial copy.)
+
 DROP TRIGGER IF EXISTS agent_factory_journal ON session_memories;
 CREATE TRIGGER agent_factory_journal AFTER INSERT OR UPDATE OR DELETE ON session_memories
     FOR EACH ROW EXECUTE FUNCTION agent_factory_journal_row();

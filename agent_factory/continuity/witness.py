@@ -1,0 +1,151 @@
+"""The split-brain fence: no writes on a backup while the primary is alive for others.
+
+Every instance that reaches the primary bumps a heartbeat row there
+(``agent_factory_heartbeat``) about once a second; logical replication
+carries it to the backups. An instance that lost the primary watches the
+heartbeat *as its backups receive it*: while it still moves, the primary is
+alive for someone (this instance is cut off, not the primary dead), and
+writes on a backup are refused with `SplitBrainRefusedError`; reads are
+served. Once it has stood still for ``witness_quiet`` seconds (as this
+instance's own monotonic clock measures it -- two servers' clocks are never
+compared), the primary is taken for dead and backups take writes.
+
+A backup that does not subscribe to the primary has no witness: writes are
+allowed at once (the spec's setup of independent databases; the README says
+what that risks). ``split_brain_fence=False`` turns the fence off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import psycopg
+
+from ..engine.failover import Failover
+from ..errors import SplitBrainRefusedError
+from .peek import Peeker
+
+__all__ = ["HEARTBEAT", "Witness", "Sight"]
+
+logger = logging.getLogger("agent_factory.core.database_manager")
+
+HEARTBEAT = "agent_factory_heartbeat"
+#: How often an instance that reaches the primary bumps the heartbeat.
+BEAT_INTERVAL = 1.0
+
+
+class Sight:
+    """What this instance saw of the heartbeat on one backup (no I/O)."""
+
+    def __init__(self) -> None:
+        self.subscribed: bool | None = None  # unknown until first read
+        self.value: int | None = None
+        self.changed_at: float | None = None  # monotonic time the value last moved
+
+    def see(self, subscribed: bool, value: int | None, now: float) -> None:
+        self.subscribed = subscribed
+        if value != self.value or self.changed_at is None:
+            self.value, self.changed_at = value, now
+
+    def quiet_for(self, now: float) -> float:
+        return 0.0 if self.changed_at is None else now - self.changed_at
+
+
+class Witness:
+    """Beats while the primary is up, watches the backups while it is down."""
+
+    def __init__(self, core: Failover[Any], conninfos: Mapping[str, str],
+                 peeker: Peeker) -> None:
+        self._core = core
+        self._conninfos = conninfos
+        self._peeker = peeker
+        self.sights = {n: Sight() for n in conninfos}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_beat = 0.0
+        self._no_table_until = 0.0
+
+    # -- the rule (no I/O) ------------------------------------------------------------
+
+    def known(self, backup: str) -> bool:
+        """Whether `check` can decide without I/O (else call `look` first)."""
+        return not self._core.settings.split_brain_fence or (
+            self.sights[backup].subscribed is not None)
+
+    def look(self, backup: str) -> None:
+        """Read ``backup``'s subscription and heartbeat now (once, before a first check)."""
+        self._peeker.run(backup, self._watch(backup))
+
+    def check(self, backup: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """Raise `SplitBrainRefusedError` unless ``backup`` may take writes now."""
+        settings = self._core.settings
+        if not settings.split_brain_fence:
+            return
+        sight = self.sights[backup]
+        if sight.subscribed is not True:
+            return  # no replication from the primary (or unreadable): no witness
+        quiet = sight.quiet_for(clock())
+        if quiet < settings.witness_quiet:
+            primary = self._core.primary
+            raise SplitBrainRefusedError(
+                backup,
+                f"the primary {primary!r} may be alive for other instances (its heartbeat "
+                f"last moved on {backup!r} {quiet:.1f}s ago; writes move after "
+                f"{settings.witness_quiet:g}s without one): this write was not sent; reads "
+                "are served")
+
+    # -- the thread -----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None and self._core.settings.split_brain_fence:
+            self._thread = threading.Thread(target=self._loop, name="agent-factory-witness",
+                                            daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+        self._peeker.close()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(BEAT_INTERVAL / 4):
+            core = self._core
+            if core.providers[core.primary].health.breaker.up:
+                for sight in self.sights.values():
+                    sight.changed_at = None  # the next outage starts watching afresh
+                if time.monotonic() - self._last_beat >= BEAT_INTERVAL:
+                    self._peeker.run(core.primary, self._beat)
+                continue
+            for name in self._conninfos:
+                if name != core.primary and not self._stop.is_set():
+                    self._peeker.run(name, self._watch(name))
+
+    def _beat(self, conn: psycopg.Connection[Any]) -> None:
+        self._last_beat = time.monotonic()
+        if self._no_table_until > self._last_beat:
+            return
+        row = conn.execute("SELECT to_regclass(%s)", (HEARTBEAT,)).fetchone()
+        if row is None or row[0] is None:  # schema not deployed: look again later
+            self._no_table_until = self._last_beat + 30.0
+            return
+        conn.execute(f"INSERT INTO {HEARTBEAT} AS h (id, beat) VALUES (1, 1) ON CONFLICT (id) "
+                     f"DO UPDATE SET beat = h.beat + 1, beat_at = now()")
+
+    def _watch(self, name: str) -> Callable[[psycopg.Connection[Any]], None]:
+        def read(conn: psycopg.Connection[Any]) -> None:
+            row = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_subscription s JOIN pg_database d ON "
+                "d.oid = s.subdbid AND d.datname = current_database() WHERE s.subenabled), "
+                "to_regclass(%s) IS NOT NULL", (HEARTBEAT,)).fetchone()
+            subscribed = bool(row and row[0] and row[1])
+            value = None
+            if subscribed:
+                beat = conn.execute(f"SELECT beat FROM {HEARTBEAT} WHERE id = 1").fetchone()
+                value = None if beat is None else int(beat[0])
+            self.sights[name].see(subscribed, value, time.monotonic())
+        return read
