@@ -27,6 +27,7 @@ from fleet import postgres_under, wait_until
 from agent_factory.cli.main import main
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.observability.dashboard.app import create_app
+from agent_factory.observability.dashboard.page import render_page
 from agent_factory.observability.dashboard.server import BackgroundServer, check_bind, is_loopback
 from agent_factory.observability.dashboard.state import History, Timeline, build_state, sparkline
 from agent_factory.testing.fleet import Fleet
@@ -117,6 +118,27 @@ def test_state_whitelists_fields_and_scrubs_secrets() -> None:
     p = state["providers"][0]
     assert (p["queries"], p["errors"], p["pool"]["used"]) == (3, 3, 1)
     assert state["events"] == [{"at": 5.0, "kind": "down", "text": "p is down: *** rejected"}]
+
+
+def test_pending_changes_conflicts_and_failing_drains_show_in_a_banner() -> None:
+    stats = {"supabase": {"role": "primary", "failback_pending": 0, "failback_conflicts": 0,
+                          "failback_error": None},
+             "railway": {"role": "backup", "failback_pending": 12, "failback_conflicts": 3,
+                         "failback_error": "UniqueViolation: key (id)=(7) hunter2"}}
+    state = build_state(stats=stats, counts={}, history=History(list(stats)), events=[],
+                        primary="supabase", serving="supabase", token_required=False,
+                        secrets=["hunter2"], now=1.0)
+    banner = state["failback"]
+    assert "12 change(s) pending on railway" in banner and "3 conflict(s) from railway" in banner
+    assert "drain of railway failing" in banner and "hunter2" not in banner
+    page = render_page(state)
+    assert '<p id="failback" class="banner">failback: 12 change(s)' in page
+    quiet = {n: {**s, "failback_pending": 0, "failback_conflicts": 0, "failback_error": None}
+             for n, s in stats.items()}
+    state = build_state(stats=quiet, counts={}, history=History(list(stats)), events=[],
+                        primary="supabase", serving="supabase", token_required=False, now=1.0)
+    assert state["failback"] == ""
+    assert '<p id="failback" class="banner" hidden></p>' in render_page(state)
 
 
 def test_only_loopback_may_listen_without_a_token() -> None:

@@ -100,6 +100,11 @@ def _demo(actions: Sequence[str]) -> str:
             f"embedded server of the current primary.</p>{buttons}</section>")
 
 
+def _banner(text: str) -> str:
+    hidden = "" if text else " hidden"
+    return f'<p id="failback" class="banner"{hidden}>{escape(text)}</p>'
+
+
 def render_page(state: Mapping[str, Any]) -> str:
     """The whole HTML document for ``state`` (see `build_state`)."""
     primary = state["primary"]
@@ -124,6 +129,7 @@ def render_page(state: Mapping[str, Any]) -> str:
     · serving <b id="serving">{escape(serving)}</b>
     · <span id="updated">updated {fmt_time(state['now'])}</span></div>
   <button type="button" id="recheck">re-check health</button>
+  {_banner(state.get("failback") or "")}
 </header>
 <main>
 {_demo(state["demo_actions"])}

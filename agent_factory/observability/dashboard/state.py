@@ -184,6 +184,7 @@ def build_state(
     providers = [_provider_card(name, s, counts.get(name, {}), history, clean)
                  for name, s in stats.items()]
     return {
+        "failback": failback_banner(stats, clean),
         "now": time.time() if now is None else now,
         "primary": primary,
         "serving": serving,
@@ -195,6 +196,22 @@ def build_state(
             for e in reversed(events[-last_events:])
         ],
     }
+
+
+def failback_banner(stats: Mapping[str, Mapping[str, Any]],
+                    clean: Callable[[object], str | None] = str) -> str:
+    """One line on changes pending in backups' journals, conflicts, failing drains ('' if none)."""
+    parts = []
+    for name, s in stats.items():
+        pending, conflicts = _int(s.get("failback_pending")), _int(s.get("failback_conflicts"))
+        if pending:
+            parts.append(f"{pending} change(s) pending on {name}")
+        if conflicts:
+            parts.append(f"{conflicts} conflict(s) from {name} (both versions kept in "
+                         "agent_factory_conflicts)")
+        if s.get("failback_error"):
+            parts.append(f"drain of {name} failing: {clean(s.get('failback_error'))}")
+    return ("failback: " + " · ".join(parts)) if parts else ""
 
 
 def _provider_card(

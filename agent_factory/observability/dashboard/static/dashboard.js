@@ -41,6 +41,9 @@
     document.getElementById("primary").textContent = state.primary;
     document.getElementById("serving").textContent = state.serving || "–";
     document.getElementById("updated").textContent = `updated ${clock(state.now)}`;
+    const banner = document.getElementById("failback");
+    if (banner.textContent !== (state.failback || "")) banner.textContent = state.failback || "";
+    banner.hidden = !state.failback;
     for (const p of state.providers) {
       const row = document.querySelector(`tr[data-provider="${CSS.escape(p.name)}"]`);
       if (!row) continue;
