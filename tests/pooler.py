@@ -147,6 +147,7 @@ class PgBouncer:
         lines = [
             "[databases]",
             f"{s.dbname} = host={s.host} port={s.port} dbname={s.dbname}",
+            f"* = host={s.host} port={s.port}",  # any other database, same name
             "",
             "[pgbouncer]",
             f"listen_addr = {self.host}",

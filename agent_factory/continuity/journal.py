@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
@@ -59,15 +60,29 @@ class DrainReport:
 
 
 def prepare_session(conn: psycopg.Connection[Any]) -> None:
-    """Exact numbers and one rendering of times for comparing images (drain connections)."""
+    """Exact numbers for comparing images, no server-side prepared statements (a
+    transaction-mode pooler may stand in front). Server settings are per
+    transaction: see `_steady`."""
     set_json_loads(partial(json.loads, parse_float=Decimal), conn)
     set_json_dumps(_dumps, conn)
-    conn.execute("SET TimeZone = 'UTC'")
-    conn.execute("SET IntervalStyle = 'iso_8601'")
-    conn.execute("SET extra_float_digits = 1")
-    conn.execute(f"SET {SETTING} = off")
-    if not conn.autocommit:
-        conn.commit()
+    conn.prepare_threshold = None
+
+
+#: One rendering of times and numbers, and no journaling of the drain's own
+#: writes: set in each transaction (session settings do not outlive one
+#: behind a transaction-mode pooler).
+_STEADY = (
+    "SELECT set_config('TimeZone', 'UTC', true), set_config('IntervalStyle', 'iso_8601', true), "
+    f"set_config('extra_float_digits', '1', true), set_config('{SETTING}', 'off', true)"
+)
+
+
+@contextmanager
+def _steady(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """A transaction on a drain connection, with `_STEADY` settings."""
+    with conn.transaction():
+        conn.execute(_STEADY)
+        yield
 
 
 def _dumps(value: Any) -> str:
@@ -187,7 +202,7 @@ def subscribers(target: psycopg.Connection[Any]) -> set[str]:
     """The backups subscribed to this primary (by their replication slot's name)."""
     prefix = "agent_factory_"
     try:
-        with target.transaction():
+        with _steady(target):
             rows = target.execute(
                 "SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'logical'"
             ).fetchall()
@@ -215,7 +230,7 @@ def drain(
     """
     # Up to what is recorded now: writes that keep coming (other instances, or
     # this one before the write pause) are left to the next drain.
-    with source.transaction():
+    with _steady(source):
         row = source.execute(f"SELECT max(seq) FROM {JOURNAL}").fetchone()
     upto = row[0] if row and row[0] is not None else 0
     while True:
@@ -230,7 +245,7 @@ def _drain_batch(
     source: psycopg.Connection[Any], target: psycopg.Connection[Any], backup: str,
     policy: ConflictPolicy, batch: int, upto: int, delete_inserted: bool,
 ) -> DrainReport:
-    with target.transaction():
+    with _steady(target):
         got = target.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
                              (_LOCK_SPACE, backup)).fetchone()
         if not got or not got[0]:
@@ -258,9 +273,9 @@ def _drain_batch(
         _write(target, keys, final, current, todo)
         _move_sequences_past(source, target, list(keys))
         _record(target, backup, keys, todo, conflicts)
-    with source.transaction():
+    with _steady(source):
         source.execute(f"DELETE FROM {JOURNAL} WHERE seq = ANY(%s)", ([c.seq for c in changes],))
-    with target.transaction():
+    with _steady(target):
         target.execute("DELETE FROM agent_factory_drained WHERE provider = %s "
                        "AND xid = ANY(%s::xid8[])", (backup, sorted({c.xid for c in changes})))
     return DrainReport(backup, len(todo), len({c.xid for c in todo}), len(conflicts))
@@ -269,7 +284,7 @@ def _drain_batch(
 def _move_sequences_past(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
                          tables: list[str]) -> None:
     """The primary's sequences past every value the backup handed out."""
-    with source.transaction():
+    with _steady(source):
         used = sequence_values(source, tables)
     for seq, value in used.items():
         target.execute("SELECT setval(%s::regclass, greatest(%s, coalesce("
@@ -278,7 +293,7 @@ def _move_sequences_past(source: psycopg.Connection[Any], target: psycopg.Connec
 
 def _read(source: psycopg.Connection[Any], batch: int, upto: int) -> list[Change]:
     """Whole source transactions, oldest first (ordered by their last change)."""
-    with source.transaction():
+    with _steady(source):
         rows = source.execute(
             f"WITH x AS (SELECT xid, max(seq) AS last FROM {JOURNAL} "
             f"WHERE xid IN (SELECT xid FROM {JOURNAL} WHERE seq <= %s ORDER BY seq LIMIT %s) "
@@ -368,7 +383,7 @@ def _delete_keys(conn: psycopg.Connection[Any], table: str, cols: Sequence[str],
 def _delete_on_source(source: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
                       inserted: list[RowKey], changes: list[Change]) -> None:
     order = list(dict.fromkeys(c.table for c in changes))
-    with source.transaction():
+    with _steady(source):
         for table in reversed(order):
             probe = [dict(zip(keys[table], k, strict=True)) for t, k in inserted if t == table]
             if probe:
@@ -378,14 +393,19 @@ def _delete_on_source(source: psycopg.Connection[Any], keys: dict[str, tuple[str
 def _record(target: psycopg.Connection[Any], backup: str, keys: dict[str, tuple[str, ...]],
             changes: list[Change], conflicts: list[Conflict]) -> None:
     if conflicts:
-        target.cursor().executemany(
+        # One statement (a pipeline of many stalls behind some poolers).
+        target.execute(
             "INSERT INTO agent_factory_conflicts (provider, table_name, op, row_key, before, "
             "backup_version, primary_version, resolved_version, resolution, source_xid) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            [(backup, c.change.table, c.change.op,
-              Jsonb(dict(zip(keys[c.change.table], c.key, strict=True))),
-              _jsonb(c.change.before), _jsonb(c.change.after), _jsonb(c.primary),
-              _jsonb(c.resolved), c.resolution, c.change.xid) for c in conflicts],
+            "SELECT %s, c->>'table', c->>'op', c->'key', c->'before', c->'after', "
+            "c->'primary', c->'resolved', c->>'resolution', c->>'xid' "
+            "FROM jsonb_array_elements(%s) AS c",
+            (backup, Jsonb([{
+                "table": c.change.table, "op": c.change.op,
+                "key": dict(zip(keys[c.change.table], c.key, strict=True)),
+                "before": c.change.before, "after": c.change.after, "primary": c.primary,
+                "resolved": c.resolved, "resolution": c.resolution, "xid": c.change.xid,
+            } for c in conflicts])),
         )
     target.execute(
         "INSERT INTO agent_factory_drained (provider, xid) SELECT %s, x::xid8 "

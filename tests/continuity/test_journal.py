@@ -18,9 +18,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from databases import create_databases, drop_databases
+from databases import create_databases, drop_databases, with_dbname
 from defaults import ORDER
 from fleet import until_accepted, wait_until
+from psycopg.conninfo import conninfo_to_dict
 
 from agent_factory.continuity.replication import setup_replication, teardown_replication
 from agent_factory.core.database_manager import DatabaseManager
@@ -185,8 +186,8 @@ def converged(plain: dict[str, str]) -> None:
                      )[0][0] > 0, f"{b}'s replication stopped"
 
 
-def bank_db(urls: dict[str, str], **options: Any) -> DatabaseManager:
-    db = DatabaseManager(urls, order=ORDER, **{**FAST, **options})
+def bank_db(urls: dict[str, Any], **options: Any) -> DatabaseManager:
+    db = DatabaseManager(urls, **{"order": ORDER, **FAST, **options})
     db.register_table("accounts")
     db.register_table("ledger")
     return db
@@ -368,3 +369,17 @@ def test_serial_keys_work_through_an_outage_with_replication(
     for backup in ("railway", "neon"):
         wait_until(lambda b=backup: query(plain[b], "SELECT id, note FROM events ORDER BY id")
                    == want, timeout=30, message=f"{backup} converged")
+
+
+def test_bank_with_the_primary_behind_a_transaction_mode_pooler(
+        healthy_fleet: Fleet, bank: dict[str, str], pooled_primary: Any) -> None:
+    """The drain's settings, lock and writes hold per transaction: PgBouncer may switch
+    server connections between them."""
+    plain = direct(healthy_fleet, bank)
+    dbname = conninfo_to_dict(bank["supabase"])["dbname"]
+    urls = {"supabase": {"url": with_dbname(pooled_primary.url, dbname), "pooler": True},
+            "railway": bank["railway"]}
+    with bank_db(urls, order=["supabase", "railway"],
+                 conflict_delta_columns="accounts.balance") as db, Teller(db) as teller:
+        outage(healthy_fleet, db, teller, plain)
+    check_bank(teller, plain)
