@@ -145,7 +145,7 @@ def journal_size(url: str) -> int:
 
 
 def outage(fleet: Fleet, db: DatabaseManager, teller: Teller, plain: dict[str, str], *,
-           backlog: bool = False) -> None:
+           backlog: bool = False, hang: bool = False) -> None:
     """Transfers on the primary, (a replication backlog,) a crash, transfers on railway,
     the primary back; returns once failback has emptied railway's journal."""
     wait_until(lambda: teller.count() >= 30, timeout=30, message="transfers on the primary")
@@ -154,13 +154,14 @@ def outage(fleet: Fleet, db: DatabaseManager, teller: Teller, plain: dict[str, s
             query_none(plain[backup], f"ALTER SUBSCRIPTION agent_factory_{backup} DISABLE")
         seen = teller.count()
         wait_until(lambda: teller.count() >= seen + 30, timeout=30, message="unreplicated")
-    fleet["supabase"].server.kill()
+    server = fleet["supabase"].server
+    server.hang() if hang else server.kill()
     wait_until(lambda: journal_size(plain["railway"]) >= 60, timeout=60,
                message="transfers journaled on railway")
     if backlog:
         for backup in ("railway", "neon"):
             query_none(plain[backup], f"ALTER SUBSCRIPTION agent_factory_{backup} ENABLE")
-    fleet["supabase"].server.restart()
+    server.resume() if hang else server.restart()
     wait_until(lambda: db.get_provider_stats()["supabase"]["role"] == "primary"
                and db.serving_provider == "supabase", timeout=60, message="back on the primary")
 
@@ -210,13 +211,14 @@ def test_bank_without_replication_keeps_every_transfer(
 
 
 @pytest.mark.parametrize("bank", [True], indirect=True)
-@pytest.mark.parametrize("backlog", [False, True], ids=["caught-up", "backlog"])
-def test_bank_replicated_crash_keeps_every_transfer_and_converges(
-        healthy_fleet: Fleet, bank: dict[str, str], backlog: bool) -> None:
+@pytest.mark.parametrize(("backlog", "hang"), [(False, False), (True, False), (False, True)],
+                         ids=["crash", "crash-with-backlog", "hang"])
+def test_bank_replicated_outage_keeps_every_transfer_and_converges(
+        healthy_fleet: Fleet, bank: dict[str, str], backlog: bool, hang: bool) -> None:
     plain = direct(healthy_fleet, bank)
     with bank_db(bank, conflict_delta_columns=("accounts.balance",)) as db, \
             Teller(db) as teller:
-        outage(healthy_fleet, db, teller, plain, backlog=backlog)
+        outage(healthy_fleet, db, teller, plain, backlog=backlog, hang=hang)
     check_bank(teller, plain)
     converged(plain)
 
@@ -383,3 +385,79 @@ def test_bank_with_the_primary_behind_a_transaction_mode_pooler(
                  conflict_delta_columns="accounts.balance") as db, Teller(db) as teller:
         outage(healthy_fleet, db, teller, plain)
     check_bank(teller, plain)
+
+
+TELLER = """
+import json, sys, uuid
+from pathlib import Path
+from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.errors import AgentFactoryError, OutcomeUnknownError
+urls, order, fast, stop, seed = (json.loads(sys.argv[1]), json.loads(sys.argv[2]),
+                                 json.loads(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]))
+acked, failed, unknown, totals = [], [], [], []
+with DatabaseManager(urls, order=order, conflict_delta_columns="accounts.balance",
+                     **fast) as db:
+    db.register_table("accounts")
+    db.register_table("ledger")
+    k = 0
+    while not stop.exists():
+        k += 1
+        src, dst = (k * 7 + seed) % 10 + 1, (k * 3 + seed + 1) % 10 + 1
+        if src == dst:
+            continue
+        tid, amount = str(uuid.uuid4()), k % 13 + 1
+        try:
+            with db.transaction() as conn:
+                for acct, delta in sorted(((src, -amount), (dst, amount))):
+                    conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s",
+                                 (delta, acct))
+                conn.execute("INSERT INTO ledger VALUES (%s, %s, %s, %s)", (tid, src, dst, amount))
+            acked.append(tid)
+        except OutcomeUnknownError:
+            unknown.append(tid)
+        except AgentFactoryError:
+            failed.append(tid)
+        if k % 10 == 0:
+            try:
+                totals.append(int(db.execute_query("SELECT sum(balance) FROM accounts",
+                                                   fetch_mode="one", read_only=True)[0]))
+            except AgentFactoryError:
+                pass
+print(json.dumps({"acked": acked, "failed": failed, "unknown": unknown, "totals": totals}))
+"""
+
+
+@pytest.mark.parametrize("bank", [True], indirect=True)
+def test_three_processes_through_a_crash_keep_every_transfer(
+        healthy_fleet: Fleet, bank: dict[str, str], tmp_path: Any) -> None:
+    plain = direct(healthy_fleet, bank)
+    stop = tmp_path / "stop"
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", TELLER, json.dumps(bank), json.dumps(ORDER), json.dumps(FAST),
+         str(stop), str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for n in range(3)]
+    try:
+        def ledger() -> int:
+            return int(query(plain["supabase"], "SELECT count(*) FROM ledger")[0][0])
+        wait_until(lambda: ledger() >= 150, timeout=60, message="three tellers at work")
+        healthy_fleet["supabase"].server.kill()
+        wait_until(lambda: journal_size(plain["railway"]) >= 90, timeout=60,
+                   message="transfers journaled on railway")
+        healthy_fleet["supabase"].server.restart()
+        seen = ledger()
+        wait_until(lambda: ledger() >= seen + 150 and journal_size(plain["railway"]) == 0,
+                   timeout=60, message="transfers on the primary again, journal drained")
+    finally:
+        stop.touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    results = [json.loads(out) for out, _ in outs]
+    wait_until(lambda: journal_size(plain["railway"]) == 0, timeout=30, message="drained")
+    on_primary = ledger_ids(plain["supabase"])
+    for r in results:
+        assert set(r["acked"]) <= on_primary
+        assert not set(r["failed"]) & on_primary
+        assert r["totals"] and set(r["totals"]) == {10 * 1000}, sorted(set(r["totals"]))
+    assert off_the_ledger(plain["supabase"]) == []
+    converged(plain)
