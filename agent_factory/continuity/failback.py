@@ -295,7 +295,7 @@ class Failback:
     def _drain_one(self, target: psycopg.Connection[Any], primary: str, backup: str,
                    subscribed: bool, stall: Stall) -> int:
         st = self.status[backup]
-        moved = 0
+        moved = stuck = 0
         try:
             with self._connect(backup, stall) as source:
                 with source.transaction():
@@ -309,6 +309,7 @@ class Failback:
                     moved += report.changes
                     st.drained += report.changes
                     st.conflicts += report.conflicts
+                    stuck = report.stuck
                     if report.conflicts:
                         logger.warning("failback from %r: %d conflicts (the primary had changed "
                                        "those rows too), settled by delta columns or %s; both "
@@ -321,7 +322,15 @@ class Failback:
                 raise PrimaryLost(f"connection to {primary!r} lost") from exc
             self._failed(st, backup, f"{type(exc).__name__}: {exc}".strip())
             return moved
+        except Exception as exc:  # noqa: BLE001 - any failure is this backup's, reported
+            self._failed(st, backup, f"{type(exc).__name__}: {exc}".strip())
+            return moved
         self._ok(st, backup)
+        if stuck:
+            # Not a failing drain (the rest went through): nothing waiting can fix.
+            st.last_error = (f"{stuck} source transaction(s) touch tables the primary lacks; "
+                             "left in agent_factory_journal for an operator")
+            logger.error("failback from %r: %s", backup, st.last_error)
         if moved:
             self._core.diverged.pop(backup, None)
             self._events.emit(lambda li: li.on_reconcile(primary, backup, moved))

@@ -57,6 +57,9 @@ class DrainReport:
     transactions: int = 0
     conflicts: int = 0
     skipped: bool = False  # another drainer held the backup's lock
+    #: Source transactions left in the journal: they touch a table the primary
+    #: lacks (dropped, or not deployed there). Waiting does not help: an operator must.
+    stuck: int = 0
 
 
 def prepare_session(conn: psycopg.Connection[Any]) -> None:
@@ -233,9 +236,10 @@ def drain(
     with _steady(source):
         row = source.execute(f"SELECT max(seq) FROM {JOURNAL}").fetchone()
     upto = row[0] if row and row[0] is not None else 0
+    stuck: set[str] = set()  # source transactions touching a table the primary lacks
     while True:
         report = _drain_batch(source, target, backup, policy, batch, upto,
-                              delete_inserted_on_source)
+                              delete_inserted_on_source, stuck)
         yield report
         if report.skipped or report.changes == 0:
             return
@@ -243,19 +247,22 @@ def drain(
 
 def _drain_batch(
     source: psycopg.Connection[Any], target: psycopg.Connection[Any], backup: str,
-    policy: ConflictPolicy, batch: int, upto: int, delete_inserted: bool,
+    policy: ConflictPolicy, batch: int, upto: int, delete_inserted: bool, stuck: set[str],
 ) -> DrainReport:
     with _steady(target):
         got = target.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
                              (_LOCK_SPACE, backup)).fetchone()
         if not got or not got[0]:
             return DrainReport(backup, skipped=True)
-        changes = _read(source, batch, upto)
+        changes = _read(source, batch, upto, stuck)
         if not changes:
-            return DrainReport(backup)
+            return DrainReport(backup, stuck=len(stuck))
         done = {r[0] for r in target.execute(
             "SELECT xid::text FROM agent_factory_drained WHERE provider = %s "
             "AND xid = ANY(%s::xid8[])", (backup, sorted({c.xid for c in changes}))).fetchall()}
+        missing = _missing_tables(target, {c.table for c in changes})
+        stuck.update(c.xid for c in changes if c.table in missing)
+        changes = [c for c in changes if c.xid not in stuck]
         todo = [c for c in changes if c.xid not in done]
         keys = {t: primary_key(target, t) for t in dict.fromkeys(c.table for c in todo)}
         todo = _normalised(target, todo)
@@ -278,7 +285,8 @@ def _drain_batch(
     with _steady(target):
         target.execute("DELETE FROM agent_factory_drained WHERE provider = %s "
                        "AND xid = ANY(%s::xid8[])", (backup, sorted({c.xid for c in changes})))
-    return DrainReport(backup, len(todo), len({c.xid for c in todo}), len(conflicts))
+    return DrainReport(backup, len(todo), len({c.xid for c in todo}), len(conflicts),
+                       stuck=len(stuck))
 
 
 def _move_sequences_past(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
@@ -291,15 +299,23 @@ def _move_sequences_past(source: psycopg.Connection[Any], target: psycopg.Connec
                        "pg_sequence_last_value(%s::regclass), 0)))", (seq, value, seq))
 
 
-def _read(source: psycopg.Connection[Any], batch: int, upto: int) -> list[Change]:
+def _missing_tables(target: psycopg.Connection[Any], tables: set[str]) -> set[str]:
+    rows = target.execute("SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL",
+                          (sorted(tables),)).fetchall()
+    return {r[0] for r in rows}
+
+
+def _read(source: psycopg.Connection[Any], batch: int, upto: int,
+          stuck: set[str]) -> list[Change]:
     """Whole source transactions, oldest first (ordered by their last change)."""
     with _steady(source):
         rows = source.execute(
             f"WITH x AS (SELECT xid, max(seq) AS last FROM {JOURNAL} "
-            f"WHERE xid IN (SELECT xid FROM {JOURNAL} WHERE seq <= %s ORDER BY seq LIMIT %s) "
-            f"GROUP BY xid) "
+            f"WHERE xid IN (SELECT xid FROM {JOURNAL} WHERE seq <= %s "
+            f"AND xid <> ALL(%s::xid8[]) ORDER BY seq LIMIT %s) GROUP BY xid) "
             f"SELECT j.seq, j.xid::text, j.table_name, j.op, j.before, j.after "
-            f"FROM {JOURNAL} j JOIN x USING (xid) ORDER BY x.last, j.seq", (upto, batch)
+            f"FROM {JOURNAL} j JOIN x USING (xid) ORDER BY x.last, j.seq",
+            (upto, sorted(stuck), batch)
         ).fetchall()
     return [Change(*r) for r in rows]
 

@@ -461,3 +461,32 @@ def test_three_processes_through_a_crash_keep_every_transfer(
         assert r["totals"] and set(r["totals"]) == {10 * 1000}, sorted(set(r["totals"]))
     assert off_the_ledger(plain["supabase"]) == []
     converged(plain)
+
+
+def test_changes_to_a_table_the_primary_lacks_stay_pending_without_holding_it_back(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """A table dropped on the primary (or never deployed there): its changes stay in the
+    journal with an ERROR, the others go through, and the primary takes writes again."""
+    plain = direct(healthy_fleet, bank)
+    query_none(plain["railway"], "CREATE TABLE only_here (id int PRIMARY KEY)")
+    with bank_db(bank) as db:
+        healthy_fleet["supabase"].server.kill()
+        db.execute_query("SELECT 1")
+        with db.transaction() as conn:  # marks the session: the trigger can be put on it
+            conn.execute("SELECT 1")
+        query_none(plain["railway"], "CREATE TRIGGER agent_factory_journal AFTER INSERT OR "
+                   "UPDATE OR DELETE ON only_here FOR EACH ROW EXECUTE FUNCTION "
+                   "agent_factory_journal_row()")
+        with db.transaction() as conn:
+            conn.execute("INSERT INTO only_here VALUES (1)")
+        db.execute_query("UPDATE accounts SET balance = 5 WHERE id = 3", fetch_mode="none")
+        healthy_fleet["supabase"].server.restart()
+        wait_until(lambda: query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 3")
+                   == [(5,)], timeout=30, message="the other change on the primary")
+        wait_until(lambda: db.serving_provider == "supabase" or db.execute_query("SELECT 1")
+                   and db.serving_provider == "supabase", timeout=30, message="primary back")
+        db.execute_query("UPDATE accounts SET balance = 6 WHERE id = 3", fetch_mode="none")
+        assert db.serving_provider == "supabase"
+        wait_until(lambda: "lacks" in (db.failback_status()["backups"]["railway"]["last_error"]
+                                       or ""), timeout=30, message="the stuck change reported")
+    assert journal_size(plain["railway"]) == 1
