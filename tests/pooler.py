@@ -43,6 +43,7 @@ SETTINGS: Mapping[str, str] = {
     "pool_mode": "transaction",
     "server_connect_timeout": "2",
     "query_wait_timeout": "30",
+    "server_login_retry": "1",
 }
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0

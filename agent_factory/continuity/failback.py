@@ -57,6 +57,7 @@ class BackupStatus:
         self.last_drain: datetime | None = None
         self.last_error: str | None = None
         self.failing_since: float | None = None
+        self.skipped = False  # its last drain found another drainer at work
         self.drained = 0
         self.conflicts = 0
 
@@ -173,6 +174,14 @@ class Failback:
             if not self._may_return():
                 core.resume_writes()
                 return False
+            busy = [b for b, st in self.status.items() if st.skipped]
+            if busy:
+                # Another instance drains them right now: its changes are not on
+                # the primary yet. The next probe looks again.
+                logger.info("failback to %r waits for another drainer of %s", name,
+                            ", ".join(busy))
+                core.resume_writes()
+                return False
             if moved:
                 logger.warning("failback to %r: %d changes brought back in %.0f ms", name,
                                moved, (time.monotonic() - t0) * 1e3)
@@ -268,6 +277,8 @@ class Failback:
 
     def _drain_all(self, primary: str) -> int:
         moved = 0
+        for st in self.status.values():
+            st.skipped = False
         stall = Stall("failback", 3 * self._core.settings.hang_timeout)
         backups = [b for b in self._conninfos if b != primary
                    and self._core.providers[b].health.breaker.up and self._has_pending(b)]
@@ -288,7 +299,7 @@ class Failback:
         st = self.status[backup]
         found = self._peeker.run(backup, journal.pending)
         if found is None:
-            return False
+            return True  # unknown: try the drain (its failure is counted and shown)
         st.pending, st.oldest = found
         return st.pending > 0
 
@@ -306,6 +317,7 @@ class Failback:
                 for report in journal.drain(source, target, backup, self._policy,
                                             delete_inserted_on_source=subscribed):
                     stall.alive()
+                    st.skipped = report.skipped
                     moved += report.changes
                     st.drained += report.changes
                     st.conflicts += report.conflicts
