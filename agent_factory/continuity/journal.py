@@ -131,7 +131,8 @@ def install(conn: psycopg.Connection[Any], table: str) -> tuple[str, ...]:
             conn.execute(_journal_ddl())
             conn.execute(sql.SQL(
                 "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} "
-                "FOR EACH ROW EXECUTE FUNCTION agent_factory_journal_row()"
+                "FOR EACH ROW WHEN (current_setting('agent_factory.journal', true) = 'on') "
+                "EXECUTE FUNCTION agent_factory_journal_row()"
             ).format(sql.Identifier(TRIGGER), _ident(table)))
     return key
 

@@ -1,4 +1,6 @@
 -- Failback's durable record (see agent_factory/continuity/journal.py).
+-- The triggers' WHEN clause skips the function call for ordinary sessions: the
+-- primary's writes pay one setting lookup per row.
 --
 -- On a backup, every row changed by a write the library sends there while it
 -- stands in for the primary is recorded here with its before and after image
@@ -68,7 +70,9 @@ CREATE TABLE IF NOT EXISTS agent_factory_heartbeat (
 
 DROP TRIGGER IF EXISTS agent_factory_journal ON session_memories;
 CREATE TRIGGER agent_factory_journal AFTER INSERT OR UPDATE OR DELETE ON session_memories
-    FOR EACH ROW EXECUTE FUNCTION agent_factory_journal_row();
+    FOR EACH ROW WHEN (current_setting('agent_factory.journal', true) = 'on')
+    EXECUTE FUNCTION agent_factory_journal_row();
 DROP TRIGGER IF EXISTS agent_factory_journal ON knowledge_atoms;
 CREATE TRIGGER agent_factory_journal AFTER INSERT OR UPDATE OR DELETE ON knowledge_atoms
-    FOR EACH ROW EXECUTE FUNCTION agent_factory_journal_row();
+    FOR EACH ROW WHEN (current_setting('agent_factory.journal', true) = 'on')
+    EXECUTE FUNCTION agent_factory_journal_row();
