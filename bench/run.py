@@ -6,6 +6,7 @@
     python -m bench --suite continuity   # acknowledged writes, replication lag, reconcile
     python -m bench --suite memory       # bench/memory.py (saves, vector search)
     python -m bench --suite metrics      # bench/metrics.py (metrics listener cost)
+    python -m bench --suite journal      # bench/journal.py (failback journal cost, drain rate)
     python -m bench --suite all          # all of them, one after the other (~6 min)
     python3 dev.py bench [--quick] [--suite ...]
 
@@ -75,7 +76,7 @@ class Collector(logging.Handler):
         super().close()
 
 
-SUITES = ("core", "resilience", "continuity", "memory", "metrics")
+SUITES = ("core", "resilience", "continuity", "memory", "metrics", "journal")
 
 
 @dataclass
@@ -150,6 +151,7 @@ def _run_suites(ctx: Context, suites: tuple[str, ...]) -> int:
         "continuity": run_continuity,
         "memory": run_memory,
         "metrics": run_metrics,
+        "journal": run_journal,
     }
     out = ctx.args.out or (None if ctx.args.quick else HERE / "RESULTS.md")
     status = 0
@@ -380,6 +382,12 @@ def run_memory(ctx: Context) -> str | None:
     extra = ["--quick"] if ctx.args.quick else []
     return _run_script(ctx, "memory", "Memory storage: saves and vector search", "memory",
                        extra)
+
+
+def run_journal(ctx: Context) -> str | None:
+    extra = ["--quick"] if ctx.args.quick else []
+    return _run_script(ctx, "journal", "Failback journal: write-path cost and drain rate",
+                       "journal", extra)
 
 
 def run_metrics(ctx: Context) -> str | None:
