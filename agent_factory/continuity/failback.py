@@ -309,11 +309,7 @@ class Failback:
         moved = stuck = 0
         try:
             with self._connect(backup, stall) as source:
-                with source.transaction():
-                    st.pending, st.oldest = journal.pending(source)
-                if st.pending == 0:
-                    self._ok(st, backup)
-                    return 0
+                # `_has_pending` has just read the journal: no second look first.
                 for report in journal.drain(source, target, backup, self._policy,
                                             delete_inserted_on_source=subscribed):
                     stall.alive()

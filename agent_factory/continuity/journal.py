@@ -353,10 +353,15 @@ def _current(target: psycopg.Connection[Any], changes: list[Change],
         probe = [dict(zip(cols, k, strict=True)) for k in wanted]
         match = sql.SQL(" AND ").join(
             sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in cols)
+        # Locked in key order, the order applications usually take row locks in:
+        # a drain running beside live writers must not deadlock with them.
         rows = target.execute(sql.SQL(
             "SELECT to_jsonb(t) FROM {t} t, jsonb_populate_recordset(NULL::{t}, %s) k "
-            "WHERE {match} FOR UPDATE OF t"
-        ).format(t=_ident(table), match=match), (Jsonb(probe),)).fetchall()
+            "WHERE {match} ORDER BY {order} FOR UPDATE OF t"
+        ).format(t=_ident(table), match=match,
+                 order=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c))
+                                          for c in cols)),
+                 (Jsonb(probe),)).fetchall()
         for (row,) in rows:
             found[(table, tuple(row.get(c) for c in cols))] = row
     return found
@@ -429,10 +434,6 @@ def _record(target: psycopg.Connection[Any], backup: str, keys: dict[str, tuple[
         "FROM unnest(%s::text[]) AS x ON CONFLICT DO NOTHING",
         (backup, sorted({c.xid for c in changes})),
     )
-
-
-def _jsonb(row: Row | None) -> Jsonb | None:
-    return None if row is None else Jsonb(row)
 
 
 def _ident(table: str) -> sql.Composable:

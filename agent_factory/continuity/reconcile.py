@@ -1,4 +1,4 @@
-"""Bring rows written on one provider to another: the failback reconciliation.
+"""Bring rows from one provider to another, newest wins: `agent-factory-db sync`.
 
 A keyed upsert where the newest ``updated_at`` wins (`schema.copy`), then
 every sequence owned by the tables moved past what the source used, so that
@@ -25,7 +25,7 @@ from psycopg import sql
 
 from ..schema.copy import MANAGED_TABLES, ProgressCallback, TableReport, copy_tables
 
-__all__ = ["ORIGIN", "changed_ids", "reconcile", "tables_on_both"]
+__all__ = ["ORIGIN", "reconcile", "tables_on_both"]
 
 logger = logging.getLogger("agent_factory.continuity.reconcile")
 
@@ -68,36 +68,6 @@ def reconcile(
         if origin is not None:
             _untag_origin(target, origin)
     return reports
-
-
-def changed_ids(
-    source: psycopg.Connection[Any],
-    target: psycopg.Connection[Any],
-    tables: Sequence[str],
-    since: datetime | None,
-) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Per table, the ids of ``source`` rows updated since ``since``: (new, known).
-
-    *new* ids are absent from ``target``: after an outage, the rows written
-    on the backup itself (the ones it received from the primary by
-    replication are on the primary). *known* ids exist on both (updates).
-    Taken at one instant, so a copy restricted to them leaves later rows to
-    the next pass.
-    """
-    new: dict[str, list[str]] = {}
-    known: dict[str, list[str]] = {}
-    for table in tables:
-        where = sql.SQL("updated_at >= %s") if since is not None else sql.SQL("TRUE")
-        query = sql.SQL("SELECT id::text FROM {} WHERE {}").format(sql.Identifier(table), where)
-        with source.transaction():
-            ids = [r[0] for r in source.execute(query, (since,) if since else ()).fetchall()]
-        with target.transaction():
-            present = {r[0] for r in target.execute(
-                sql.SQL("SELECT id::text FROM {} WHERE id::text = ANY(%s)").format(
-                    sql.Identifier(table)), (ids,)).fetchall()}
-        new[table] = [i for i in ids if i not in present]
-        known[table] = [i for i in ids if i in present]
-    return new, known
 
 
 def tables_on_both(

@@ -225,12 +225,12 @@ class Failover(Generic[P]):
         failures[provider.name] = exc.reason
         if exc.down:
             provider.health.mark_down(exc.reason)
-        if exc.busy and route.write and provider.name == self.primary:
-            return busy_primary_error(provider.name, exc.reason)
         unknown = exc.sent and not route.retry_after_send
         if t0 is not None:
             outcome = "outcome_unknown" if unknown else "unavailable"
             self.events.query_done(provider.name, time.perf_counter() - t0, outcome)
+        if exc.busy and route.write and provider.name == self.primary:
+            return busy_primary_error(provider.name, exc.reason)
         return OutcomeUnknownError(provider.name, exc.reason) if unknown else None
 
     def checkout_refused(self, provider: P, exc: Unavailable, failures: dict[str, str]) -> None:
