@@ -235,6 +235,10 @@ def drain(
     # Up to what is recorded now: writes that keep coming (other instances, or
     # this one before the write pause) are left to the next drain.
     with _steady(source):
+        found = source.execute("SELECT to_regclass(%s)", (JOURNAL,)).fetchone()
+        if found is None or found[0] is None:  # no journal here: nothing recorded
+            yield DrainReport(backup)
+            return
         row = source.execute(f"SELECT max(seq) FROM {JOURNAL}").fetchone()
     upto = row[0] if row and row[0] is not None else 0
     stuck: set[str] = set()  # source transactions touching a table the primary lacks
