@@ -83,6 +83,7 @@ class ProviderHealth:
         #: even while the breaker (threshold > 1) stays closed.
         self.connect_error: str | None = None
         self.connect_failed_at = -1.0
+        self.connect_timeouts = 0  # timed-out connects left to a probe to judge
         #: Called (by the prober) just before the breaker closes, so that the
         #: I/O shell can replace its pool before traffic returns.
         self.before_recovery: Callable[[], None] | None = None
@@ -173,6 +174,17 @@ class ProviderHealth:
             return
         reason = self.failure_reason(exc)
         self.connect_error = reason
+        if (isinstance(exc, psycopg.errors.ConnectionTimeout) and self._monitor is not None
+                and self.up):
+            # Slow, not refused: a busy machine or a saturated link can make a
+            # login outlast connect_timeout while the server answers. The open
+            # monitor connection decides within hang_timeout; a hung or cut
+            # server fails that probe and is marked down by it.
+            logger.info("connecting to provider %r timed out (%s); probing it before "
+                        "calling it down", self.name, reason)
+            self.connect_timeouts += 1
+            self.request_probe()
+            return
         self.connect_failed_at = self._clock()
         self.mark_down(reason)
 

@@ -8,6 +8,8 @@ retried at the next probe.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -80,3 +82,63 @@ def test_a_failing_pool_renewal_is_retried_at_the_next_probe(
     assert health._prober is not None and health._prober.is_alive()
     assert db.execute_query("SELECT 1") == [(1,)]
     assert db.serving_provider == "supabase"
+
+
+def hold_the_only_connection(db: DatabaseManager, seconds: float) -> threading.Thread:
+    """A transaction that keeps the pool's one connection busy for ``seconds``."""
+    entered = threading.Event()
+
+    def hold() -> None:
+        with db.transaction() as conn:
+            entered.set()
+            conn.execute("SELECT pg_sleep(%s)", (seconds,))
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert entered.wait(10), "the holding transaction never started"
+    return thread
+
+
+def test_a_timed_out_connect_to_a_live_provider_is_not_an_outage(
+    make_db: MakeDb, healthy_fleet: Fleet
+) -> None:
+    # A login of several round trips over a 1.2 s link outlasts connect_timeout
+    # (2 s) while every query on an open connection answers within hang_timeout
+    # (4 s here: a watchdog's probe and its answer take two round trips).
+    db = make_db(hang_timeout=4.0, pool_min_size=1, pool_max_size=2, checkout_timeout=30.0,
+                 connect_timeout=2.0)
+    health = db.providers["supabase"].health
+    wait_until(lambda: health._monitor is not None and db.providers["supabase"]._pool
+               .get_stats().get("pool_available", 0) >= 1,
+               timeout=20, message="the monitor and one pooled connection open")
+    healthy_fleet["supabase"].proxy.set_latency(0.6)
+    holder = hold_the_only_connection(db, 6.0)
+    started = time.monotonic()
+    # Needs a second connection: its connect times out, the probe says alive,
+    # so the read waits for the held connection instead of failing over.
+    port = db.execute_query("SELECT inet_server_port()", fetch_mode="one")
+    holder.join(30)
+    stats = db.get_provider_stats()["supabase"]
+    assert stats["healthy"] and stats["errors"] == 0, stats
+    assert health.connect_timeouts >= 1, "no connect timed out: the test proves nothing"
+    assert port == (healthy_fleet["supabase"].server.port,)
+    assert db.serving_provider == "supabase"
+    assert time.monotonic() - started < 30
+
+
+def test_a_timed_out_connect_to_a_silent_provider_is_an_outage(
+    make_db: MakeDb, healthy_fleet: Fleet
+) -> None:
+    # No pooled connection: the read has to open one, into the blackhole.
+    db = make_db(hang_timeout=2.0, pool_min_size=0, checkout_timeout=30.0)
+    health = db.providers["supabase"].health
+    wait_until(lambda: health._monitor is not None, timeout=20,
+               message="the monitor connection open")
+    healthy_fleet["supabase"].proxy.set_mode("blackhole")
+    started = time.monotonic()
+    row = db.execute_query("SELECT inet_server_port()", fetch_mode="one")
+    waited = time.monotonic() - started
+    assert row == (healthy_fleet["railway"].server.port,)
+    assert not db.get_provider_stats()["supabase"]["healthy"]
+    # connect_timeout, then a probe's hang_timeout, and slack for a shared machine
+    assert waited < 2.0 + 2.0 + 6.0, waited
