@@ -15,7 +15,9 @@ skip), read B's journal in order (whole source transactions), skip the source
 transactions the primary already applied (``agent_factory_drained``), lock
 and read the primary's rows they touch, replay them (`merge.replay`), write
 the final rows set-based, record conflicts and applied transactions, commit;
-then prune B's journal. A drain interrupted anywhere is run again safely.
+then prune B's journal. The marks of applied transactions are dropped by a
+later drain, under the lock, once their entries are gone from the journal. A
+drain interrupted anywhere is run again safely.
 """
 
 from __future__ import annotations
@@ -259,6 +261,7 @@ def _drain_batch(
                              (_LOCK_SPACE, backup)).fetchone()
         if not got or not got[0]:
             return DrainReport(backup, skipped=True)
+        _forget_pruned(source, target, backup)
         changes = _read(source, batch, upto, stuck)
         if not changes:
             return DrainReport(backup, stuck=len(stuck))
@@ -287,11 +290,32 @@ def _drain_batch(
         _record(target, backup, keys, todo, conflicts)
     with _steady(source):
         source.execute(f"DELETE FROM {JOURNAL} WHERE seq = ANY(%s)", ([c.seq for c in changes],))
-    with _steady(target):
-        target.execute("DELETE FROM agent_factory_drained WHERE provider = %s "
-                       "AND xid = ANY(%s::xid8[])", (backup, sorted({c.xid for c in changes})))
+    # The applied-transaction marks stay until a later drain, under the lock,
+    # sees their entries gone from the journal (`_forget_pruned`).
     return DrainReport(backup, len(todo), len({c.xid for c in todo}), len(conflicts),
                        stuck=len(stuck))
+
+
+def _forget_pruned(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
+                   backup: str) -> None:
+    """Drop the marks of applied transactions whose journal entries are gone.
+
+    Only the lock holder may: a drainer that read entries before another
+    drainer pruned them must still find their marks when it checks (a mark
+    dropped by the pruner itself, outside the lock, let such a drainer apply
+    a transaction twice).
+    """
+    marks = [r[0] for r in target.execute(
+        "SELECT xid::text FROM agent_factory_drained WHERE provider = %s", (backup,))]
+    if not marks:
+        return
+    with _steady(source):
+        kept = {r[0] for r in source.execute(
+            f"SELECT DISTINCT xid::text FROM {JOURNAL} WHERE xid = ANY(%s::xid8[])", (marks,))}
+    gone = [m for m in marks if m not in kept]
+    if gone:
+        target.execute("DELETE FROM agent_factory_drained WHERE provider = %s "
+                       "AND xid = ANY(%s::xid8[])", (backup, gone))
 
 
 def _move_sequences_past(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
