@@ -176,7 +176,7 @@ def check_bank(teller: Teller, plain: dict[str, str]) -> None:
     assert off_the_ledger(primary) == []
 
 
-def converged(plain: dict[str, str]) -> None:
+def converged(plain: dict[str, str], fleet: Fleet | None = None) -> None:
     def same() -> bool:
         want = [query(plain["supabase"], "SELECT id, balance FROM accounts ORDER BY id"),
                 sorted(ledger_ids(plain["supabase"]))]
@@ -185,14 +185,24 @@ def converged(plain: dict[str, str]) -> None:
     try:
         wait_until(same, timeout=60, message="every provider holds the primary's rows")
     except AssertionError:
-        detail = {b: (query(plain[b], "SELECT id, balance FROM accounts ORDER BY id"),
-                      len(ledger_ids(plain[b])),
-                      query(plain[b], "SELECT subname, pid, latest_end_lsn::text "
-                            "FROM pg_stat_subscription") if b != "supabase" else None,
-                      query(plain[b], "SELECT apply_error_count, sync_error_count "
-                            "FROM pg_stat_subscription_stats") if b != "supabase" else None)
-                  for b in ("supabase", "railway", "neon")}
-        raise AssertionError(f"not converged: {detail}") from None
+        detail: dict[str, Any] = {
+            b: (query(plain[b], "SELECT id, balance FROM accounts ORDER BY id"),
+                len(ledger_ids(plain[b])),
+                query(plain[b], "SELECT subname, pid, latest_end_lsn::text "
+                      "FROM pg_stat_subscription") if b != "supabase" else None,
+                query(plain[b], "SELECT apply_error_count, sync_error_count "
+                      "FROM pg_stat_subscription_stats") if b != "supabase" else None)
+            for b in ("supabase", "railway", "neon")}
+        # Which writes made the rows that differ (xmin), and what the drain settled.
+        detail["xmin"] = {b: query(plain[b], "SELECT id, balance, xmin::text FROM accounts "
+                                   "ORDER BY id") for b in ("railway", "neon")}
+        detail["conflicts"] = query(plain["supabase"], "SELECT row_key, before, backup_version, "
+                                    "primary_version, resolved_version, source_xid "
+                                    "FROM agent_factory_conflicts ORDER BY detected_at")
+        detail["marks"] = query(plain["supabase"], "SELECT * FROM agent_factory_drained")
+        logs = {b: fleet[b].server.log_path.read_text(errors="replace").splitlines()[-40:]
+                for b in ("railway", "neon")} if fleet is not None else {}
+        raise AssertionError(f"not converged: {detail}; backup logs: {logs}") from None
     for b in ("railway", "neon"):
         assert query(plain[b], "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL"
                      )[0][0] > 0, f"{b}'s replication stopped"
@@ -222,8 +232,8 @@ def test_bank_without_replication_keeps_every_transfer(
 
 
 @pytest.mark.parametrize("bank", [True], indirect=True)
-@pytest.mark.parametrize(("backlog", "hang"), [(False, False), (True, False)],
-                         ids=["crash", "crash-with-backlog"])
+@pytest.mark.parametrize(("backlog", "hang"), [(False, False), (True, False), (False, True)],
+                         ids=["crash", "crash-with-backlog", "hang"])
 def test_bank_replicated_outage_keeps_every_transfer_and_converges(
         healthy_fleet: Fleet, bank: dict[str, str], backlog: bool, hang: bool) -> None:
     plain = direct(healthy_fleet, bank)
@@ -231,7 +241,7 @@ def test_bank_replicated_outage_keeps_every_transfer_and_converges(
             Teller(db) as teller:
         outage(healthy_fleet, db, teller, plain, backlog=backlog, hang=hang)
     check_bank(teller, plain)
-    converged(plain)
+    converged(plain, healthy_fleet)
 
 
 def test_without_delta_columns_conflicts_are_reported_never_silent(
@@ -471,7 +481,7 @@ def test_three_processes_through_a_crash_keep_every_transfer(
         assert not set(r["failed"]) & on_primary
         assert r["totals"] and set(r["totals"]) == {10 * 1000}, sorted(set(r["totals"]))
     assert off_the_ledger(plain["supabase"]) == []
-    converged(plain)
+    converged(plain, healthy_fleet)
 
 
 def test_changes_to_a_table_the_primary_lacks_stay_pending_without_holding_it_back(
