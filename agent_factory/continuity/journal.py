@@ -37,6 +37,7 @@ from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 from ..errors import ConfigurationError
 from ..schema.plan import load_migrations
 from .merge import Change, Conflict, ConflictPolicy, Row, RowKey, replay
+from .subscription import PUBLICATION
 
 __all__ = [
     "DrainReport", "conflicts_by_table", "drain", "install", "pending", "prepare_session",
@@ -282,9 +283,10 @@ def _drain_batch(
 
         current = _current(target, todo, keys, key_of)
         final, conflicts = replay(todo, key_of, current, policy)
-        inserted = [k for k, row in final.items() if row is not None and current.get(k) is None]
-        if delete_inserted and inserted:
-            _delete_on_source(source, keys, inserted, todo)
+        if delete_inserted:
+            inserted = _coming_back(target, todo, key_of, current, final)
+            if inserted:
+                _delete_on_source(source, keys, inserted, todo)
         _write(target, keys, final, current, todo)
         _move_sequences_past(source, target, list(keys))
         _record(target, backup, keys, todo, conflicts)
@@ -294,6 +296,34 @@ def _drain_batch(
     # sees their entries gone from the journal (`_forget_pruned`).
     return DrainReport(backup, len(todo), len({c.xid for c in todo}), len(conflicts),
                        stuck=len(stuck))
+
+
+def _coming_back(target: psycopg.Connection[Any], changes: list[Change], key_of: Any,
+                 current: dict[RowKey, Row | None],
+                 final: dict[RowKey, Row | None]) -> list[RowKey]:
+    """The backup's rows that replication from the primary will insert into it again.
+
+    Rows the drain inserts on the primary, and rows the backup inserted that
+    the primary holds too (its own insert of that key had not reached the
+    backup: a backlog, a retried insert with the same key). Either would stop
+    the backup's subscription on a duplicate key, so the backup gives them up
+    just before the primary commits. Only for published tables: a row of a
+    table that replication does not carry would never come back.
+    """
+    first: dict[RowKey, Change] = {}
+    for c in changes:
+        first.setdefault((c.table, key_of(c)), c)
+    wanted = [k for k, c in first.items()
+              if (c.op == "INSERT" and current.get(k) is not None)
+              or (final.get(k) is not None and current.get(k) is None)]
+    if not wanted:
+        return []
+    published = {r[0] for r in target.execute(
+        "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IN ("
+        "SELECT format('%%I.%%I', schemaname, tablename)::regclass "
+        "FROM pg_publication_tables WHERE pubname = %s)",
+        (sorted({t for t, _ in wanted}), PUBLICATION)).fetchall()}
+    return [k for k in wanted if k[0] in published]
 
 
 def _forget_pruned(source: psycopg.Connection[Any], target: psycopg.Connection[Any],

@@ -93,8 +93,9 @@ def replay(
 
     ``current`` holds the primary's row (or None) for every key the changes
     touch. A change whose after image is already there (both sides made the
-    same change) is no conflict -- unless it moves a delta column, where equal
-    values are a coincidence and the backup's difference still counts.
+    same change; ``updated_at`` may differ) is no conflict -- unless it moves a
+    delta column, where equal values are a coincidence and the backup's
+    difference still counts.
     (A replay interrupted after its commit never comes here twice: the
     primary records the source transactions it applied.)
     """
@@ -108,7 +109,7 @@ def replay(
         if now == expected:
             state[row_key] = change.after
             continue
-        if now == change.after and not _moves_counter(change, policy):
+        if _same(now, change.after) and not _moves_counter(change, policy):
             continue  # both sides made the same change: nothing to settle
         conflict = _settle(Conflict(change, key, now, None, ""), policy)
         state[row_key] = conflict.resolved
@@ -142,6 +143,15 @@ def _settle(c: Conflict, policy: ConflictPolicy) -> Conflict:
             if backup_wins:
                 merged[column] = value
     return Conflict(change, c.key, now, merged, policy.name if by_policy else "delta")
+
+
+def _same(a: Row | None, b: Row | None) -> bool:
+    """Equal rows, but for the stamp the schema's trigger or default sets on each side
+    (a retried insert of the same row on two providers)."""
+    if a is None or b is None:
+        return a is b
+    return a == b or {k: v for k, v in a.items() if k != _STAMP} == {
+        k: v for k, v in b.items() if k != _STAMP}
 
 
 def _moves_counter(change: Change, policy: ConflictPolicy) -> bool:

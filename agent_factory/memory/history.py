@@ -23,6 +23,7 @@ __all__ = [
     "MessageHistory",
     "TokenCounter",
     "parse_timestamp",
+    "row_id",
     "to_utc",
     "utc_now",
 ]
@@ -35,6 +36,21 @@ TokenCounter = Callable[["Message"], int]
 # Namespace for ids given to messages that were serialized without one
 # (data written by the original module), so that reloading them is stable.
 _LEGACY_IDS = uuid.UUID("6f1d2b9c-4a47-4f3e-9a7e-2d5c1b0e8a11")
+
+
+# Namespace of the primary keys the stores derive from a row's natural key.
+_ROW_IDS = uuid.UUID("0c6f5a8e-3b1d-4d7a-8f52-9e4b7c2a1d60")
+
+
+def row_id(*natural_key: str) -> str:
+    """The ``id`` of the row with this natural key: the same on every try and provider.
+
+    A retried insert (its first try's outcome unknown, or its first provider
+    failed before replicating it) then carries the same primary key, so the
+    failback drain and logical replication meet one row, never two rows with
+    one natural key (which stops a subscription on a duplicate key).
+    """
+    return str(uuid.uuid5(_ROW_IDS, "\n".join(natural_key)))
 
 
 def utc_now() -> datetime:

@@ -21,7 +21,7 @@ from psycopg import sql
 
 from ..core.database_manager import DatabaseManager
 from ..errors import InvalidMemoryError
-from .history import to_utc
+from .history import row_id, to_utc
 from .manager import ManagedStore
 
 __all__ = ["AtomMatch", "KnowledgeAtom", "KnowledgeStore"]
@@ -92,8 +92,8 @@ def _select_list(embedding: bool = True) -> str:
 _COLUMNS = _select_list()
 
 _UPSERT = """
-INSERT INTO {t} AS k ({cols})
-SELECT {values} FROM jsonb_to_recordset(%s::jsonb) AS r({record})
+INSERT INTO {t} AS k (id, {cols})
+SELECT r.id, {values} FROM jsonb_to_recordset(%s::jsonb) AS r(id uuid, {record})
 ON CONFLICT (atom_id) DO UPDATE SET ({cols}) = ({excluded})
 """
 _GET = "SELECT {columns} FROM {t} WHERE atom_id = %s"
@@ -137,7 +137,10 @@ def parse_vector(text: str | None) -> list[float] | None:
 
 
 def _record(atom: KnowledgeAtom) -> dict[str, Any]:
-    record = {name: getattr(atom, name) for name in _WRITABLE}
+    # The key derived from atom_id: a retried insert meets its first try's row
+    # (on the primary after failback, on the backups by replication).
+    record = {"id": row_id("knowledge_atoms", atom.atom_id),
+              **{name: getattr(atom, name) for name in _WRITABLE}}
     if atom.embedding is not None:
         record["embedding"] = vector_literal(atom.embedding)
     if atom.last_validated_at is not None:

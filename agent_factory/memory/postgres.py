@@ -21,7 +21,7 @@ from psycopg import sql
 
 from ..core.database_manager import DatabaseManager
 from ..errors import InvalidMemoryError
-from .history import ROLES, Message, MessageHistory, parse_timestamp, to_utc
+from .history import ROLES, Message, MessageHistory, parse_timestamp, row_id, to_utc
 from .manager import ManagedStore
 from .session import MemoryStorage, Session
 
@@ -40,18 +40,19 @@ def check_atom_type(memory_type: str) -> None:
 
 _SAVE = """
 WITH meta AS (
-    INSERT INTO {t} AS s (session_id, user_id, memory_type, content, created_at)
-    VALUES (%(sid)s::text, %(uid)s::text, 'session_metadata', %(meta)s::jsonb, %(created)s)
+    INSERT INTO {t} AS s (id, session_id, user_id, memory_type, content, created_at)
+    VALUES (%(meta_id)s::uuid, %(sid)s::text, %(uid)s::text, 'session_metadata',
+            %(meta)s::jsonb, %(created)s)
     ON CONFLICT (session_id) WHERE memory_type = 'session_metadata'
     DO UPDATE SET user_id = EXCLUDED.user_id, content = EXCLUDED.content,
                   created_at = EXCLUDED.created_at
     RETURNING 1
 ), msgs AS (
     INSERT INTO {t} AS s
-        (session_id, user_id, memory_type, message_id, message_index, content, created_at)
-    SELECT %(sid)s::text, %(uid)s::text, 'message_' || m.role, m.id, m.idx, m.body, m.ts
+        (id, session_id, user_id, memory_type, message_id, message_index, content, created_at)
+    SELECT m.rid, %(sid)s::text, %(uid)s::text, 'message_' || m.role, m.id, m.idx, m.body, m.ts
     FROM jsonb_to_recordset(%(msgs)s::jsonb)
-        AS m(id text, role text, idx integer, body jsonb, ts timestamptz)
+        AS m(rid uuid, id text, role text, idx integer, body jsonb, ts timestamptz)
     ON CONFLICT (session_id, message_id) DO UPDATE SET
         user_id = EXCLUDED.user_id, memory_type = EXCLUDED.memory_type,
         message_index = EXCLUDED.message_index, content = EXCLUDED.content,
@@ -113,7 +114,7 @@ def _json(value: Any, what: str) -> str:
         raise InvalidMemoryError(f"{what} is not JSON-serializable: {exc}") from exc
 
 
-def message_rows(messages: Sequence[Message]) -> list[dict[str, Any]]:
+def message_rows(session_id: str, messages: Sequence[Message]) -> list[dict[str, Any]]:
     """The messages as ``session_memories`` rows (one per id: the last copy wins)."""
     rows: dict[str, dict[str, Any]] = {}
     for index, m in enumerate(messages):
@@ -123,8 +124,8 @@ def message_rows(messages: Sequence[Message]) -> list[dict[str, Any]]:
             )
         body = {**m.to_dict(), "message_index": index}
         rows.pop(m.id, None)
-        rows[m.id] = {"id": m.id, "role": m.role, "idx": index, "body": body,
-                      "ts": body["timestamp"]}
+        rows[m.id] = {"rid": row_id(session_id, "message", m.id), "id": m.id,
+                      "role": m.role, "idx": index, "body": body, "ts": body["timestamp"]}
     return list(rows.values())
 
 
@@ -191,10 +192,12 @@ class PostgresMemoryStorage(ManagedStore, MemoryStorage):
         """Upsert the metadata row and every message in one atomic statement."""
         params = {
             "sid": session.session_id,
+            "meta_id": row_id(session.session_id, "session_metadata"),
             "uid": session.user_id,
             "meta": _json(session_content(session), "session metadata"),
             "created": session.created_at,
-            "msgs": _json(message_rows(session.history.get_messages()), "a message"),
+            "msgs": _json(message_rows(session.session_id, session.history.get_messages()),
+                          "a message"),
         }
         self.db.execute_query(self._sql["save"], params, "one", idempotent=True)
 

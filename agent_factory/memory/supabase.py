@@ -147,7 +147,7 @@ class SupabaseMemoryStorage(MemoryStorage):
                 "content": r["body"],
                 "created_at": r["ts"],
             }
-            for r in message_rows(session.history.get_messages())
+            for r in message_rows(sid, session.history.get_messages())
         ]
         for i in range(0, len(rows), self.page_size):
             batch = rows[i:i + self.page_size]

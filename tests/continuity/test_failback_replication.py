@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -14,6 +15,7 @@ from agent_factory.continuity.replication import setup_replication, teardown_rep
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.engine.settings import Settings
 from agent_factory.errors import AllProvidersUnavailableError
+from agent_factory.memory import PostgresMemoryStorage, Session
 from agent_factory.schema import apply_migrations
 from agent_factory.testing.fleet import Fleet
 
@@ -195,3 +197,61 @@ def test_failback_rows_reach_every_backup_by_replication_which_keeps_flowing(
                        message=f"replication to {backup} still flowing")
             rows = ids_on(plain[backup])
             assert len(rows) == len(set(rows))
+
+
+def test_a_memory_save_retried_on_a_backup_meets_its_first_try_everywhere(
+    healthy_fleet: Fleet, replicated: dict[str, str]
+) -> None:
+    """A session saved on the primary but not yet replicated (a backlog), saved again
+    on railway after the crash: the rows keep one key everywhere, so the drain finds
+    the first try's messages (no conflict for them) and no subscription stops on a
+    duplicate key (with server-side random ids both did: the drain failed on the
+    natural key, and railway's subscription on the primary's backlogged insert)."""
+    plain = direct(healthy_fleet, replicated)
+    backups = ("railway", "neon")
+    with DatabaseManager(replicated, order=ORDER, monitor_interval=0.2, **FAST) as db:
+        store = PostgresMemoryStorage(db)
+        wait_until(lambda: db.providers["supabase"].health.subscribers >= set(backups),
+                   timeout=30, message="subscribers seen by the primary's probe")
+        for b in backups:
+            query_none(plain[b], f"ALTER SUBSCRIPTION agent_factory_{b} DISABLE")
+        session = Session(session_id="retried", user_id="u", storage=store)
+        session.add_user_message("hello")
+        session.save()
+        healthy_fleet["supabase"].server.kill()
+        session.add_assistant_message("hi")
+        until_accepted(session.save)
+        assert db.serving_provider == "railway"
+        for b in backups:
+            query_none(plain[b], f"ALTER SUBSCRIPTION agent_factory_{b} ENABLE")
+        healthy_fleet["supabase"].server.restart()
+
+        def rows(url: str) -> list[tuple[Any, ...]]:
+            return query(url, "SELECT id::text, message_id, content->>'content' "
+                         "FROM session_memories WHERE session_id = 'retried' ORDER BY id")
+
+        def converged() -> bool:
+            want = rows(plain["supabase"])
+            return len(want) == 3 and all(rows(plain[b]) == want for b in backups) and (
+                query(plain["railway"], "SELECT count(*) FROM agent_factory_journal")[0][0] == 0)
+
+        wait_until(converged, timeout=60, message="one row per message on every provider")
+        assert PostgresMemoryStorage(db).load_session("retried") is not None
+    for b in backups:
+        assert query(plain[b], "SELECT count(*) FROM pg_stat_subscription "
+                     "WHERE pid IS NOT NULL")[0][0] == 1, f"{b}'s replication stopped"
+        assert query(plain[b], "SELECT apply_error_count FROM pg_stat_subscription_stats"
+                     ) == [(0,)], b
+    messages = query(plain["supabase"], "SELECT count(*) FROM agent_factory_conflicts "
+                     "WHERE backup_version->>'memory_type' LIKE 'message%'")
+    assert messages == [(0,)]
+
+
+def query(url: str, text: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(text).fetchall()
+
+
+def query_none(url: str, text: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(text)

@@ -117,3 +117,13 @@ def test_a_callback_decides_the_row() -> None:
 def test_bad_delta_columns_are_named() -> None:
     with pytest.raises(ConfigurationError, match="table.column"):
         parse_delta_columns(["balance"])
+
+
+def test_a_retried_insert_differing_only_in_its_stamp_is_no_conflict() -> None:
+    mine = {"id": 1, "body": "hello", "updated_at": "2026-01-01T00:00:01"}
+    theirs = {"id": 1, "body": "hello", "updated_at": "2026-01-01T00:00:00"}
+    final, conflicts = run([change("INSERT", None, mine)], {1: theirs})
+    assert conflicts == [] and final == {1: theirs}
+    # Any other difference is one: both versions kept, the policy decides.
+    final, conflicts = run([change("INSERT", None, {**mine, "body": "hi"})], {1: theirs})
+    assert len(conflicts) == 1 and final == {1: {**mine, "body": "hi"}}
