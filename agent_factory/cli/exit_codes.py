@@ -4,7 +4,8 @@
 code   name         meaning
 =====  ===========  ==========================================================
 0      OK           done (health: the primary is up; verify: schemas match)
-1      FAILED       done, and the answer is no: the primary is down, a
+1      FAILED       done, and the answer is no: the primary is down or a
+                    backup's drain into it fails (health), a
                     migration failed, the schemas drifted, a copy was refused
 2      USAGE        bad configuration or command-line argument, or a missing
                     installation (argparse exits 2 too); the message says how

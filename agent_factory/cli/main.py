@@ -1,7 +1,8 @@
 """The ``agent-factory-db`` command: a live failover demo, health and stats.
 
     agent-factory-db demo [--no-live] [--no-hang] [--down-seconds N]
-    agent-factory-db health [--json]     exit 0 ok, 1 primary down, 2 bad configuration
+    agent-factory-db health [--json]     exit 0 ok, 1 primary down or failback failing,
+                                         2 bad configuration
     agent-factory-db stats [--json]
     agent-factory-db dashboard [--host H] [--port P] [--token T] [--demo]
     agent-factory-db monitor [--interval S] [--once]
@@ -119,11 +120,15 @@ def _health(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         healthy = db.health_check_all(max_age=0)
-        stats = db.get_provider_stats()
         primary = db.primary_provider
+        if healthy.get(primary, False):
+            db.failback_now()  # what any instance does at start-up
+        failback = db.failback_status()["backups"]
+        stats = db.get_provider_stats()
         secrets = _passwords(db)
     finally:
         db.close_all()
+    failing = {name: b["last_error"] for name, b in failback.items() if b["last_error"]}
     report: dict[str, dict[str, Any]] = {
         name: {
             "healthy": healthy.get(name, False),
@@ -137,7 +142,9 @@ def _health(args: argparse.Namespace) -> int:
     }
     up = healthy.get(primary, False)
     if args.json:
-        doc = {"primary": primary, "primary_healthy": up, "providers": report}
+        doc = {"primary": primary, "primary_healthy": up, "providers": report,
+               "failback": {"pending": {n: b["pending"] for n, b in failback.items()},
+                            "failing": failing}}
         print(scrub(json.dumps(doc, indent=2), secrets))
     else:
         rows = [
@@ -148,7 +155,10 @@ def _health(args: argparse.Namespace) -> int:
         print_table("Provider health", ["provider", "healthy", "host:port", "latency", "error"],
                     rows, secrets)
         print(f"primary {primary}: {'healthy' if up else 'DOWN'}")
-    return EXIT_OK if up else EXIT_FAILED
+        for name, error in failing.items():
+            print(scrub(f"failback from {name} FAILING ({failback[name]['pending']} changes "
+                        f"pending): {error}", secrets))
+    return EXIT_OK if up and not failing else EXIT_FAILED
 
 
 def _stats(args: argparse.Namespace) -> int:

@@ -395,7 +395,18 @@ def _normalised(target: psycopg.Connection[Any], changes: list[Change]) -> list[
             "FROM jsonb_array_elements(%s) WITH ORDINALITY AS e(j, n) ORDER BY n"
         ).format(_ident(table)), (Jsonb([images[i] for i in idx]),)).fetchall()
         for i, (row,) in zip(idx, rows, strict=True):
-            out[i] = row
+            image = images[i]
+            assert image is not None
+            unknown = sorted(set(image) - set(row))
+            if unknown:
+                # Dropping them would lose the backup's values without a word.
+                raise ConfigurationError(
+                    f"table {table!r}: column(s) {', '.join(unknown)} recorded on the backup "
+                    "do not exist on the primary; deploy the same schema on every provider "
+                    "and the drain resumes")
+            # Only the backup's columns: one the primary added since (with a
+            # default) keeps its default or its value.
+            out[i] = {k: row[k] for k in image}
     return [Change(c.seq, c.xid, c.table, c.op, out[2 * i], out[2 * i + 1])
             for i, c in enumerate(changes)]
 
@@ -420,8 +431,11 @@ def _current(target: psycopg.Connection[Any], changes: list[Change],
                  order=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c))
                                           for c in cols)),
                  (Jsonb(probe),)).fetchall()
+        seen = {k for c in changes if c.table == table for k in (c.after or c.before or {})}
         for (row,) in rows:
-            found[(table, tuple(row.get(c) for c in cols))] = row
+            # Compared and written on the columns the backup has.
+            found[(table, tuple(row.get(c) for c in cols))] = {
+                k: v for k, v in row.items() if k in seen}
     return found
 
 
@@ -435,11 +449,13 @@ def _write(target: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
                 if t == table and r is not None and r != current.get((t, _))]
         if rows:
             cols = list(rows[0])
+            names = sql.SQL(", ").join(map(sql.Identifier, cols))
             target.execute(sql.SQL(
-                "INSERT INTO {t} SELECT * FROM jsonb_populate_recordset(NULL::{t}, %s) "
+                "INSERT INTO {t} ({names}) SELECT {names} "
+                "FROM jsonb_populate_recordset(NULL::{t}, %s) "
                 "ON CONFLICT ({key}) DO UPDATE SET {set}"
             ).format(
-                t=_ident(table),
+                t=_ident(table), names=names,
                 key=sql.SQL(", ").join(map(sql.Identifier, keys[table])),
                 set=sql.SQL(", ").join(
                     sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in cols),

@@ -142,11 +142,12 @@ class BaseManager(Generic[P]):
         self._events.remove(listener)
 
     def register_table(self, table: str) -> None:
-        """Also bring ``table``'s rows back to the primary at failback.
+        """Journal ``table`` on every provider, so failback brings back its changes.
 
-        The table needs a primary key column ``id`` (UUIDs recommended) and an
-        ``updated_at`` column that every write sets; sequences it owns are
-        moved past what a backup used.
+        The table needs a primary key (client-chosen or derived keys
+        recommended, see the README's "Replication and failback"); a table
+        without one is a `ConfigurationError`. Sequences it owns are kept
+        apart between the primary and the backups.
         """
         assert self._failback is not None
         self._failback.register_table(table)
@@ -193,6 +194,13 @@ class BaseManager(Generic[P]):
             "backups": backups,
             "policy": self._core.settings.conflict_policy,
         }
+
+    def failback_now(self) -> int:
+        """Drain every reachable backup's journal into the primary now, as the drainer
+        thread does every ``drain_interval``; the changes moved. Failures are not
+        raised: they are in `failback_status` (``last_error``), logged and counted."""
+        assert self._failback is not None
+        return self._failback.drain_now()
 
     def _on_health_change(self, name: str, up: bool, reason: str | None) -> None:
         self._core.on_health_change(name, up, reason)

@@ -20,12 +20,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from fleet import postgres_under
 from rich.console import Console
 
 from agent_factory.cli.demo.scenario import Demo, DemoConfig
 from agent_factory.cli.main import _render
+from agent_factory.continuity import journal
 from agent_factory.errors import PostgresNotFoundError
 from agent_factory.testing.embedded import EmbeddedPostgres, find_bin_dir
 from agent_factory.testing.fleet import PROVIDERS, start_fleet
@@ -257,3 +259,48 @@ def test_schema_commands_are_wired(
     status = _cli(["schema", "status"], env, workdir, servers)
     assert status.returncode in (0, 1), status.stderr
     assert "supabase" in status.stdout and "railway" in status.stdout
+
+
+def test_health_exits_1_while_a_backups_drain_into_the_primary_fails(
+    servers: dict[str, EmbeddedPostgres], workdir: Path
+) -> None:
+    # Railway holds an outage's change that the primary cannot take (a column
+    # the primary requires and the backup never had: schema drift).
+    with psycopg.connect(servers["supabase"].url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE drift (id int PRIMARY KEY, v int, w int NOT NULL)")
+        journal.install(conn, "drift")
+    with psycopg.connect(servers["railway"].url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE drift (id int PRIMARY KEY, v int)")
+        journal.install(conn, "drift")
+        conn.execute("SET agent_factory.journal = on")
+        conn.execute("INSERT INTO drift VALUES (1, 1)")
+    try:
+        proc = _cli(["health", "--json"], _env(servers), workdir, servers)
+        assert proc.returncode == 1, proc.stderr
+        doc = json.loads(proc.stdout)
+        assert doc["primary_healthy"] is True
+        assert doc["failback"]["pending"]["railway"] == 1
+        assert '"w"' in doc["failback"]["failing"]["railway"]  # names the column
+        table = _cli(["health"], _env(servers), workdir, servers)
+        assert table.returncode == 1 and "failback from railway FAILING" in table.stdout
+        # Once the cause is fixed, the drain goes through and health is 0 again.
+        with psycopg.connect(servers["supabase"].url, autocommit=True) as conn:
+            conn.execute("ALTER TABLE drift ALTER COLUMN w SET DEFAULT 0")
+        proc = _cli(["health", "--json"], _env(servers), workdir, servers)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert json.loads(proc.stdout)["failback"] == {"pending": {"railway": 0}, "failing": {}}
+        with psycopg.connect(servers["supabase"].url) as conn:
+            assert conn.execute("SELECT id, v, w FROM drift").fetchall() == [(1, 1, 0)]
+        # The other drift: a column only the backup has is never dropped silently.
+        with psycopg.connect(servers["railway"].url, autocommit=True) as conn:
+            conn.execute("ALTER TABLE drift ADD COLUMN note text")
+            conn.execute("SET agent_factory.journal = on")
+            conn.execute("INSERT INTO drift VALUES (2, 2, 'kept')")
+        proc = _cli(["health", "--json"], _env(servers), workdir, servers)
+        assert proc.returncode == 1
+        assert "note" in json.loads(proc.stdout)["failback"]["failing"]["railway"]
+    finally:
+        for server in servers.values():
+            with psycopg.connect(server.url, autocommit=True) as conn:
+                conn.execute("DROP TABLE IF EXISTS drift")
+                conn.execute("DELETE FROM agent_factory_journal WHERE table_name = 'drift'")

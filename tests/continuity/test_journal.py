@@ -85,6 +85,7 @@ class Teller:
         self.acked: list[str] = []
         self.unknown: list[str] = []
         self.failed: list[str] = []
+        self.last_error = ""
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True)
                          for n in range(2)]
@@ -119,11 +120,19 @@ class Teller:
                     conn.execute("INSERT INTO ledger VALUES (%s, %s, %s, %s)",
                                  (tid, src, dst, amount))
                 self.acked.append(tid)
-            except OutcomeUnknownError:
+            except OutcomeUnknownError as exc:
                 self.unknown.append(tid)
-            except (AgentFactoryError, psycopg.Error):
+                self.last_error = repr(exc)
+            except (AgentFactoryError, psycopg.Error) as exc:
                 self.failed.append(tid)
+                self.last_error = repr(exc)
                 self._stop.wait(0.05)
+
+    def state(self) -> str:
+        """What the tellers did so far, for a failure's message."""
+        alive = sum(t.is_alive() for t in self._threads)
+        return (f"acked {len(self.acked)}, failed {len(self.failed)}, unknown "
+                f"{len(self.unknown)}, threads alive {alive}, last error {self.last_error}")
 
 
 def off_the_ledger(url: str) -> list[tuple[int, int, int]]:
@@ -156,8 +165,12 @@ def outage(fleet: Fleet, db: DatabaseManager, teller: Teller, plain: dict[str, s
         wait_until(lambda: teller.count() >= seen + 30, timeout=30, message="unreplicated")
     server = fleet["supabase"].server
     server.hang() if hang else server.kill()
-    wait_until(lambda: journal_size(plain["railway"]) >= 60, timeout=60,
-               message="transfers journaled on railway")
+    try:
+        wait_until(lambda: journal_size(plain["railway"]) >= 60, timeout=60,
+                   message="transfers journaled on railway")
+    except AssertionError as exc:
+        stats = {n: (s["healthy"], s["last_error"]) for n, s in db.get_provider_stats().items()}
+        raise AssertionError(f"{exc}: tellers {teller.state()}; providers {stats}") from None
     if backlog:
         for backup in ("railway", "neon"):
             query_none(plain[backup], f"ALTER SUBSCRIPTION agent_factory_{backup} ENABLE")
