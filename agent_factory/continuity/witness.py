@@ -10,6 +10,15 @@ served. Once it has stood still for ``witness_quiet`` seconds (as this
 instance's own monotonic clock measures it -- two servers' clocks are never
 compared), the primary is taken for dead and backups take writes.
 
+A primary that hangs while it streams a transaction leaves the backup's
+apply worker inside that transaction, holding the row locks of what it has
+applied so far, until ``wal_receiver_timeout`` (60 s by default) -- writes
+on those rows would wait that long. So once the heartbeat has stood still
+for ``witness_quiet``, the watcher ends such a worker's transaction
+(``pg_terminate_backend`` on the apply worker that holds a transaction id:
+allowed to the subscription's owner). PostgreSQL restarts the worker; it
+gets the whole transaction again once the primary streams.
+
 A backup that does not subscribe to the primary has no witness: writes are
 allowed at once (the spec's setup of independent databases; the README says
 what that risks). ``split_brain_fence=False`` turns the fence off.
@@ -68,6 +77,7 @@ class Witness:
         self._thread: threading.Thread | None = None
         self._last_beat = 0.0
         self._no_table_until = 0.0
+        self._warned: set[str] = set()
 
     # -- the rule (no I/O) ------------------------------------------------------------
 
@@ -121,9 +131,13 @@ class Witness:
                 if time.monotonic() - self._last_beat >= BEAT_INTERVAL:
                     self._peeker.run(core.primary, self._beat)
                 continue
+            quiet = core.settings.witness_quiet
             for name in self._conninfos:
                 if name != core.primary and not self._stop.is_set():
                     self._peeker.run(name, self._watch(name))
+                    sight = self.sights[name]
+                    if sight.subscribed and sight.quiet_for(time.monotonic()) >= quiet:
+                        self._peeker.run(name, self._release(name))
 
     def _beat(self, conn: psycopg.Connection[Any]) -> None:
         self._last_beat = time.monotonic()
@@ -135,6 +149,28 @@ class Witness:
             return
         conn.execute(f"INSERT INTO {HEARTBEAT} AS h (id, beat) VALUES (1, 1) ON CONFLICT (id) "
                      f"DO UPDATE SET beat = h.beat + 1, beat_at = now()")
+
+    def _release(self, name: str) -> Callable[[psycopg.Connection[Any]], None]:
+        """End the apply worker's half-received transaction on backup ``name`` (if any)."""
+        def release(conn: psycopg.Connection[Any]) -> None:
+            try:
+                rows = conn.execute(
+                    "SELECT s.subname, pg_terminate_backend(s.pid) FROM pg_stat_subscription s "
+                    "JOIN pg_stat_activity a ON a.pid = s.pid "
+                    "WHERE s.subname LIKE 'agent\\_factory\\_%' AND a.backend_xid IS NOT NULL "
+                    "AND a.datname = current_database()").fetchall()
+            except psycopg.errors.InsufficientPrivilege as exc:
+                if name not in self._warned:
+                    self._warned.add(name)
+                    logger.warning("backup %r: cannot end the apply worker stuck in a "
+                                   "transaction of the silent primary (%s); writes on the rows "
+                                   "it holds wait for wal_receiver_timeout", name, exc)
+                return
+            for subscription, _ in rows:
+                logger.warning("backup %r: ended the apply worker of %s, stuck inside a "
+                               "transaction of the silent primary (its row locks held writes)",
+                               name, subscription)
+        return release
 
     def _watch(self, name: str) -> Callable[[psycopg.Connection[Any]], None]:
         def read(conn: psycopg.Connection[Any]) -> None:

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -255,6 +256,53 @@ def test_bank_replicated_outage_keeps_every_transfer_and_converges(
         outage(healthy_fleet, db, teller, plain, backlog=backlog, hang=hang)
     check_bank(teller, plain)
     converged(plain, healthy_fleet)
+
+
+def apply_worker_in_transaction(url: str) -> bool:
+    """The backup's apply worker holds a transaction id: it is inside a streamed transaction."""
+    return bool(query(url, "SELECT count(*) FROM pg_stat_subscription s JOIN pg_stat_activity a "
+                      "ON a.pid = s.pid WHERE a.backend_xid IS NOT NULL")[0][0])
+
+
+@pytest.mark.parametrize("bank", [True], indirect=True)
+def test_a_primary_hung_mid_stream_does_not_hold_the_backups_rows(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """The primary hangs while railway applies its big transaction: the apply worker
+    keeps that transaction open, and its row lock on account 1, until
+    wal_receiver_timeout (60 s). Once the heartbeat is quiet the watcher ends it,
+    so a write of account 1 on railway goes through in seconds, not a minute."""
+    plain = direct(healthy_fleet, bank)
+    with bank_db(bank, conflict_delta_columns="accounts.balance") as db:
+        db.execute_query("SELECT 1")
+        wait_until(lambda: db._witness.sights["railway"].subscribed is True or bool(
+            db._witness.look("railway")), timeout=30, message="railway's subscription seen")
+        with psycopg.connect(plain["supabase"], autocommit=True) as conn, conn.transaction():
+            conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 1")
+            conn.execute("INSERT INTO events (note) SELECT repeat('x', 200) "
+                         "FROM generate_series(1, 400000)")
+            conn.execute("UPDATE accounts SET balance = balance - 1 WHERE id = 1")
+        wait_until(lambda: apply_worker_in_transaction(plain["railway"]), timeout=30,
+                   interval=0.005, message="railway applying the big transaction")
+        healthy_fleet["supabase"].server.hang()
+        assert apply_worker_in_transaction(plain["railway"]), "applied before the hang: retry"
+        wait_until(lambda: db.execute_query("SELECT 1") and db.serving_provider == "railway",
+                   timeout=30, message="reads served by railway")
+        started = time.monotonic()
+
+        def transfer() -> None:
+            with db.transaction() as conn:
+                conn.execute("UPDATE accounts SET balance = balance + 5 WHERE id = 1")
+
+        until_accepted(transfer, timeout=90)
+        waited = time.monotonic() - started
+        assert db.serving_provider == "railway"
+        # witness_quiet (3 s) + slack for a shared machine; 60 s without the release
+        assert waited < 20, f"the write waited {waited:.1f}s for the apply worker's lock"
+        healthy_fleet["supabase"].server.resume()
+        wait_until(lambda: journal_size(plain["railway"]) == 0, timeout=60,
+                   message="journal drained")
+        assert query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 1") == [(1005,)]
+        converged(plain, healthy_fleet)
 
 
 def test_without_delta_columns_conflicts_are_reported_never_silent(
