@@ -27,8 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
-from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -69,7 +68,7 @@ def prepare_session(conn: psycopg.Connection[Any]) -> None:
     """Exact numbers for comparing images, no server-side prepared statements (a
     transaction-mode pooler may stand in front). Server settings are per
     transaction: see `_steady`."""
-    set_json_loads(partial(json.loads, parse_float=Decimal), conn)
+    set_json_loads(_loads, conn)
     set_json_dumps(_dumps, conn)
     conn.prepare_threshold = None
 
@@ -91,22 +90,27 @@ def _steady(conn: psycopg.Connection[Any]) -> Iterator[None]:
         yield
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(_plain(value))
-
-
-def _plain(value: Any) -> Any:
+def _number(value: Any) -> Any:
     """Decimals back to JSON numbers (as floats when exact, else as their text)."""
     if isinstance(value, Decimal):
         if value == value.to_integral_value():
             return int(value)
         as_float = float(value)
         return as_float if Decimal(repr(as_float)) == value else str(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _dumps(value: Any) -> str:
+    # The C encoder does the walk; only Decimals come back to Python.
+    return json.dumps(value, default=_number)
+
+
+_decoder = json.JSONDecoder(parse_float=Decimal)
+
+
+def _loads(data: str | bytes) -> Any:
+    # One decoder for every value (json.loads with arguments builds one per call).
+    return _decoder.decode(data if isinstance(data, str) else bytes(data).decode())
 
 
 def _journal_ddl() -> str:
@@ -272,9 +276,9 @@ def _drain_batch(
         missing = _missing_tables(target, {c.table for c in changes})
         stuck.update(c.xid for c in changes if c.table in missing)
         changes = [c for c in changes if c.xid not in stuck]
-        todo = [c for c in changes if c.xid not in done]
-        keys = {t: primary_key(target, t) for t in dict.fromkeys(c.table for c in todo)}
-        todo = _normalised(target, todo)
+        keys = {t: primary_key(target, t) for t in dict.fromkeys(
+            c.table for c in changes if c.xid not in done)}
+        todo = _normalised(target, [c for c in changes if c.xid not in done])
 
         def key_of(c: Change) -> tuple[Any, ...]:
             image = c.after if c.after is not None else c.before
@@ -364,24 +368,39 @@ def _missing_tables(target: psycopg.Connection[Any], tables: set[str]) -> set[st
     return {r[0] for r in rows}
 
 
+class Raw(NamedTuple):
+    """A journal row as read: its images still JSON text (the primary parses them)."""
+
+    seq: int
+    xid: str
+    table: str
+    op: str
+    before: str | None
+    after: str | None
+
+
 def _read(source: psycopg.Connection[Any], batch: int, upto: int,
-          stuck: set[str]) -> list[Change]:
+          stuck: set[str]) -> list[Raw]:
     """Whole source transactions, oldest first (ordered by their last change)."""
     with _steady(source):
         rows = source.execute(
             f"WITH x AS (SELECT xid, max(seq) AS last FROM {JOURNAL} "
             f"WHERE xid IN (SELECT xid FROM {JOURNAL} WHERE seq <= %s "
             f"AND xid <> ALL(%s::xid8[]) ORDER BY seq LIMIT %s) GROUP BY xid) "
-            f"SELECT j.seq, j.xid::text, j.table_name, j.op, j.before, j.after "
+            f"SELECT j.seq, j.xid::text, j.table_name, j.op, j.before::text, j.after::text "
             f"FROM {JOURNAL} j JOIN x USING (xid) ORDER BY x.last, j.seq",
             (upto, sorted(stuck), batch)
         ).fetchall()
-    return [Change(*r) for r in rows]
+    return [Raw(*r) for r in rows]
 
 
-def _normalised(target: psycopg.Connection[Any], changes: list[Change]) -> list[Change]:
-    """The images as the primary renders its own rows (types, time zone, number text)."""
-    images: list[Row | None] = []
+def _normalised(target: psycopg.Connection[Any], changes: list[Raw]) -> list[Change]:
+    """The images as the primary renders its own rows (types, time zone, number text).
+
+    One statement and one JSON document per table each way: the images go
+    as the journal's text and come back parsed once.
+    """
+    images: list[str | None] = []
     for c in changes:
         images += [c.before, c.after]
     out: list[Row | None] = [None] * len(images)
@@ -390,25 +409,48 @@ def _normalised(target: psycopg.Connection[Any], changes: list[Change]) -> list[
                if c.table == table and images[i] is not None]
         if not idx:
             continue
-        rows = target.execute(sql.SQL(
-            "SELECT to_jsonb(jsonb_populate_record(NULL::{}, j)) "
-            "FROM jsonb_array_elements(%s) WITH ORDINALITY AS e(j, n) ORDER BY n"
-        ).format(_ident(table)), (Jsonb([images[i] for i in idx]),)).fetchall()
-        for i, (row,) in zip(idx, rows, strict=True):
-            image = images[i]
-            assert image is not None
-            unknown = sorted(set(image) - set(row))
-            if unknown:
-                # Dropping them would lose the backup's values without a word.
-                raise ConfigurationError(
-                    f"table {table!r}: column(s) {', '.join(unknown)} recorded on the backup "
-                    "do not exist on the primary; deploy the same schema on every provider "
-                    "and the drain resumes")
-            # Only the backup's columns: one the primary added since (with a
-            # default) keeps its default or its value.
-            out[i] = {k: row[k] for k in image}
+        doc = "[" + ",".join(images[i] or "" for i in idx) + "]"
+        for i, row in zip(idx, _rendered(target, table, doc), strict=True):
+            out[i] = row
     return [Change(c.seq, c.xid, c.table, c.op, out[2 * i], out[2 * i + 1])
             for i, c in enumerate(changes)]
+
+
+def _rendered(target: psycopg.Connection[Any], table: str, doc: str) -> list[Row]:
+    """The images of JSON array ``doc`` rendered by the primary, on the backup's columns.
+
+    Usually every image has exactly the primary's columns (one pass). Else
+    each keeps only its own columns -- one the primary added since (with a
+    default) keeps its default or its value -- and a column the primary
+    lacks is an error: dropping it would lose the backup's values unsaid.
+    """
+    t = _ident(table)
+    found = target.execute(sql.SQL(
+        "SELECT jsonb_agg(to_jsonb(jsonb_populate_record(NULL::{t}, j)) ORDER BY n), "
+        "bool_and(j ?& c.names AND j - c.names = '{{}}') "
+        "FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(j, n), "
+        "(SELECT array_agg(attname::text) AS names FROM pg_attribute WHERE attrelid = "
+        "%s::regclass AND attnum > 0 AND NOT attisdropped) AS c").format(t=t),
+        (doc, table)).fetchone()
+    assert found is not None
+    if found[1]:
+        return list(found[0])
+    pairs = target.execute(sql.SQL(
+        "SELECT jsonb_agg(jsonb_build_array(to_jsonb(jsonb_populate_record(NULL::{t}, j)), "
+        "(SELECT coalesce(jsonb_agg(k), '[]') FROM jsonb_object_keys(j) AS k)) ORDER BY n) "
+        "FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(j, n)").format(t=t),
+        (doc,)).fetchone()
+    assert pairs is not None
+    rows: list[Row] = []
+    for row, names in pairs[0]:
+        unknown = sorted(set(names) - set(row))
+        if unknown:
+            raise ConfigurationError(
+                f"table {table!r}: column(s) {', '.join(unknown)} recorded on the backup "
+                "do not exist on the primary; deploy the same schema on every provider "
+                "and the drain resumes")
+        rows.append({k: row[k] for k in names})
+    return rows
 
 
 def _current(target: psycopg.Connection[Any], changes: list[Change],
@@ -424,15 +466,17 @@ def _current(target: psycopg.Connection[Any], changes: list[Change],
             sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in cols)
         # Locked in key order, the order applications usually take row locks in:
         # a drain running beside live writers must not deadlock with them.
-        rows = target.execute(sql.SQL(
-            "SELECT to_jsonb(t) FROM {t} t, jsonb_populate_recordset(NULL::{t}, %s) k "
-            "WHERE {match} ORDER BY {order} FOR UPDATE OF t"
+        got = target.execute(sql.SQL(
+            "SELECT coalesce(jsonb_agg(r), '[]') FROM (SELECT to_jsonb(t) AS r FROM {t} t, "
+            "jsonb_populate_recordset(NULL::{t}, %s) k "
+            "WHERE {match} ORDER BY {order} FOR UPDATE OF t) AS locked"
         ).format(t=_ident(table), match=match,
                  order=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c))
                                           for c in cols)),
-                 (Jsonb(probe),)).fetchall()
+                 (Jsonb(probe),)).fetchone()
+        assert got is not None
         seen = {k for c in changes if c.table == table for k in (c.after or c.before or {})}
-        for (row,) in rows:
+        for row in got[0]:
             # Compared and written on the columns the backup has.
             found[(table, tuple(row.get(c) for c in cols))] = {
                 k: v for k, v in row.items() if k in seen}
