@@ -179,9 +179,10 @@ SEQUENCE_GAP = 1_000_000
 
 
 def sequence_values(conn: psycopg.Connection[Any], tables: Sequence[str]) -> dict[str, int]:
-    """The last value of each sequence the tables own (used ones only)."""
+    """The last value of each sequence the tables own (0: not used yet)."""
     rows = conn.execute(
-        "SELECT s.oid::regclass::text, pg_sequence_last_value(s.oid) FROM pg_depend d "
+        "SELECT s.oid::regclass::text, coalesce(pg_sequence_last_value(s.oid), 0) "
+        "FROM pg_depend d "
         "JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "
         "WHERE d.refobjid = ANY(SELECT to_regclass(t) FROM unnest(%s::text[]) AS t) "
         "AND d.deptype IN ('a', 'i')", (list(tables),)).fetchall()
@@ -189,12 +190,15 @@ def sequence_values(conn: psycopg.Connection[Any], tables: Sequence[str]) -> dic
 
 
 def keep_sequences_ahead(conn: psycopg.Connection[Any], primary: dict[str, int]) -> int:
-    """Move this backup's sequences to the primary's value + `SEQUENCE_GAP` where behind."""
+    """Move this backup's sequences to the primary's value + `SEQUENCE_GAP` where they are
+    less than half a gap ahead of it (also when neither was used yet: the first
+    values of both would collide)."""
     moved = 0
     for seq, value in primary.items():
         row = conn.execute(
             "SELECT setval(%s::regclass, %s) WHERE coalesce(pg_sequence_last_value("
-            "%s::regclass), 0) < %s", (seq, value + SEQUENCE_GAP, seq, value)).fetchone()
+            "%s::regclass), 0) < %s", (seq, value + SEQUENCE_GAP, seq,
+                                       value + SEQUENCE_GAP // 2)).fetchone()
         moved += row is not None
     return moved
 
@@ -354,12 +358,20 @@ def _forget_pruned(source: psycopg.Connection[Any], target: psycopg.Connection[A
 
 def _move_sequences_past(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
                          tables: list[str]) -> None:
-    """The primary's sequences past every value the backup handed out."""
+    """The primary's sequences past every value the backup handed out, and the
+    backup's a gap ahead of the primary's again at once (not at the next check:
+    an outage right after would hand out the primary's next values twice)."""
     with _steady(source):
         used = sequence_values(source, tables)
     for seq, value in used.items():
+        if value <= 0:
+            continue  # never used on the backup
         target.execute("SELECT setval(%s::regclass, greatest(%s, coalesce("
                        "pg_sequence_last_value(%s::regclass), 0)))", (seq, value, seq))
+    if used:
+        ahead = sequence_values(target, tables)
+        with _steady(source):
+            keep_sequences_ahead(source, ahead)
 
 
 def _missing_tables(target: psycopg.Connection[Any], tables: set[str]) -> set[str]:

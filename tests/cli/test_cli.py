@@ -219,6 +219,14 @@ def test_demo_scenario_fails_over_and_returns(short_tmp: Path) -> None:
         assert fault.failover_s is not None, log
         assert fault.failover_s < config.hang_timeout + 1.0, log
         assert fault.back_to_primary_s is not None, log
+        # Every row written on a backup so far is on the primary after failback,
+        # including those of the instance that restarted away mid-outage.
+        assert fault.missing_on_primary == 0, log
+        # demo_events has a bigserial key and no replication: the backup's
+        # sequence is kept ahead, so no outage insert meets a primary row.
+        assert fault.conflicts == 0, log
+    assert "RESTART: the application restarts during the outage" in log
+    assert result.faults[0].backup_rows > 0, log
     assert result.totals.failed_reads == 0 and result.totals.failed_writes == 0, log
     assert result.totals.reads > 100 and result.totals.writes > 20, log
     assert result.ok, log

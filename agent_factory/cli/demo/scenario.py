@@ -8,6 +8,12 @@ took to reach a backup and to come back to the primary, and how many
 operations failed on the way. Nothing here needs a terminal: the CLI draws
 `Demo.view()` live, tests read the returned `DemoResult`. What it counts and
 narrates along the way is kept in `agent_factory.cli.demo.tally`.
+
+Midway through the crash the application restarts (a new manager replaces
+the old one, as after a deploy): the rows the old one wrote on railway are
+known only to railway's journal. After each fault the demo checks that
+every row written on a backup reached the primary, and shows the conflicts
+failback met.
 """
 
 from __future__ import annotations
@@ -95,6 +101,11 @@ class FaultResult:
     unknown_writes: int
     failed_writes: int
     back_to_primary_s: float | None
+    #: Rows written on a backup so far, and how many of them the primary lacks
+    #: once failback is done (None: failback did not finish within the limit).
+    backup_rows: int = 0
+    missing_on_primary: int | None = None
+    conflicts: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,7 @@ class DemoResult:
                 f.failover_s is not None
                 and f.failover_s <= self.failover_bound_s
                 and f.back_to_primary_s is not None
+                and f.missing_on_primary == 0
                 for f in self.faults
             )
         )
@@ -158,6 +170,22 @@ class _Fault:
     inject: Callable[[], None]
     recover: Callable[[], None]
     recovering: str
+    restart: bool = False  # the application restarts midway through the outage
+
+
+def _ids_written_on_backups(server: EmbeddedPostgres) -> set[int]:
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        return {r[0] for r in conn.execute(
+            "SELECT id FROM demo_events WHERE provider <> %s", (PROVIDERS[0],))}
+
+
+def _conflicts(server: EmbeddedPostgres) -> int:
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        found = conn.execute("SELECT to_regclass('agent_factory_conflicts')").fetchone()
+        if not found or found[0] is None:
+            return 0
+        row = conn.execute("SELECT count(*) FROM agent_factory_conflicts").fetchone()
+        return int(row[0]) if row else 0
 
 
 def _prepare(name: str, server: EmbeddedPostgres) -> None:
@@ -193,12 +221,7 @@ class Demo:
         c = self.config
         try:
             self._start_servers()
-            self._db = DatabaseManager(
-                providers=self._fleet.urls(),
-                order=list(PROVIDERS),
-                hang_timeout=c.hang_timeout,
-                listeners=[self._log],
-            )
+            self._db = self._manager()
             self._start_workers()
             faults = self._scenario()
         finally:
@@ -211,6 +234,24 @@ class Demo:
         )
 
     # -- setup and teardown ----------------------------------------------------
+
+    def _manager(self) -> DatabaseManager:
+        db = DatabaseManager(
+            providers=self._fleet.urls(),
+            order=list(PROVIDERS),
+            hang_timeout=self.config.hang_timeout,
+            listeners=[self._log],
+        )
+        db.register_table("demo_events")  # its changes on a backup come back at failback
+        return db
+
+    def _restart_application(self) -> None:
+        """A new manager replaces the running one, as when the application restarts."""
+        old, self._db = self._db, self._manager()
+        self._log.add("RESTART: the application restarts during the outage; what it wrote "
+                      "on the backup is now known only to that backup's journal")
+        if old is not None:
+            old.close_all()
 
     def _start_servers(self) -> None:
         self._log.add(f"starting {len(PROVIDERS)} embedded PostgreSQL servers: "
@@ -264,6 +305,8 @@ class Demo:
         try:
             row = db.execute_query(_WRITE if write else _READ, fetch_mode="one")
         except ManagerClosedError:
+            if self._db is not db:  # the application restarted: again on the new one
+                return self._one_op(write=write)
             return False
         except OutcomeUnknownError as exc:
             self._tally.failed(write, unknown=True)
@@ -291,7 +334,8 @@ class Demo:
         self.phase = "warm-up"
         self._log.add(f"warming up for {c.warmup:g}s: all traffic on the primary {self._primary}")
         time.sleep(c.warmup)
-        faults = [_Fault("crash (kill -9)", server.kill, server.restart, "restarting")]
+        faults = [_Fault("crash (kill -9)", server.kill, server.restart, "restarting",
+                         restart=True)]
         if c.hang:
             faults.append(_Fault("hang (SIGSTOP)", server.hang, server.resume, "resuming"))
         return [self._inject(f) for f in faults]
@@ -310,6 +354,9 @@ class Demo:
         else:
             self._log.add(f"MEASURED: first operation served by a backup {failover:.3f}s "
                           "after the fault")
+        if fault.restart:
+            time.sleep(max(0.0, at + c.down_seconds / 2 - time.monotonic()))
+            self._restart_application()
         time.sleep(max(0.0, at + c.down_seconds - time.monotonic()))
         self.phase = f"{fault.recovering} {name}"
         self._log.add(f"{fault.recovering} {name} after {time.monotonic() - at:.1f}s down")
@@ -326,8 +373,28 @@ class Demo:
         d = self._tally.counts() - before
         self._log.add(f"{fault.label}: {d.failed_reads} failed reads, {d.unknown_writes} "
                       f"unknown-outcome writes, {d.failed_writes} failed writes")
+        written, missing, conflicts = self._failback_check(c.recovery_limit)
         return FaultResult(fault.label, failover, d.failed_reads, d.unknown_writes,
-                           d.failed_writes, back)
+                           d.failed_writes, back, written, missing, conflicts)
+
+    def _failback_check(self, limit: float) -> tuple[int, int | None, int]:
+        """Rows written on a backup so far, how many the primary lacks, conflicts met."""
+        db = self._db
+        assert db is not None
+        deadline = time.monotonic() + limit
+        while any(db.failback_status()["pending"].values()) and time.monotonic() < deadline:
+            db.failback_now()
+            time.sleep(0.2)
+        on = {m.name: _ids_written_on_backups(m.server) for m in self._fleet}
+        written = set().union(*(on[n] for n in PROVIDERS[1:]))
+        pending = sum(db.failback_status()["pending"].values())
+        missing = None if pending else len(written - on[self._primary])
+        conflicts = _conflicts(self._fleet[self._primary].server)
+        self._log.add(f"MEASURED: {len(written)} rows written on backups so far, "
+                      + ("failback not done" if missing is None
+                         else f"{missing} of them missing on {self._primary}")
+                      + f"; {conflicts} conflicts recorded by failback")
+        return len(written), missing, conflicts
 
     # -- display ---------------------------------------------------------------
 

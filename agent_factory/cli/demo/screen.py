@@ -96,11 +96,13 @@ def render(view: DemoView) -> RenderableType:
 def print_summary(result: DemoResult) -> None:
     rows = [
         [f.fault, secs(f.failover_s), str(f.failed_reads), str(f.unknown_writes),
-         str(f.failed_writes), secs(f.back_to_primary_s)]
+         str(f.failed_writes), secs(f.back_to_primary_s),
+         f"{'?' if f.missing_on_primary is None else f.backup_rows - f.missing_on_primary}"
+         f"/{f.backup_rows}", str(f.conflicts)]
         for f in result.faults
     ]
     headers = ["fault", "first op on a backup", "failed reads", "unknown-outcome writes",
-               "failed writes", "back on primary"]
+               "failed writes", "back on primary", "backup rows on primary", "conflicts"]
     print_table("Failover summary", headers, rows)
     t = result.totals
     verdict = "PASS" if result.ok else "FAIL"
