@@ -110,7 +110,7 @@ def _drain(primary: str, backup: str) -> tuple[int, float]:
         journal.prepare_session(target)
         journal.prepare_session(source)
         t0 = time.perf_counter()
-        moved = sum(r.changes for r in journal.drain(source, target, "backup", ConflictPolicy()))
+        moved = journal.drain_all(source, target, "backup", ConflictPolicy()).changes
         return moved, time.perf_counter() - t0
 
 

@@ -114,15 +114,13 @@ def _run(ctx: Context, args: argparse.Namespace) -> int:
                 with connect(backup, settings, application_name="agent-factory-failback",
                              autocommit=False) as source:
                     journal.prepare_session(source)
-                    moved = conflicts = 0
-                    back = backup.name in subscribed
-                    for report in journal.drain(source, target, backup.name, policy,
-                                                delete_inserted_on_source=back):
-                        if report.skipped:
-                            ctx.print(f"{backup.name}: another drainer holds it; skipped")
-                        moved += report.changes
-                        conflicts += report.conflicts
-                ctx.print(f"{backup.name}: {moved} change(s) replayed, {conflicts} conflict(s)")
+                    total = journal.drain_all(
+                        source, target, backup.name, policy,
+                        delete_inserted_on_source=backup.name in subscribed)
+                if total.skipped:
+                    ctx.print(f"{backup.name}: another drainer holds it; skipped")
+                ctx.print(f"{backup.name}: {total.changes} change(s) replayed, "
+                          f"{total.conflicts} conflict(s)")
             except ProviderUnavailableError as exc:
                 ctx.print(f"{backup.name}: unreachable ({exc})")
             except psycopg.Error as exc:

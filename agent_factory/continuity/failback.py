@@ -306,33 +306,36 @@ class Failback:
     def _drain_one(self, target: psycopg.Connection[Any], primary: str, backup: str,
                    subscribed: bool, stall: Stall) -> int:
         st = self.status[backup]
-        moved = stuck = 0
+
+        committed = [0]  # changes of the batches committed so far, for a failure's return
+
+        def batch_done(report: journal.DrainReport) -> None:
+            stall.alive()
+            committed[0] += report.changes
+            st.drained += report.changes
+            st.conflicts += report.conflicts
+
         try:
             with self._connect(backup, stall) as source:
                 # `_has_pending` has just read the journal: no second look first.
-                for report in journal.drain(source, target, backup, self._policy,
-                                            delete_inserted_on_source=subscribed):
-                    stall.alive()
-                    st.skipped = report.skipped
-                    moved += report.changes
-                    st.drained += report.changes
-                    st.conflicts += report.conflicts
-                    stuck = report.stuck
-                    if report.conflicts:
-                        logger.warning("failback from %r: %d conflicts (the primary had changed "
-                                       "those rows too), settled by delta columns or %s; both "
-                                       "versions kept in agent_factory_conflicts", backup,
-                                       report.conflicts, self._policy.name)
+                total = journal.drain_all(source, target, backup, self._policy,
+                                          delete_inserted_on_source=subscribed,
+                                          on_batch=batch_done)
                 with source.transaction():
                     st.pending, st.oldest = journal.pending(source)
         except psycopg.Error as exc:
             if target.broken or target.closed:
                 raise PrimaryLost(f"connection to {primary!r} lost") from exc
             self._failed(st, backup, f"{type(exc).__name__}: {exc}".strip())
-            return moved
+            return committed[0]
         except Exception as exc:  # noqa: BLE001 - any failure is this backup's, reported
             self._failed(st, backup, f"{type(exc).__name__}: {exc}".strip())
-            return moved
+            return committed[0]
+        st.skipped, moved, stuck = total.skipped, total.changes, total.stuck
+        if total.conflicts:
+            logger.warning("failback from %r: %d conflicts (the primary had changed those rows "
+                           "too), settled by delta columns or %s; both versions kept in "
+                           "agent_factory_conflicts", backup, total.conflicts, self._policy.name)
         self._ok(st, backup)
         if stuck:
             # Not a failing drain (the rest went through): nothing waiting can fix.

@@ -23,7 +23,7 @@ drain interrupted anywhere is run again safely.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
@@ -39,8 +39,8 @@ from .merge import Change, Conflict, ConflictPolicy, Row, RowKey, replay
 from .subscription import PUBLICATION
 
 __all__ = [
-    "DrainReport", "conflicts_by_table", "drain", "install", "pending", "prepare_session",
-    "subscribers",
+    "DrainReport", "conflicts_by_table", "drain", "drain_all", "install", "pending",
+    "prepare_session", "subscribers",
 ]
 
 JOURNAL = "agent_factory_journal"
@@ -259,6 +259,28 @@ def drain(
         yield report
         if report.skipped or report.changes == 0:
             return
+
+
+def drain_all(
+    source: psycopg.Connection[Any],
+    target: psycopg.Connection[Any],
+    backup: str,
+    policy: ConflictPolicy,
+    *,
+    delete_inserted_on_source: bool = False,
+    on_batch: Callable[[DrainReport], None] | None = None,
+) -> DrainReport:
+    """`drain` to the end; its batches' reports summed (``on_batch`` sees each)."""
+    total = DrainReport(backup)
+    for report in drain(source, target, backup, policy,
+                        delete_inserted_on_source=delete_inserted_on_source):
+        if on_batch is not None:
+            on_batch(report)
+        total = DrainReport(backup, total.changes + report.changes,
+                            total.transactions + report.transactions,
+                            total.conflicts + report.conflicts,
+                            total.skipped or report.skipped, report.stuck)
+    return total
 
 
 def _drain_batch(
