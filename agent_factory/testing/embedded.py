@@ -152,6 +152,7 @@ class EmbeddedPostgres:
         bin_dir: Path | None = None,
         password: str | None = None,
         settings: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         if not _NAME.fullmatch(name):
             raise ValueError(f"server name must be a simple file name, got {name!r}")
@@ -168,6 +169,7 @@ class EmbeddedPostgres:
         self._auto_port = port is None
         self.port = port if port is not None else free_port()
         self._settings = {**_DEFAULT_SETTINGS, **(settings or {})}
+        self._env = dict(env or {})  # for the server's processes (e.g. libfaketime)
         if base_dir is None:
             self.base_dir = Path(tempfile.mkdtemp(prefix="agent-factory-pg-"))
             owned: Path | None = self.base_dir
@@ -293,6 +295,7 @@ class EmbeddedPostgres:
         # PG* variables of the caller (PGDATA, PGPORT...) must not steer our servers.
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["LC_ALL"] = "C"
+        env.update(self._env)
         return env
 
     def _prepare(self, account: Account | None) -> None:
