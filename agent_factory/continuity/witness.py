@@ -15,8 +15,9 @@ apply worker inside that transaction, holding the row locks of what it has
 applied so far, until ``wal_receiver_timeout`` (60 s by default) -- writes
 on those rows would wait that long. So once the heartbeat has stood still
 for ``witness_quiet``, the watcher ends such a worker's transaction
-(``pg_terminate_backend`` on the apply worker that holds a transaction id:
-allowed to the subscription's owner). PostgreSQL restarts the worker; it
+(``pg_terminate_backend`` on the apply worker that holds a transaction id,
+waits for data and has received none for ``witness_quiet``: allowed to the
+subscription's owner). PostgreSQL restarts the worker; it
 gets the whole transaction again once the primary streams.
 
 A backup that does not subscribe to the primary has no witness: writes are
@@ -154,11 +155,17 @@ class Witness:
         """End the apply worker's half-received transaction on backup ``name`` (if any)."""
         def release(conn: psycopg.Connection[Any]) -> None:
             try:
+                # Only a worker waiting for the rest of its transaction that has
+                # received nothing for witness_quiet (the backup's own clock against
+                # its own stamp): one still receiving or applying a long transaction
+                # of a live primary is left alone.
                 rows = conn.execute(
                     "SELECT s.subname, pg_terminate_backend(s.pid) FROM pg_stat_subscription s "
                     "JOIN pg_stat_activity a ON a.pid = s.pid "
-                    "WHERE s.subname LIKE 'agent\\_factory\\_%' AND a.backend_xid IS NOT NULL "
-                    "AND a.datname = current_database()").fetchall()
+                    "WHERE s.subname LIKE 'agent\\_factory\\_%%' AND a.backend_xid IS NOT NULL "
+                    "AND a.datname = current_database() AND a.wait_event = 'LogicalApplyMain' "
+                    "AND s.last_msg_receipt_time < now() - make_interval(secs => %s)",
+                    (self._core.settings.witness_quiet,)).fetchall()
             except psycopg.errors.InsufficientPrivilege as exc:
                 if name not in self._warned:
                     self._warned.add(name)
