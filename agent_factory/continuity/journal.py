@@ -302,9 +302,9 @@ def _drain_batch(
         missing = _missing_tables(target, {c.table for c in changes})
         stuck.update(c.xid for c in changes if c.table in missing)
         changes = [c for c in changes if c.xid not in stuck]
-        keys = {t: primary_key(target, t) for t in dict.fromkeys(
-            c.table for c in changes if c.xid not in done)}
-        todo = _normalised(target, [c for c in changes if c.xid not in done])
+        fresh = [c for c in changes if c.xid not in done]
+        keys = {t: primary_key(target, t) for t in dict.fromkeys(c.table for c in fresh)}
+        todo = _normalised(target, fresh)
 
         def key_of(c: Change) -> tuple[Any, ...]:
             image = c.after if c.after is not None else c.before

@@ -28,6 +28,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from ...continuity import journal
 from ...core.database_manager import DatabaseManager
 from ...errors import ManagerClosedError, OutcomeUnknownError
 from ...testing.embedded import EmbeddedPostgres
@@ -181,11 +182,7 @@ def _ids_written_on_backups(server: EmbeddedPostgres) -> set[int]:
 
 def _conflicts(server: EmbeddedPostgres) -> int:
     with psycopg.connect(server.url, autocommit=True) as conn:
-        found = conn.execute("SELECT to_regclass('agent_factory_conflicts')").fetchone()
-        if not found or found[0] is None:
-            return 0
-        row = conn.execute("SELECT count(*) FROM agent_factory_conflicts").fetchone()
-        return int(row[0]) if row else 0
+        return sum(journal.conflicts_by_table(conn).values())
 
 
 def _prepare(name: str, server: EmbeddedPostgres) -> None:
