@@ -14,7 +14,12 @@ The package's layers, bottom up (each imports only those below it):
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
+
+# A library's records reach the application's handlers, or no one: never
+# Python's last-resort stderr handler (the logging HOWTO's convention).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "AgentFactoryError",
