@@ -60,10 +60,14 @@ class BackupStatus:
         self.skipped = False  # its last drain found another drainer at work
         self.drained = 0
         self.conflicts = 0
+        self.stuck = 0  # source transactions no retry can apply
 
     def stats(self) -> FailbackStats:
+        since = self.failing_since
         return {"failback_pending": self.pending, "failback_conflicts": self.conflicts,
-                "failback_error": self.last_error}
+                "failback_error": self.last_error,
+                "failback_failing_s": None if since is None else time.monotonic() - since,
+                "failback_stuck": self.stuck}
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -163,12 +167,13 @@ class Failback:
                 moved = self._drain_all(name)
                 if not core.pause_writes(core.settings.write_pause_timeout):
                     logger.warning("failback to %r: writes in flight did not finish; retrying",
-                                   name)
+                                   name, extra={"event": "failback_postponed", "provider": name})
                     core.resume_writes()
                     return False
                 moved += self._drain_all(name)
             except PrimaryLost as exc:
-                logger.warning("failback to %r postponed: %s", name, exc)
+                logger.warning("failback to %r postponed: %s", name, exc,
+                               extra={"event": "failback_postponed", "provider": name})
                 core.resume_writes()
                 return False
             if not self._may_return():
@@ -179,12 +184,14 @@ class Failback:
                 # Another instance drains them right now: its changes are not on
                 # the primary yet. The next probe looks again.
                 logger.info("failback to %r waits for another drainer of %s", name,
-                            ", ".join(busy))
+                            ", ".join(busy),
+                            extra={"event": "failback_postponed", "provider": name})
                 core.resume_writes()
                 return False
             if moved:
                 logger.warning("failback to %r: %d changes brought back in %.0f ms", name,
-                               moved, (time.monotonic() - t0) * 1e3)
+                               moved, (time.monotonic() - t0) * 1e3,
+                               extra={"event": "failback", "provider": name})
             return True
 
     def after_return(self, name: str) -> None:
@@ -224,7 +231,8 @@ class Failback:
                 self._keep_sequences_ahead()
                 self.drain_now()
             except Exception:
-                logger.exception("failback drainer: unexpected error; retrying")
+                logger.exception("failback drainer: unexpected error; retrying",
+                                 extra={"event": "failback_failed", "provider": None})
             self._wake.wait(self._core.settings.drain_interval)
             self._wake.clear()
 
@@ -257,7 +265,8 @@ class Failback:
             try:
                 return self._drain_all(primary)
             except PrimaryLost as exc:
-                logger.warning("failback drain postponed: %s", exc)
+                logger.warning("failback drain postponed: %s", exc,
+                               extra={"event": "failback_postponed", "provider": primary})
                 return 0
 
     # -- the drain ---------------------------------------------------------------------
@@ -272,7 +281,8 @@ class Failback:
             if st.failing_since is not None:
                 logger.error("failback: drain of %r has failed for %.0f s (%s); the primary "
                              "takes writes anyway, %d changes stay pending", name,
-                             now - st.failing_since, st.last_error, st.pending)
+                             now - st.failing_since, st.last_error, st.pending,
+                             extra={"event": "failback_stuck", "provider": name})
         return True
 
     def _drain_all(self, primary: str) -> int:
@@ -332,16 +342,21 @@ class Failback:
             self._failed(st, backup, f"{type(exc).__name__}: {exc}".strip())
             return committed[0]
         st.skipped, moved, stuck = total.skipped, total.changes, total.stuck
+        st.stuck = stuck
         if total.conflicts:
             logger.warning("failback from %r: %d conflicts (the primary had changed those rows "
                            "too), settled by delta columns or %s; both versions kept in "
-                           "agent_factory_conflicts", backup, total.conflicts, self._policy.name)
+                           "agent_factory_conflicts", backup, total.conflicts, self._policy.name,
+                           extra={"event": "failback_conflicts", "provider": backup})
+            conflicts = total.conflicts
+            self._events.emit(lambda li: li.on_conflicts(primary, backup, conflicts))
         self._ok(st, backup)
         if stuck:
             # Not a failing drain (the rest went through): nothing waiting can fix.
             st.last_error = (f"{stuck} source transaction(s) touch tables the primary lacks; "
                              "left in agent_factory_journal for an operator")
-            logger.error("failback from %r: %s", backup, st.last_error)
+            logger.error("failback from %r: %s", backup, st.last_error,
+                         extra={"event": "failback_stuck", "provider": backup})
         if moved:
             self._core.diverged.pop(backup, None)
             self._events.emit(lambda li: li.on_reconcile(primary, backup, moved))
@@ -357,7 +372,8 @@ class Failback:
         if st.failing_since is None:
             st.failing_since = time.monotonic()
         logger.error("failback: drain of %r failed (%s); its %d changes stay pending and "
-                     "are retried", backup, st.last_error, st.pending)
+                     "are retried", backup, st.last_error, st.pending,
+                     extra={"event": "failback_failed", "provider": backup})
 
     @contextmanager
     def _connect(self, name: str, stall: Stall) -> Iterator[psycopg.Connection[Any]]:

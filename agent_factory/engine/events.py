@@ -28,6 +28,13 @@ class Listener:
     def on_reconcile(self, primary: str, source: str, rows: int) -> None:
         """Failback brought ``rows`` written on ``source`` back to the primary."""
 
+    def on_conflicts(self, primary: str, source: str, conflicts: int) -> None:
+        """A drain of ``source`` met ``conflicts`` rows the primary had changed too.
+
+        Each was settled by the conflict policy; both versions are kept in the
+        primary's ``agent_factory_conflicts`` table.
+        """
+
     def on_query_error(self, provider: str, error: BaseException) -> None:
         """A statement failed on a provider with a SQL error."""
 

@@ -108,9 +108,11 @@ class Failover(Generic[P]):
             )
         if not self.providers[name].health.breaker.up:
             logger.warning("primary set to %r, which is down: queries go to the next "
-                           "provider until it recovers", name)
+                           "provider until it recovers", name,
+                           extra={"event": "primary_set", "provider": name})
         else:
-            logger.info("primary provider set to %r", name)
+            logger.info("primary provider set to %r", name,
+                        extra={"event": "primary_set", "provider": name})
         self.primary = name
         self.replan()
 
@@ -321,7 +323,9 @@ class Failover(Generic[P]):
             previous, self.serving = self.serving, name
         if name == primary:
             if previous is not None and previous != primary:
-                logger.warning("returned to primary provider %r (from %r)", primary, previous)
+                logger.warning("returned to primary provider %r (from %r)", primary, previous,
+                               extra={"event": "return_to_primary", "provider": primary,
+                                      "from_provider": previous})
                 self.events.emit(lambda li: li.on_return_to_primary(primary, previous))
             return
         reason = (failures or {}).get(primary) or self.providers[primary].health.last_error
@@ -337,6 +341,7 @@ class Failover(Generic[P]):
         logger.warning(
             "Executed on failover provider %r (primary %r unavailable) — reason: %s%s",
             name, primary, reason, more,
+            extra={"event": "failover", "provider": name, "primary": primary},
         )
 
     # -- the write gate (failback) -------------------------------------------------
@@ -355,7 +360,9 @@ class Failover(Generic[P]):
                     return None
                 if not self._gate.wait_for(lambda: not self._paused,
                                            self.settings.write_pause_timeout):
-                    logger.warning("writes paused longer than write_pause_timeout; going on")
+                    logger.warning("writes paused longer than write_pause_timeout; going on",
+                                   extra={"event": "write_pause_timeout",
+                                          "provider": self.primary})
             self._writers += 1
             return waited
 

@@ -142,14 +142,16 @@ class ProviderHealth:
             self.errors += 1
             opened = self.breaker.fail(reason, self._clock())
         if opened:
-            logger.warning("provider %r is down: %s", self.name, reason)
+            logger.warning("provider %r is down: %s", self.name, reason,
+                           extra={"event": "provider_down", "provider": self.name})
             self._notify(False, reason)
         self._wake_prober(want_probe=False)
 
     def mark_read_only(self, reason: str) -> None:
         """The server refused a write: send writes elsewhere until a probe says otherwise."""
         if self.writable:
-            logger.warning("provider %r is read-only: %s", self.name, reason)
+            logger.warning("provider %r is read-only: %s", self.name, reason,
+                           extra={"event": "provider_read_only", "provider": self.name})
         self.writable = False
         self.request_probe()
 
@@ -181,7 +183,8 @@ class ProviderHealth:
             # monitor connection decides within hang_timeout; a hung or cut
             # server fails that probe and is marked down by it.
             logger.info("connecting to provider %r timed out (%s); probing it before "
-                        "calling it down", self.name, reason)
+                        "calling it down", self.name, reason,
+                        extra={"event": "connect_timeout", "provider": self.name})
             self.connect_timeouts += 1
             self.request_probe()
             return
@@ -247,7 +250,9 @@ class ProviderHealth:
     def _set_writable(self, writable: bool) -> None:
         if writable != self.writable:
             state = "writable again" if writable else "read-only (in recovery or demoted)"
-            logger.warning("provider %r is %s", self.name, state)
+            event = "provider_writable" if writable else "provider_read_only"
+            logger.warning("provider %r is %s", self.name, state,
+                           extra={"event": event, "provider": self.name})
         self.writable = writable
 
     def _probe_passed(self, latency: float) -> None:
@@ -268,7 +273,8 @@ class ProviderHealth:
                 closed = self.breaker.succeed(self._clock(), latency, required)
             if closed:
                 logger.warning("provider %r is healthy again (%d consecutive probes)",
-                               self.name, required)
+                               self.name, required,
+                               extra={"event": "provider_up", "provider": self.name})
                 self._notify(True, None)
         finally:
             if gate is not None and self.after_recovery is not None:
@@ -281,7 +287,8 @@ class ProviderHealth:
         except Exception:
             self.prober_errors += 1
             logger.exception("failback before %r takes traffic failed; retrying at the next "
-                             "probe", self.name)
+                             "probe", self.name,
+                             extra={"event": "failback_failed", "provider": self.name})
             if self.after_recovery is not None:
                 self.after_recovery(self.name)  # never leave writes paused
             return False
@@ -404,5 +411,6 @@ def _probe_loop(ref: weakref.ReferenceType[ProviderHealth]) -> None:
             health.probe()
         except Exception:
             health.prober_errors += 1
-            logger.exception("probe of %r failed; retrying at the next probe", health.name)
+            logger.exception("probe of %r failed; retrying at the next probe", health.name,
+                             extra={"event": "probe_failed", "provider": health.name})
         del health

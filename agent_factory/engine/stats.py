@@ -68,6 +68,8 @@ class FailbackStats(TypedDict):
     failback_pending: int  # changes recorded on it and not yet drained
     failback_conflicts: int  # conflicts met by this process's drains of it
     failback_error: str | None  # the last drain's error, while it keeps failing
+    failback_failing_s: float | None  # how long its drain has kept failing (None: it has not)
+    failback_stuck: int  # source transactions its drain left for an operator (missing tables)
 
 
 class ShellStats(PoolStats, HealthStats):

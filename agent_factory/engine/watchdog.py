@@ -351,7 +351,8 @@ class Watchdog:
 
 
 def _shutdown(fd: int, provider: str) -> None:
-    logger.warning("provider %r gave no answer within its deadline; abandoning the call", provider)
+    logger.warning("provider %r gave no answer within its deadline; abandoning the call",
+                   provider, extra={"event": "hang", "provider": provider})
     try:
         s = socket.socket(fileno=os.dup(fd))
     except OSError:
