@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
 import psycopg
 
-from ..engine.environment import read_dotenv, settings_from_env
+from ..engine.environment import load_environment, settings_from_env
 from ..engine.settings import ProviderSettings, Settings
 from ..errors import (
     AgentFactoryError,
@@ -105,7 +103,7 @@ def context(args: argparse.Namespace) -> Context:
     environ = getattr(args, "environ", None)
     if environ is not None:
         return Context(dict(environ))
-    return Context({**read_dotenv(Path(".env")), **os.environ})
+    return Context(load_environment())
 
 
 Action = Callable[[Context, argparse.Namespace], int]

@@ -3,8 +3,13 @@
 The spec's variables (``DATABASE_PROVIDER``, ``DATABASE_FAILOVER_ENABLED``,
 ``DATABASE_FAILOVER_ORDER``, ``SUPABASE_DB_HOST`` + ``SUPABASE_DB_PASSWORD``,
 ``RAILWAY_DB_URL``, ``NEON_DB_URL``, ``<NAME>_DB_URL``), the numeric
-``DATABASE_*`` settings and per-provider ``<NAME>_DB_<OPTION>`` overrides.
-A ``.env`` file never overrides a real variable.
+``DATABASE_*`` settings and per-provider ``<NAME>_DB_<OPTION>`` overrides;
+``DATABASE_URL`` stands for one provider when none of those is set.
+
+`load_environment` is the one loader: the manager, the memory storages and
+the CLI all read their variables through it. A ``.env`` file is parsed by
+python-dotenv (quotes, ``export``, inline comments, escapes) and never
+overrides a real variable. docs/configuration.md lists every variable.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from dotenv import dotenv_values
 
 from ..errors import ConfigurationError, NoProvidersConfiguredError
 from .settings import (
@@ -31,6 +38,8 @@ logger = logging.getLogger("agent_factory.core.database_manager")
 
 DEFAULT_PRIMARY = "supabase"
 DEFAULT_ORDER = ("supabase", "railway", "neon")
+#: The name of the one provider ``DATABASE_URL`` describes, unless ``DATABASE_PROVIDER`` names it.
+DATABASE_URL_PROVIDER = "default"
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -65,12 +74,25 @@ ENV_OPTIONS: dict[str, tuple[str, type]] = {
 }
 
 
+def load_environment(
+    environ: Mapping[str, str] | None = None, *, dotenv: str | Path | None = ".env"
+) -> dict[str, str]:
+    """The variables to configure from: ``environ`` (default ``os.environ``) over ``dotenv``.
+
+    ``dotenv`` is a ``.env`` file (relative paths from the working directory;
+    None reads no file). A missing file is empty; a real variable always wins
+    over the file's line of the same name.
+    """
+    env = read_dotenv(Path(dotenv)) if dotenv else {}
+    env.update(os.environ if environ is None else environ)
+    return env
+
+
 def settings_from_env(
     environ: Mapping[str, str] | None = None, *, dotenv: str | Path | None = ".env"
 ) -> Settings:
     """Settings from environment variables, with a ``.env`` file as fallback."""
-    env = dict(read_dotenv(Path(dotenv))) if dotenv else {}
-    env.update(os.environ if environ is None else environ)
+    env = load_environment(environ, dotenv=dotenv)
     enabled = parse_bool("DATABASE_FAILOVER_ENABLED", env.get("DATABASE_FAILOVER_ENABLED", "true"))
     order_raw = env.get("DATABASE_FAILOVER_ORDER", "")
     order = tuple(n.strip().lower() for n in order_raw.split(",") if n.strip()) or DEFAULT_ORDER
@@ -83,7 +105,14 @@ def settings_from_env(
         if found is not None:
             providers[name] = found
     if not providers:
-        raise NoProvidersConfiguredError(NO_PROVIDERS)
+        fallback = _database_url_provider(explicit_primary or DATABASE_URL_PROVIDER, env)
+        if fallback is None:
+            raise NoProvidersConfiguredError(NO_PROVIDERS)
+        providers[fallback.name] = fallback
+        order = (fallback.name,)
+        explicit_primary = fallback.name
+    elif env.get("DATABASE_URL", "").strip():
+        logger.info("DATABASE_URL ignored: providers are configured by their own variables")
     missing = [n for n in order if n not in providers]
     if missing and order_raw.strip():
         logger.warning(
@@ -124,13 +153,31 @@ def _options(env: Mapping[str, str]) -> dict[str, Any]:
     return options
 
 
-def _provider_from_env(name: str, env: Mapping[str, str]) -> ProviderSettings | None:
-    prefix = name.upper()
-    options = {
+def _provider_options(prefix: str, env: Mapping[str, str]) -> dict[str, Any]:
+    return {
         key: parse_value(f"{prefix}_DB_{key.upper()}", env[f"{prefix}_DB_{key.upper()}"], kind)
         for key, kind in PROVIDER_OPTIONS.items()
         if env.get(f"{prefix}_DB_{key.upper()}", "").strip()
     }
+
+
+def _database_url_provider(name: str, env: Mapping[str, str]) -> ProviderSettings | None:
+    """The one provider of ``DATABASE_URL`` (Heroku's and Railway's convention), if set."""
+    url = env.get("DATABASE_URL", "")
+    if not url.strip():
+        return None
+    if is_placeholder(url):
+        logger.info("DATABASE_URL holds a placeholder; not used")
+        return None
+    check_name(name, "DATABASE_PROVIDER")
+    prefix = name.upper()
+    params = connection_params(url, "DATABASE_URL")
+    return _with_options(name, params, _provider_options(prefix, env), prefix)
+
+
+def _provider_from_env(name: str, env: Mapping[str, str]) -> ProviderSettings | None:
+    prefix = name.upper()
+    options = _provider_options(prefix, env)
     url_var = f"{prefix}_DB_URL"
     url = env.get(url_var, "")
     if url.strip():
@@ -195,21 +242,14 @@ def parse_value(name: str, value: str, kind: type) -> Any:
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
-    """Read KEY=VALUE lines from a ``.env`` file; a missing file is empty."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError):
+    """The variables a ``.env`` file sets; a missing file is empty.
+
+    python-dotenv's rules, not ours: ``KEY="p#w" # note`` is ``p#w``; a
+    line with a key and no ``=`` sets nothing. ``${VAR}`` stays as written:
+    python-dotenv would expand it even inside single quotes, with no way to
+    escape it, and a password may well contain ``${``.
+    """
+    if not path.is_file():
         return {}
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.removeprefix("export ").partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
-        out[key.strip()] = value
-    return out
+    values = dotenv_values(path, interpolate=False, encoding="utf-8")
+    return {key: value for key, value in values.items() if value is not None}

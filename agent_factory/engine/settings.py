@@ -22,8 +22,9 @@ from ..errors import ConfigurationError, NoProvidersConfiguredError
 NO_PROVIDERS = (
     "No database providers configured. Set at least one of SUPABASE_DB_HOST + "
     "SUPABASE_DB_PASSWORD (or SUPABASE_DB_URL), RAILWAY_DB_URL, NEON_DB_URL, or "
-    "<NAME>_DB_URL for a provider NAME listed in DATABASE_FAILOVER_ORDER; "
-    "values must not be empty or placeholders."
+    "<NAME>_DB_URL for a provider NAME listed in DATABASE_FAILOVER_ORDER (or "
+    "DATABASE_URL alone for one provider without failover); values must not be "
+    "empty or placeholders."
 )
 READ_ROUTING = ("primary", "nearest", "round_robin", "least_busy")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -17,13 +17,14 @@ an update).
 from __future__ import annotations
 
 import importlib
-import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+from ..engine.environment import load_environment
 from ..engine.settings import is_placeholder
 from ..errors import (
     ConfigurationError,
@@ -44,8 +45,8 @@ _UNIQUE_VIOLATION = "23505"
 _FRACTION = re.compile(r"\.(\d{1,6})(?=[+-]|$)")
 
 
-def _env(name: str) -> str | None:
-    value = os.environ.get(name)
+def _setting(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
     return None if value is None or is_placeholder(value) else value
 
 
@@ -61,8 +62,10 @@ class SupabaseMemoryStorage(MemoryStorage):
 
     ``supabase_url`` defaults to ``SUPABASE_URL``; ``supabase_key`` to the
     first of ``SUPABASE_KEY``, ``SUPABASE_SERVICE_ROLE_KEY``,
-    ``SUPABASE_ANON_KEY`` that is set. Reads are fetched ``page_size`` rows
-    per request (Supabase caps responses at 1000 rows by default).
+    ``SUPABASE_ANON_KEY`` that is set. They are read like `DatabaseManager`
+    reads its own: the environment over the ``dotenv`` file (None: no file).
+    Reads are fetched ``page_size`` rows per request (Supabase caps
+    responses at 1000 rows by default).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class SupabaseMemoryStorage(MemoryStorage):
         *,
         table_name: str = "session_memories",
         page_size: int = 1000,
+        dotenv: str | Path | None = ".env",
     ) -> None:
         try:
             supabase = importlib.import_module("supabase")
@@ -82,13 +86,15 @@ class SupabaseMemoryStorage(MemoryStorage):
                 "SupabaseMemoryStorage needs the 'supabase' package: pip install supabase "
                 "(or use PostgresMemoryStorage, which needs no extra package)"
             ) from exc
-        url = supabase_url or _env("SUPABASE_URL")
-        key = supabase_key or next(filter(None, map(_env, KEY_VARIABLES)), None)
+        env = {} if supabase_url and supabase_key else load_environment(dotenv=dotenv)
+        url = supabase_url or _setting(env, "SUPABASE_URL")
+        key = supabase_key or next(
+            filter(None, (_setting(env, var) for var in KEY_VARIABLES)), None)
         if not url or not key:
             raise ConfigurationError(
                 "Supabase credentials not found: set SUPABASE_URL and SUPABASE_KEY (or "
-                "SUPABASE_SERVICE_ROLE_KEY, or SUPABASE_ANON_KEY), or pass supabase_url and "
-                "supabase_key to SupabaseMemoryStorage"
+                "SUPABASE_SERVICE_ROLE_KEY, or SUPABASE_ANON_KEY) in the environment or the "
+                ".env file, or pass supabase_url and supabase_key to SupabaseMemoryStorage"
             )
         if page_size < 1:
             raise ConfigurationError(f"page_size must be at least 1, got {page_size}")

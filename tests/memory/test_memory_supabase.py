@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -323,6 +324,31 @@ def test_credentials_from_environment(
         storage.list_sessions()
         assert emulator.requests[0].headers["apikey"] == expected
         assert expected not in repr(storage)
+
+
+def test_credentials_from_dotenv_file(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # No request is made: what is checked is what the storage resolved.
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        'export SUPABASE_URL="https://ref.supabase.co" # project\n'
+        "SUPABASE_SERVICE_ROLE_KEY='role#key' # service role\n"
+        "SUPABASE_KEY=your_supabase_key_here\n"
+    )
+    storage = SupabaseMemoryStorage(dotenv=env_file)
+    assert storage.supabase_url == "https://ref.supabase.co"
+    assert storage.client.supabase_key == "role#key"  # the placeholder SUPABASE_KEY is skipped
+    assert "role#key" not in repr(storage)
+    # The environment wins over the file, as for DatabaseManager.
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", "from-env")
+    assert SupabaseMemoryStorage(dotenv=env_file).client.supabase_key == "from-env"
+    # The default file is .env in the working directory; None reads no file.
+    monkeypatch.delenv("SUPABASE_SERVICE_ROLE_KEY")
+    monkeypatch.chdir(tmp_path)
+    assert SupabaseMemoryStorage().client.supabase_key == "role#key"
+    with pytest.raises(ConfigurationError, match=r"SUPABASE_URL.*\.env file"):
+        SupabaseMemoryStorage(dotenv=None)
 
 
 @pytest.mark.skipif(
