@@ -12,8 +12,10 @@ Storages: `InMemoryStorage`, `SQLiteStorage` (a local file),
 `PostgresMemoryStorage` (``session_memories`` through `DatabaseManager`),
 `SupabaseMemoryStorage` (the same table through Supabase's REST API; needs
 ``pip install supabase``). `KnowledgeStore` holds `KnowledgeAtom` rows with
-pgvector embeddings. Importing this package imports neither psycopg nor
-supabase and opens nothing: the database-backed classes load on first use.
+pgvector embeddings. `AsyncPostgresMemoryStorage` and `AsyncKnowledgeStore`
+are the same two on `AsyncDatabaseManager`, for asyncio. Importing this
+package imports neither psycopg nor supabase and opens nothing: the
+database-backed classes load on first use.
 """
 
 from __future__ import annotations
@@ -22,15 +24,19 @@ from typing import TYPE_CHECKING
 
 from ..engine.exports import lazy_exports
 from .history import ContextManager, Message, MessageHistory
-from .session import InMemoryStorage, MemoryStorage, Session
+from .session import AsyncMemoryStorage, InMemoryStorage, MemoryStorage, Session
 from .storage import SQLiteStorage
 
 if TYPE_CHECKING:
+    from .async_stores import AsyncKnowledgeStore, AsyncPostgresMemoryStorage
     from .knowledge import AtomMatch, KnowledgeAtom, KnowledgeStore
     from .postgres import PostgresMemoryStorage
     from .supabase import SupabaseMemoryStorage
 
 __all__ = [
+    "AsyncKnowledgeStore",
+    "AsyncMemoryStorage",
+    "AsyncPostgresMemoryStorage",
     "AtomMatch",
     "ContextManager",
     "InMemoryStorage",
@@ -46,6 +52,8 @@ __all__ = [
 ]
 
 _LAZY = {
+    "AsyncKnowledgeStore": "async_stores",
+    "AsyncPostgresMemoryStorage": "async_stores",
     "AtomMatch": "knowledge",
     "KnowledgeAtom": "knowledge",
     "KnowledgeStore": "knowledge",

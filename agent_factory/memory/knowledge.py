@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -21,10 +21,11 @@ from psycopg import sql
 
 from ..core.database_manager import DatabaseManager
 from ..errors import InvalidMemoryError
+from .calls import Call, run
 from .history import row_id, to_utc
 from .manager import ManagedStore
 
-__all__ = ["AtomMatch", "KnowledgeAtom", "KnowledgeStore"]
+__all__ = ["AtomMatch", "KnowledgeAtom", "KnowledgeCalls", "KnowledgeStore", "search_filters"]
 
 # HNSW returns at most ef_search rows (pgvector's default: 40).
 _DEFAULT_EF_SEARCH = 40
@@ -97,11 +98,14 @@ SELECT r.id, {values} FROM jsonb_to_recordset(%s::jsonb) AS r(id uuid, {record})
 ON CONFLICT (atom_id) DO UPDATE SET ({cols}) = ({excluded})
 """
 _GET = "SELECT {columns} FROM {t} WHERE atom_id = %s"
-_DELETE = "WITH gone AS (DELETE FROM {t} WHERE atom_id = %s RETURNING 1) SELECT count(*) FROM gone"
+_GET_MANY = "SELECT {columns} FROM {t} WHERE atom_id = ANY(%s::text[])"
+_DELETE = """WITH gone AS (DELETE FROM {t} WHERE atom_id = ANY(%s::text[]) RETURNING 1)
+SELECT count(*) FROM gone"""
 _FILTERS = """(%(type)s::text IS NULL OR atom_type = %(type)s)
   AND (%(maker)s::text IS NULL OR manufacturer = %(maker)s)
   AND (%(family)s::text IS NULL OR product_family = %(family)s)
-  AND (%(keywords)s::text[] IS NULL OR keywords @> %(keywords)s)"""
+  AND (%(keywords)s::text[] IS NULL OR keywords @> %(keywords)s)
+  AND (%(meta)s::jsonb IS NULL OR metadata @> %(meta)s::jsonb)"""
 _FILTER = "SELECT {columns} FROM {t} WHERE " + _FILTERS + " ORDER BY atom_id LIMIT %(limit)s"
 # set_config(..., true) lasts for this statement's own transaction; the lateral
 # reference to it makes the index scan start only after it ran. Only the k
@@ -168,16 +172,10 @@ def _atom(row: Sequence[Any]) -> KnowledgeAtom:
     return KnowledgeAtom(**values)
 
 
-class KnowledgeStore(ManagedStore):
-    """Upsert, fetch, filter and search `KnowledgeAtom` rows of ``knowledge_atoms``.
+class KnowledgeCalls:
+    """The statements of a knowledge table, as `Call` objects both store twins run."""
 
-    ``db=None`` creates ``DatabaseManager()`` (from the environment) on first use.
-    """
-
-    def __init__(
-        self, db: DatabaseManager | None = None, *, table_name: str = "knowledge_atoms"
-    ) -> None:
-        super().__init__(db)
+    def __init__(self, table_name: str) -> None:
         self.table_name = table_name
         t = sql.Identifier(*table_name.split("."))
         cols = ", ".join(_WRITABLE)
@@ -199,43 +197,102 @@ class KnowledgeStore(ManagedStore):
         self._upsert_one = render(_UPSERT + " RETURNING {columns}", columns=_COLUMNS,
                                   **upsert_parts)
         self._get = render(_GET, columns=_COLUMNS)
+        self._get_many = render(_GET_MANY, columns=_COLUMNS)
         self._delete = render(_DELETE)
         self._filter = render(_FILTER, columns=_COLUMNS)
         self._search = {
             vectors: render(_SEARCH, columns=_select_list(vectors)) for vectors in (False, True)
         }
+        self._count = render("SELECT count(*) FROM {t}")
 
-    def upsert(self, atom: KnowledgeAtom) -> KnowledgeAtom:
-        """Insert or replace the atom with this ``atom_id``; returns it as stored."""
+    def upsert(self, atom: KnowledgeAtom) -> Call[KnowledgeAtom]:
         payload = _payload([_record(atom)])
-        row = self.db.execute_query(self._upsert_one, (payload,), "one", idempotent=True)
-        return _atom(row)
+        return Call(self._upsert_one, (payload,), "one", _atom, idempotent=True)
 
-    def upsert_many(self, atoms: Iterable[KnowledgeAtom], *, batch_size: int = 500) -> int:
-        """Upsert atoms, ``batch_size`` per statement; returns how many were sent."""
+    def upsert_batches(self, atoms: Iterable[KnowledgeAtom], batch_size: int
+                       ) -> Iterator[Call[int]]:
+        """One upsert per ``batch_size`` atoms; each call returns how many it sent."""
         batch: list[dict[str, Any]] = []
-        sent = 0
         for atom in atoms:
             batch.append(_record(atom))
             if len(batch) >= batch_size:
-                sent += self._send(batch)
+                yield self._send(batch)
                 batch = []
         if batch:
-            sent += self._send(batch)
-        return sent
+            yield self._send(batch)
 
-    def _send(self, batch: list[dict[str, Any]]) -> int:
-        self.db.execute_query(self._upsert, (_payload(batch),), "none", idempotent=True)
-        return len(batch)
+    def _send(self, batch: list[dict[str, Any]]) -> Call[int]:
+        size = len(batch)
+        return Call(self._upsert, (_payload(batch),), "none", lambda _: size, idempotent=True)
+
+    def get(self, atom_id: str) -> Call[KnowledgeAtom | None]:
+        return Call(self._get, (atom_id,), "one",
+                    lambda row: None if row is None else _atom(row), read_only=True)
+
+    def get_many(self, atom_ids: Sequence[str]) -> Call[list[KnowledgeAtom]]:
+        """The atoms that exist, in the order of ``atom_ids`` (each once)."""
+        def ordered(rows: list[Sequence[Any]]) -> list[KnowledgeAtom]:
+            found = {atom.atom_id: atom for atom in map(_atom, rows)}
+            return [found[i] for i in dict.fromkeys(atom_ids) if i in found]
+
+        return Call(self._get_many, (list(atom_ids),), "all", ordered, read_only=True)
+
+    def delete(self, atom_ids: Sequence[str]) -> Call[int]:
+        return Call(self._delete, (list(atom_ids),), "one",
+                    lambda row: int(row[0]) if row else 0, idempotent=True)
+
+    def filter(self, filters: dict[str, Any], limit: int) -> Call[list[KnowledgeAtom]]:
+        return Call(self._filter, {**filters, "limit": limit}, "all",
+                    lambda rows: [_atom(r) for r in rows], read_only=True)
+
+    def search(self, embedding: Iterable[float] | Any, k: int, filters: dict[str, Any],
+               ef_search: int | None, with_embeddings: bool) -> Call[list[AtomMatch]]:
+        ef = max(_DEFAULT_EF_SEARCH, k) if ef_search is None else ef_search
+        params = {**filters, "q": vector_literal(embedding), "k": k, "ef": str(ef)}
+        return Call(self._search[with_embeddings], params, "all",
+                    lambda rows: [AtomMatch(_atom(r[:-1]), float(r[-1])) for r in rows],
+                    read_only=True)
+
+    def count(self) -> Call[int]:
+        return Call(self._count, None, "one", lambda row: int(row[0]), read_only=True)
+
+
+class KnowledgeStore(ManagedStore):
+    """Upsert, fetch, filter and search `KnowledgeAtom` rows of ``knowledge_atoms``.
+
+    ``db=None`` creates ``DatabaseManager()`` (from the environment) on first use.
+    `AsyncKnowledgeStore` is the same store for asyncio.
+    """
+
+    def __init__(
+        self, db: DatabaseManager | None = None, *, table_name: str = "knowledge_atoms"
+    ) -> None:
+        super().__init__(db)
+        self.table_name = table_name
+        self._calls = KnowledgeCalls(table_name)
+
+    def upsert(self, atom: KnowledgeAtom) -> KnowledgeAtom:
+        """Insert or replace the atom with this ``atom_id``; returns it as stored."""
+        return run(self.db, self._calls.upsert(atom))
+
+    def upsert_many(self, atoms: Iterable[KnowledgeAtom], *, batch_size: int = 500) -> int:
+        """Upsert atoms, ``batch_size`` per statement; returns how many were sent."""
+        return sum(run(self.db, call) for call in self._calls.upsert_batches(atoms, batch_size))
 
     def get(self, atom_id: str) -> KnowledgeAtom | None:
-        row = self.db.execute_query(self._get, (atom_id,), "one", read_only=True)
-        return None if row is None else _atom(row)
+        return run(self.db, self._calls.get(atom_id))
+
+    def get_many(self, atom_ids: Sequence[str]) -> list[KnowledgeAtom]:
+        """The atoms that exist, in the order of ``atom_ids``, in one statement."""
+        return run(self.db, self._calls.get_many(atom_ids))
 
     def delete(self, atom_id: str) -> bool:
         """Delete the atom; True if it existed (on the provider that served)."""
-        row = self.db.execute_query(self._delete, (atom_id,), "one", idempotent=True)
-        return bool(row and row[0])
+        return run(self.db, self._calls.delete([atom_id])) > 0
+
+    def delete_many(self, atom_ids: Sequence[str]) -> int:
+        """Delete the atoms in one statement; how many existed."""
+        return run(self.db, self._calls.delete(atom_ids))
 
     def filter(
         self,
@@ -244,12 +301,15 @@ class KnowledgeStore(ManagedStore):
         manufacturer: str | None = None,
         product_family: str | None = None,
         keywords: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
         limit: int = 100,
     ) -> list[KnowledgeAtom]:
-        """Atoms matching every given filter (``keywords``: all of them), by atom_id."""
-        params = _filters(atom_type, manufacturer, product_family, keywords)
-        rows = self.db.execute_query(self._filter, {**params, "limit": limit}, read_only=True)
-        return [_atom(r) for r in rows]
+        """Atoms matching every given filter (``keywords``: all of them), by atom_id.
+
+        ``metadata`` matches atoms whose metadata contains it (jsonb ``@>``).
+        """
+        filters = search_filters(atom_type, manufacturer, product_family, keywords, metadata)
+        return run(self.db, self._calls.filter(filters, limit))
 
     def search(
         self,
@@ -260,6 +320,7 @@ class KnowledgeStore(ManagedStore):
         manufacturer: str | None = None,
         product_family: str | None = None,
         keywords: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
         ef_search: int | None = None,
         with_embeddings: bool = False,
     ) -> list[AtomMatch]:
@@ -272,33 +333,32 @@ class KnowledgeStore(ManagedStore):
         candidates (default ``max(40, k)``), so a selective filter can return
         fewer than ``k`` hits: raise ``ef_search`` then.
         """
-        ef = max(_DEFAULT_EF_SEARCH, k) if ef_search is None else ef_search
-        params = {
-            **_filters(atom_type, manufacturer, product_family, keywords),
-            "q": vector_literal(embedding),
-            "k": k,
-            "ef": str(ef),
-        }
-        rows = self.db.execute_query(self._search[with_embeddings], params, read_only=True)
-        return [AtomMatch(_atom(r[:-1]), float(r[-1])) for r in rows]
+        filters = search_filters(atom_type, manufacturer, product_family, keywords, metadata)
+        return run(self.db, self._calls.search(embedding, k, filters, ef_search,
+                                               with_embeddings))
 
     def count(self) -> int:
-        query = sql.SQL("SELECT count(*) FROM {}").format(
-            sql.Identifier(*self.table_name.split("."))
-        ).as_string()
-        row = self.db.execute_query(query, fetch_mode="one", read_only=True)
-        return int(row[0])
+        return run(self.db, self._calls.count())
 
 
-def _filters(
+def search_filters(
     atom_type: str | None,
     manufacturer: str | None,
     product_family: str | None,
     keywords: Sequence[str] | None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "type": atom_type,
         "maker": manufacturer,
         "family": product_family,
         "keywords": None if keywords is None else list(keywords),
+        "meta": None if metadata is None else _json_filter(metadata),
     }
+
+
+def _json_filter(metadata: Mapping[str, Any]) -> str:
+    try:
+        return json.dumps(dict(metadata), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidMemoryError(f"a metadata filter is not JSON-serializable: {exc}") from exc

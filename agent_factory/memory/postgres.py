@@ -21,11 +21,12 @@ from psycopg import sql
 
 from ..core.database_manager import DatabaseManager
 from ..errors import InvalidMemoryError
+from .calls import Call, run
 from .history import ROLES, Message, MessageHistory, parse_timestamp, row_id, to_utc
 from .manager import ManagedStore
-from .session import MemoryStorage, Session
+from .session import AsyncMemoryStorage, MemoryStorage, Session
 
-__all__ = ["ATOM_TYPES", "PostgresMemoryStorage"]
+__all__ = ["ATOM_TYPES", "PostgresMemoryStorage", "SessionCalls"]
 
 # memory_type values of free-form memory atoms (the schema's CHECK allows these).
 ATOM_TYPES = ("context", "decision", "action", "issue", "log")
@@ -140,7 +141,8 @@ def session_content(session: Session) -> dict[str, Any]:
 
 
 def session_from_rows(
-    session_id: str, rows: Sequence[tuple[Any, ...]], storage: MemoryStorage
+    session_id: str, rows: Sequence[tuple[Any, ...]],
+    storage: MemoryStorage | AsyncMemoryStorage,
 ) -> Session | None:
     """Rebuild a session from (memory_type, user_id, message_id, content, created_at) rows."""
     if not rows or rows[0][0] != "session_metadata":
@@ -167,28 +169,33 @@ def session_from_rows(
     )
 
 
-class PostgresMemoryStorage(ManagedStore, MemoryStorage):
-    """Sessions and memory atoms in PostgreSQL, on the providers of a `DatabaseManager`.
+_CLEAR = """
+WITH gone AS (
+    DELETE FROM {t} WHERE session_id = %s
+      AND (memory_type = 'session_metadata' OR starts_with(memory_type, 'message_'))
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
 
-    ``db=None`` creates ``DatabaseManager()`` (from the environment) on first
-    use, and `close()` closes it; a manager passed in is left open.
-    """
 
-    def __init__(
-        self, db: DatabaseManager | None = None, *, table_name: str = "session_memories"
-    ) -> None:
-        super().__init__(db)
+def _count(row: tuple[Any, ...] | None) -> int:
+    return int(row[0]) if row else 0
+
+
+class SessionCalls:
+    """The statements of a sessions table, as `Call` objects both storage twins run."""
+
+    def __init__(self, table_name: str) -> None:
         self.table_name = table_name
         self._sql = {
             name: _render(template, table_name)
             for name, template in (("save", _SAVE), ("load", _LOAD), ("delete", _DELETE),
-                                   ("list", _LIST), ("save_atom", _SAVE_ATOM),
+                                   ("clear", _CLEAR), ("list", _LIST), ("save_atom", _SAVE_ATOM),
                                    ("query_atoms", _QUERY_ATOMS))
         }
 
-    # -- sessions ----------------------------------------------------------------
-
-    def save_session(self, session: Session) -> None:
+    def save(self, session: Session) -> Call[None]:
         """Upsert the metadata row and every message in one atomic statement."""
         params = {
             "sid": session.session_id,
@@ -199,20 +206,77 @@ class PostgresMemoryStorage(ManagedStore, MemoryStorage):
             "msgs": _json(message_rows(session.session_id, session.history.get_messages()),
                           "a message"),
         }
-        self.db.execute_query(self._sql["save"], params, "one", idempotent=True)
+        return Call(self._sql["save"], params, "one", lambda _: None, idempotent=True)
+
+    def load(self, session_id: str, storage: MemoryStorage | AsyncMemoryStorage
+             ) -> Call[Session | None]:
+        return Call(self._sql["load"], (session_id,), "all",
+                    lambda rows: session_from_rows(session_id, rows, storage), read_only=True)
+
+    def delete(self, session_id: str) -> Call[bool]:
+        return Call(self._sql["delete"], (session_id,), "one", lambda row: _count(row) > 0,
+                    idempotent=True)
+
+    def clear_messages(self, session_id: str) -> Call[int]:
+        return Call(self._sql["clear"], (session_id,), "one", _count, idempotent=True)
+
+    def list_sessions(self, user_id: str | None) -> Call[list[str]]:
+        return Call(self._sql["list"], {"uid": user_id}, "all",
+                    lambda rows: [r[0] for r in rows], read_only=True)
+
+    def save_atom(self, session_id: str, user_id: str, memory_type: str,
+                  content: dict[str, Any], metadata: dict[str, Any] | None
+                  ) -> Call[dict[str, Any]]:
+        check_atom_type(memory_type)
+        params = (uuid.uuid4(), session_id, user_id, memory_type,
+                  _json(content, "atom content"), _json(metadata or {}, "atom metadata"))
+        return Call(self._sql["save_atom"], params, "one", _atom, idempotent=True)
+
+    def query_atoms(self, session_id: str | None, user_id: str | None,
+                    memory_type: str | None, limit: int) -> Call[list[dict[str, Any]]]:
+        params = {"sid": session_id, "uid": user_id, "type": memory_type,
+                  "atoms": list(ATOM_TYPES), "limit": limit}
+        return Call(self._sql["query_atoms"], params, "all",
+                    lambda rows: [_atom(r) for r in rows], read_only=True)
+
+
+class PostgresMemoryStorage(ManagedStore, MemoryStorage):
+    """Sessions and memory atoms in PostgreSQL, on the providers of a `DatabaseManager`.
+
+    ``db=None`` creates ``DatabaseManager()`` (from the environment) on first
+    use, and `close()` closes it; a manager passed in is left open.
+    `AsyncPostgresMemoryStorage` is the same storage for asyncio.
+    """
+
+    def __init__(
+        self, db: DatabaseManager | None = None, *, table_name: str = "session_memories"
+    ) -> None:
+        super().__init__(db)
+        self.table_name = table_name
+        self._calls = SessionCalls(table_name)
+
+    # -- sessions ----------------------------------------------------------------
+
+    def save_session(self, session: Session) -> None:
+        """Upsert the metadata row and every message in one atomic statement."""
+        run(self.db, self._calls.save(session))
 
     def load_session(self, session_id: str) -> Session | None:
-        rows = self.db.execute_query(self._sql["load"], (session_id,), read_only=True)
-        return session_from_rows(session_id, rows, self)
+        return run(self.db, self._calls.load(session_id, self))
 
     def delete_session(self, session_id: str) -> bool:
         """Delete every row of the session (messages and memory atoms too)."""
-        row = self.db.execute_query(self._sql["delete"], (session_id,), "one", idempotent=True)
-        return bool(row and row[0])
+        return run(self.db, self._calls.delete(session_id))
+
+    def clear_messages(self, session_id: str) -> int:
+        """Delete the session's messages and metadata row, keeping its memory atoms.
+
+        Returns how many rows went.
+        """
+        return run(self.db, self._calls.clear_messages(session_id))
 
     def list_sessions(self, user_id: str | None = None) -> list[str]:
-        rows = self.db.execute_query(self._sql["list"], {"uid": user_id}, read_only=True)
-        return [r[0] for r in rows]
+        return run(self.db, self._calls.list_sessions(user_id))
 
     # -- memory atoms ------------------------------------------------------------
 
@@ -225,11 +289,8 @@ class PostgresMemoryStorage(ManagedStore, MemoryStorage):
         metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Store a free-form atom (context, decision, action, issue, log); returns the row."""
-        check_atom_type(memory_type)
-        params = (uuid.uuid4(), session_id, user_id, memory_type,
-                  _json(content, "atom content"), _json(metadata or {}, "atom metadata"))
-        row = self.db.execute_query(self._sql["save_atom"], params, "one", idempotent=True)
-        return _atom(row)
+        return run(self.db, self._calls.save_atom(session_id, user_id, memory_type, content,
+                                                  metadata))
 
     def query_memory_atoms(
         self,
@@ -242,10 +303,7 @@ class PostgresMemoryStorage(ManagedStore, MemoryStorage):
 
         ``memory_type=None`` means any atom type (not the session's own rows).
         """
-        params = {"sid": session_id, "uid": user_id, "type": memory_type,
-                  "atoms": list(ATOM_TYPES), "limit": limit}
-        rows = self.db.execute_query(self._sql["query_atoms"], params, read_only=True)
-        return [_atom(r) for r in rows]
+        return run(self.db, self._calls.query_atoms(session_id, user_id, memory_type, limit))
 
     # -- lifecycle ---------------------------------------------------------------
 

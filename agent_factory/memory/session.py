@@ -18,7 +18,7 @@ from typing import Any
 
 from .history import Message, MessageHistory, parse_timestamp, to_utc, utc_now
 
-__all__ = ["InMemoryStorage", "MemoryStorage", "Session", "merge_messages"]
+__all__ = ["AsyncMemoryStorage", "InMemoryStorage", "MemoryStorage", "Session", "merge_messages"]
 
 
 def _default_storage() -> MemoryStorage:
@@ -34,7 +34,8 @@ class Session:
     """One conversation of one user, saved to and loaded from a `MemoryStorage`.
 
     ``storage=None`` means a private `InMemoryStorage`. Adding a message or
-    setting metadata updates ``last_active``; ``save()`` persists the session.
+    setting metadata updates ``last_active``; ``save()`` persists the session
+    (``await asave()`` when the storage is an `AsyncMemoryStorage`).
     """
 
     session_id: str = field(default_factory=_new_session_id)
@@ -43,7 +44,8 @@ class Session:
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: datetime = field(default_factory=utc_now)
     last_active: datetime = field(default_factory=utc_now)
-    storage: MemoryStorage | None = field(default=None, compare=False, repr=False)
+    storage: MemoryStorage | AsyncMemoryStorage | None = field(
+        default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.created_at = to_utc(self.created_at)
@@ -95,7 +97,17 @@ class Session:
         """Persist to this session's storage (messages are merged by id)."""
         if self.storage is None:
             self.storage = _default_storage()
+        if isinstance(self.storage, AsyncMemoryStorage):
+            # Blocking the event loop here would stall every other task of the app.
+            raise TypeError("this session's storage is async: use `await session.asave()`")
         self.storage.save_session(self)
+
+    async def asave(self) -> None:
+        """Persist to this session's storage, awaited if the storage is async."""
+        if isinstance(self.storage, AsyncMemoryStorage):
+            await self.storage.save_session(self)
+        else:
+            self.save()
 
     @classmethod
     def load(cls, session_id: str, storage: MemoryStorage | None = None) -> Session | None:
@@ -148,6 +160,26 @@ class MemoryStorage(ABC):
 
     @abstractmethod
     def list_sessions(self, user_id: str | None = None) -> list[str]:
+        """Sorted ids of the stored sessions, of one user when ``user_id`` is given."""
+
+
+class AsyncMemoryStorage(ABC):
+    """`MemoryStorage` for asyncio: the same four operations and rules, awaited."""
+
+    @abstractmethod
+    async def save_session(self, session: Session) -> None:
+        """Store the session; its messages are merged with the stored ones by id."""
+
+    @abstractmethod
+    async def load_session(self, session_id: str) -> Session | None:
+        """The stored session bound to this storage, or None if there is none."""
+
+    @abstractmethod
+    async def delete_session(self, session_id: str) -> bool:
+        """Remove the session; True if there was something to remove."""
+
+    @abstractmethod
+    async def list_sessions(self, user_id: str | None = None) -> list[str]:
         """Sorted ids of the stored sessions, of one user when ``user_id`` is given."""
 
 

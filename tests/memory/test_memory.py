@@ -28,6 +28,7 @@ T0 = datetime(2025, 6, 1, 8, 30, 0, 250000, tzinfo=timezone.utc)
 
 def test_exports() -> None:
     assert sorted(memory.__all__) == sorted([
+        "AsyncKnowledgeStore", "AsyncMemoryStorage", "AsyncPostgresMemoryStorage",
         "AtomMatch", "ContextManager", "InMemoryStorage", "KnowledgeAtom", "KnowledgeStore",
         "MemoryStorage", "Message", "MessageHistory", "PostgresMemoryStorage", "SQLiteStorage",
         "Session", "SupabaseMemoryStorage",
