@@ -3,6 +3,8 @@
 The public API is what ``__all__`` names; everything else is internal and
 may move. Names are imported on first use, so ``import agent_factory`` loads
 nothing else: no driver, no pool, no thread, no optional dependency.
+``__version__`` (the installed distribution's, read on first use) is the
+one other name.
 
 The package's layers, bottom up (each imports only those below it):
 ``errors`` and ``engine`` (settings, routing, health, watchdog, providers),
@@ -83,6 +85,9 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        globals()[name] = version = _version()
+        return version
     module = _LAZY.get(name, "errors" if name in __all__ else None)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -91,5 +96,15 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def _version() -> str:
+    """The installed distribution's version; a source tree that was never installed has none."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("agent-factory")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | {"__version__"})

@@ -62,10 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(
         prog=_PROG, description="Multi-provider PostgreSQL with automatic failover."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
@@ -257,7 +260,7 @@ def _add_dashboard_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    import os
+    from ..engine.environment import load_environment
 
     try:
         from ..observability.dashboard.app import create_app
@@ -271,7 +274,7 @@ def _dashboard(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"{_PROG}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    token = args.token or os.environ.get("AGENT_FACTORY_DASHBOARD_TOKEN") or None
+    token = args.token or load_environment().get("AGENT_FACTORY_DASHBOARD_TOKEN") or None
     try:
         check_bind(args.host, token)
         sock = bind(args.host, args.port)
