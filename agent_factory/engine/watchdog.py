@@ -51,14 +51,15 @@ manager-wide lock while shutting sockets, and stops on `close()`.
 
 from __future__ import annotations
 
+import errno
 import logging
-import os
 import socket
 import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from psycopg import pq
@@ -174,22 +175,38 @@ def vouches(
     return not counted
 
 
+@contextmanager
+def borrowed_socket(handle: int) -> Iterator[socket.socket | None]:
+    """A socket object over a connection's socket ``handle``, never closing it (None: unusable).
+
+    ``pgconn.socket`` is a file descriptor on POSIX but a Winsock SOCKET
+    handle on Windows, which ``os.dup`` refuses; a socket object takes
+    either. libpq owns the handle, so the object is detached, never closed.
+    The family given does not matter for shutdown and getsockopt; it spares
+    the lookups socket() would do to find it.
+    """
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=handle)
+    except (OSError, ValueError):  # closed, or not a socket at all
+        yield None
+        return
+    try:
+        yield s
+    finally:
+        s.detach()
+
+
 def tcp_progress(fd: int) -> int | None:
     """Bytes the peer acknowledged plus bytes received on socket ``fd`` (Linux; else None)."""
     if _TCP_INFO is None:
         return None
-    try:
-        # The family given does not matter for getsockopt; it spares the
-        # lookups socket() would do to find it.
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
-    except (OSError, ValueError):  # closed, or not a descriptor at all
-        return None
-    try:
-        raw = s.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 256)
-    except OSError:
-        return None  # not TCP (a Unix socket) or closed
-    finally:
-        s.detach()
+    with borrowed_socket(fd) as s:
+        if s is None:
+            return None
+        try:
+            raw = s.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 256)
+        except OSError:
+            return None  # not TCP (a Unix socket) or closed
     if len(raw) < _TCP_COUNTERS_AT + _TCP_COUNTERS.size:
         return None
     acked, received = _TCP_COUNTERS.unpack_from(raw, _TCP_COUNTERS_AT)
@@ -350,16 +367,23 @@ class Watchdog:
             shutting.set()
 
 
-def _shutdown(fd: int, provider: str) -> None:
+def _shutdown(fd: int, provider: str) -> bool:
+    """Shut the call's socket down so that the blocked call fails; False if it could not be."""
     logger.warning("provider %r gave no answer within its deadline; abandoning the call",
                    provider, extra={"event": "hang", "provider": provider})
-    try:
-        s = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return
-    try:
-        s.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        s.close()
+    with borrowed_socket(fd) as s:
+        if s is not None:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                return True
+            except OSError as exc:
+                if exc.errno == errno.ENOTCONN:
+                    return True  # the peer is gone already: the call fails by itself
+                error: object = exc
+        else:
+            error = "not a socket handle"
+    # A hang detector that cannot interrupt must say so, not pass for working.
+    logger.error("provider %r: could not shut down the socket of an abandoned call (%s); "
+                 "the call stays blocked", provider, error,
+                 extra={"event": "hang", "provider": provider})
+    return False

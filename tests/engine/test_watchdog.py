@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import socket
 import threading
 import time
@@ -15,7 +18,14 @@ from psycopg.conninfo import make_conninfo
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.engine.provider import DatabaseProvider
 from agent_factory.engine.settings import Settings
-from agent_factory.engine.watchdog import TRANSPORT_EVIDENCE, Watch, Watchdog, tcp_progress, vouches
+from agent_factory.engine.watchdog import (
+    TRANSPORT_EVIDENCE,
+    Watch,
+    Watchdog,
+    _shutdown,
+    tcp_progress,
+    vouches,
+)
 from agent_factory.testing.fleet import Fleet
 
 # -- what a probe's view of a call's server process means (no I/O) -------------------
@@ -64,6 +74,86 @@ def test_tcp_progress_counts_bytes_acked_and_received() -> None:
             wait_until(lambda: tcp_progress(client.fileno()) == before + 5300, timeout=5,
                        message="5,000 bytes acknowledged and 300 received")
     assert tcp_progress(-1) is None
+
+
+# -- the shutdown goes through a socket object, not a descriptor -------------------
+
+
+class _Silent:
+    """A provider whose server never answers: no news, no probes."""
+
+    name = "silent"
+    last_alive = 0.0
+    hang_timeout = 1000.0
+    tracks_backends = False
+
+    def request_probe(self, watch: Watch | None = None) -> None:
+        pass
+
+
+def _blocked_recv(sock: socket.socket) -> tuple[threading.Thread, list[bytes]]:
+    """A thread blocked reading ``sock``, as a call waits for a server that never answers."""
+    got: list[bytes] = []
+    thread = threading.Thread(target=lambda: got.append(sock.recv(1)), daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_shutdown_interrupts_the_call_and_leaves_the_socket_to_its_owner() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        with client, peer:
+            thread, got = _blocked_recv(client)
+            assert _shutdown(client.fileno(), "p") is True
+            thread.join(timeout=10)
+            assert not thread.is_alive() and got == [b""]  # the blocked read ended
+            assert peer.recv(1) == b""  # the server side sees the connection end
+            # Borrowed, not closed: libpq still owns the handle and closes it itself.
+            assert client.fileno() >= 0 and client.getsockname()
+
+
+def test_the_watchdog_interrupts_where_a_socket_handle_is_no_descriptor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Windows' path (CI has none): ``os.dup`` refuses a Winsock handle, as it does here now.
+
+    The watchdog used to dup the handle and, when that failed, return without
+    a word: hang detection silently did nothing.
+    """
+
+    def no_dup(fd: int) -> int:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(os, "dup", no_dup)
+    watchdog = Watchdog(probe_after=1000.0)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        with client, peer:
+            thread, got = _blocked_recv(client)
+            try:
+                w = watchdog.watch(client.fileno(), _Silent(), hard_deadline=watchdog.clock())
+                thread.join(timeout=10)
+            finally:
+                watchdog.close()
+            assert not thread.is_alive() and got == [b""]
+            assert w.fired
+
+
+def test_a_shutdown_that_cannot_be_done_is_logged_as_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    read, write = os.pipe()
+    try:
+        with caplog.at_level(logging.ERROR, logger="agent_factory"):
+            assert _shutdown(read, "neon") is False  # a pipe: not a socket
+            assert _shutdown(-1, "neon") is False
+        assert caplog.text.count("'neon': could not shut down the socket") == 2
+        os.fstat(read)  # still open: the handle was only borrowed
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 # -- firing is atomic with the call's end -------------------------------------------
