@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BindRefusedError, PostgresNotFoundError
+from ..errors import BindRefusedError, EmbeddedPostgresError, PostgresNotFoundError
 from .arguments import positive_float
 from .console import ms, print_table, rich_console, scrub, yes_no
 from .demo.screen import print_summary, run_live, run_plain
@@ -198,7 +198,13 @@ def _passwords(db: DatabaseManager) -> list[str]:
 
 def _demo(args: argparse.Namespace) -> int:
     from ..testing.embedded import find_bin_dir
+    from ..testing.postgres_process import check_platform
 
+    try:
+        check_platform()
+    except EmbeddedPostgresError as exc:
+        print(f"{_PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         find_bin_dir()
     except PostgresNotFoundError as exc:

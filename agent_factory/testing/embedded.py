@@ -19,6 +19,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import weakref
@@ -35,6 +36,7 @@ from .postgres_process import (
     Account,
     ServerProcess,
     all_gone,
+    check_platform,
     identity,
     make_traversable,
     reap,
@@ -71,8 +73,9 @@ _INSTALL_HINT = (
     "install the 'embedded' extra (pip install 'agent-factory[embedded]') "
     "or set PG_BIN to the bin/ directory of a PostgreSQL installation"
 )
-# sun_path holds 107 bytes plus NUL; PostgreSQL appends "/.s.PGSQL.<port>" (up to 16).
-_SOCKET_PATH_MAX = 107 - 16
+# sun_path holds 107 bytes plus NUL on Linux, 103 on macOS and the BSDs;
+# PostgreSQL appends "/.s.PGSQL.<port>" (up to 16).
+_SOCKET_PATH_MAX = (107 if sys.platform.startswith("linux") else 103) - 16
 _STOP_TIMEOUT = 30.0
 
 
@@ -160,6 +163,7 @@ class EmbeddedPostgres:
             raise ValueError(f"port out of range: {port}")
         if password == "":
             raise ValueError("password must not be empty")
+        check_platform()
         self.bin_dir = find_bin_dir(bin_dir)  # first: a missing install leaves nothing behind
         self.name = name
         self.host = _HOST

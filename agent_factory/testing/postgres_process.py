@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pwd
 import shutil
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ __all__ = [
     "Identity",
     "ServerProcess",
     "all_gone",
+    "check_platform",
     "identity",
     "make_traversable",
     "process_table",
@@ -44,6 +45,23 @@ RUN_AS_USER = "agentfactory-pg"
 _account_lock = threading.Lock()  # useradd must not race with itself
 
 
+def check_platform(platform: str | None = None) -> None:
+    """Refuse, saying what is needed, where the servers cannot be run and faulted.
+
+    Crashing and freezing a server (SIGKILL, SIGSTOP to its process group)
+    and dropping root need POSIX; Windows has none of them. ``platform``
+    defaults to ``sys.platform``.
+    """
+    platform = platform or sys.platform
+    if platform.startswith(("win", "cygwin", "msys")):
+        raise EmbeddedPostgresError(
+            "the embedded PostgreSQL servers (demo, dashboard --demo, test fleet) need a POSIX "
+            "system, Linux or macOS: they crash and freeze servers with POSIX signals "
+            f"(this is {platform}). Run them under WSL 2, or point the library and "
+            "'agent-factory-db health' at a PostgreSQL server of your own"
+        )
+
+
 @dataclass(frozen=True)
 class Account:
     uid: int
@@ -54,6 +72,8 @@ def service_account() -> Account | None:
     """Return the unprivileged account to run as, or None when we are not root."""
     if os.geteuid() != 0:
         return None
+    import pwd  # POSIX only: importing it at the top broke the whole CLI on Windows
+
     with _account_lock:
         try:
             entry = pwd.getpwnam(RUN_AS_USER)
