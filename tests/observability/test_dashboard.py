@@ -34,7 +34,8 @@ from agent_factory.testing.fleet import Fleet
 
 TOKEN = "t0ken-for-tests"
 JSON = {"Content-Type": "application/json"}
-AUTH = {**JSON, "Authorization": f"Bearer {TOKEN}"}
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+AUTH = {**JSON, **BEARER}
 
 
 @pytest.fixture
@@ -156,7 +157,7 @@ def test_only_loopback_may_listen_without_a_token() -> None:
 
 
 def test_page_shows_every_provider_and_the_actions(client: httpx.Client) -> None:
-    page = client.get("/")
+    page = client.get("/", headers=BEARER)
     assert page.status_code == 200
     assert "script-src 'self'" in page.headers["content-security-policy"]
     for name in ("supabase", "railway", "neon"):
@@ -177,7 +178,7 @@ def test_state_reports_roles_counts_pool_and_history(
         db.execute_query("SELECT 1")
 
     def sampled() -> dict[str, Any] | None:
-        state: dict[str, Any] = client.get("/api/state").json()
+        state: dict[str, Any] = client.get("/api/state", headers=BEARER).json()
         supabase = state["providers"][0]
         return state if supabase["spark"].count("L") >= 2 else None
 
@@ -199,14 +200,15 @@ def test_an_outage_shows_without_any_query_load(
     healthy_fleet["railway"].proxy.set_mode("refuse")
 
     def railway() -> dict[str, Any]:
-        providers: list[dict[str, Any]] = client.get("/api/state").json()["providers"]
+        state = client.get("/api/state", headers=BEARER).json()
+        providers: list[dict[str, Any]] = state["providers"]
         return providers[1]
 
     wait_until(lambda: railway()["role"] == "down", timeout=10, message="railway shown down")
     assert railway()["last_error"]
     healthy_fleet["railway"].proxy.set_mode("pass")
     wait_until(lambda: railway()["role"] == "backup", timeout=10, message="railway back")
-    texts = [e["text"] for e in client.get("/api/state").json()["events"]]
+    texts = [e["text"] for e in client.get("/api/state", headers=BEARER).json()["events"]]
     assert any(t.startswith("railway is down") for t in texts)
     assert "railway is healthy again" in texts
 
@@ -214,7 +216,7 @@ def test_an_outage_shows_without_any_query_load(
 def test_no_password_anywhere(client: httpx.Client, healthy_fleet: Fleet) -> None:
     healthy_fleet["neon"].proxy.set_mode("refuse")  # error texts, too
     client.post("/api/health-check", headers=AUTH, json={})
-    bodies = [client.get(path).text for path in ("/", "/api/state", "/metrics")]
+    bodies = [client.get(path, headers=BEARER).text for path in ("/", "/api/state", "/metrics")]
     for secret in _passwords(healthy_fleet):
         for body in bodies:
             assert secret not in body
@@ -234,7 +236,7 @@ def test_actions_need_the_token(client: httpx.Client, db: DatabaseManager) -> No
     ok = client.post("/api/primary", headers=AUTH, content=body)
     assert ok.status_code == 200 and ok.json() == {"primary": "railway"}
     assert db.primary_provider == "railway"
-    state = client.get("/api/state").json()
+    state = client.get("/api/state", headers=BEARER).json()
     assert state["primary"] == "railway"
     assert state["events"][0]["text"] == "operator: primary supabase → railway"
 
@@ -333,14 +335,16 @@ def test_command_serves_env_providers_and_stops_on_sigterm(
                NEON_DB_URL=urls["neon"], AGENT_FACTORY_DASHBOARD_TOKEN=TOKEN)
     proc, url = _start(["--port", "0"], env, tmp_path)
     try:
-        state = httpx.get(url + "api/state", timeout=10).json()
+        assert httpx.get(url + "api/state", timeout=10).status_code == 401
+        assert httpx.get(url + "readyz", timeout=10).status_code == 200
+        state = httpx.get(url + "api/state", headers=BEARER, timeout=10).json()
         assert [p["name"] for p in state["providers"]] == ["supabase", "railway", "neon"]
         assert httpx.post(url + "api/primary", json={"provider": "neon"},
                           timeout=10).status_code == 401
         made = httpx.post(url + "api/primary", json={"provider": "neon"},
                           headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
         assert made.status_code == 200
-        metrics = httpx.get(url + "metrics", timeout=10).text
+        metrics = httpx.get(url + "metrics", headers=BEARER, timeout=10).text
         assert 'agent_factory_db_provider_role{provider="neon",state="primary"} 1.0' in metrics
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -10,7 +10,6 @@ it) and are skipped otherwise.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import threading
@@ -106,10 +105,28 @@ def _cell(page: Any, provider: str, field: str) -> Any:
     return page.locator(f'tr[data-provider="{provider}"] [data-field="{field}"]')
 
 
-def test_page_shows_the_three_providers(page: Any, dashboard: Dashboard) -> None:
+def _sign_in(page: Any, url: str, token: str = TOKEN) -> None:
+    page.goto(url)
+    page.fill("#token", token)
+    page.click('#sign-in button[type="submit"]')
+
+
+def test_signing_in_through_the_form_shows_the_live_dashboard(
+    page: Any, dashboard: Dashboard
+) -> None:
     from playwright.sync_api import expect
 
-    page.goto(dashboard.url + "?token=" + TOKEN)
+    page.goto(dashboard.url)  # no session yet: sent to the form
+    expect(page.locator("#sign-in")).to_be_visible()
+    assert page.url == dashboard.url + "login"
+    assert page.locator("#providers").count() == 0
+    _sign_in(page, dashboard.url, "not-the-token")
+    expect(page.locator(".sign-in-error")).to_have_text("wrong token")
+    assert page.context.cookies() == []
+
+    _sign_in(page, dashboard.url)
+    expect(page.locator("#providers")).to_be_visible()
+    assert page.url == dashboard.url
     for name, role in (("supabase", "primary"), ("railway", "backup"), ("neon", "backup")):
         expect(_cell(page, name, "role")).to_have_text(role)
         expect(_cell(page, name, "health")).to_have_text("up")
@@ -118,10 +135,12 @@ def test_page_shows_the_three_providers(page: Any, dashboard: Dashboard) -> None
     expect(_cell(page, "supabase", "spark")).to_have_attribute("d", _two_points(),
                                                                 timeout=TIMEOUT_MS)
     expect(page.locator("#timeline")).to_contain_text("dashboard started")
-    # The token moved from the address bar to this tab's storage.
-    assert "token" not in page.url
-    assert page.evaluate("sessionStorage.getItem('agent-factory-dashboard-token')") == TOKEN
-    assert page.problems == []  # no script error, no CSP violation
+    (cookie,) = page.context.cookies()
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] != TOKEN
+    assert page.evaluate("document.cookie") == ""  # out of the scripts' reach
+    # The wrong token's 401 is the only error the console saw (no script error, no CSP).
+    assert page.problems == ["Failed to load resource: the server responded with a status "
+                             "of 401 (Unauthorized)"]
 
 
 def _two_points() -> Any:
@@ -135,7 +154,7 @@ def test_killing_the_primary_shows_within_seconds(
 ) -> None:
     from playwright.sync_api import expect
 
-    page.goto(dashboard.url)
+    _sign_in(page, dashboard.url)
     expect(_cell(page, "supabase", "role")).to_have_text("primary")
     healthy_fleet["supabase"].server.kill()
     expect(_cell(page, "supabase", "role")).to_have_text("down", timeout=TIMEOUT_MS)
@@ -148,44 +167,38 @@ def test_killing_the_primary_shows_within_seconds(
     assert page.problems == []
 
 
-def test_make_primary_asks_first_and_needs_the_token(page: Any, dashboard: Dashboard) -> None:
+def test_make_primary_asks_first_and_a_lost_session_returns_to_the_form(
+    page: Any, dashboard: Dashboard
+) -> None:
     from playwright.sync_api import expect
 
     dialogs: list[str] = []
 
     def answer(dialog: Any) -> None:
         dialogs.append(dialog.type)
-        if dialog.type == "prompt":
-            dialog.accept(TOKEN)
-        elif len(dialogs) == 1:
+        if len(dialogs) == 1:
             dialog.dismiss()  # the first confirm: the operator changes their mind
         else:
             dialog.accept()
 
     page.on("dialog", answer)
-    page.goto(dashboard.url)  # no token yet: the page asks for it on the first 401
+    _sign_in(page, dashboard.url)
     button = page.locator('button[data-primary="railway"]')
     button.click()
     expect(page.locator("#primary")).to_have_text("supabase")
     assert dashboard.db.primary_provider == "supabase"
 
-    button.click()
+    button.click()  # the session cookie is the credential: no token asked for
     expect(_cell(page, "railway", "role")).to_have_text("primary", timeout=TIMEOUT_MS)
     expect(page.locator("#primary")).to_have_text("railway")
     expect(button).to_be_disabled()
     expect(page.locator("#timeline")).to_contain_text("operator: primary supabase → railway")
-    assert dialogs == ["confirm", "confirm", "prompt"]
+    assert dialogs == ["confirm", "confirm"]
     assert dashboard.db.primary_provider == "railway"
-    assert page.evaluate("sessionStorage.getItem('agent-factory-dashboard-token')") == TOKEN
 
-    body = json.dumps({"provider": "neon"})
-    refused = page.request.post(dashboard.url + "api/primary", data=body,
-                                headers={"Content-Type": "application/json"})
-    assert refused.status == 401
-    allowed = page.request.post(dashboard.url + "api/primary", data=body,
-                                headers={"Content-Type": "application/json",
-                                         "Authorization": f"Bearer {TOKEN}"})
-    assert allowed.status == 200
-    expect(_cell(page, "neon", "role")).to_have_text("primary", timeout=TIMEOUT_MS)
-    assert page.problems == ["Failed to load resource: the server responded with a status "
-                             "of 401 (Unauthorized)"]
+    # The session is gone (cookie cleared, as at its end): the next refresh sees
+    # 401 and the page goes back to the form instead of showing stale numbers.
+    page.context.clear_cookies()
+    expect(page.locator("#sign-in")).to_be_visible(timeout=TIMEOUT_MS)
+    assert page.url == dashboard.url + "login"
+    assert dashboard.db.primary_provider == "railway"

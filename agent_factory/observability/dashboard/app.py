@@ -6,24 +6,33 @@
     POST /api/primary        {"provider": name}: make it the primary
     POST /api/demo           {"action": label}: a fault button of the --demo mode
     GET  /metrics            Prometheus text
+    GET  /healthz, /readyz   liveness and readiness (`observability.health`), never a token
+    GET  /login, POST /login the sign-in form (with a token)
 
-Every POST must be JSON (``Content-Type: application/json``) and, when the
-request has an ``Origin``, come from the page's own origin: a foreign page
-can neither send that content type without a CORS preflight, which is never
-granted, nor fake its origin. With a token, every POST also needs
-``Authorization: Bearer <token>`` (401 otherwise).
+With a token, everything but the probes, the sign-in form and the static
+files needs it, reading included (the state names every provider's host,
+port and last error): ``Authorization: Bearer <token>`` from API clients and
+Prometheus, or the session cookie the sign-in form sets in a browser
+(HttpOnly, SameSite=Strict, an HMAC of the token rather than the token).
+Unauthenticated, ``GET /`` redirects to the form (303), the rest answer 401.
+
+Every POST must come, when the request has an ``Origin``, from the page's
+own origin, and the actions must be JSON (``Content-Type:
+application/json``): a foreign page can neither send that content type
+without a CORS preflight, which is never granted, nor fake its origin.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 try:
     from starlette.applications import Starlette
@@ -40,15 +49,16 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "pip install 'agent-factory[dashboard]'"
     ) from exc
 
+from ..health import health_app
 from ..metrics import CONTENT_TYPE_LATEST, MetricsListener, exposition, instrument
-from .page import render_page
+from .page import render_page, render_sign_in
 from .sampler import Sampler
 from .state import History, Timeline, TimelineListener, build_state
 
 if TYPE_CHECKING:
     from ...core.database_manager import DatabaseManager
 
-__all__ = ["DemoControls", "create_app"]
+__all__ = ["SESSION_COOKIE", "DemoControls", "create_app"]
 
 logger = logging.getLogger("agent_factory.observability.dashboard")
 
@@ -60,12 +70,22 @@ _STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css",
 _HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: a form's POST would then carry "Origin: null", which
+    # the cross-origin check refuses; other sites still get no referrer.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+#: The browser's session after signing in; its value is `session_value(token)`.
+SESSION_COOKIE = "agent_factory_dashboard"
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def session_value(token: str) -> str:
+    """The session cookie's value for ``token``: stands for it without revealing it."""
+    return hmac.new(token.encode(), b"agent-factory dashboard session", hashlib.sha256).hexdigest()
 
 
 class Dashboard:
@@ -82,6 +102,7 @@ class Dashboard:
     ) -> None:
         self.db = db
         self.token = token or None
+        self._session = None if self.token is None else session_value(self.token)
         self.demo_controls = dict(demo_controls or {})
         self.metrics = metrics if metrics is not None else instrument(db)
         self.timeline = Timeline()
@@ -91,6 +112,55 @@ class Dashboard:
                        for name in _STATIC}
         db.add_listener(TimelineListener(self.timeline))
         self.timeline.add("operator", f"dashboard started; primary {db.primary_provider}")
+
+    # -- signing in -------------------------------------------------------------
+
+    def authorized(self, request: Request) -> bool:
+        """No token needed, or the request carries it (Bearer header or session cookie)."""
+        if self.token is None or self._session is None:
+            return True
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), self.token.encode()
+        ):
+            return True
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        return hmac.compare_digest(cookie.encode(), self._session.encode())
+
+    def signed_in(self, endpoint: Endpoint, *, form: bool = False) -> Endpoint:
+        """``endpoint``, answering 401 instead to a request `authorized` refuses
+        (or, when ``form``, sending a browser to the sign-in form)."""
+
+        async def guarded(request: Request) -> Response:
+            if self.authorized(request):
+                return await endpoint(request)
+            if form:
+                # Relative: right under whatever path prefix the app is mounted at.
+                return Response(status_code=303, headers={"Location": "login"})
+            return _unauthorized()
+
+        return guarded
+
+    async def sign_in_form(self, request: Request) -> Response:
+        return HTMLResponse(render_sign_in(None))
+
+    async def sign_in(self, request: Request) -> Response:
+        """Check the form's token; on success set the session cookie and go to the page."""
+        if _foreign(request):
+            return _error(403, "cross-origin request refused")
+        fields = parse_qs((await request.body()).decode("utf-8", "replace"))
+        given = (fields.get("token") or [""])[0].strip()
+        if self.token is None or self._session is None:
+            return Response(status_code=303, headers={"Location": "./"})
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            logger.warning("dashboard: a sign-in with a wrong token from %s",
+                           request.client.host if request.client else "?")
+            return HTMLResponse(render_sign_in("wrong token"), status_code=401)
+        response = Response(status_code=303, headers={"Location": "./"})
+        response.set_cookie(SESSION_COOKIE, self._session, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https",
+                            path=request.scope.get("root_path") or "/")
+        return response
 
     # -- reading ---------------------------------------------------------------
 
@@ -168,16 +238,9 @@ class Dashboard:
 
     async def _refuse(self, request: Request) -> Response | None:
         """The response refusing this POST, or None when it may proceed (body parsed)."""
-        if self.token is not None:
-            given = request.headers.get("authorization", "")
-            scheme, _, value = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                value.strip().encode(), self.token.encode()
-            ):
-                return _error(401, "missing or wrong token (Authorization: Bearer <token>)",
-                              {"WWW-Authenticate": "Bearer"})
-        origin = request.headers.get("origin")
-        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        if not self.authorized(request):
+            return _unauthorized()
+        if _foreign(request):
             return _error(403, "cross-origin request refused")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
@@ -192,6 +255,17 @@ class Dashboard:
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _unauthorized() -> Response:
+    return _error(401, "missing or wrong token (Authorization: Bearer <token>, or sign in "
+                  "on the page)", {"WWW-Authenticate": "Bearer"})
+
+
+def _foreign(request: Request) -> bool:
+    """The request names an origin other than the page's own."""
+    origin = request.headers.get("origin")
+    return origin is not None and urlsplit(origin).netloc != request.headers.get("host")
 
 
 class _SecurityHeaders:
@@ -227,7 +301,8 @@ def create_app(
 ) -> Starlette:
     """The dashboard for ``db`` as an ASGI app (serve it with uvicorn).
 
-    ``token``: required on every POST when set. ``demo_controls``: extra fault
+    ``token``: when set, required by everything but the probes, the sign-in
+    form and the static files (see the module's docstring). ``demo_controls``: extra fault
     buttons. ``metrics``: an existing `MetricsListener` of ``db`` (else the
     app instruments ``db`` on a registry of its own). ``allowed_hosts``:
     accepted ``Host`` headers (guards a loopback-bound dashboard against DNS
@@ -245,14 +320,19 @@ def create_app(
         finally:
             await run_in_threadpool(dash.sampler.stop)
 
+    probes = health_app(db)
     routes = [
-        Route("/", dash.page),
+        Route("/", dash.signed_in(dash.page, form=True)),
         Route("/static/{name}", dash.static_file),
-        Route("/api/state", dash.api_state),
+        Route("/api/state", dash.signed_in(dash.api_state)),
         Route("/api/health-check", dash.health_check, methods=["POST"]),
         Route("/api/primary", dash.make_primary, methods=["POST"]),
         Route("/api/demo", dash.demo, methods=["POST"]),
-        Route("/metrics", dash.prometheus),
+        Route("/metrics", dash.signed_in(dash.prometheus)),
+        Route("/login", dash.sign_in_form, methods=["GET"]),
+        Route("/login", dash.sign_in, methods=["POST"]),
+        Route("/healthz", probes),
+        Route("/readyz", probes),
     ]
     middleware = [Middleware(_SecurityHeaders)]
     if allowed_hosts is not None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from .state import SPARK_HEIGHT, SPARK_WIDTH
 
-__all__ = ["render_page"]
+__all__ = ["render_page", "render_sign_in"]
 
 POOL_BAR_WIDTH = 80
 _COLUMNS = ("provider", "role", "health", "latency (probe)", "queries", "errors", "rate",
@@ -103,6 +103,34 @@ def _demo(actions: Sequence[str]) -> str:
 def _banner(text: str) -> str:
     hidden = "" if text else " hidden"
     return f'<p id="failback" class="banner"{hidden}>{escape(text)}</p>'
+
+
+def render_sign_in(error: str | None) -> str:
+    """The sign-in form: the token, posted once; the answer sets the session cookie."""
+    problem = f'<p class="sign-in-error" role="alert">{escape(error)}</p>' if error else ""
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>agent-factory · sign in</title>
+<link rel="icon" href="static/favicon.svg" type="image/svg+xml">
+<link rel="stylesheet" href="static/dashboard.css">
+</head>
+<body>
+<header><h1>agent-factory <span>database providers</span></h1></header>
+<main>
+<form id="sign-in" method="post" action="login">
+  <label for="token">Access token</label>
+  <input id="token" name="token" type="password" autocomplete="current-password" required
+    autofocus>
+  <button type="submit">sign in</button>
+  {problem}
+</form>
+</main>
+</body>
+</html>
+"""
 
 
 def render_page(state: Mapping[str, Any]) -> str:

@@ -1,17 +1,15 @@
 // agent-factory dashboard: refresh the server-rendered page from api/state, send operator actions.
+// With a token, the session cookie set by the sign-in form goes with every request (the
+// script never sees it: HttpOnly); a 401 means it is gone, and reloading shows the form.
 "use strict";
 (() => {
-  const TOKEN_KEY = "agent-factory-dashboard-token";
   const POLL_MS = 1000;
   const BAR = 80;
 
-  // A token given once as ?token=... is kept for this tab only and removed from the address bar.
-  const params = new URLSearchParams(location.search);
-  if (params.has("token")) {
-    sessionStorage.setItem(TOKEN_KEY, params.get("token"));
-    params.delete("token");
-    const query = params.toString();
-    history.replaceState(null, "", location.pathname + (query ? "?" + query : "") + location.hash);
+  function signedOut(response) {
+    if (response.status !== 401) return false;
+    location.reload();
+    return true;
   }
 
   const ms = (v) => (typeof v !== "number" ? "–" : v < 10 ? `${v.toFixed(2)} ms` : `${v.toFixed(0)} ms`);
@@ -85,6 +83,7 @@
   async function refresh() {
     try {
       const response = await fetch("api/state", { cache: "no-store" });
+      if (signedOut(response)) return;
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       render(await response.json());
       if (document.getElementById("status").className === "bad") status("");
@@ -99,27 +98,16 @@
   }
 
   async function post(path, body) {
-    for (let attempt = 0; attempt < 2; attempt++) {
-      const headers = { "Content-Type": "application/json" };
-      const token = sessionStorage.getItem(TOKEN_KEY);
-      if (token) headers.Authorization = `Bearer ${token}`;
-      const response = await fetch(path, { method: "POST", headers, body: JSON.stringify(body) });
-      if (response.status === 401 && attempt === 0) {
-        const typed = prompt("This dashboard needs its access token:");
-        if (!typed) break;
-        sessionStorage.setItem(TOKEN_KEY, typed.trim());
-        continue;
-      }
-      const doc = await response.json().catch(() => ({}));
-      if (!response.ok) {
-        status(doc.error || `request failed (HTTP ${response.status})`, true);
-        return null;
-      }
-      status("");
-      return doc;
+    const headers = { "Content-Type": "application/json" };
+    const response = await fetch(path, { method: "POST", headers, body: JSON.stringify(body) });
+    if (signedOut(response)) return null;
+    const doc = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      status(doc.error || `request failed (HTTP ${response.status})`, true);
+      return null;
     }
-    status("not sent: a token is needed", true);
-    return null;
+    status("");
+    return doc;
   }
 
   document.addEventListener("click", async (event) => {
