@@ -9,11 +9,13 @@ providers' passwords, and turns the package's errors into an exit code
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
 from functools import partial
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -29,14 +31,14 @@ from ..errors import (
     ProviderError,
     ProviderUnavailableError,
 )
-from ..schema.copy import ProgressCallback
+from ..schema.copy import ProgressCallback, TableReport
 from ..schema.migrations import DEFAULT_EMBEDDING_DIM, check_embedding_dim, describe_db_error
 from .exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE
 
 __all__ = [
     "EMBEDDING_DIM_VAR", "Action", "Context",
-    "bind", "connect", "context", "dispatch", "exit_code",
-    "progress", "resolve_targets", "run", "source_and_target",
+    "add_json_flag", "bind", "connect", "context", "dispatch", "exit_code",
+    "progress", "resolve_targets", "run", "source_and_target", "table_reports_json",
 ]
 
 EMBEDDING_DIM_VAR = "DATABASE_EMBEDDING_DIM"
@@ -65,12 +67,18 @@ def dispatch(args: argparse.Namespace, environ: Mapping[str, str] | None) -> int
 
 @dataclass
 class Context:
-    """Configuration resolved once per command, and output that scrubs secrets."""
+    """Configuration resolved once per command, and output that scrubs secrets.
+
+    With ``json`` (the command's ``--json``), the lines for people are not
+    printed: the command prints one document through `print_json` instead.
+    Errors still go to stderr either way.
+    """
 
     env: Mapping[str, str]
     secrets: tuple[str, ...] = ()
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
+    json: bool = False
 
     def settings(self) -> Settings:
         settings = settings_from_env(self.env, dotenv=None)
@@ -88,6 +96,14 @@ class Context:
         return DEFAULT_EMBEDDING_DIM
 
     def print(self, text: str = "") -> None:
+        if not self.json:
+            print(self.scrub(text), file=self.out, flush=True)
+
+    def print_json(self, document: object) -> None:
+        """One machine-readable document (datetimes as ISO 8601), scrubbed like every line."""
+        text = json.dumps(document, indent=2, sort_keys=True, default=_json_default)
+        for secret in self.secrets:  # as JSON escapes it: a quote or backslash in a password
+            text = text.replace(json.dumps(secret)[1:-1], "***")
         print(self.scrub(text), file=self.out, flush=True)
 
     def error(self, text: str) -> None:
@@ -99,11 +115,22 @@ class Context:
         return text
 
 
+def _json_default(value: object) -> object:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    return str(value)
+
+
 def context(args: argparse.Namespace) -> Context:
     environ = getattr(args, "environ", None)
-    if environ is not None:
-        return Context(dict(environ))
-    return Context(load_environment())
+    as_json = bool(getattr(args, "json", False))
+    return Context(load_environment() if environ is None else dict(environ), json=as_json)
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    """The ``--json`` flag every command that prints data takes."""
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON document instead of lines for people")
 
 
 Action = Callable[[Context, argparse.Namespace], int]
@@ -161,6 +188,17 @@ def connect(target: ProviderSettings, settings: Settings, *, application_name: s
         return psycopg.connect(conninfo, autocommit=autocommit)
     except psycopg.Error as exc:
         raise ProviderUnavailableError(target.name, describe_db_error(exc)) from None
+
+
+def table_reports_json(source: str, target: str, reports: Sequence[TableReport]
+                       ) -> dict[str, Any]:
+    """The ``--json`` document of a copy or a sync: per table, what it did."""
+    return {
+        "source": source,
+        "target": target,
+        "tables": {r.table: {**asdict(r), "copied": r.copied} for r in reports},
+        "written": sum(r.copied for r in reports),
+    }
 
 
 @contextmanager

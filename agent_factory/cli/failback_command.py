@@ -9,7 +9,6 @@ the environment), so it is safe while applications run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -21,7 +20,7 @@ from ..continuity import journal
 from ..continuity.merge import ConflictPolicy
 from ..engine.settings import ProviderSettings, Settings
 from ..errors import ConfigurationError, ProviderUnavailableError
-from .command_support import Context, bind, connect, dispatch
+from .command_support import Context, add_json_flag, bind, connect, dispatch
 from .exit_codes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
 
 __all__ = ["add_failback_commands", "main"]
@@ -38,12 +37,13 @@ def add_failback_commands(
     actions = failback.add_subparsers(required=True, metavar="ACTION")
     status = actions.add_parser("status", help="pending changes per backup, conflicts by table "
                                 "(exit 1 while changes are pending)")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_flag(status)
     status.set_defaults(command=bind(_status))
     run = actions.add_parser("run", help="drain every reachable backup into the primary now")
     run.add_argument("--force", action="store_true",
                      help="with DATABASE_CONFLICT_POLICY=callback (a function this command "
                      "cannot call): settle conflicts by backup_wins instead of refusing")
+    add_json_flag(run)
     run.set_defaults(command=bind(_run))
 
 
@@ -77,8 +77,8 @@ def _status(ctx: Context, args: argparse.Namespace) -> int:
             report["conflicts"] = journal.conflicts_by_table(conn)
     except (ProviderUnavailableError, psycopg.Error):
         report["unreachable"].append(primary.name)
-    if args.json:
-        ctx.print(json.dumps(report, indent=2, sort_keys=True))
+    if ctx.json:
+        ctx.print_json(report)
     else:
         for name, count in report["pending"].items():
             since = f" (oldest {report['oldest'][name]})" if count else ""
@@ -105,6 +105,7 @@ def _run(ctx: Context, args: argparse.Namespace) -> int:
     policy = ConflictPolicy.from_settings(settings)
     primary = settings.providers[settings.primary]
     failed = False
+    backups: dict[str, dict[str, Any]] = {}
     with connect(primary, settings, application_name="agent-factory-failback",
                  autocommit=False) as target:
         journal.prepare_session(target)
@@ -121,9 +122,16 @@ def _run(ctx: Context, args: argparse.Namespace) -> int:
                     ctx.print(f"{backup.name}: another drainer holds it; skipped")
                 ctx.print(f"{backup.name}: {total.changes} change(s) replayed, "
                           f"{total.conflicts} conflict(s)")
+                backups[backup.name] = {"state": "skipped" if total.skipped else "drained",
+                                        "changes": total.changes, "conflicts": total.conflicts}
             except ProviderUnavailableError as exc:
                 ctx.print(f"{backup.name}: unreachable ({exc})")
+                backups[backup.name] = {"state": "unreachable", "error": str(exc)}
             except psycopg.Error as exc:
                 failed = True
                 ctx.error(f"{backup.name}: drain failed: {type(exc).__name__}: {exc}")
+                backups[backup.name] = {"state": "failed",
+                                        "error": f"{type(exc).__name__}: {exc}"}
+    if ctx.json:
+        ctx.print_json({"primary": primary.name, "backups": backups})
     return EXIT_FAILED if failed else EXIT_OK

@@ -5,7 +5,8 @@
                                          2 bad configuration
     agent-factory-db stats [--json]
     agent-factory-db dashboard [--host H] [--port P] [--token T] [--demo]
-    agent-factory-db monitor [--interval S] [--once]
+    agent-factory-db monitor [--interval S] [--once] [--json]
+    agent-factory-db --version
 
 Exit codes: one table for every command, in `agent_factory.cli.exit_codes`.
 
@@ -262,6 +263,8 @@ def _add_dashboard_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     monitor.add_argument("--interval", type=positive_float, default=2.0, metavar="SECONDS",
                          help="refresh period (default: 2)")
     monitor.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    monitor.add_argument("--json", action="store_true",
+                         help="one JSON document per refresh, one per line (JSON Lines)")
     monitor.set_defaults(command=_monitor)
 
 
@@ -344,7 +347,7 @@ def _monitor(args: argparse.Namespace) -> int:
     _terminate_as_interrupt()
     try:
         run_monitor(db, interval=args.interval, once=args.once, console=rich_console(),
-                    secrets=_passwords(db))
+                    secrets=_passwords(db), as_json=args.json)
     except KeyboardInterrupt:
         pass  # the normal way to stop watching
     finally:

@@ -3,16 +3,19 @@
 Every ``interval`` seconds: probe the providers (``health_check_all``), read
 ``get_provider_stats()``, redraw. A terminal gets a Rich Live table; a pipe
 gets plain lines in the spec's ``[UP] name (host)`` form, one block per
-refresh, so logs and ``grep`` work. Only names, hosts, ports and numbers are
+refresh, so logs and ``grep`` work; ``--json`` prints one JSON document per
+refresh, each on one line (JSON Lines). Only names, hosts, ports and numbers are
 shown, and every line is scrubbed of the providers' passwords once more.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
@@ -21,7 +24,8 @@ if TYPE_CHECKING:
 
     from ..core.database_manager import DatabaseManager
 
-__all__ = ["Row", "Snapshot", "plain_lines", "run_monitor", "snapshot_of", "take_snapshot"]
+__all__ = ["Row", "Snapshot", "json_line", "plain_lines", "run_monitor", "snapshot_of",
+           "take_snapshot"]
 
 _ROLE_STYLE = {"primary": "green", "serving": "yellow", "backup": "cyan", "down": "bold red"}
 
@@ -104,6 +108,13 @@ def plain_lines(snap: Snapshot) -> list[str]:
     return lines
 
 
+def json_line(snap: Snapshot) -> str:
+    """One refresh as one line of JSON: the time (UTC, ISO 8601), roles and every row."""
+    at = datetime.fromtimestamp(snap.at, timezone.utc).isoformat()
+    return json.dumps({"at": at, "primary": snap.primary, "serving": snap.serving,
+                       "providers": [asdict(r) for r in snap.rows]}, sort_keys=True)
+
+
 def table(snap: Snapshot, interval: float | None = None) -> Table:
     from rich.table import Table
     from rich.text import Text
@@ -133,19 +144,21 @@ def run_monitor(
     out: TextIO | None = None,
     secrets: Sequence[str] = (),
     stop: threading.Event | None = None,
+    as_json: bool = False,
 ) -> None:
     """Refresh every ``interval`` s until ``stop`` is set or Ctrl-C (KeyboardInterrupt).
 
     With a Rich ``console`` the table is redrawn in place; without, plain
     lines go to ``out`` (stdout by default). ``once``: one snapshot and return.
+    ``as_json``: one JSON line per refresh to ``out``, whatever the console.
     """
     stop = stop or threading.Event()
 
     def take(max_age: float | None) -> Snapshot:
         return take_snapshot(db, max_age=max_age, secrets=secrets)
 
-    if console is None:
-        _run_plain(take, interval, once, out, stop)
+    if console is None or as_json:
+        _run_plain(take, interval, once, out, stop, as_json)
         return
     if once:
         console.print(table(take(0)))
@@ -159,17 +172,19 @@ def run_monitor(
 
 def _run_plain(
     take: Callable[[float | None], Snapshot], interval: float, once: bool,
-    out: TextIO | None, stop: threading.Event,
+    out: TextIO | None, stop: threading.Event, as_json: bool = False,
 ) -> None:
     import sys
 
     stream = out or sys.stdout
     max_age: float | None = 0
     while True:
-        for line in plain_lines(take(max_age)):
+        snap = take(max_age)
+        for line in [json_line(snap)] if as_json else plain_lines(snap):
             print(line, file=stream)
         stream.flush()
         if once or stop.wait(interval):
             return
-        print(file=stream)
+        if not as_json:
+            print(file=stream)
         max_age = interval / 2

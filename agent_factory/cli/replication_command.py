@@ -18,7 +18,6 @@ connection string, and every line is scrubbed once more before printing.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -44,12 +43,14 @@ from ..schema.copy import MANAGED_TABLES, TableReport
 from .command_support import (
     Action,
     Context,
+    add_json_flag,
     bind,
     connect,
     dispatch,
     exit_code,
     progress,
     source_and_target,
+    table_reports_json,
 )
 from .exit_codes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 
@@ -80,16 +81,18 @@ def add_replication_commands(
     setup.add_argument("--copy-data", choices=COPY_DATA_MODES, default="auto",
                        help="copy the existing rows when subscribing (auto: only into empty "
                        "tables; default auto)")
+    add_json_flag(setup)
     setup.set_defaults(command=_action(_setup))
 
     status = actions.add_parser("status", help="is every backup streaming, and how far behind")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_flag(status)
     status.add_argument("--max-lag", type=_seconds, metavar="SECONDS",
                         help="exit 1 when a backup is further behind than this")
     status.set_defaults(command=_action(_status))
 
     teardown = actions.add_parser("teardown", help="drop the subscriptions, then the "
                                   "publication (idempotent)")
+    add_json_flag(teardown)
     teardown.set_defaults(command=_action(_teardown))
 
     sync = subparsers.add_parser(
@@ -105,6 +108,7 @@ def add_replication_commands(
                       help="only rows updated at or after this time (UTC unless it says)")
     sync.add_argument("--no-progress", action="store_true",
                       help="plain lines instead of a progress bar (automatic when not a TTY)")
+    add_json_flag(sync)
     sync.set_defaults(command=_action(_sync))
 
 
@@ -167,7 +171,10 @@ def _setup(ctx: Context, args: argparse.Namespace) -> int:
     for name, action in report.actions.items():
         ctx.print(f"{name} ({settings.providers[name].describe()}): subscription "
                   f"{PUBLICATION}_{name} {action}")
-    return _report_errors(ctx, report)
+    code = _report_errors(ctx, report)
+    if ctx.json:
+        ctx.print_json(_report_json(settings, report))
+    return code
 
 
 def _status(ctx: Context, args: argparse.Namespace) -> int:
@@ -181,8 +188,8 @@ def _status(ctx: Context, args: argparse.Namespace) -> int:
             code = EXIT_UNAVAILABLE
         elif not s.streaming or lagging:
             code = max(code, EXIT_FAILED)
-    if args.json:
-        ctx.print(json.dumps([_as_json(s, args.max_lag) for s in statuses], indent=2))
+    if ctx.json:
+        ctx.print_json([_as_json(s, args.max_lag) for s in statuses])
         return code
     primary = settings.providers[settings.primary]
     ctx.print(f"primary {primary.name} ({primary.describe()}), publication {PUBLICATION}")
@@ -241,7 +248,21 @@ def _teardown(ctx: Context, args: argparse.Namespace) -> int:
     if unreached:
         ctx.print(f"note: the subscription on {', '.join(unreached)} remains: run 'replicate "
                   "teardown' again once reachable")
+    if ctx.json:
+        ctx.print_json(_report_json(settings, report))
     return code
+
+
+def _report_json(settings: Settings, report: ReplicationReport) -> dict[str, Any]:
+    return {
+        "primary": settings.primary,
+        "publication": {"name": PUBLICATION, "action": report.publication,
+                        "tables": list(report.tables)},
+        "subscriptions": {name: {"name": f"{PUBLICATION}_{name}", "action": action}
+                          for name, action in report.actions.items()},
+        "errors": {name: str(exc) for name, exc in report.errors.items()},
+        "notes": list(report.notes),
+    }
 
 
 def _report_errors(ctx: Context, report: ReplicationReport) -> int:
@@ -272,7 +293,7 @@ def _sync(ctx: Context, args: argparse.Namespace) -> int:
     since = f" updated since {args.since.isoformat()}" if args.since else ""
     ctx.print(f"Syncing {', '.join(tables)}{since} from {source.name} ({source.describe()}) "
               f"to {target.name} ({target.describe()})")
-    live = not args.no_progress and ctx.out.isatty()
+    live = not args.no_progress and not ctx.json and ctx.out.isatty()
     with _connect(source, settings) as src, _connect(target, settings) as dst, \
             progress(ctx, live) as on_progress:
         reports = reconcile(src, dst, tables=tables, since=args.since, source_name=source.name,
@@ -280,6 +301,9 @@ def _sync(ctx: Context, args: argparse.Namespace) -> int:
     for report in reports:
         ctx.print(_format_report(report))
     ctx.print(f"done: {sum(r.copied for r in reports)} row(s) written to {target.name}")
+    if ctx.json:
+        ctx.print_json({**table_reports_json(source.name, target.name, reports),
+                        "since": args.since})
     return EXIT_OK
 
 

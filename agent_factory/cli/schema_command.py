@@ -49,6 +49,7 @@ from .arguments import positive_float, positive_int
 from .command_support import (
     EMBEDDING_DIM_VAR,
     Context,
+    add_json_flag,
     bind,
     connect,
     context,
@@ -58,8 +59,10 @@ from .command_support import (
     resolve_targets,
     run,
     source_and_target,
+    table_reports_json,
 )
 from .exit_codes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from .schema_json import status_json, verify_json
 
 __all__ = ["ACTIONS", "add_schema_commands", "exit_code", "main"]
 
@@ -137,17 +140,20 @@ def _add_actions(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     deploy.add_argument("--dry-run", action="store_true",
                         help="print the rendered SQL; connects to nothing")
     _add_schema_options(deploy)
+    add_json_flag(deploy)
     deploy.set_defaults(command=_deploy_command, verify=False)
 
     verify = sub.add_parser("verify", help="compare the catalogs of all configured providers",
                             description="Exit 0 when the providers' schemas match and every "
                             "migration is applied, 1 on drift, 2 when a provider is unreachable.")
     _add_schema_options(verify)
+    add_json_flag(verify)
     verify.set_defaults(command=bind(_verify))
 
     status = sub.add_parser("status", help="migrations and pgvector on each provider")
     status.add_argument("--provider", metavar="NAME", help="only this provider")
     _add_schema_options(status)
+    add_json_flag(status)
     status.set_defaults(command=bind(_status))
 
     copy = sub.add_parser("copy", help="copy session_memories and knowledge_atoms rows",
@@ -162,6 +168,7 @@ def _add_actions(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                       metavar="N", help=f"rows per batch (default {DEFAULT_BATCH_SIZE})")
     copy.add_argument("--no-progress", action="store_true",
                       help="plain lines instead of a progress bar (automatic when not a TTY)")
+    add_json_flag(copy)
     copy.set_defaults(command=bind(_copy))
 
 
@@ -212,11 +219,15 @@ def _deploy(ctx: Context, args: argparse.Namespace) -> int:
     dim = ctx.embedding_dim(args.embedding_dim)
     migrations = load_migrations(args.migrations_dir)
     if args.dry_run:
-        ctx.print(render_script(migrations, dim).rstrip("\n"))
+        script = render_script(migrations, dim).rstrip("\n")
+        ctx.print(script)
+        if ctx.json:
+            ctx.print_json({"dry_run": True, "embedding_dim": dim, "sql": script})
         print("-- dry run: nothing was sent to any provider", file=ctx.err)
         return EXIT_OK
     settings = ctx.settings()
     failed: dict[str, int] = {}
+    done: dict[str, dict[str, Any]] = {}
     for target in resolve_targets(settings, args.provider):
         ctx.print(f"{target.name} ({target.describe()}): deploying, {len(migrations)} "
                   f"migration(s) shipped, embedding dimension {dim}")
@@ -231,11 +242,17 @@ def _deploy(ctx: Context, args: argparse.Namespace) -> int:
         except AgentFactoryError as exc:
             ctx.error(str(exc))
             failed[target.name] = exit_code(exc)
+            done[target.name] = {"address": target.describe(), "applied": [], "error": str(exc)}
             continue
+        done[target.name] = {"address": target.describe(),
+                             "applied": [r.label for r in applied], "error": None}
         if applied:
             ctx.print(f"{target.name}: done, {len(applied)} migration(s) applied")
         else:
             ctx.print(f"{target.name}: already up to date, nothing changed")
+    if ctx.json:
+        ctx.print_json({"embedding_dim": dim, "shipped": [m.label for m in migrations],
+                        "providers": done})
     if failed:
         ctx.error(f"deploy failed on {', '.join(failed)}")
         return max(failed.values())
@@ -275,6 +292,8 @@ def _verify(ctx: Context, args: argparse.Namespace) -> int:
         ctx.print(format_differences(diffs))
     for line in problems:
         ctx.print(line)
+    if ctx.json:
+        ctx.print_json(verify_json(targets, results, diffs, problems, migrations))
     if len(catalogs) < len(targets):
         unreachable = [t.name for t in targets if t.name not in catalogs]
         ctx.error(f"cannot verify: {', '.join(unreachable)} unreachable")
@@ -313,6 +332,9 @@ def _status(ctx: Context, args: argparse.Namespace) -> int:
     targets = resolve_targets(settings, args.provider)
     required = _required(migrations)
     results = _read_catalogs(settings, targets, migrations, args.timeout)
+    if ctx.json:
+        ctx.print_json({t.name: status_json(t, results[t.name], migrations, required, dim)
+                        for t in targets})
     code = EXIT_OK
     for target in targets:
         result = results[target.name]
@@ -350,7 +372,7 @@ def _copy(ctx: Context, args: argparse.Namespace) -> int:
     tables = tuple(dict.fromkeys(args.tables or MANAGED_TABLES))
     ctx.print(f"Copying {', '.join(tables)} from {source.name} ({source.describe()}) "
               f"to {target.name} ({target.describe()})")
-    live = not args.no_progress and ctx.out.isatty()
+    live = not args.no_progress and not ctx.json and ctx.out.isatty()
     with _connect(source, settings) as src, _connect(target, settings) as dst, \
             progress(ctx, live) as on_progress:
         reports = copy_tables(src, dst, tables=tables, batch_size=args.batch_size,
@@ -360,6 +382,8 @@ def _copy(ctx: Context, args: argparse.Namespace) -> int:
         ctx.print(_format_report(report))
     total = sum(r.copied for r in reports)
     ctx.print(f"done: {total} row(s) written to {target.name}")
+    if ctx.json:
+        ctx.print_json(table_reports_json(source.name, target.name, reports))
     return EXIT_OK
 
 
