@@ -1,5 +1,8 @@
-"""Adapters to the tools applications already use (reserved: none yet).
+"""Adapters to the tools applications already use, each behind its own extra.
 
-Planned here: health endpoints for Kubernetes, LangChain memory and vector
-store, SQLAlchemy. They build on the public API (`core`, `memory`) only.
+`integrations.langchain` (``[langchain]``): a chat history over the session
+memory and a vector store over the knowledge store. `integrations.sqlalchemy`
+(``[sqlalchemy]``): an engine that follows the manager's failover. They
+build on the public API (`core`, `memory`) only; importing this package
+imports neither framework. See docs/integrations.md.
 """
