@@ -106,7 +106,7 @@ def test_database_url_is_one_provider_when_nothing_else_is_set() -> None:
     assert (provider.host, provider.port, provider.password) == (
         "ec2-1-2-3-4.compute-1.amazonaws.com", "5432", "s3cret")
     assert provider.params["sslmode"] == "require"
-    assert provider.options == {"weight": 2.0}
+    assert provider.options == {"weight": 2}
 
 
 def test_database_provider_names_the_database_url_provider(tmp_path: Path) -> None:
