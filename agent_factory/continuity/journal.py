@@ -520,11 +520,16 @@ def _current(target: psycopg.Connection[Any], changes: list[Change],
 def _write(target: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
            final: dict[RowKey, Row | None], current: dict[RowKey, Row | None],
            changes: list[Change]) -> None:
-    """Upserts table by table in first-change order, then deletes in reverse order."""
+    """Upserts table by table in first-change order, then deletes in reverse order.
+
+    Every row the changes touch is written, also one whose final version is
+    already the primary's: the backup still holds its own version (a change
+    that lost, or outage changes that net to nothing on the primary), and
+    only a write on the primary sends the primary's version to it again.
+    """
     order = list(dict.fromkeys(c.table for c in changes))
     for table in order:
-        rows = [r for (t, _), r in final.items()
-                if t == table and r is not None and r != current.get((t, _))]
+        rows = [r for (t, _), r in final.items() if t == table and r is not None]
         if rows:
             cols = list(rows[0])
             names = sql.SQL(", ").join(map(sql.Identifier, cols))

@@ -311,6 +311,41 @@ def test_a_primary_hung_mid_stream_does_not_hold_the_backups_rows(
         converged(plain, healthy_fleet)
 
 
+def journaled(url: str, *statements: str) -> None:
+    """One transaction on a backup as the managers write there while failed over."""
+    with psycopg.connect(url) as conn:
+        conn.execute("SELECT set_config('agent_factory.journal', 'on', true)")
+        for statement in statements:
+            conn.execute(statement)
+
+
+@pytest.mark.parametrize("bank", [True], indirect=True)
+def test_a_drain_that_changes_nothing_on_the_primary_still_converges_the_backup(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """Railway's own outage writes net to nothing on the primary, while the
+    primary's last transfer reached railway between two of them (the primary
+    back, or resumed after a hang, while instances still write on railway).
+    Railway's row must still end as the primary's: the drain writes it."""
+    plain = direct(healthy_fleet, bank)
+    with bank_db(bank, conflict_delta_columns="accounts.balance", drain_interval=3600) as db:
+        query_none(plain["railway"], "ALTER SUBSCRIPTION agent_factory_railway DISABLE")
+        query_none(plain["supabase"], "UPDATE accounts SET balance = balance + 100 WHERE id = 1")
+        journaled(plain["railway"], "UPDATE accounts SET balance = balance - 5 WHERE id = 1",
+                  "UPDATE accounts SET balance = balance + 5 WHERE id = 2")
+        query_none(plain["railway"], "ALTER SUBSCRIPTION agent_factory_railway ENABLE")
+        # The primary's update overwrites railway's row (its change stays in the journal).
+        wait_until(lambda: query(plain["railway"], "SELECT balance FROM accounts WHERE id = 1")
+                   == [(1100,)], timeout=30, message="the primary's update on railway")
+        journaled(plain["railway"], "UPDATE accounts SET balance = balance + 5 WHERE id = 1",
+                  "UPDATE accounts SET balance = balance - 5 WHERE id = 2")
+        assert journal_size(plain["railway"]) == 4
+        assert db.failback_now() == 4
+    assert query(plain["supabase"], "SELECT id, balance FROM accounts WHERE id <= 2 "
+                 "ORDER BY id") == [(1, 1100), (2, 1000)]
+    assert query(plain["supabase"], "SELECT count(*) FROM agent_factory_conflicts") == [(2,)]
+    converged(plain, healthy_fleet)
+
+
 def test_without_delta_columns_conflicts_are_reported_never_silent(
         healthy_fleet: Fleet, bank: dict[str, str]) -> None:
     plain = direct(healthy_fleet, bank)
