@@ -249,11 +249,8 @@ def test_bank_without_replication_keeps_every_transfer(
 
 
 @pytest.mark.parametrize("bank", [True], indirect=True)
-# A hang variant ran here this session; in 1 of 4 CI runs railway kept one account
-# off the primary after failback (README: "Not there yet"). The hang itself is
-# covered by test_a_primary_hung_mid_stream_does_not_hold_the_backups_rows.
-@pytest.mark.parametrize(("backlog", "hang"), [(False, False), (True, False)],
-                         ids=["crash", "crash-with-backlog"])
+@pytest.mark.parametrize(("backlog", "hang"), [(False, False), (True, False), (False, True)],
+                         ids=["crash", "crash-with-backlog", "hang"])
 def test_bank_replicated_outage_keeps_every_transfer_and_converges(
         healthy_fleet: Fleet, bank: dict[str, str], backlog: bool, hang: bool) -> None:
     plain = direct(healthy_fleet, bank)
