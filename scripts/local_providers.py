@@ -26,7 +26,8 @@ from pathlib import Path
 
 PASSWORD = "local"
 SERVERS = (("supabase", 54321), ("railway", 54322), ("neon", 54323))
-STATE = Path(tempfile.gettempdir()) / f"agent-factory-local-{os.getuid() if hasattr(os, 'getuid') else 0}"
+_UID = os.getuid() if hasattr(os, "getuid") else 0
+STATE = Path(tempfile.gettempdir()) / f"agent-factory-local-{_UID}"
 PIDFILE = STATE / "serve.pid"
 LOG = STATE / "serve.log"
 START_TIMEOUT = 120.0
