@@ -24,6 +24,8 @@ from defaults import ORDER
 from fleet import until_accepted, wait_until
 from psycopg.conninfo import conninfo_to_dict
 
+from agent_factory.continuity import journal
+from agent_factory.continuity.merge import ConflictPolicy
 from agent_factory.continuity.replication import setup_replication, teardown_replication
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.engine.settings import Settings
@@ -341,6 +343,56 @@ def test_a_drain_that_changes_nothing_on_the_primary_still_converges_the_backup(
                  "ORDER BY id") == [(1, 1100), (2, 1000)]
     assert query(plain["supabase"], "SELECT count(*) FROM agent_factory_conflicts") == [(2,)]
     converged(plain, healthy_fleet)
+
+
+def test_two_drainers_never_apply_one_transaction_twice(
+        healthy_fleet: Fleet, bank: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drainer A has applied railway's transaction on the primary and not yet
+    pruned it from railway's journal; drainer B reads it there, then A prunes
+    (the interleaving three teller processes met in CI). B must find A's mark
+    and skip it: applied twice, the delta would move the balance twice."""
+    plain = direct(healthy_fleet, bank)
+    with psycopg.connect(plain["railway"]) as conn:
+        journal.install(conn, "accounts")
+    journaled(plain["railway"], "UPDATE accounts SET balance = balance + 5 WHERE id = 1")
+    policy = ConflictPolicy(delta_columns={"accounts": frozenset({"balance"})})
+    reports: dict[str, journal.DrainReport] = {}
+
+    def run(name: str) -> None:
+        with psycopg.connect(plain["supabase"]) as target, \
+                psycopg.connect(plain["railway"]) as source:
+            journal.prepare_session(target)
+            journal.prepare_session(source)
+            reports[name] = journal.drain_all(source, target, "railway", policy)
+
+    def balance() -> int:
+        return int(query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 1")[0][0])
+
+    with psycopg.connect(plain["railway"]) as blocker:
+        # Holds the journal's rows: A's prune waits after A's commit on the primary.
+        blocker.execute(f"SELECT seq FROM {journal.JOURNAL} FOR UPDATE")
+        a = threading.Thread(target=run, args=("a",), daemon=True)
+        a.start()
+        wait_until(lambda: query(plain["railway"], "SELECT count(*) FROM pg_stat_activity "
+                                 "WHERE wait_event_type = 'Lock' AND query LIKE "
+                                 "'DELETE FROM agent_factory_journal%'")[0][0] == 1,
+                   timeout=30, message="A applied, its prune waiting")
+        assert balance() == 1005
+        real_read = journal._read
+
+        def read_then_let_a_prune(*args: Any) -> Any:
+            got = real_read(*args)
+            if threading.current_thread() is threading.main_thread():
+                blocker.rollback()
+                a.join(timeout=30)
+                assert not a.is_alive(), "A's prune did not finish"
+            return got
+
+        monkeypatch.setattr(journal, "_read", read_then_let_a_prune)
+        run("b")
+    assert (reports["a"].changes, reports["b"].changes) == (1, 0)
+    assert balance() == 1005
+    assert journal_size(plain["railway"]) == 0
 
 
 def test_without_delta_columns_conflicts_are_reported_never_silent(
