@@ -252,7 +252,7 @@ def _add_dashboard_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
                       help="address to listen on (default: 127.0.0.1; others need a token)")
     dash.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0: any)")
     dash.add_argument("--token", default=None,
-                      help="required on every state-changing request "
+                      help="required by everything but /healthz and /readyz "
                            "(default: $AGENT_FACTORY_DASHBOARD_TOKEN)")
     dash.add_argument("--demo", action="store_true",
                       help="run against three embedded providers with a light load and "
@@ -306,8 +306,8 @@ def _dashboard(args: argparse.Namespace) -> int:
                              allowed_hosts=hosts)
             host = f"[{args.host}]" if ":" in args.host else args.host
             print(f"dashboard on http://{host}:{sock.getsockname()[1]}/  (Ctrl-C to stop)"
-                  + ("\nactions need the token: open the page once with ?token=<token>"
-                     if token else ""), flush=True)
+                  + ("\nsign in on the page with the token; API clients and Prometheus "
+                     "send Authorization: Bearer <token>" if token else ""), flush=True)
             serve(app, sock)
         finally:
             if demo is not None:

@@ -16,12 +16,14 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import psycopg
+from psycopg.rows import RowFactory
+from psycopg_pool import AsyncConnectionPool
 
 from ..engine.async_provider import AsyncFetch, AsyncProvider, async_fetcher
 from ..engine.failover import Route
 from ..engine.health import HealthCallback
 from ..engine.provider import FetchMode, Unavailable, abandoned
-from ..engine.settings import Settings
+from ..engine.settings import Settings, check_row_factory
 from ..engine.watchdog import Watchdog
 from ..errors import ManagerClosedError
 from .base import BaseManager
@@ -64,12 +66,15 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         *,
         read_only: bool | None = None,
         idempotent: bool | None = None,
+        row_factory: RowFactory[Any] | None = None,
     ) -> Any:
         """Like `DatabaseManager.execute_query`, awaited."""
         fetch = async_fetcher(fetch_mode)
         core = self._core
         if core.closed:
             raise ManagerClosedError(_CLOSED)
+        if row_factory is not None:
+            check_row_factory(row_factory)
         if not self._opened:
             await self.open()
         route = core.route(query, read_only=read_only, idempotent=idempotent)
@@ -78,10 +83,10 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
                 # After a failback pause: the primary may be back.
                 route = core.route(query, read_only=read_only, idempotent=idempotent)
             try:
-                return await self._run(route, query, params, fetch)
+                return await self._run(route, query, params, fetch, row_factory)
             finally:
                 core.exit_write()
-        return await self._run(route, query, params, fetch)
+        return await self._run(route, query, params, fetch, row_factory)
 
     async def _enter_write(self) -> bool:
         """Count a write in without blocking the event loop; True if it had to wait.
@@ -109,7 +114,8 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
             await asyncio.to_thread(self._prepare_backup_write, name)
 
     async def _run(
-        self, route: Route[AsyncProvider], query: Any, params: Any, fetch: AsyncFetch
+        self, route: Route[AsyncProvider], query: Any, params: Any, fetch: AsyncFetch,
+        row_factory: RowFactory[Any] | None,
     ) -> Any:
         core = self._core
         events = self._events
@@ -123,7 +129,8 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
                 journal = self._journal(provider.name, route.write)
                 if journal:
                     await self._prepare_backup_write_async(provider.name)
-                result = await provider.run(query, params, fetch, journal=journal)
+                result = await provider.run(query, params, fetch, journal=journal,
+                                            row_factory=row_factory)
             except Unavailable as exc:
                 error = core.attempt_unavailable(provider, exc, route=route, failures=failures,
                                                  t0=t0)
@@ -137,9 +144,11 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
             return result
         raise core.all_failed(failures, write=route.write)
 
-    async def read(self, query: Any, params: Any = None, fetch_mode: FetchMode = "all") -> Any:
+    async def read(self, query: Any, params: Any = None, fetch_mode: FetchMode = "all", *,
+                   row_factory: RowFactory[Any] | None = None) -> Any:
         """A read routed by the ``read_routing`` policy (``read_only=True``)."""
-        return await self.execute_query(query, params, fetch_mode, read_only=True)
+        return await self.execute_query(query, params, fetch_mode, read_only=True,
+                                        row_factory=row_factory)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -159,9 +168,40 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
                 core.exit_write()
 
     @asynccontextmanager
-    async def _pinned(
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Like `DatabaseManager.connection`: ``async with db.connection() as conn``."""
+        core = self._core
+        if core.closed:
+            raise ManagerClosedError(_CLOSED)
+        if not self._opened:
+            await self.open()
+        if core.track_writes:
+            await self._enter_write()
+        try:
+            provider, pool, conn = await self._checkout(core.route("", read_only=False,
+                                                                   idempotent=False))
+            try:
+                first = self._lend(conn, provider.name)
+                if first is not None:
+                    await conn.execute(first)
+                yield conn
+            except psycopg.Error as exc:
+                error = self._lent_error(provider, exc, abandoned(conn))
+                if error is None:
+                    raise
+                raise error from exc
+            finally:
+                self._give_back(conn, lent=True)
+                await pool.putconn(conn)
+            provider.health.last_alive = time.monotonic()
+        finally:
+            if core.track_writes:
+                core.exit_write()
+
+    async def _checkout(
         self, route: Route[AsyncProvider]
-    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    ) -> tuple[AsyncProvider, AsyncConnectionPool[Any], psycopg.AsyncConnection[Any]]:
+        """Like `DatabaseManager._checkout`, awaited."""
         core = self._core
         failures: dict[str, str] = {}
         for provider in route.providers:
@@ -172,10 +212,16 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
             except Unavailable as exc:
                 core.checkout_refused(provider, exc, failures)
                 continue
-            break
-        else:
-            raise core.all_failed(failures, write=True)
-        core.succeeded(provider, epoch=core.epoch, failures=failures or None, write=True)
+            core.succeeded(provider, epoch=core.epoch, failures=failures or None, write=True)
+            return provider, pool, conn
+        raise core.all_failed(failures, write=True)
+
+    @asynccontextmanager
+    async def _pinned(
+        self, route: Route[AsyncProvider]
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        core = self._core
+        provider, pool, conn = await self._checkout(route)
         health = provider.health
         # Each statement of the block is watched by the connection itself
         # (see provider._observed_class): the gaps between them are not calls.
@@ -193,6 +239,7 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
                 raise
             raise error from exc
         finally:
+            self._give_back(conn, lent=False)
             await pool.putconn(conn)
         health.last_alive = time.monotonic()
         core.last_write = time.monotonic()

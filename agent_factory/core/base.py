@@ -12,14 +12,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Generic
 
+import psycopg
+
 from ..continuity.failback import Failback
 from ..continuity.peek import Peeker
 from ..continuity.witness import Witness
+from ..engine.connections import JOURNAL_LOCAL, check_configure, give_back, lend
 from ..engine.environment import settings_from_env
 from ..engine.events import Dispatcher, Listener
 from ..engine.failover import Failover, P
 from ..engine.health import HealthCallback
-from ..engine.provider import JOURNAL_LOCAL
 from ..engine.settings import Settings
 from ..engine.stats import ProviderStats
 from ..engine.watchdog import Watchdog
@@ -71,6 +73,7 @@ class BaseManager(Generic[P]):
         settings = resolve_settings(
             providers, order, primary, failover_enabled, settings, dotenv, options
         )
+        check_configure(settings, asynchronous=self._kind != "DatabaseManager")
         self._events = Dispatcher(listeners)
         self._watchdog = Watchdog(probe_after=settings.hang_timeout / 4)
         self.providers: dict[str, P] = {}
@@ -178,9 +181,35 @@ class BaseManager(Generic[P]):
         """What a transaction on provider ``name`` runs first for the journal, if anything."""
         if self._journal(name, True):
             return JOURNAL_LOCAL
-        if getattr(conn, "journal_on", False):
+        if getattr(conn, "journal_on", False) is not False:  # on, or unknown
             return "SELECT set_config('agent_factory.journal', 'off', true)"
         return None
+
+    # -- connections handed out whole (connection(), the SQLAlchemy engine) ------------
+
+    def _lend(self, conn: Any, name: str) -> str | None:
+        """Prepare a pooled connection of provider ``name`` for `connection()`: journaled
+        when ``name`` stands in for the primary. The statement to run on it first, if any."""
+        return lend(conn, self._journal(name, True), self._core.settings.providers[name].pooler)
+
+    def _give_back(self, conn: Any, *, lent: bool) -> None:
+        """Before a pinned connection goes back to its pool (see `connections.give_back`)."""
+        give_back(conn, self._core.settings.row_factory, lent=lent)
+
+    def _lent_error(self, provider: P, exc: psycopg.Error, hung: bool) -> Exception | None:
+        """Why a statement on a `connection()` failed; None for a SQL error (re-raise it).
+        Each statement there commits on its own, so a lost connection leaves the
+        outcome of the one in flight unknown."""
+        return self._core.transaction_error(provider, exc, phase="commit", hung=hung)
+
+    def _direct_journal(self, name: str) -> bool:
+        """Whether a connection of its own to provider ``name`` must journal its writes
+        (``name`` stands in for the primary). Fenced first, like every write path:
+        `SplitBrainRefusedError` while the primary may be alive for others."""
+        if not self._journal(name, True):
+            return False
+        self._prepare_backup_write(name)
+        return True
 
     def failback_status(self) -> dict[str, Any]:
         """Per backup: changes pending in its journal, oldest, last drain, last error;

@@ -20,11 +20,13 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import psycopg
+from psycopg.rows import RowFactory
+from psycopg_pool import ConnectionPool
 
 from ..engine.failover import Route
 from ..engine.health import HealthCallback
 from ..engine.provider import DatabaseProvider, Fetch, FetchMode, Unavailable, abandoned, fetcher
-from ..engine.settings import Settings
+from ..engine.settings import Settings, check_row_factory
 from ..engine.watchdog import Watchdog
 from ..errors import ManagerClosedError
 from .base import BaseManager
@@ -64,11 +66,14 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         *,
         read_only: bool | None = None,
         idempotent: bool | None = None,
+        row_factory: RowFactory[Any] | None = None,
     ) -> Any:
         """Run one statement (its own transaction) on the first available provider.
 
-        Returns a list of tuples for ``"all"``, a tuple or None for ``"one"``,
-        None for ``"none"``. ``read_only``/``idempotent`` tell whether the
+        Returns a list of rows for ``"all"``, a row or None for ``"one"``,
+        None for ``"none"``; rows are tuples unless ``row_factory`` (this
+        call's, else the manager's) makes them something else, e.g.
+        ``psycopg.rows.dict_row``. ``read_only``/``idempotent`` tell whether the
         statement may be retried on another provider after its connection
         broke mid-flight; by default plain SELECTs (calling only known
         side-effect-free functions) are, writes are not. ``idempotent=False``
@@ -80,18 +85,21 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         core = self._core
         if core.closed:
             raise ManagerClosedError(_CLOSED)
+        if row_factory is not None:
+            check_row_factory(row_factory)
         route = core.route(query, read_only=read_only, idempotent=idempotent)
         if route.write and core.track_writes:
             if core.enter_write():
                 # After a failback pause: the primary may be back.
                 route = core.route(query, read_only=read_only, idempotent=idempotent)
             try:
-                return self._run(route, query, params, fetch)
+                return self._run(route, query, params, fetch, row_factory)
             finally:
                 core.exit_write()
-        return self._run(route, query, params, fetch)
+        return self._run(route, query, params, fetch, row_factory)
 
-    def _run(self, route: Route[DatabaseProvider], query: Any, params: Any, fetch: Fetch) -> Any:
+    def _run(self, route: Route[DatabaseProvider], query: Any, params: Any, fetch: Fetch,
+             row_factory: RowFactory[Any] | None) -> Any:
         core = self._core
         events = self._events
         t0: float | None = None
@@ -104,7 +112,8 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
                 journal = self._journal(provider.name, route.write)
                 if journal:
                     self._prepare_backup_write(provider.name)
-                result = provider.run(query, params, fetch, journal=journal)
+                result = provider.run(query, params, fetch, journal=journal,
+                                      row_factory=row_factory)
             except Unavailable as exc:
                 error = core.attempt_unavailable(provider, exc, route=route, failures=failures,
                                                  t0=t0)
@@ -118,9 +127,11 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
             return result
         raise core.all_failed(failures, write=route.write)
 
-    def read(self, query: Any, params: Any = None, fetch_mode: FetchMode = "all") -> Any:
+    def read(self, query: Any, params: Any = None, fetch_mode: FetchMode = "all", *,
+             row_factory: RowFactory[Any] | None = None) -> Any:
         """A read routed by the ``read_routing`` policy (``read_only=True``)."""
-        return self.execute_query(query, params, fetch_mode, read_only=True)
+        return self.execute_query(query, params, fetch_mode, read_only=True,
+                                  row_factory=row_factory)
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:
@@ -145,7 +156,47 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
                 core.exit_write()
 
     @contextmanager
-    def _pinned(self, route: Route[DatabaseProvider]) -> Iterator[psycopg.Connection[Any]]:
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled autocommit connection of the first available provider, for the block.
+
+        Chosen like a write at checkout: a dead primary gives the next provider
+        in order. On a backup the split-brain fence applies at checkout and
+        every statement is journaled for failback (docs/configuration.md,
+        "Connections"). Nothing is retried inside the block: a connection lost
+        there raises `OutcomeUnknownError` (each statement commits on its own).
+        The row factory is the manager's; the connection goes back to the pool
+        after the block.
+        """
+        core = self._core
+        if core.closed:
+            raise ManagerClosedError(_CLOSED)
+        if core.track_writes:
+            core.enter_write()
+        try:
+            provider, pool, conn = self._checkout(core.route("", read_only=False,
+                                                             idempotent=False))
+            try:
+                first = self._lend(conn, provider.name)
+                if first is not None:
+                    conn.execute(first)
+                yield conn
+            except psycopg.Error as exc:
+                error = self._lent_error(provider, exc, abandoned(conn))
+                if error is None:
+                    raise
+                raise error from exc
+            finally:
+                self._give_back(conn, lent=True)
+                pool.putconn(conn)
+            provider.health.last_alive = time.monotonic()
+        finally:
+            if core.track_writes:
+                core.exit_write()
+
+    def _checkout(self, route: Route[DatabaseProvider]
+                  ) -> tuple[DatabaseProvider, ConnectionPool[Any], psycopg.Connection[Any]]:
+        """A live connection of the first provider of ``route`` that gives one (fenced and
+        journal-ready on a backup)."""
         core = self._core
         failures: dict[str, str] = {}
         for provider in route.providers:
@@ -156,10 +207,14 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
             except Unavailable as exc:
                 core.checkout_refused(provider, exc, failures)
                 continue
-            break
-        else:
-            raise core.all_failed(failures, write=True)
-        core.succeeded(provider, epoch=core.epoch, failures=failures or None, write=True)
+            core.succeeded(provider, epoch=core.epoch, failures=failures or None, write=True)
+            return provider, pool, conn
+        raise core.all_failed(failures, write=True)
+
+    @contextmanager
+    def _pinned(self, route: Route[DatabaseProvider]) -> Iterator[psycopg.Connection[Any]]:
+        core = self._core
+        provider, pool, conn = self._checkout(route)
         health = provider.health
         # Each statement of the block is watched by the connection itself
         # (see provider._observed_class): the gaps between them are not calls.
@@ -177,6 +232,7 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
                 raise
             raise error from exc
         finally:
+            self._give_back(conn, lent=False)
             pool.putconn(conn)
         health.last_alive = time.monotonic()
         core.last_write = time.monotonic()

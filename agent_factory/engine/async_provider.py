@@ -13,24 +13,24 @@ import asyncio
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg import pq
 from psycopg.abc import RV, PQGen
+from psycopg.rows import RowFactory
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
+from .connections import JOURNAL_LOCAL, journal_switch, pool_kwargs, setup_for
 from .health import HealthCallback, ProviderHealth
 from .provider import (
     FIRST_SLICE,
-    JOURNAL_LOCAL,
     MAX_SLICE,
     Unavailable,
     WatchedCalls,
     abandoned,
     check_wait,
     is_dead,
-    journal_switch,
     translate,
 )
 from .settings import Settings
@@ -62,6 +62,15 @@ ASYNC_FETCHERS: dict[str, AsyncFetch] = {
 }
 
 
+async def send(conn: psycopg.AsyncConnection[Any], query: Any, params: Any,
+               row_factory: RowFactory[Any] | None) -> psycopg.AsyncCursor[Any]:
+    """``conn.execute``, with this call's row factory if it has one."""
+    if row_factory is None:
+        return await conn.execute(query, params)
+    # psycopg types a row factory for async cursors apart; the same functions serve both.
+    return await conn.cursor(row_factory=cast(Any, row_factory)).execute(query, params)
+
+
 def async_fetcher(fetch_mode: str) -> AsyncFetch:
     fetch = ASYNC_FETCHERS.get(fetch_mode)
     if fetch is None:
@@ -90,6 +99,7 @@ class AsyncProvider:
         # Called from the prober thread: the pool itself is renewed by the
         # next caller, on the event loop.
         self.health.before_recovery = self._mark_stale
+        self.setup = setup_for(name, self.tuning.configure, self.health)
         self._stale = False
         self._generation = 0
         self._closed = False
@@ -103,7 +113,8 @@ class AsyncProvider:
     # -- data path -------------------------------------------------------------------
 
     async def run(
-        self, query: Any, params: Any, fetch: AsyncFetch, *, journal: bool | None = None
+        self, query: Any, params: Any, fetch: AsyncFetch, *, journal: bool | None = None,
+        row_factory: RowFactory[Any] | None = None,
     ) -> Any:
         pool, conn = await self.checkout()
         health = self.health
@@ -112,12 +123,12 @@ class AsyncProvider:
             if journal and self.tuning.pooler:
                 async with conn.transaction():
                     await conn.execute(JOURNAL_LOCAL)
-                    result = await fetch(await conn.execute(query, params))
+                    result = await fetch(await send(conn, query, params, row_factory))
             else:
                 switch = journal_switch(conn, journal)
                 if switch is not None:
                     await conn.execute(switch)
-                result = await fetch(await conn.execute(query, params))
+                result = await fetch(await send(conn, query, params, row_factory))
         except psycopg.Error as exc:
             raise translate(health, exc, abandoned(conn)) from exc
         finally:
@@ -151,7 +162,7 @@ class AsyncProvider:
                 try:
                     conn = await pool.getconn(timeout=slice_)
                 except PoolTimeout:
-                    check_wait(health, started, time.monotonic(), deadline)
+                    check_wait(health, started, time.monotonic(), deadline, self.setup)
                     slice_ = min(slice_ * 2, MAX_SLICE)
                     continue
                 except PoolClosed:
@@ -187,13 +198,19 @@ class AsyncProvider:
 
     async def _new_pool(self) -> AsyncConnectionPool[Any]:
         t = self.tuning
-        kwargs: dict[str, Any] = {"autocommit": True}
-        if not t.prepare:
-            kwargs["prepare_threshold"] = None
+        configure = None
+        if self.setup is not None:
+            ref, generation = weakref.ref(self), self._generation
+
+            def current() -> bool:
+                p = ref()
+                return p is not None and p._generation == generation
+            configure = self.setup.async_hook(current)
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             self.health.conninfo,
             connection_class=_observed_async_class(self, self._generation),
-            kwargs=kwargs,
+            kwargs=pool_kwargs(t),
+            configure=configure,
             min_size=t.pool_min_size,
             max_size=t.pool_max_size,
             timeout=t.checkout_timeout,
@@ -208,7 +225,7 @@ class AsyncProvider:
     def stats(self) -> ShellStats:
         active = self._pool is not None and not self._pool.closed
         counts = self._pool.get_stats() if self._pool is not None else {}
-        pool = pool_stats(self.target, self.tuning, self.health.up, active, counts)
+        pool = pool_stats(self.target, self.tuning, self.health.up, active, counts, self.setup)
         return {**pool, **self.health.stats()}
 
     async def close(self) -> None:

@@ -19,9 +19,18 @@ from typing import Any, Literal
 import psycopg
 from psycopg import pq
 from psycopg.abc import RV, PQGen
+from psycopg.rows import RowFactory
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from ..errors import HangTimeoutError, OutcomeUnknownError, ProviderUnavailableError
+from .connections import (
+    JOURNAL_LOCAL,
+    ConnectionSetup,
+    journal_switch,
+    pool_kwargs,
+    send,
+    setup_for,
+)
 from .health import HealthCallback, ProviderHealth
 from .policy import Kind, classify, may_retry_after_send
 from .settings import ProviderSettings, Settings
@@ -142,17 +151,20 @@ class DatabaseProvider:
             self.target, self.tuning, self._watchdog, on_change=on_health_change, clock=clock
         )
         self.health.before_recovery = self._renew_pool
+        self.setup = setup_for(name, self.tuning.configure, self.health)
         self._generation = 0
         self._closed = False
         self._pool = self._new_pool()
 
     # -- data path -------------------------------------------------------------------
 
-    def run(self, query: Any, params: Any, fetch: Fetch, *, journal: bool | None = None) -> Any:
+    def run(self, query: Any, params: Any, fetch: Fetch, *, journal: bool | None = None,
+            row_factory: RowFactory[Any] | None = None) -> Any:
         """Run one statement in autocommit mode; raise `Unavailable` or the SQL error.
 
         ``journal``: a write that the backup's journal records (True), or a
-        write that it must not (False); None for a read.
+        write that it must not (False); None for a read. ``row_factory``:
+        this call's, instead of the connection's.
         """
         pool, conn = self.checkout()
         health = self.health
@@ -162,12 +174,12 @@ class DatabaseProvider:
                 # Session state does not outlive a transaction behind the pooler.
                 with conn.transaction():
                     conn.execute(JOURNAL_LOCAL)
-                    result = fetch(conn.execute(query, params))
+                    result = fetch(send(conn, query, params, row_factory))
             else:
                 switch = journal_switch(conn, journal)
                 if switch is not None:
                     conn.execute(switch)
-                result = fetch(conn.execute(query, params))
+                result = fetch(send(conn, query, params, row_factory))
         except psycopg.Error as exc:
             raise translate(health, exc, abandoned(conn)) from exc
         finally:
@@ -214,7 +226,7 @@ class DatabaseProvider:
                 try:
                     conn = pool.getconn(timeout=slice_)
                 except PoolTimeout:
-                    check_wait(health, started, self._clock(), deadline)
+                    check_wait(health, started, self._clock(), deadline, self.setup)
                     slice_ = min(slice_ * 2, MAX_SLICE)
                     continue
                 except PoolClosed:
@@ -236,9 +248,15 @@ class DatabaseProvider:
     def _new_pool(self) -> ConnectionPool[Any]:
         t = self.tuning
         self._generation += 1
-        kwargs: dict[str, Any] = {"autocommit": True}
-        if not t.prepare:
-            kwargs["prepare_threshold"] = None
+        kwargs = pool_kwargs(t)
+        configure = None
+        if self.setup is not None:
+            ref, generation = weakref.ref(self), self._generation
+
+            def current() -> bool:
+                p = ref()
+                return p is not None and p._generation == generation
+            configure = self.setup.hook(current)
         pool: ConnectionPool[Any] = ConnectionPool(
             self.health.conninfo,
             connection_class=_observed_class(
@@ -249,6 +267,7 @@ class DatabaseProvider:
             max_size=t.pool_max_size,
             timeout=t.checkout_timeout,
             name=f"agent-factory-{self.name}",
+            configure=configure,
             open=False,
         )
         pool.open(wait=False)
@@ -279,7 +298,7 @@ class DatabaseProvider:
 
     def stats(self) -> ShellStats:
         pool = pool_stats(self.target, self.tuning, self.health.up, self.pool_active,
-                          self._pool.get_stats())
+                          self._pool.get_stats(), self.setup)
         return {**pool, **self.health.stats()}
 
     def close(self) -> None:
@@ -294,8 +313,12 @@ class DatabaseProvider:
         return f"<DatabaseProvider {self.name!r} {self.target.describe()} {state}>"
 
 
-def check_wait(health: ProviderHealth, started: float, now: float, deadline: float) -> None:
-    """Between two slices of a checkout wait: give up when down, unreachable or out of time."""
+def check_wait(health: ProviderHealth, started: float, now: float, deadline: float,
+               setup: ConnectionSetup | None = None) -> None:
+    """Between two slices of a checkout wait: give up when down, unreachable, out of
+    time, or when new connections fail the user's ``configure`` (`ConfigurationError`)."""
+    if setup is not None:
+        setup.check()
     if not health.up:
         raise Unavailable(health.last_error or "down", sent=False)
     if health.connect_failed_at >= started:
@@ -357,18 +380,6 @@ def watched(gen: PQGen[RV], w: Watch, clock: Callable[[], float]) -> PQGen[RV]:
         return ex.value  # type: ignore[no-any-return]
 
 
-#: Marks one transaction's writes for the backup's journal (pooler-safe).
-JOURNAL_LOCAL = "SELECT set_config('agent_factory.journal', 'on', true)"
-
-
-def journal_switch(conn: Any, journal: bool | None) -> str | None:
-    """The statement that puts ``conn``'s session in the wanted journal state, if any."""
-    if journal is None or journal == conn.journal_on:
-        return None
-    conn.journal_on = journal
-    return f"SET agent_factory.journal = {'on' if journal else 'off'}"
-
-
 class WatchedCalls:
     """What both pool connection classes add: each call under the watchdog.
 
@@ -383,8 +394,9 @@ class WatchedCalls:
     counted: bool | None = None
     #: The session carries ``agent_factory.journal = on``: its writes are
     #: recorded by the backup's journal (set while its provider stands in
-    #: for the primary; see continuity/journal.py).
-    journal_on = False
+    #: for the primary; see continuity/journal.py). None: unknown (see
+    #: `connections.give_back`).
+    journal_on: bool | None = False
     pgconn: Any
 
     def begin_call(

@@ -44,6 +44,8 @@ PROVIDER_OPTIONS: dict[str, type] = {
     "prepare": bool,
     "pooler": bool,
 }
+#: Provider options only code can give (no environment variable holds a function).
+CODE_OPTIONS = ("configure",)
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,13 @@ class ProviderSettings:
         for key, value in self.options.items():
             kind = PROVIDER_OPTIONS.get(key)
             where = f"providers[{self.name!r}][{key!r}]"
+            if key in CODE_OPTIONS:
+                check_callable(value, where)
+                continue
             if kind is None:
                 raise ConfigurationError(
-                    f"{where}: unknown provider option; valid: {', '.join(PROVIDER_OPTIONS)}"
+                    f"{where}: unknown provider option; valid: "
+                    f"{', '.join((*PROVIDER_OPTIONS, *CODE_OPTIONS))}"
                 )
             if kind is bool and not isinstance(value, bool):
                 raise ConfigurationError(f"{where} must be true or false, got {value!r}")
@@ -145,6 +151,10 @@ class Tuning:
     health_ttl: float
     failure_threshold: int
     failure_window: float
+    #: Run on each new pooled connection (the provider's own, else the manager's).
+    configure: Callable[[Any], Any] | None = None
+    #: The connections' row factory (None: psycopg's tuples).
+    row_factory: Callable[[Any], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +209,11 @@ class Settings:
     split_brain_fence: bool = True
     #: Seconds the heartbeat must stand still on a backup before it takes writes.
     witness_quiet: float = 3.0
+    #: Called with each new pooled connection before it serves (psycopg_pool's
+    #: ``configure``); a provider's ``configure`` option replaces it for that provider.
+    configure: Callable[[Any], Any] | None = None
+    #: The row factory of the pooled connections (psycopg's ``row_factory``).
+    row_factory: Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.providers:
@@ -235,6 +250,9 @@ class Settings:
             object.__setattr__(self, "conflict_delta_columns",
                                tuple(self.conflict_delta_columns.split(",")))
         parse_delta_columns(self.conflict_delta_columns)
+        for name in ("configure", "row_factory"):
+            if getattr(self, name) is not None:
+                check_callable(getattr(self, name), name)
         lag = self.max_replication_lag
         if lag is not None and not lag > 0:
             raise ConfigurationError(f"max_replication_lag must be > 0 seconds or unset, got {lag}")
@@ -272,6 +290,8 @@ class Settings:
             health_ttl=self.health_ttl,
             failure_threshold=self.failure_threshold,
             failure_window=self.failure_window,
+            configure=o.get("configure", self.configure),
+            row_factory=self.row_factory,
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -303,6 +323,24 @@ class Settings:
         chosen = primary if primary is not None else (order_t[0] if order_t else names[0])
         check_options(options)
         return cls(providers=parsed, primary=chosen, failover_order=order_t, **options)
+
+
+def check_callable(value: Any, where: str) -> None:
+    """Refuse a ``configure`` or ``row_factory`` that is not a function."""
+    if callable(value):
+        return
+    if where.endswith("row_factory"):
+        want = "a psycopg row factory such as psycopg.rows.dict_row"
+    else:
+        want = "a function of the new connection, e.g. def configure(conn): ..."
+    raise ConfigurationError(f"{where} must be {want}; got a {type(value).__name__}")
+
+
+def check_row_factory(row_factory: Any) -> None:
+    """A call's ``row_factory`` argument must be a function (a `TypeError` names it)."""
+    if not callable(row_factory):
+        raise TypeError("row_factory must be a psycopg row factory such as "
+                        f"psycopg.rows.dict_row; got a {type(row_factory).__name__}")
 
 
 def is_placeholder(value: str) -> bool:

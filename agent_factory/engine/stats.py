@@ -9,9 +9,12 @@ the role (the manager's routing: primary, serving, lag, pending failback).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from .settings import ProviderSettings, Tuning
+
+if TYPE_CHECKING:
+    from .connections import ConnectionSetup
 
 __all__ = [
     "HealthStats", "PoolStats", "ProviderStats", "RoleStats", "ShellStats", "pool_stats",
@@ -29,6 +32,11 @@ class PoolStats(TypedDict):
     pool_size: int
     pool_idle: int
     pool_max: int
+    #: psycopg_pool's own ``get_stats()`` of the current pool, unrenamed (its
+    #: counters start again when the pool is renewed at a recovery).
+    pool: dict[str, int]
+    #: The user's ``configure`` failed on the last new connection (None: it did not).
+    configure_error: str | None
 
 
 class HealthStats(TypedDict):
@@ -82,7 +90,7 @@ class ProviderStats(ShellStats, RoleStats, FailbackStats):
 
 def pool_stats(
     target: ProviderSettings, tuning: Tuning, healthy: bool, active: bool,
-    pool: Mapping[str, Any],
+    pool: Mapping[str, int], setup: ConnectionSetup | None,
 ) -> PoolStats:
     """The pool part, from psycopg_pool's ``get_stats()`` (the same for both shells)."""
     return {
@@ -94,4 +102,6 @@ def pool_stats(
         "pool_size": pool.get("pool_size", 0),
         "pool_idle": pool.get("pool_available", 0),
         "pool_max": tuning.pool_max_size,
+        "pool": dict(pool),
+        "configure_error": None if setup is None else setup.error,
     }

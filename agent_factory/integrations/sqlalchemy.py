@@ -13,10 +13,13 @@ first statement after a crash already reaches the backup. When the manager
 fails over or its primary comes back, a listener disposes the engine's pool,
 so every connection after that goes to the provider the manager now prefers.
 
-These are plain psycopg connections: statements through the engine are not
-journaled on a backup nor fenced by the split-brain witness, as the manager's
-own calls are (docs/integrations.md). Needs ``pip install
-'agent-factory[sqlalchemy]'``.
+A connection opened on a backup (a provider other than the manager's
+primary) is fenced and journaled like the manager's own writes: the
+split-brain witness must let writes through first (else the creator raises
+`SplitBrainRefusedError`), and the connection carries the journal setting
+for its whole life, so what it writes comes back to the primary at
+failback, even if SQLAlchemy keeps it after the primary returned
+(docs/integrations.md). Needs ``pip install 'agent-factory[sqlalchemy]'``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from typing import Any
 import psycopg
 
 from ..core.database_manager import DatabaseManager
+from ..engine.connections import prepare_direct
 from ..engine.events import Listener
+from ..engine.provider import Unavailable
 from ..errors import MissingDependencyError
 
 try:
@@ -65,13 +70,27 @@ class ProviderConnector:
         errors: list[str] = []
         settings = self._db.settings
         for name in self.candidates():
+            target = settings.providers[name]
             timeout = max(1, math.ceil(settings.tuning(name).connect_timeout))
             try:
-                conn = psycopg.connect(settings.providers[name].conninfo(connect_timeout=timeout))
+                # On a backup: its journal installed, and the fence asked first
+                # (SplitBrainRefusedError propagates: no other backup may take writes).
+                journal = self._db._direct_journal(name)
+                conn = psycopg.connect(target.conninfo(connect_timeout=timeout))
+            except Unavailable as exc:
+                errors.append(f"{name}: {exc.reason}")
+                continue
             except psycopg.Error as exc:
                 # libpq's messages name host and port, never the password.
                 errors.append(f"{name}: {str(exc).strip()}")
                 continue
+            if journal:
+                try:
+                    prepare_direct(conn, target.pooler)
+                except psycopg.Error as exc:
+                    conn.close()
+                    errors.append(f"{name}: {str(exc).strip()}")
+                    continue
             self.current = name
             return conn
         raise psycopg.OperationalError("no provider accepted a connection: " + "; ".join(errors))

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from psycopg.rows import tuple_row
+
 from ..engine.provider import FetchMode
 
 if TYPE_CHECKING:
@@ -37,13 +39,19 @@ class Call(Generic[T]):
 
 
 def run(db: DatabaseManager, call: Call[T]) -> T:
-    """Run ``call`` through a sync manager (with its failover) and parse the answer."""
+    """Run ``call`` through a sync manager (with its failover) and parse the answer.
+
+    Rows are tuples whatever ``row_factory`` the user gave the manager: the
+    parsers index them.
+    """
     return call.parse(db.execute_query(call.query, call.params, call.fetch,
-                                       read_only=call.read_only, idempotent=call.idempotent))
+                                       read_only=call.read_only, idempotent=call.idempotent,
+                                       row_factory=tuple_row))
 
 
 async def arun(db: AsyncDatabaseManager, call: Call[T]) -> T:
     """`run` for an `AsyncDatabaseManager`: the event loop is never blocked."""
     return call.parse(await db.execute_query(call.query, call.params, call.fetch,
                                              read_only=call.read_only,
-                                             idempotent=call.idempotent))
+                                             idempotent=call.idempotent,
+                                             row_factory=tuple_row))
