@@ -3,8 +3,10 @@
 Every instance that reaches the primary bumps a heartbeat row there
 (``agent_factory_heartbeat``) about once a second; logical replication
 carries it to the backups. An instance that lost the primary watches the
-heartbeat *as its backups receive it*: while it still moves, the primary is
-alive for someone (this instance is cut off, not the primary dead), and
+heartbeat *as its backups receive it*: while it still moves -- or, while a
+backup applies one long transaction that holds the heartbeats back, that
+transaction's messages still arrive -- the primary is alive for someone
+(this instance is cut off, not the primary dead), and
 writes on a backup are refused with `SplitBrainRefusedError`; reads are
 served. Once it has stood still for ``witness_quiet`` seconds (as this
 instance's own monotonic clock measures it -- two servers' clocks are never
@@ -53,13 +55,21 @@ class Sight:
 
     def __init__(self) -> None:
         self.subscribed: bool | None = None  # unknown until first read
-        self.value: int | None = None
+        #: The heartbeat and the subscription's received position, as last read.
+        self.value: tuple[Any, ...] | None = None
         self.changed_at: float | None = None  # monotonic time the value last moved
 
-    def see(self, subscribed: bool, value: int | None, now: float) -> None:
+    def see(self, subscribed: bool, value: tuple[Any, ...] | None, now: float) -> None:
+        """``value``: the heartbeat, and the apply worker's last receipt while it is
+        inside a transaction (else None). A receipt that appears or goes is no
+        news: the worker ended its transaction, or the watcher ended it."""
         self.subscribed = subscribed
-        if value != self.value or self.changed_at is None:
-            self.value, self.changed_at = value, now
+        old, self.value = self.value, value
+        beat, receipt = value if value is not None else (None, None)
+        old_beat, old_receipt = old if old is not None else (None, None)
+        if (self.changed_at is None or beat != old_beat
+                or None not in (receipt, old_receipt) and receipt != old_receipt):
+            self.changed_at = now
 
     def quiet_for(self, now: float) -> float:
         return 0.0 if self.changed_at is None else now - self.changed_at
@@ -188,7 +198,15 @@ class Witness:
             subscribed = bool(row and row[0] and row[1])
             value = None
             if subscribed:
-                beat = conn.execute(f"SELECT beat FROM {HEARTBEAT} WHERE id = 1").fetchone()
-                value = None if beat is None else int(beat[0])
+                # The heartbeat; and, while the apply worker is inside a transaction,
+                # when it last received a message: a long transaction holds the
+                # heartbeats back behind it, while its own changes keep arriving.
+                seen = conn.execute(
+                    f"SELECT (SELECT beat FROM {HEARTBEAT} WHERE id = 1), "
+                    "(SELECT max(st.last_msg_receipt_time)::text FROM pg_stat_subscription st "
+                    "JOIN pg_stat_activity a ON a.pid = st.pid AND a.backend_xid IS NOT NULL "
+                    "AND a.datname = current_database() "
+                    "WHERE st.subname LIKE 'agent\\_factory\\_%')").fetchone()
+                value = None if seen is None else (seen[0], seen[1])
             self.sights[name].see(subscribed, value, time.monotonic())
         return read

@@ -29,8 +29,14 @@ from agent_factory.continuity.merge import ConflictPolicy
 from agent_factory.continuity.replication import setup_replication, teardown_replication
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.engine.settings import Settings
-from agent_factory.errors import AgentFactoryError, ConfigurationError, OutcomeUnknownError
+from agent_factory.errors import (
+    AgentFactoryError,
+    ConfigurationError,
+    OutcomeUnknownError,
+    SplitBrainRefusedError,
+)
 from agent_factory.schema import apply_migrations
+from agent_factory.testing.faultproxy import FaultProxy
 from agent_factory.testing.fleet import Fleet
 
 FAST = {"hang_timeout": 1.0, "probe_interval": 0.1, "checkout_timeout": 10.0,
@@ -308,6 +314,73 @@ def test_a_primary_hung_mid_stream_does_not_hold_the_backups_rows(
                    message="journal drained")
         assert query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 1") == [(1005,)]
         converged(plain, healthy_fleet)
+
+
+def apply_worker_pid(url: str) -> int | None:
+    rows = query(url, "SELECT pid FROM pg_stat_subscription WHERE pid IS NOT NULL")
+    return int(rows[0][0]) if rows else None
+
+
+@pytest.mark.parametrize("bank", [True], indirect=True)
+def test_a_cut_off_instance_stays_fenced_while_a_backup_applies_a_long_transaction(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """Instance B is cut off from a live primary while railway applies one long
+    transaction of it: the heartbeats queue behind it in the stream, so the
+    heartbeat stands still on railway for longer than witness_quiet. The
+    stream itself shows the primary alive: B's writes stay refused, and the
+    apply worker (receiving, not stuck) is left alone."""
+    plain = direct(healthy_fleet, bank)
+    # A slow backup: each replicated event costs railway a millisecond.
+    query_none(plain["railway"], """
+        CREATE FUNCTION slow_apply() RETURNS trigger LANGUAGE plpgsql
+            AS $$BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END$$;
+        CREATE TRIGGER slow_apply BEFORE INSERT ON events FOR EACH ROW
+            EXECUTE FUNCTION slow_apply();
+        ALTER TABLE events ENABLE REPLICA TRIGGER slow_apply""")
+    primary = healthy_fleet["supabase"]
+    with FaultProxy(primary.server.host, primary.server.port) as cut:
+        b_urls = dict(bank)
+        b_urls["supabase"] = bank["supabase"].replace(str(primary.proxy.port), str(cut.port))
+        with bank_db(bank) as a, bank_db(b_urls) as b:
+            assert a.execute_query("SELECT 1") and b.execute_query("SELECT 1")
+            wait_until(lambda: b._witness.sights["railway"].subscribed is True or bool(
+                b._witness.look("railway")), timeout=30, message="railway's subscription seen")
+            query_none(plain["supabase"], "INSERT INTO events (note) "
+                       "SELECT 'x' FROM generate_series(1, 12000)")
+            wait_until(lambda: apply_worker_in_transaction(plain["railway"]), timeout=30,
+                       interval=0.01, message="railway applying the long transaction")
+            worker = apply_worker_pid(plain["railway"])
+            cut.set_mode("refuse")
+            wait_until(lambda: b.execute_query("SELECT 1") and b.serving_provider == "railway",
+                       timeout=30, message="B's reads served by railway")
+            started, refused = time.monotonic(), 0
+            quiet = b.settings.witness_quiet
+            while time.monotonic() - started < quiet + 3:
+                assert apply_worker_in_transaction(plain["railway"]), \
+                    "railway applied the transaction too soon for this test: slow it more"
+                try:
+                    b.execute_query("UPDATE accounts SET balance = balance + 1 WHERE id = 1",
+                                    fetch_mode="none")
+                except SplitBrainRefusedError:
+                    pass
+                else:
+                    sight = b._witness.sights["railway"]
+                    stream = query(plain["railway"], "SELECT received_lsn::text, "
+                                   "last_msg_receipt_time FROM pg_stat_subscription")
+                    raise AssertionError(
+                        f"B wrote on railway {time.monotonic() - started:.1f}s after the cut; "
+                        f"B saw {sight.value} quiet {sight.quiet_for(time.monotonic()):.1f}s; "
+                        f"railway's stream: {stream}")
+                refused += 1
+                time.sleep(0.05)
+            assert refused > 20
+            assert apply_worker_pid(plain["railway"]) == worker, "the apply worker was ended"
+            assert a.serving_provider == "supabase"
+            cut.set_mode("pass")
+            wait_until(lambda: b.execute_query("SELECT 1") and b.serving_provider == "supabase",
+                       timeout=30, message="B back on the primary")
+    assert journal_size(plain["railway"]) == 0
+    converged(plain, healthy_fleet)
 
 
 def journaled(url: str, *statements: str) -> None:
