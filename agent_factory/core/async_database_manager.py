@@ -153,6 +153,12 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """Several statements in one transaction, pinned to one provider."""
+        async with self._writer() as route, self._pinned(route) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _writer(self) -> AsyncIterator[Route[AsyncProvider]]:
+        """Like `DatabaseManager._writer` (the pools opened first if need be)."""
         core = self._core
         if core.closed:
             raise ManagerClosedError(_CLOSED)
@@ -161,8 +167,7 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         if core.track_writes:
             await self._enter_write()
         try:
-            async with self._pinned(core.route("", read_only=False, idempotent=False)) as conn:
-                yield conn
+            yield core.route("", read_only=False, idempotent=False)
         finally:
             if core.track_writes:
                 core.exit_write()
@@ -170,16 +175,8 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """Like `DatabaseManager.connection`: ``async with db.connection() as conn``."""
-        core = self._core
-        if core.closed:
-            raise ManagerClosedError(_CLOSED)
-        if not self._opened:
-            await self.open()
-        if core.track_writes:
-            await self._enter_write()
-        try:
-            provider, pool, conn = await self._checkout(core.route("", read_only=False,
-                                                                   idempotent=False))
+        async with self._writer() as route:
+            provider, pool, conn = await self._checkout(route)
             try:
                 first = self._lend(conn, provider.name)
                 if first is not None:
@@ -194,9 +191,6 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
                 self._give_back(conn, lent=True)
                 await pool.putconn(conn)
             provider.health.last_alive = time.monotonic()
-        finally:
-            if core.track_writes:
-                core.exit_write()
 
     async def _checkout(
         self, route: Route[AsyncProvider]

@@ -143,14 +143,20 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         is lost during COMMIT, `OutcomeUnknownError`. The block is never
         replayed: retry it yourself if that is safe.
         """
+        with self._writer() as route, self._pinned(route) as conn:
+            yield conn
+
+    @contextmanager
+    def _writer(self) -> Iterator[Route[DatabaseProvider]]:
+        """A pinned write path's frame: the manager open, the write counted in (a
+        failback switch waits for it), and the route of a write."""
         core = self._core
         if core.closed:
             raise ManagerClosedError(_CLOSED)
         if core.track_writes:
             core.enter_write()
         try:
-            with self._pinned(core.route("", read_only=False, idempotent=False)) as conn:
-                yield conn
+            yield core.route("", read_only=False, idempotent=False)
         finally:
             if core.track_writes:
                 core.exit_write()
@@ -167,14 +173,8 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         The row factory is the manager's; the connection goes back to the pool
         after the block.
         """
-        core = self._core
-        if core.closed:
-            raise ManagerClosedError(_CLOSED)
-        if core.track_writes:
-            core.enter_write()
-        try:
-            provider, pool, conn = self._checkout(core.route("", read_only=False,
-                                                             idempotent=False))
+        with self._writer() as route:
+            provider, pool, conn = self._checkout(route)
             try:
                 first = self._lend(conn, provider.name)
                 if first is not None:
@@ -189,9 +189,6 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
                 self._give_back(conn, lent=True)
                 pool.putconn(conn)
             provider.health.last_alive = time.monotonic()
-        finally:
-            if core.track_writes:
-                core.exit_write()
 
     def _checkout(self, route: Route[DatabaseProvider]
                   ) -> tuple[DatabaseProvider, ConnectionPool[Any], psycopg.Connection[Any]]:

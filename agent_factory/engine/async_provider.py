@@ -21,7 +21,7 @@ from psycopg.abc import RV, PQGen
 from psycopg.rows import RowFactory
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
-from .connections import JOURNAL_LOCAL, journal_switch, pool_kwargs, setup_for
+from .connections import JOURNAL_LOCAL, journal_switch, pool_kwargs, setup_for, still_current
 from .health import HealthCallback, ProviderHealth
 from .provider import (
     FIRST_SLICE,
@@ -200,12 +200,7 @@ class AsyncProvider:
         t = self.tuning
         configure = None
         if self.setup is not None:
-            ref, generation = weakref.ref(self), self._generation
-
-            def current() -> bool:
-                p = ref()
-                return p is not None and p._generation == generation
-            configure = self.setup.async_hook(current)
+            configure = self.setup.async_hook(still_current(self))
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             self.health.conninfo,
             connection_class=_observed_async_class(self, self._generation),

@@ -31,7 +31,7 @@ from .settings import Settings, Tuning
 
 __all__ = [
     "JOURNAL_LOCAL", "AsyncJournaledCursor", "ConnectionSetup", "JournaledCursor", "give_back",
-    "check_configure", "journal_switch", "lend", "prepare_direct", "setup_for",
+    "check_configure", "journal_switch", "lend", "prepare_direct", "setup_for", "still_current",
 ]
 
 logger = logging.getLogger("agent_factory.core.database_manager")
@@ -162,6 +162,17 @@ def setup_for(name: str, configure: Callable[[Any], Any] | None,
               health: ProviderHealth) -> ConnectionSetup | None:
     """The provider's `ConnectionSetup`, or None without ``configure``."""
     return None if configure is None else ConnectionSetup(name, configure, health)
+
+
+def still_current(provider: Any) -> Callable[[], bool]:
+    """Whether the pool ``provider`` has now is the one it had at this call (held weakly:
+    a pool's workers must not keep a forgotten provider alive)."""
+    ref, generation = weakref.ref(provider), provider._generation
+
+    def current() -> bool:
+        p = ref()
+        return p is not None and p._generation == generation
+    return current
 
 
 def check_configure(settings: Settings, *, asynchronous: bool) -> None:

@@ -30,6 +30,7 @@ from .connections import (
     pool_kwargs,
     send,
     setup_for,
+    still_current,
 )
 from .health import HealthCallback, ProviderHealth
 from .policy import Kind, classify, may_retry_after_send
@@ -251,12 +252,7 @@ class DatabaseProvider:
         kwargs = pool_kwargs(t)
         configure = None
         if self.setup is not None:
-            ref, generation = weakref.ref(self), self._generation
-
-            def current() -> bool:
-                p = ref()
-                return p is not None and p._generation == generation
-            configure = self.setup.hook(current)
+            configure = self.setup.hook(still_current(self))
         pool: ConnectionPool[Any] = ConnectionPool(
             self.health.conninfo,
             connection_class=_observed_class(

@@ -35,7 +35,7 @@ from ..core.database_manager import DatabaseManager
 from ..engine.connections import prepare_direct
 from ..engine.events import Listener
 from ..engine.provider import Unavailable
-from ..errors import MissingDependencyError
+from ..errors import MissingDependencyError, SplitBrainRefusedError
 
 try:
     import sqlalchemy
@@ -73,10 +73,11 @@ class ProviderConnector:
             target = settings.providers[name]
             timeout = max(1, math.ceil(settings.tuning(name).connect_timeout))
             try:
-                # On a backup: its journal installed, and the fence asked first
-                # (SplitBrainRefusedError propagates: no other backup may take writes).
+                # On a backup: its journal installed, and the fence asked first.
                 journal = self._db._direct_journal(name)
                 conn = psycopg.connect(target.conninfo(connect_timeout=timeout))
+            except SplitBrainRefusedError:
+                raise  # SQLAlchemy wraps it (``exc.orig``); no backup may take writes now
             except Unavailable as exc:
                 errors.append(f"{name}: {exc.reason}")
                 continue

@@ -107,9 +107,8 @@ def test_a_configure_that_fails_is_a_configuration_error_not_an_outage(
     assert "configure" in message and "'supabase'" in message
     assert "no_such_table_for_configure" in message
     assert isinstance(info.value.__cause__, psycopg.errors.UndefinedTable)
-    with pytest.raises(ConfigurationError):
-        with db.connection():
-            pass
+    with pytest.raises(ConfigurationError), db.connection():
+        pass
     stats = db.get_provider_stats()
     assert stats["supabase"]["healthy"] is True  # not marked down: the server answered
     assert "no_such_table_for_configure" in (stats["supabase"]["configure_error"] or "")

@@ -1,17 +1,24 @@
 """The SQLAlchemy engine on the real fleet: through a kill -9 of the primary it keeps
-answering on the backup, and it goes back to the primary once that recovers."""
+answering on the backup, and it goes back to the primary once that recovers; what
+it writes on the backup meanwhile is journaled and reaches the primary at failback."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from functools import partial
 
+import psycopg
 import pytest
 import sqlalchemy
 from conftest import MakeDb
+from databases import schema_databases
+from defaults import ORDER
 from fleet import wait_until
+from observers import provider_of
 from sqlalchemy import text
 
 from agent_factory.core.database_manager import DatabaseManager
@@ -54,6 +61,52 @@ def test_the_engine_follows_a_crash_and_the_return(
         assert [served_by(engine, healthy_fleet) for _ in range(3)] == ["supabase"] * 3
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def notes(healthy_fleet: Fleet) -> Iterator[dict[str, str]]:
+    """Databases with the schema (the journal) and a ``notes`` table on every provider."""
+    with schema_databases(healthy_fleet, "sqla") as urls:
+        for url in urls.values():
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("CREATE TABLE notes (id uuid PRIMARY KEY, body text NOT NULL)")
+        yield urls
+
+
+def test_a_write_through_the_engine_during_an_outage_reaches_the_primary(
+        healthy_fleet: Fleet, notes: dict[str, str]) -> None:
+    note = str(uuid.uuid4())
+    with DatabaseManager(notes, order=ORDER, drain_interval=0.5, **FAST) as db:
+        db.register_table("notes")
+        engine = create_engine(db, pool_size=2)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("INSERT INTO notes VALUES (:id, 'before')"),
+                             {"id": str(uuid.uuid4())})
+            healthy_fleet["supabase"].server.kill()
+            with engine.begin() as conn:
+                conn.execute(text("INSERT INTO notes VALUES (:id, 'during the outage')"),
+                             {"id": note})
+                port = conn.execute(text("SELECT inet_server_port()")).scalar_one()
+            assert provider_of(healthy_fleet, port) == "railway"
+            healthy_fleet["supabase"].server.restart()
+
+            def on_primary() -> list[tuple[str]]:
+                with psycopg.connect(notes["supabase"], autocommit=True) as conn:
+                    rows = conn.execute("SELECT body FROM notes WHERE id = %s", (note,))
+                    return rows.fetchall()
+            wait_until(lambda: until_up(on_primary) == [("during the outage",)], timeout=60,
+                       message="the engine's write on the primary after failback")
+        finally:
+            engine.dispose()
+
+
+def until_up(read: Callable[[], list[tuple[str]]]) -> list[tuple[str]]:
+    """``read()``, or nothing while the restarted primary does not answer yet."""
+    try:
+        return read()
+    except psycopg.OperationalError:
+        return []
 
 
 def test_a_connection_failure_names_every_provider_without_the_password(
