@@ -306,6 +306,14 @@ def test_command_refuses_a_public_address_without_token(
     assert "AGENT_FACTORY_DASHBOARD_TOKEN" in err
 
 
+def test_command_help_says_what_the_token_guards(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["dashboard", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "required by everything but /healthz and /readyz" in out
+    assert "state-changing" not in out
+
+
 def _start(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen([sys.executable, "-m", "agent_factory.cli.main", "dashboard", *args],
                             env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -334,6 +342,8 @@ def test_command_serves_env_providers_and_stops_on_sigterm(
     env = _env(SUPABASE_DB_URL=urls["supabase"], RAILWAY_DB_URL=urls["railway"],
                NEON_DB_URL=urls["neon"], AGENT_FACTORY_DASHBOARD_TOKEN=TOKEN)
     proc, url = _start(["--port", "0"], env, tmp_path)
+    assert proc.stdout is not None
+    hint = proc.stdout.readline()  # printed with the address: the sign-in, not ?token=
     try:
         assert httpx.get(url + "api/state", timeout=10).status_code == 401
         assert httpx.get(url + "readyz", timeout=10).status_code == 200
@@ -351,6 +361,8 @@ def test_command_serves_env_providers_and_stops_on_sigterm(
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "dashboard stopped" in out and "Traceback" not in err
+    assert "sign in on the page with the token" in hint
+    assert "Authorization: Bearer <token>" in hint and "?token=" not in hint + out
     for secret in _passwords(healthy_fleet):
         assert secret not in out + err
 
