@@ -330,7 +330,8 @@ class Failback:
                 # `_has_pending` has just read the journal: no second look first.
                 total = journal.drain_all(source, target, backup, self._policy,
                                           delete_inserted_on_source=subscribed,
-                                          on_batch=batch_done)
+                                          on_batch=batch_done,
+                                          lock_timeout=self._core.settings.hang_timeout)
                 with source.transaction():
                     st.pending, st.oldest = journal.pending(source)
         except psycopg.Error as exc:

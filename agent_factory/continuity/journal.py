@@ -234,6 +234,7 @@ def drain(
     *,
     batch: int = 20000,
     delete_inserted_on_source: bool = False,
+    lock_timeout: float = 2.0,
 ) -> Iterator[DrainReport]:
     """Drain ``backup``'s journal (``source``) into the primary (``target``), batch by batch.
 
@@ -242,6 +243,10 @@ def drain(
     the primary, so the rows it inserted come back to it by replication --
     they are removed from it first (kept in its journal until the primary has
     them) so that replication does not stop on a duplicate key.
+    ``lock_timeout`` (seconds): how long a batch waits for a row of the primary
+    that a live transaction holds, before it fails (`LockNotAvailable`, nothing
+    applied). Waiting longer would hold the rows the batch locked before it
+    -- every live writer of those would queue behind the drain.
     """
     # Up to what is recorded now: writes that keep coming (other instances, or
     # this one before the write pause) are left to the next drain.
@@ -255,7 +260,7 @@ def drain(
     stuck: set[str] = set()  # source transactions touching a table the primary lacks
     while True:
         report = _drain_batch(source, target, backup, policy, batch, upto,
-                              delete_inserted_on_source, stuck)
+                              delete_inserted_on_source, stuck, lock_timeout)
         yield report
         if report.skipped or report.changes == 0:
             return
@@ -269,11 +274,13 @@ def drain_all(
     *,
     delete_inserted_on_source: bool = False,
     on_batch: Callable[[DrainReport], None] | None = None,
+    lock_timeout: float = 2.0,
 ) -> DrainReport:
     """`drain` to the end; its batches' reports summed (``on_batch`` sees each)."""
     total = DrainReport(backup)
     for report in drain(source, target, backup, policy,
-                        delete_inserted_on_source=delete_inserted_on_source):
+                        delete_inserted_on_source=delete_inserted_on_source,
+                        lock_timeout=lock_timeout):
         if on_batch is not None:
             on_batch(report)
         total = DrainReport(backup, total.changes + report.changes,
@@ -286,8 +293,11 @@ def drain_all(
 def _drain_batch(
     source: psycopg.Connection[Any], target: psycopg.Connection[Any], backup: str,
     policy: ConflictPolicy, batch: int, upto: int, delete_inserted: bool, stuck: set[str],
+    lock_timeout: float,
 ) -> DrainReport:
     with _steady(target):
+        target.execute("SELECT set_config('lock_timeout', %s, true)",
+                       (f"{max(1, round(lock_timeout * 1000))}ms",))
         got = target.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
                              (_LOCK_SPACE, backup)).fetchone()
         if not got or not got[0]:

@@ -468,6 +468,46 @@ def test_two_drainers_never_apply_one_transaction_twice(
     assert journal_size(plain["railway"]) == 0
 
 
+def test_a_drain_beside_a_long_primary_transaction_holds_nothing_and_lets_the_primary_back(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """The primary comes back with an operator's transaction holding account 5
+    for a long time. The drain must not wait behind it holding the accounts
+    before it (every live writer of those would queue behind the drain), nor
+    leave waiting backends behind; the primary takes writes again within
+    failback_max_wait, and the held change is drained once the lock goes."""
+    plain = direct(healthy_fleet, bank)
+    link = healthy_fleet["supabase"].proxy
+    with bank_db(bank, conflict_delta_columns="accounts.balance",
+                 failback_max_wait=6.0) as db:
+        with Teller(db) as teller:
+            wait_until(lambda: teller.count() >= 30, timeout=30,
+                       message="transfers on the primary")
+            link.set_mode("refuse")
+            wait_until(lambda: journal_size(plain["railway"]) >= 60, timeout=60,
+                       message="transfers journaled on railway")
+        with psycopg.connect(plain["supabase"]) as operator:
+            operator.execute("SELECT * FROM accounts WHERE id = 5 FOR UPDATE")
+            link.set_mode("pass")
+            port = healthy_fleet["supabase"].server.port
+
+            def write_on_primary() -> bool:
+                # An account the drain would have locked before account 5.
+                row = db.execute_query("UPDATE accounts SET balance = balance + 0 WHERE id = 1 "
+                                       "RETURNING inet_server_port()", fetch_mode="one",
+                                       idempotent=True)
+                return row is not None and row[0] == port
+
+            wait_until(write_on_primary, timeout=40, message="the primary takes writes again")
+            waiting = query(plain["supabase"], "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE OF t%'")
+            assert waiting == [(0,)], "drain backends left waiting on the operator's lock"
+            assert journal_size(plain["railway"]) > 0
+        # The operator ends the transaction: the rest drains.
+        wait_until(lambda: journal_size(plain["railway"]) == 0, timeout=60,
+                   message="journal drained once the lock went")
+    check_bank(teller, plain)
+
+
 def test_without_delta_columns_conflicts_are_reported_never_silent(
         healthy_fleet: Fleet, bank: dict[str, str]) -> None:
     plain = direct(healthy_fleet, bank)
