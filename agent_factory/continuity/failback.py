@@ -380,7 +380,10 @@ class Failback:
     def _connect(self, name: str, stall: Stall) -> Iterator[psycopg.Connection[Any]]:
         conn = psycopg.connect(self._conninfos[name], connect_timeout=10)
         stall.alive()
-        watch = self._watchdog.watch(conn.pgconn.socket, stall)
+        # With its pgconn the watchdog takes the socket's progress as news: a
+        # batch crossing a slow link is not a hang (only progress per batch was,
+        # and such a batch was abandoned and retried for ever).
+        watch = self._watchdog.watch(conn.pgconn.socket, stall, pgconn=conn.pgconn)
         try:
             with conn:
                 journal.prepare_session(conn)

@@ -508,6 +508,25 @@ def test_a_drain_beside_a_long_primary_transaction_holds_nothing_and_lets_the_pr
     check_bank(teller, plain)
 
 
+def test_a_drain_over_a_slow_link_finishes(healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """A batch whose statements take longer than the drain's stall bound to cross a
+    slow link (300 kB/s each way) is progress, not a hang: it must not be abandoned
+    (and retried, and abandoned again, for ever)."""
+    plain = direct(healthy_fleet, bank)
+    with bank_db(bank, drain_interval=3600) as db:
+        db.register_table("events")
+        journaled(plain["railway"], "INSERT INTO events (note) SELECT repeat('x', 300) "
+                  "FROM generate_series(1, 4000)")
+        link = healthy_fleet["supabase"].proxy
+        link.set_rate(300_000)
+        try:
+            moved = db.failback_now()
+        finally:
+            link.set_rate(None)
+        assert moved == 4000, db.failback_status()["backups"]["railway"]
+    assert query(plain["supabase"], "SELECT count(*) FROM events") == [(4000,)]
+
+
 def test_without_delta_columns_conflicts_are_reported_never_silent(
         healthy_fleet: Fleet, bank: dict[str, str]) -> None:
     plain = direct(healthy_fleet, bank)
