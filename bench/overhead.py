@@ -262,7 +262,7 @@ def python_costs(url: str, number: int = 20000) -> dict[str, float]:
             "plain pool: `cursor.fetchall()` (result already consumed)": t(plain_fetch),
             "manager: its fetch function for fetch_mode='all' (same cursor)": t(manager_fetch),
         }
-        provider.run = lambda *args: None  # type: ignore[method-assign]
+        provider.run = lambda *args, **kwargs: None  # type: ignore[method-assign]
         out["manager: `execute_query` dispatch around `provider.run` (routing, events)"] = t(
             lambda: manager.execute_query("SELECT 1")
         )
