@@ -22,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from ..engine.async_provider import AsyncFetch, AsyncProvider, async_fetcher
 from ..engine.failover import Route
 from ..engine.health import HealthCallback
+from ..engine.hedge import FIRST, SECOND, TICK, HedgeDue, HedgeLost, Race, Side
 from ..engine.provider import FetchMode, Unavailable, abandoned
 from ..engine.settings import Settings, check_row_factory
 from ..engine.watchdog import Watchdog
@@ -121,16 +122,26 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         events = self._events
         t0: float | None = None
         failures: dict[str, str] = {}
+        hedge = core.hedge(route)
         for provider in route.providers:
+            if provider.name in failures:
+                continue  # a hedge that failed
             epoch = core.epoch
             if events.query_listeners:
                 t0 = time.perf_counter()
+            served = provider
             try:
                 journal = self._journal(provider.name, route.write)
                 if journal:
                     await self._prepare_backup_write_async(provider.name)
-                result = await provider.run(query, params, fetch, journal=journal,
-                                            row_factory=row_factory)
+                if hedge is not None:
+                    target, after = hedge
+                    hedge = None
+                    served, result = await self._race(provider, target, after, route, failures,
+                                                      (query, params, fetch, row_factory))
+                else:
+                    result = await provider.run(query, params, fetch, journal=journal,
+                                                row_factory=row_factory)
             except Unavailable as exc:
                 error = core.attempt_unavailable(provider, exc, route=route, failures=failures,
                                                  t0=t0)
@@ -140,9 +151,92 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
             except Exception as exc:
                 core.attempt_error(provider, exc, t0=t0)
                 raise
-            core.attempt_ok(provider, epoch=epoch, failures=failures, route=route, t0=t0)
+            core.attempt_ok(served, epoch=epoch, failures=failures,
+                            route=route if served is provider else core.hedged(route), t0=t0)
             return result
         raise core.all_failed(failures, write=route.write)
+
+    async def _race(self, first: AsyncProvider, target: AsyncProvider, after: float,
+                    route: Route[AsyncProvider], failures: dict[str, str],
+                    call: tuple[Any, Any, AsyncFetch, RowFactory[Any] | None]
+                    ) -> tuple[Any, Any]:
+        """Like `DatabaseManager._race`: the two calls are tasks, the caller awaits the first
+        answer (the loser notices at its next wake-up and settles in the background)."""
+        core = self._core
+        query, params, fetch, row_factory = call
+        race = Race(time.monotonic() + after, lambda: core.may_hedge(first))
+        one = asyncio.ensure_future(first.run(query, params, fetch, row_factory=row_factory,
+                                              race=Side(race, FIRST, time.monotonic)))
+        one.add_done_callback(_retrieved)
+        two: asyncio.Future[None] | None = None
+        try:
+            while not one.done() and race.winner != SECOND:
+                if two is None:
+                    await asyncio.wait((one,), timeout=max(race.hedge_at - time.monotonic(),
+                                                           4 * TICK))
+                    if not one.done() and race.sent and race.start(time.monotonic()):
+                        two = asyncio.ensure_future(self._second(target, race, call))
+                else:
+                    await asyncio.wait((one, two), return_when=asyncio.FIRST_COMPLETED)
+                    if two.done() and race.winner != SECOND:
+                        await asyncio.wait((one,))  # the hedge failed: the first call alone
+        except asyncio.CancelledError:
+            one.cancel()
+            if two is not None:
+                two.cancel()
+            raise
+        if race.winner == SECOND:
+            return target, race.result
+        try:
+            result = one.result()
+        except HedgeDue:  # nothing sent yet: the read goes to the hedge's provider alone
+            return await self._instead(first, target, route, failures, call)
+        except HedgeLost:
+            return target, race.result
+        except Unavailable as exc:
+            if two is None:
+                raise
+            await asyncio.wait((two,))
+            if race.winner != SECOND:
+                raise
+            core.attempt_unavailable(first, exc, route=route, failures=failures, t0=None)
+            return target, race.result
+        except BaseException:
+            if not race.claim(FIRST, None):
+                return target, race.result
+            raise
+        if race.claim(FIRST, result):
+            return first, result
+        return target, race.result
+
+    async def _second(self, target: AsyncProvider, race: Race,
+                      call: tuple[Any, Any, AsyncFetch, RowFactory[Any] | None]) -> None:
+        """The hedge: its answer claims the race, its failure leaves it to the first call."""
+        query, params, fetch, row_factory = call
+        try:
+            result = await target.run(query, params, fetch, row_factory=row_factory,
+                                      race=Side(race, SECOND, time.monotonic))
+        except HedgeLost:
+            return
+        except Exception as exc:
+            race.fail(SECOND, exc)
+            return
+        if race.claim(SECOND, result):
+            self._core.budget.won += 1
+
+    async def _instead(self, first: AsyncProvider, target: AsyncProvider,
+                       route: Route[AsyncProvider], failures: dict[str, str],
+                       call: tuple[Any, Any, AsyncFetch, RowFactory[Any] | None]
+                       ) -> tuple[Any, Any]:
+        """Like `DatabaseManager._instead`, awaited."""
+        query, params, fetch, row_factory = call
+        try:
+            result = await target.run(query, params, fetch, row_factory=row_factory)
+        except Unavailable as exc:
+            self._core.attempt_unavailable(target, exc, route=route, failures=failures, t0=None)
+            return first, await first.run(query, params, fetch, row_factory=row_factory)
+        self._core.budget.won += 1
+        return target, result
 
     async def read(self, query: Any, params: Any = None, fetch_mode: FetchMode = "all", *,
                    row_factory: RowFactory[Any] | None = None) -> Any:
@@ -277,3 +371,9 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
     async def __aexit__(self, *exc_info: object) -> Literal[False]:
         await self.close()
         return False
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """A raced call that lost ends with `HedgeLost` after its caller has gone: seen here."""
+    if not task.cancelled():
+        task.exception()

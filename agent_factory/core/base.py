@@ -247,6 +247,10 @@ class BaseManager(Generic[P]):
     def closed(self) -> bool:
         return self._core.closed
 
+    def get_hedge_stats(self) -> dict[str, int]:
+        """Hedged reads so far: sent, won (answered first), refused by the budget."""
+        return self._core.budget.stats()
+
     def get_provider_stats(self) -> dict[str, ProviderStats]:
         """Per provider: health, role, breaker, host, pool usage, last error, latency, lag.
 

@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool
 
 from ..engine.failover import Route
 from ..engine.health import HealthCallback
+from ..engine.hedge import FIRST, SECOND, HedgeDue, HedgeLost, Race, Side
 from ..engine.provider import DatabaseProvider, Fetch, FetchMode, Unavailable, abandoned, fetcher
 from ..engine.settings import Settings, check_row_factory
 from ..engine.watchdog import Watchdog
@@ -104,16 +105,26 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         events = self._events
         t0: float | None = None
         failures: dict[str, str] = {}
+        hedge = core.hedge(route)
         for provider in route.providers:
+            if provider.name in failures:
+                continue  # a hedge that failed
             epoch = core.epoch
             if events.query_listeners:
                 t0 = time.perf_counter()
+            served = provider
             try:
                 journal = self._journal(provider.name, route.write)
                 if journal:
                     self._prepare_backup_write(provider.name)
-                result = provider.run(query, params, fetch, journal=journal,
-                                      row_factory=row_factory)
+                if hedge is not None:
+                    target, after = hedge
+                    hedge = None
+                    served, result = self._race(provider, target, after, route, failures,
+                                                (query, params, fetch, row_factory))
+                else:
+                    result = provider.run(query, params, fetch, journal=journal,
+                                          row_factory=row_factory)
             except Unavailable as exc:
                 error = core.attempt_unavailable(provider, exc, route=route, failures=failures,
                                                  t0=t0)
@@ -123,9 +134,72 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
             except Exception as exc:
                 core.attempt_error(provider, exc, t0=t0)
                 raise
-            core.attempt_ok(provider, epoch=epoch, failures=failures, route=route, t0=t0)
+            core.attempt_ok(served, epoch=epoch, failures=failures,
+                            route=route if served is provider else core.hedged(route), t0=t0)
             return result
         raise core.all_failed(failures, write=route.write)
+
+    def _race(self, first: DatabaseProvider, target: DatabaseProvider, after: float,
+              route: Route[DatabaseProvider], failures: dict[str, str],
+              call: tuple[Any, Any, Fetch, RowFactory[Any] | None]) -> tuple[Any, Any]:
+        """A read on ``first``, hedged to ``target`` after ``after`` s of silence:
+        (the provider that answered, its rows).
+
+        The caller's thread runs the first call and wakes every tick while its
+        server is silent (see hedge.raced): it starts the hedge on a thread of
+        its own when due, and leaves as soon as the hedge has answered.
+        """
+        core = self._core
+        query, params, fetch, row_factory = call
+        race = Race(time.monotonic() + after, lambda: core.may_hedge(first))
+
+        def second() -> None:
+            try:
+                result = target.run(query, params, fetch, row_factory=row_factory,
+                                    race=Side(race, SECOND, time.monotonic))
+            except HedgeLost:
+                return
+            except BaseException as exc:  # the first side's answer still counts
+                race.fail(SECOND, exc)
+                return
+            if race.claim(SECOND, result):
+                core.budget.won += 1
+
+        def start() -> None:
+            threading.Thread(target=second, name="agent-factory-hedge", daemon=True).start()
+
+        try:
+            result = first.run(query, params, fetch, row_factory=row_factory,
+                               race=Side(race, FIRST, time.monotonic, start))
+        except HedgeDue:  # nothing sent yet: the read goes to the hedge's provider alone
+            return self._instead(first, target, route, failures, call)
+        except HedgeLost:
+            return target, race.result
+        except Unavailable as exc:
+            if not (race.started and race.wait_hedge(None) and race.winner == SECOND):
+                raise
+            core.attempt_unavailable(first, exc, route=route, failures=failures, t0=None)
+            return target, race.result
+        except BaseException:
+            if not race.claim(FIRST, None):
+                return target, race.result
+            raise
+        if race.claim(FIRST, result):
+            return first, result
+        return target, race.result
+
+    def _instead(self, first: DatabaseProvider, target: DatabaseProvider,
+                 route: Route[DatabaseProvider], failures: dict[str, str],
+                 call: tuple[Any, Any, Fetch, RowFactory[Any] | None]) -> tuple[Any, Any]:
+        """A read whose hedge came due at checkout: on ``target``, else ``first`` after all."""
+        query, params, fetch, row_factory = call
+        try:
+            result = target.run(query, params, fetch, row_factory=row_factory)
+        except Unavailable as exc:
+            self._core.attempt_unavailable(target, exc, route=route, failures=failures, t0=None)
+            return first, first.run(query, params, fetch, row_factory=row_factory)
+        self._core.budget.won += 1
+        return target, result
 
     def read(self, query: Any, params: Any = None, fetch_mode: FetchMode = "all", *,
              row_factory: RowFactory[Any] | None = None) -> Any:

@@ -10,6 +10,7 @@ is busy, and a blocked ``await`` is interrupted by shutting its socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -18,19 +19,23 @@ from typing import Any, cast
 import psycopg
 from psycopg import pq
 from psycopg.abc import RV, PQGen
+from psycopg.generators import fetch_many
 from psycopg.rows import RowFactory
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from .connections import JOURNAL_LOCAL, journal_switch, pool_kwargs, setup_for, still_current
 from .health import HealthCallback, ProviderHealth
+from .hedge import CANCEL_TIMEOUT, TICK, HedgeLost, Side
 from .provider import (
     FIRST_SLICE,
-    MAX_SLICE,
     Unavailable,
     WatchedCalls,
     abandoned,
+    bind_race,
     check_wait,
     is_dead,
+    next_slice,
+    settle_failed,
     translate,
 )
 from .settings import Settings
@@ -114,11 +119,14 @@ class AsyncProvider:
 
     async def run(
         self, query: Any, params: Any, fetch: AsyncFetch, *, journal: bool | None = None,
-        row_factory: RowFactory[Any] | None = None,
+        row_factory: RowFactory[Any] | None = None, race: Side | None = None,
     ) -> Any:
-        pool, conn = await self.checkout()
+        """Like `DatabaseProvider.run`, awaited (a losing call is settled in a task)."""
+        pool, conn = await self.checkout(race)
         health = self.health
         health.in_flight += 1
+        lost = False
+        bind_race(conn, race)
         try:
             if journal and self.tuning.pooler:
                 async with conn.transaction():
@@ -131,26 +139,38 @@ class AsyncProvider:
                 result = await fetch(await send(conn, query, params, row_factory))
         except psycopg.Error as exc:
             raise translate(health, exc, abandoned(conn)) from exc
+        except HedgeLost:
+            lost = True
+            raise
         finally:
             health.in_flight -= 1
-            await pool.putconn(conn)
+            if race is not None:
+                bind_race(conn, None)
+            if lost:
+                task = asyncio.get_running_loop().create_task(settle(pool, conn, health))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+            else:
+                await pool.putconn(conn)
         health.last_alive = time.monotonic()
         return result
 
-    async def checkout(self) -> tuple[AsyncConnectionPool[Any], psycopg.AsyncConnection[Any]]:
+    async def checkout(
+        self, race: Side | None = None
+    ) -> tuple[AsyncConnectionPool[Any], psycopg.AsyncConnection[Any]]:
         started = time.monotonic()
         pool = await self._current_pool()
         try:
             conn = await pool.getconn(timeout=FIRST_SLICE)
         except (PoolTimeout, PoolClosed):
-            return await self._checkout_slow(started)
+            return await self._checkout_slow(started, race)
         if is_dead(conn):
             await pool.putconn(conn)
-            return await self._checkout_slow(started)
+            return await self._checkout_slow(started, race)
         return pool, conn
 
     async def _checkout_slow(
-        self, started: float
+        self, started: float, race: Side | None
     ) -> tuple[AsyncConnectionPool[Any], psycopg.AsyncConnection[Any]]:
         health = self.health
         deadline = started + self.tuning.checkout_timeout
@@ -163,7 +183,7 @@ class AsyncProvider:
                     conn = await pool.getconn(timeout=slice_)
                 except PoolTimeout:
                     check_wait(health, started, time.monotonic(), deadline, self.setup)
-                    slice_ = min(slice_ * 2, MAX_SLICE)
+                    slice_ = next_slice(slice_, race)
                     continue
                 except PoolClosed:
                     if self._closed or pool is self._pool:
@@ -230,6 +250,20 @@ class AsyncProvider:
             await self._pool.close(timeout=1.0)
 
 
+async def settle(pool: AsyncConnectionPool[Any], conn: psycopg.AsyncConnection[Any],
+                 health: ProviderHealth) -> None:
+    """Like `provider.settle`: cancel a losing call, drain it under the watchdog, give it back."""
+    # A silent server does not answer the cancel: the drain stays under the watchdog.
+    with contextlib.suppress(psycopg.Error):
+        await conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+    try:
+        await conn.wait(fetch_many(conn.pgconn))
+    except psycopg.Error as exc:
+        settle_failed(health, exc, abandoned(conn))
+    finally:
+        await pool.putconn(conn)
+
+
 def _observed_async_class(
     provider: AsyncProvider, generation: int
 ) -> type[psycopg.AsyncConnection[Any]]:
@@ -267,6 +301,8 @@ def _observed_async_class(
                 return await super().wait(gen, *args, **kwargs)
             w, gen = self.begin_call(gen, p.health, watchdog)
             try:
+                if self.race is not None:
+                    return await super().wait(gen, interval=TICK)
                 return await super().wait(gen, *args, **kwargs)
             finally:
                 self.end_call(w, watchdog)

@@ -71,6 +71,10 @@ ENV_OPTIONS: dict[str, tuple[str, type]] = {
     "DATABASE_FAILBACK_MAX_WAIT": ("failback_max_wait", float),
     "DATABASE_SPLIT_BRAIN_FENCE": ("split_brain_fence", bool),
     "DATABASE_WITNESS_QUIET": ("witness_quiet", float),
+    "DATABASE_HEDGED_READS": ("hedged_reads", str),
+    "DATABASE_HEDGE_AFTER_MIN": ("hedge_after_min", float),
+    "DATABASE_HEDGE_BUDGET": ("hedge_budget", float),
+    "DATABASE_HEDGE_MAX_LAG": ("hedge_max_lag", float),
 }
 
 

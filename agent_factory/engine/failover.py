@@ -28,6 +28,7 @@ from ..errors import (
 )
 from .events import Dispatcher
 from .health import ProviderHealth
+from .hedge import Budget, fresh_enough, hedge_after
 from .lag import Lag
 from .policy import Kind, candidates, classify, is_read_only, order_reads, retry_rule
 from .provider import Unavailable, tag
@@ -90,6 +91,7 @@ class Failover(Generic[P]):
         self._paused = False
         self._writers = 0
         self._turn = 0
+        self.budget = Budget(settings.hedge_budget)
         self._next_log = 0.0
         self._suppressed = 0
         # Filled by replan() once the shell has created its providers.
@@ -171,6 +173,45 @@ class Failover(Generic[P]):
             retry,
             True,
         )
+
+    def hedge(self, route: Route[P]) -> tuple[P, float] | None:
+        """Where a read on ``route`` may be hedged, and after how long; None: nowhere.
+
+        Never a write (nor `transaction()` or `connection()`, which do not come
+        here), never inside the read-your-writes window, and only to a backup
+        fresh enough (`hedge.fresh_enough`). The read earns its share of the
+        budget here.
+        """
+        mode = self.settings.hedged_reads
+        providers = route.providers
+        if mode == "off" or route.write or len(providers) < 2:
+            return None
+        if self._clock() - self.last_write < self.settings.read_your_writes:
+            return None
+        bound = self.settings.hedge_lag_bound()
+        for target in providers[1:]:
+            if target.name == self.primary:
+                break  # the primary is never behind
+            lag = self.lag(target.name)
+            if fresh_enough(mode, None if lag is None else lag.seconds, bound):
+                break
+        else:
+            return None
+        self.budget.earn()
+        first = providers[0].health
+        return target, hedge_after(first.latency.recent_p99, self.settings.hedge_after_min,
+                                   first.hang_timeout)
+
+    @staticmethod
+    def hedged(route: Route[P]) -> Route[P]:
+        """``route`` as seen by a hedge that answered: evidence, not proof, so the
+        serving provider does not change and no failover is reported (the
+        watchdog still decides whether the first provider is down)."""
+        return Route(route.providers, route.retry_after_send, route.write, True)
+
+    def may_hedge(self, provider: P) -> bool:
+        """The budget's answer for a read waiting on ``provider`` (no limit while suspect)."""
+        return self.budget.spend(provider.health.suspect)
 
     def lag(self, name: str) -> Lag | None:
         """A backup's replication lag, bounded as a failover now would find it (None: unknown).

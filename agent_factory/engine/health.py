@@ -79,6 +79,11 @@ class ProviderHealth:
         self.waiting = 0
         self.errors = 0
         self.latency = Latency()
+        #: When the watchdog last asked for a probe about a silent call, and when
+        #: a probe last answered: the provider is suspect while the first is later
+        #: (hedged reads then go beyond their budget, see hedge.py).
+        self.suspected_at = -1.0
+        self.probed_at = -1.0
         #: The last failed pool connect: ends the waits that began before it,
         #: even while the breaker (threshold > 1) stays closed.
         self.connect_error: str | None = None
@@ -127,6 +132,11 @@ class ProviderHealth:
     @property
     def latency_ewma(self) -> float | None:
         return self.latency.ewma
+
+    @property
+    def suspect(self) -> bool:
+        """A call has waited without news and no probe has answered since."""
+        return self.suspected_at > self.probed_at
 
     @property
     def up(self) -> bool:
@@ -234,6 +244,7 @@ class ProviderHealth:
                 return False
             now = self._clock()
             self.last_alive = now
+            self.probed_at = now
             if row is not None:
                 self.tracks_backends = (
                     not self.target.pooler and row[3] == conn.pgconn.backend_pid
@@ -296,6 +307,7 @@ class ProviderHealth:
     def request_probe(self, watch: Watch | None = None) -> None:
         """Ask the prober thread for a probe soon (non-blocking), to vouch for ``watch``."""
         if watch is not None and watch.pgconn is not None:
+            self.suspected_at = self._clock()
             with self._cond:
                 self._suspects.add(watch)
         self._wake_prober(want_probe=True)

@@ -15,11 +15,14 @@ class Latency:
         self._samples: collections.deque[float] = collections.deque(maxlen=keep)
         #: Exponential moving average (weight 0.2 to the newest); None before any.
         self.ewma: float | None = None
+        #: `p99()` as of the last sample: read on every hedgeable read, computed per probe.
+        self.recent_p99: float | None = None
 
     def record(self, seconds: float) -> None:
         self._samples.append(seconds)
         ewma = self.ewma
         self.ewma = seconds if ewma is None else 0.8 * ewma + 0.2 * seconds
+        self.recent_p99 = self.p99()
 
     def p99(self) -> float | None:
         ordered = sorted(self._samples)

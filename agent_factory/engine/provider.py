@@ -9,6 +9,7 @@ is reused.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import pq
 from psycopg.abc import RV, PQGen
+from psycopg.generators import fetch_many
 from psycopg.rows import RowFactory
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
@@ -33,6 +35,7 @@ from .connections import (
     still_current,
 )
 from .health import HealthCallback, ProviderHealth
+from .hedge import CANCEL_TIMEOUT, TICK, HedgeLost, Side, raced
 from .policy import Kind, classify, may_retry_after_send
 from .settings import ProviderSettings, Settings
 from .stats import ShellStats, pool_stats
@@ -160,16 +163,20 @@ class DatabaseProvider:
     # -- data path -------------------------------------------------------------------
 
     def run(self, query: Any, params: Any, fetch: Fetch, *, journal: bool | None = None,
-            row_factory: RowFactory[Any] | None = None) -> Any:
+            row_factory: RowFactory[Any] | None = None, race: Side | None = None) -> Any:
         """Run one statement in autocommit mode; raise `Unavailable` or the SQL error.
 
         ``journal``: a write that the backup's journal records (True), or a
         write that it must not (False); None for a read. ``row_factory``:
-        this call's, instead of the connection's.
+        this call's, instead of the connection's. ``race``: a hedged read's
+        side (`HedgeLost` when the other side answered first; the call is
+        then cancelled and its connection given back in the background).
         """
-        pool, conn = self.checkout()
+        pool, conn = self.checkout(race)
         health = self.health
         health.in_flight += 1
+        lost = False
+        bind_race(conn, race)
         try:
             if journal and self.tuning.pooler:
                 # Session state does not outlive a transaction behind the pooler.
@@ -183,9 +190,18 @@ class DatabaseProvider:
                 result = fetch(send(conn, query, params, row_factory))
         except psycopg.Error as exc:
             raise translate(health, exc, abandoned(conn)) from exc
+        except HedgeLost:
+            lost = True
+            raise
         finally:
             health.in_flight -= 1
-            pool.putconn(conn)
+            if race is not None:
+                bind_race(conn, None)
+            if lost:
+                threading.Thread(target=settle, args=(pool, conn, health), daemon=True,
+                                 name=f"agent-factory-settle-{self.name}").start()
+            else:
+                pool.putconn(conn)
         health.last_alive = self._clock()
         return result
 
@@ -201,21 +217,26 @@ class DatabaseProvider:
                 self.health.mark_down(exc.reason)
             raise unavailable_error(self.name, query, exc) from exc.__cause__
 
-    def checkout(self) -> tuple[ConnectionPool[Any], psycopg.Connection[Any]]:
-        """A live pooled connection, or `Unavailable` (never sent) within the deadline."""
+    def checkout(
+        self, race: Side | None = None
+    ) -> tuple[ConnectionPool[Any], psycopg.Connection[Any]]:
+        """A live pooled connection, or `Unavailable` (never sent) within the deadline.
+
+        A hedged read's wait here counts towards its ``hedge_after`` (see `Side.at_checkout`).
+        """
         started = self._clock()
         pool = self._pool
         try:
             conn = pool.getconn(timeout=FIRST_SLICE)
         except (PoolTimeout, PoolClosed):
-            return self._checkout_slow(started)
+            return self._checkout_slow(started, race)
         if is_dead(conn):
             pool.putconn(conn)
-            return self._checkout_slow(started)
+            return self._checkout_slow(started, race)
         return pool, conn
 
     def _checkout_slow(
-        self, started: float
+        self, started: float, race: Side | None
     ) -> tuple[ConnectionPool[Any], psycopg.Connection[Any]]:
         health = self.health
         deadline = started + self.tuning.checkout_timeout
@@ -228,7 +249,7 @@ class DatabaseProvider:
                     conn = pool.getconn(timeout=slice_)
                 except PoolTimeout:
                     check_wait(health, started, self._clock(), deadline, self.setup)
-                    slice_ = min(slice_ * 2, MAX_SLICE)
+                    slice_ = next_slice(slice_, race)
                     continue
                 except PoolClosed:
                     if self._closed or pool is self._pool:
@@ -331,6 +352,47 @@ def check_wait(health: ProviderHealth, started: float, now: float, deadline: flo
         )
 
 
+def bind_race(conn: Any, race: Side | None) -> None:
+    """Put a hedged read's statement in its race (None: out of it again)."""
+    if race is not None:
+        race.race.sent = True
+    conn.race = race
+
+
+def next_slice(slice_: float, race: Side | None) -> float:
+    """The next wait for a pooled connection; a hedged read looks at its race between them."""
+    if race is None:
+        return min(slice_ * 2, MAX_SLICE)
+    race.at_checkout()
+    return FIRST_SLICE
+
+
+def settle(pool: ConnectionPool[Any], conn: psycopg.Connection[Any],
+           health: ProviderHealth) -> None:
+    """Cancel a losing call and give its connection back to ``pool``.
+
+    A live server answers the cancel and the connection is kept; a hung one
+    does not (the request has its own short timeout), and the drain that
+    follows is a watched call like any other: the watchdog, not the lost
+    race, decides whether the provider is down (and the connection goes).
+    """
+    # A silent server does not answer the cancel: the drain stays under the watchdog.
+    with contextlib.suppress(psycopg.Error):
+        conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+    try:
+        conn.wait(fetch_many(conn.pgconn))
+    except psycopg.Error as exc:
+        settle_failed(health, exc, abandoned(conn))
+    finally:
+        pool.putconn(conn)
+
+
+def settle_failed(health: ProviderHealth, exc: psycopg.Error, hung: bool) -> None:
+    """The drain of a losing call failed: down if its connection was lost, as for any call."""
+    if classify(exc) is Kind.UNAVAILABLE:
+        health.mark_down(health.failure_reason(exc, hung))
+
+
 def unavailable_error(name: str, query: Any, exc: Unavailable) -> Exception:
     """The public error for a single provider that could not serve."""
     text = query if isinstance(query, str) else ""
@@ -393,6 +455,8 @@ class WatchedCalls:
     #: for the primary; see continuity/journal.py). None: unknown (see
     #: `connections.give_back`).
     journal_on: bool | None = False
+    #: A hedged read's side while its statement runs (see hedge.py).
+    race: Side | None = None
     pgconn: Any
 
     def begin_call(
@@ -402,7 +466,10 @@ class WatchedCalls:
         w = watchdog.watch_call(self.pgconn, health)
         if self.counted is None:
             self.counted = tcp_progress(self.pgconn.socket) is not None
-        return w, gen if self.counted else watched(gen, w, watchdog.clock)
+        if not self.counted:
+            gen = watched(gen, w, watchdog.clock)
+        race = self.race
+        return w, gen if race is None else raced(gen, race)
 
     def end_call(self, w: Watch, watchdog: Watchdog) -> None:
         """The call ended: let go of its watch (after a shutdown in progress, if any)."""
@@ -456,6 +523,9 @@ def _observed_class(
                 return super().wait(gen, *args, **kwargs)
             w, gen = self.begin_call(gen, h, watchdog)
             try:
+                if self.race is not None:
+                    # Wake up every tick while the server is silent: see hedge.raced.
+                    return super().wait(gen, interval=TICK)
                 return super().wait(gen, *args, **kwargs)
             finally:
                 self.end_call(w, watchdog)

@@ -18,6 +18,7 @@ from typing import Any
 from psycopg import conninfo as pg_conninfo
 
 from ..errors import ConfigurationError, NoProvidersConfiguredError
+from .hedge import HEDGE_MODES
 
 NO_PROVIDERS = (
     "No database providers configured. Set at least one of SUPABASE_DB_HOST + "
@@ -214,6 +215,18 @@ class Settings:
     configure: Callable[[Any], Any] | None = None
     #: The row factory of the pooled connections (psycopg's ``row_factory``).
     row_factory: Callable[[Any], Any] | None = None
+    #: Hedged reads (docs/failover.md): "auto" sends a slow read to a backup as well
+    #: only when the backup's replication lag is measured and within
+    #: ``hedge_max_lag``; "on" also to backups without replication (their own
+    #: data); "off" never.
+    hedged_reads: str = "auto"
+    #: The least silence before a read is hedged (more on a slow provider).
+    hedge_after_min: float = 0.1
+    #: Hedges as a share of the reads while the primary is not suspect.
+    hedge_budget: float = 0.05
+    #: A hedge goes to a backup at most this many seconds behind (and within
+    #: ``max_replication_lag`` when that is set).
+    hedge_max_lag: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.providers:
@@ -256,6 +269,7 @@ class Settings:
         lag = self.max_replication_lag
         if lag is not None and not lag > 0:
             raise ConfigurationError(f"max_replication_lag must be > 0 seconds or unset, got {lag}")
+        self._check_hedging()
         if self.read_routing not in READ_ROUTING:
             raise ConfigurationError(
                 f"read_routing={self.read_routing!r} is not one of {', '.join(READ_ROUTING)}"
@@ -268,6 +282,26 @@ class Settings:
                     f"pool_max_size and pool_max_size >= 1, got "
                     f"{t.pool_min_size}/{t.pool_max_size}"
                 )
+
+    def _check_hedging(self) -> None:
+        if self.hedged_reads not in HEDGE_MODES:
+            raise ConfigurationError(
+                f"hedged_reads={self.hedged_reads!r} is not one of {', '.join(HEDGE_MODES)} "
+                "(DATABASE_HEDGED_READS)"
+            )
+        for name in ("hedge_after_min", "hedge_max_lag"):
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if not 0 <= self.hedge_budget <= 1:
+            raise ConfigurationError(
+                f"hedge_budget must be a share of the reads between 0 and 1 (0.05: 5 %), "
+                f"got {self.hedge_budget}"
+            )
+
+    def hedge_lag_bound(self) -> float:
+        """How far behind a backup may be to take a hedge (seconds)."""
+        bound = self.max_replication_lag
+        return self.hedge_max_lag if bound is None else min(bound, self.hedge_max_lag)
 
     def tuning(self, name: str) -> Tuning:
         """The effective settings of provider ``name``."""

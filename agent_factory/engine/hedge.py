@@ -1,0 +1,226 @@
+"""Hedged reads: when a read also goes to a second provider, and which answer wins. No I/O.
+
+A read that has had no answer from its provider for ``hedge_after`` is sent
+to a fresh backup as well ("The Tail at Scale", Dean & Barroso, 2013); the
+first answer wins and the other call is cancelled. The shells
+(`DatabaseManager`, `AsyncDatabaseManager`) run the two calls; this module
+decides:
+
+* `hedge_after`: a multiple of the provider's measured round trip, never
+  below a floor and never past half of ``hang_timeout`` (a hedge is meant to
+  come before the watchdog's own verdict);
+* `fresh_enough`: a hedge goes only to a backup whose replication lag is
+  known and within the bound, unless ``hedged_reads="on"`` says the backups'
+  own data will do (independent databases, no replication);
+* `Budget`: in the healthy state hedges are a small share of the reads, so a
+  slow but healthy primary does not double the backups' load; the budget
+  lifts while the primary is suspect (the watchdog asked for a probe about a
+  silent call and no probe has answered since);
+* `Race`: one hedged read, its two sides and the first answer. A losing
+  call notices at its next wake-up (`raced`) and is cancelled by its shell.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from psycopg.abc import RV, PQGen
+
+__all__ = ["HEDGE_MODES", "Budget", "HedgeDue", "HedgeLost", "Race", "Side", "fresh_enough",
+           "hedge_after", "raced"]
+
+HEDGE_MODES = ("auto", "on", "off")
+#: hedge_after is this multiple of the provider's p99 round trip (above the floor).
+P99_FACTOR = 3.0
+#: ... and at most this share of hang_timeout.
+CEILING = 0.5
+#: A cancel request for a losing call gets this long (a hung server never answers it).
+CANCEL_TIMEOUT = 0.5
+#: How often a call in a race wakes up while its server is silent: a sync
+#: caller's thread returns at most this long after the winning answer.
+TICK = 0.005
+#: Hedges the budget holds in reserve (a burst after a quiet period).
+BURST = 10.0
+
+FIRST, SECOND = 0, 1
+
+
+class HedgeLost(Exception):
+    """Internal: the other side of a race answered first; this call is abandoned."""
+
+
+class HedgeDue(Exception):
+    """Internal: the first side was still waiting for a pooled connection when its
+    hedge became due: nothing was sent, so the read goes to the hedge's provider alone."""
+
+
+def hedge_after(p99: float | None, floor: float, hang_timeout: float) -> float:
+    """Seconds of silence after which a read is hedged."""
+    wait = floor if p99 is None else max(floor, P99_FACTOR * p99)
+    return min(wait, CEILING * hang_timeout)
+
+
+def fresh_enough(mode: str, lag: float | None, bound: float) -> bool:
+    """May a hedge go to a backup whose replication lag is ``lag`` seconds (None: unknown)?
+
+    Unknown lag means no replication was measured: the backup holds its own
+    data, which only ``hedged_reads="on"`` accepts. A known lag beyond the
+    bound is refused in every mode.
+    """
+    if lag is None:
+        return mode == "on"
+    return lag <= bound
+
+
+class Budget:
+    """A token bucket: each hedgeable read earns ``share`` of a hedge, up to `BURST`.
+
+    ``share=0.05``: hedges add at most 5 % to the reads (plus the burst) while
+    the primary is not suspect.
+    """
+
+    def __init__(self, share: float, burst: float = BURST) -> None:
+        self.share = share
+        self.burst = burst
+        self.tokens = burst
+        self._lock = threading.Lock()
+        #: Counters for the stats.
+        self.sent = 0
+        self.won = 0
+        self.refused = 0
+
+    def earn(self) -> None:
+        # Unlocked on the per-read path: a lost update only under-counts.
+        tokens = self.tokens + self.share
+        self.tokens = tokens if tokens < self.burst else self.burst
+
+    def spend(self, suspect: bool) -> bool:
+        """Whether a hedge may start now (counted)."""
+        with self._lock:
+            if not suspect:
+                if self.tokens < 1.0:
+                    self.refused += 1
+                    return False
+                self.tokens -= 1.0
+            self.sent += 1
+            return True
+
+    def stats(self) -> dict[str, int]:
+        return {"hedges_sent": self.sent, "hedges_won": self.won,
+                "hedges_refused_by_budget": self.refused}
+
+
+class Race:
+    """One hedged read: the first side is the planned provider, the second the hedge.
+
+    ``allow`` is asked (with no lock held) whether the hedge may start once
+    ``hedge_at`` has passed: the budget. The first answer claims the race;
+    the loser sees `lost` and is cancelled by its shell.
+    """
+
+    __slots__ = ("hedge_at", "allow", "sent", "started", "winner", "result", "error",
+                 "_lock", "_done")
+
+    def __init__(self, hedge_at: float, allow: Callable[[], bool]) -> None:
+        self.hedge_at = hedge_at
+        self.allow = allow
+        #: The first side's statement left (after its checkout).
+        self.sent = False
+        #: The hedge was started.
+        self.started = False
+        self.winner: int | None = None
+        self.result: Any = None
+        #: The hedge's failure, if it failed (the first side's answer still counts).
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def start(self, now: float) -> bool:
+        """Start the hedge now? True exactly once, when due and allowed."""
+        if self.started or now < self.hedge_at or self.winner is not None:
+            return False
+        if not self.allow():
+            return False
+        with self._lock:
+            if self.started:
+                return False
+            self.started = True
+            return True
+
+    def claim(self, side: int, result: Any) -> bool:
+        """The answer of ``side``: True if it is the first (it wins)."""
+        with self._lock:
+            if self.winner is not None:
+                return False
+            self.winner, self.result = side, result
+        self._done.set()
+        return True
+
+    def fail(self, side: int, error: BaseException) -> None:
+        """The hedge failed: the first side's answer is awaited alone."""
+        if side == SECOND:
+            self.error = error
+            self._done.set()
+
+    def lost(self, side: int) -> bool:
+        winner = self.winner
+        return winner is not None and winner != side
+
+    def wait_hedge(self, timeout: float | None) -> bool:
+        """Wait for the hedge's outcome (an answer or a failure); False on timeout."""
+        return self._done.wait(timeout)
+
+    @property
+    def settled(self) -> bool:
+        return self._done.is_set()
+
+
+class Side:
+    """A call's place in a race: what its connection's wait looks at."""
+
+    __slots__ = ("race", "index", "clock", "on_due")
+
+    def __init__(self, race: Race, index: int, clock: Callable[[], float],
+                 on_due: Callable[[], None] | None = None) -> None:
+        self.race = race
+        self.index = index
+        self.clock = clock
+        #: Called (first side only) when the hedge should start while this
+        #: call waits: the sync shell starts it on a thread.
+        self.on_due = on_due
+
+    def at_checkout(self) -> None:
+        """Between two waits for a pooled connection (the wait counts towards hedge_after)."""
+        race = self.race
+        if race.lost(self.index):
+            raise HedgeLost
+        if self.index == FIRST and race.start(self.clock()):
+            raise HedgeDue
+
+    def wake(self, silent: bool) -> None:
+        """At each wake-up of the call's wait: start the hedge when due, leave when lost."""
+        race = self.race
+        if race.winner is not None and race.winner != self.index:
+            raise HedgeLost
+        if silent and self.on_due is not None and race.start(self.clock()):
+            self.on_due()
+
+
+def raced(gen: PQGen[RV], side: Side) -> PQGen[RV]:
+    """Forward psycopg's generator, looking at the race at each wake-up.
+
+    The connection's wait runs with a `TICK` interval, so a silent server
+    still wakes the generator (with a zero ``ready``) every tick.
+    """
+    try:
+        wait_for = next(gen)
+        while True:
+            ready = yield wait_for
+            side.wake(not ready)
+            wait_for = gen.send(ready)
+    except StopIteration as ex:
+        return ex.value  # type: ignore[no-any-return]
+    finally:
+        gen.close()

@@ -1,0 +1,148 @@
+"""The hedging rules without I/O: hedge_after, freshness, the budget, the race."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
+from agent_factory.engine.hedge import (
+    BURST,
+    FIRST,
+    SECOND,
+    Budget,
+    HedgeDue,
+    HedgeLost,
+    Race,
+    Side,
+    fresh_enough,
+    hedge_after,
+    raced,
+)
+from agent_factory.engine.settings import Settings
+from agent_factory.errors import ConfigurationError
+
+
+def test_hedge_after_follows_the_measured_latency_between_a_floor_and_half_hang_timeout() -> None:
+    assert hedge_after(None, 0.1, 2.0) == 0.1  # nothing measured yet: the floor
+    assert hedge_after(0.001, 0.1, 2.0) == 0.1  # loopback: the floor
+    assert hedge_after(0.05, 0.1, 2.0) == pytest.approx(0.15)  # 3 x p99
+    assert hedge_after(0.8, 0.1, 2.0) == 1.0  # never past half of hang_timeout
+    assert hedge_after(0.001, 0.5, 0.6) == pytest.approx(0.3)
+
+
+def test_a_hedge_goes_only_to_a_backup_known_fresh_unless_told_otherwise() -> None:
+    assert fresh_enough("auto", 0.2, 1.0)
+    assert not fresh_enough("auto", 1.5, 1.0)
+    assert not fresh_enough("auto", None, 1.0)  # no replication measured
+    assert fresh_enough("on", None, 1.0)  # the user accepts the backup's own data
+    assert not fresh_enough("on", 1.5, 1.0)  # known too far behind: never
+
+
+def test_the_lag_bound_is_the_tighter_of_hedge_max_lag_and_max_replication_lag() -> None:
+    url = "postgresql://u:p@127.0.0.1:5432/d"
+    assert Settings.build({"a": url}).hedge_lag_bound() == 1.0
+    assert Settings.build({"a": url}, max_replication_lag=0.3).hedge_lag_bound() == 0.3
+    assert Settings.build({"a": url}, max_replication_lag=30.0).hedge_lag_bound() == 1.0
+
+
+@pytest.mark.parametrize("option, value, named", [
+    ("hedged_reads", "sometimes", "hedged_reads"),
+    ("hedge_budget", 1.5, "hedge_budget"),
+    ("hedge_budget", -0.1, "hedge_budget"),
+    ("hedge_after_min", 0, "hedge_after_min"),
+    ("hedge_max_lag", -1, "hedge_max_lag"),
+])
+def test_bad_hedging_settings_name_the_setting(option: str, value: Any, named: str) -> None:
+    with pytest.raises(ConfigurationError, match=named):
+        Settings.build({"a": "postgresql://u:p@127.0.0.1:5432/d"}, **{option: value})
+
+
+def test_the_budget_holds_hedges_to_its_share_of_the_reads_while_healthy() -> None:
+    budget = Budget(0.05)
+    granted = 0
+    for _ in range(1000):
+        budget.earn()
+        granted += budget.spend(suspect=False)  # every read wants a hedge
+    assert granted <= BURST + 0.05 * 1000
+    assert granted >= 0.05 * 1000
+    assert budget.refused == 1000 - granted
+
+
+def test_the_budget_lifts_while_the_primary_is_suspect() -> None:
+    budget = Budget(0.0, burst=0.0)
+    assert not budget.spend(suspect=False)
+    assert all(budget.spend(suspect=True) for _ in range(100))
+    assert budget.sent == 100
+
+
+def test_a_race_starts_its_hedge_once_when_due_and_allowed() -> None:
+    allowed = [False]
+    race = Race(10.0, lambda: allowed[0])
+    assert not race.start(9.9)  # not due
+    assert not race.start(10.0)  # due, refused by the budget
+    allowed[0] = True
+    assert race.start(10.1)
+    assert not race.start(10.2)  # once
+
+
+def test_the_first_answer_wins_and_the_other_side_sees_it_lost() -> None:
+    race = Race(0.0, lambda: True)
+    assert race.claim(SECOND, "hedge")
+    assert not race.claim(FIRST, "primary")
+    assert race.result == "hedge" and race.lost(FIRST) and not race.lost(SECOND)
+    assert race.wait_hedge(0)
+
+
+def test_a_failed_hedge_leaves_the_race_to_the_first_call() -> None:
+    race = Race(0.0, lambda: True)
+    race.fail(SECOND, RuntimeError("down"))
+    assert race.winner is None and race.wait_hedge(0)
+    assert race.claim(FIRST, "primary")
+
+
+def test_at_checkout_a_due_hedge_takes_the_read_and_a_lost_race_ends_the_wait() -> None:
+    race = Race(5.0, lambda: True)
+    now = [4.0]
+    first = Side(race, FIRST, lambda: now[0])
+    first.at_checkout()  # not due: keep waiting
+    now[0] = 5.0
+    with pytest.raises(HedgeDue):
+        first.at_checkout()
+    second = Side(race, SECOND, lambda: now[0])
+    race.claim(FIRST, "primary")
+    with pytest.raises(HedgeLost):
+        second.at_checkout()
+
+
+def _psycopg_like() -> Generator[int, int, str]:
+    """A stand-in for one of psycopg's generators: waits three times, then returns."""
+    for _ in range(3):
+        yield 1
+    return "rows"
+
+
+def test_raced_starts_the_hedge_on_a_silent_wake_up_and_leaves_when_lost() -> None:
+    race = Race(1.0, lambda: True)
+    started: list[bool] = []
+    side = Side(race, FIRST, lambda: 2.0, lambda: started.append(True))
+    gen = raced(_psycopg_like(), side)
+    assert next(gen) == 1
+    assert gen.send(1) == 1  # data arrived: no hedge
+    assert not started
+    assert gen.send(0) == 1  # a silent tick past hedge_after
+    assert started == [True]
+    race.claim(SECOND, "hedge")
+    with pytest.raises(HedgeLost):
+        gen.send(0)
+
+
+def test_raced_returns_the_answer_of_a_call_that_wins() -> None:
+    race = Race(1.0, lambda: True)
+    gen = raced(_psycopg_like(), Side(race, FIRST, lambda: 0.0))
+    next(gen)
+    with pytest.raises(StopIteration) as done:
+        for _ in range(3):
+            gen.send(1)
+    assert done.value.value == "rows"
