@@ -325,8 +325,9 @@ def _drain_batch(
         final, conflicts = replay(todo, key_of, current, policy)
         if delete_inserted:
             inserted = _coming_back(target, todo, key_of, current, final)
-            if inserted:
-                _delete_on_source(source, keys, inserted, todo)
+            restored = _gone_from_source(target, todo, key_of, final)
+            if inserted or restored:
+                _fix_source(source, keys, inserted, restored, todo, final)
         _write(target, keys, final, current, todo)
         _move_sequences_past(source, target, list(keys))
         _record(target, backup, keys, todo, conflicts)
@@ -356,6 +357,23 @@ def _coming_back(target: psycopg.Connection[Any], changes: list[Change], key_of:
     wanted = [k for k, c in first.items()
               if (c.op == "INSERT" and current.get(k) is not None)
               or (final.get(k) is not None and current.get(k) is None)]
+    return _published(target, wanted)
+
+
+def _gone_from_source(target: psycopg.Connection[Any], changes: list[Change], key_of: Any,
+                      final: dict[RowKey, Row | None]) -> list[RowKey]:
+    """Rows the backup deleted last that the primary keeps (the delete lost its
+    conflict): replication cannot bring them back -- an update of a row the
+    backup lacks is skipped there -- so the backup gets them from the drain."""
+    last: dict[RowKey, Change] = {}
+    for c in changes:
+        last[(c.table, key_of(c))] = c
+    return _published(target, [k for k, c in last.items()
+                               if c.op == "DELETE" and final.get(k) is not None])
+
+
+def _published(target: psycopg.Connection[Any], wanted: list[RowKey]) -> list[RowKey]:
+    """The keys of tables in the publication (replication carries no other table)."""
     if not wanted:
         return []
     published = {r[0] for r in target.execute(
@@ -569,14 +587,27 @@ def _delete_keys(conn: psycopg.Connection[Any], table: str, cols: Sequence[str],
     ).format(t=_ident(table), match=match), (Jsonb(probe),))
 
 
-def _delete_on_source(source: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
-                      inserted: list[RowKey], changes: list[Change]) -> None:
+def _fix_source(source: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
+                inserted: list[RowKey], restored: list[RowKey], changes: list[Change],
+                final: dict[RowKey, Row | None]) -> None:
+    """On the backup, just before the primary commits (the drain holds those rows
+    on the primary: nothing newer of them can be in the stream yet): give up the
+    rows replication will insert again, and take back the ones it cannot."""
     order = list(dict.fromkeys(c.table for c in changes))
     with _steady(source):
         for table in reversed(order):
             probe = [dict(zip(keys[table], k, strict=True)) for t, k in inserted if t == table]
             if probe:
                 _delete_keys(source, table, keys[table], probe)
+        for table in order:
+            rows = [r for (t, k) in restored if t == table
+                    for r in [final[(t, k)]] if r is not None]
+            if rows:
+                names = sql.SQL(", ").join(map(sql.Identifier, rows[0]))
+                source.execute(sql.SQL(
+                    "INSERT INTO {t} ({names}) SELECT {names} "
+                    "FROM jsonb_populate_recordset(NULL::{t}, %s) ON CONFLICT DO NOTHING"
+                ).format(t=_ident(table), names=names), (Jsonb(rows),))
 
 
 def _record(target: psycopg.Connection[Any], backup: str, keys: dict[str, tuple[str, ...]],

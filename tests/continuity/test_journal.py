@@ -418,6 +418,26 @@ def test_a_drain_that_changes_nothing_on_the_primary_still_converges_the_backup(
     converged(plain, healthy_fleet)
 
 
+@pytest.mark.parametrize("bank", [True], indirect=True)
+def test_a_delete_on_a_backup_that_loses_its_conflict_comes_back_to_that_backup(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """primary_wins: railway deleted an account the primary had updated meanwhile
+    (its update had not reached railway). The primary keeps its row, and railway
+    must get it back: replication cannot (an update of a row railway lacks is
+    skipped there)."""
+    plain = direct(healthy_fleet, bank)
+    with bank_db(bank, conflict_policy="primary_wins", drain_interval=3600) as db:
+        query_none(plain["railway"], "ALTER SUBSCRIPTION agent_factory_railway DISABLE")
+        query_none(plain["supabase"], "UPDATE accounts SET balance = 500 WHERE id = 9")
+        journaled(plain["railway"], "DELETE FROM accounts WHERE id = 9")
+        query_none(plain["railway"], "ALTER SUBSCRIPTION agent_factory_railway ENABLE")
+        assert db.failback_now() == 1
+    assert query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 9") == [(500,)]
+    assert query(plain["supabase"], "SELECT op, resolution FROM agent_factory_conflicts") == [
+        ("DELETE", "primary_wins")]
+    converged(plain, healthy_fleet)
+
+
 def test_two_drainers_never_apply_one_transaction_twice(
         healthy_fleet: Fleet, bank: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Drainer A has applied railway's transaction on the primary and not yet
