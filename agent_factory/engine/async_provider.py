@@ -33,6 +33,7 @@ from .provider import (
     abandoned,
     bind_race,
     check_wait,
+    drained,
     is_dead,
     next_slice,
     settle_failed,
@@ -252,16 +253,23 @@ class AsyncProvider:
 
 async def settle(pool: AsyncConnectionPool[Any], conn: psycopg.AsyncConnection[Any],
                  health: ProviderHealth) -> None:
-    """Like `provider.settle`: cancel a losing call, drain it under the watchdog, give it back."""
-    # A silent server does not answer the cancel: the drain stays under the watchdog.
-    with contextlib.suppress(psycopg.Error):
-        await conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+    """Like `provider.settle`: cancel a losing call while it drains under the watchdog,
+    then give its connection back."""
+    canceller = asyncio.get_running_loop().create_task(cancel(conn))
     try:
         await conn.wait(fetch_many(conn.pgconn))
     except psycopg.Error as exc:
         settle_failed(health, exc, abandoned(conn))
     finally:
+        await canceller
+        drained(conn)
         await pool.putconn(conn)
+
+
+async def cancel(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Like `provider.cancel`, awaited."""
+    with contextlib.suppress(psycopg.Error):
+        await conn.cancel_safe(timeout=CANCEL_TIMEOUT)
 
 
 def _observed_async_class(
@@ -302,8 +310,12 @@ def _observed_async_class(
             w, gen = self.begin_call(gen, p.health, watchdog)
             try:
                 if self.race is not None:
+                    # Wake up every tick while the server is silent: see hedge.raced.
                     return await super().wait(gen, interval=TICK)
                 return await super().wait(gen, *args, **kwargs)
+            except HedgeLost:
+                self.resumed = w.started  # the drain that follows is the same call
+                raise
             finally:
                 self.end_call(w, watchdog)
 

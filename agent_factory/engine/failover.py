@@ -180,7 +180,8 @@ class Failover(Generic[P]):
         Never a write (nor `transaction()` or `connection()`, which do not come
         here), never inside the read-your-writes window, and only to a backup
         fresh enough (`hedge.fresh_enough`). The read earns its share of the
-        budget here.
+        budget here. While the first provider is suspect (a call there went
+        silent and no probe has answered since) the hedge starts at once.
         """
         mode = self.settings.hedged_reads
         providers = route.providers
@@ -199,6 +200,8 @@ class Failover(Generic[P]):
             return None
         self.budget.earn()
         first = providers[0].health
+        if first.suspect:
+            return target, 0.0  # a silent call there already: both at once
         return target, hedge_after(first.latency.recent_p99, self.settings.hedge_after_min,
                                    first.hang_timeout)
 

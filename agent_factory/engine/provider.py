@@ -372,19 +372,34 @@ def settle(pool: ConnectionPool[Any], conn: psycopg.Connection[Any],
     """Cancel a losing call and give its connection back to ``pool``.
 
     A live server answers the cancel and the connection is kept; a hung one
-    does not (the request has its own short timeout), and the drain that
-    follows is a watched call like any other: the watchdog, not the lost
-    race, decides whether the provider is down (and the connection goes).
+    does not (the request has its own short timeout). The drain, meanwhile,
+    is the lost call going on under the watchdog (silent since it began): the
+    watchdog, not the lost race, decides whether the provider is down (and
+    the connection goes).
     """
-    # A silent server does not answer the cancel: the drain stays under the watchdog.
-    with contextlib.suppress(psycopg.Error):
-        conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+    canceller = threading.Thread(target=cancel, args=(conn,), daemon=True,
+                                 name=f"agent-factory-cancel-{health.name}")
+    canceller.start()
     try:
         conn.wait(fetch_many(conn.pgconn))
     except psycopg.Error as exc:
         settle_failed(health, exc, abandoned(conn))
     finally:
+        canceller.join()
+        drained(conn)
         pool.putconn(conn)
+
+
+def drained(conn: Any) -> None:
+    """A lost call's drain is over: the connection's next call is a call of its own."""
+    conn.resumed = None
+
+
+def cancel(conn: psycopg.Connection[Any]) -> None:
+    """Ask the server to cancel ``conn``'s statement, for at most `CANCEL_TIMEOUT`."""
+    # A silent server never answers: the drain stays under the watchdog.
+    with contextlib.suppress(psycopg.Error):
+        conn.cancel_safe(timeout=CANCEL_TIMEOUT)
 
 
 def settle_failed(health: ProviderHealth, exc: psycopg.Error, hung: bool) -> None:
@@ -457,13 +472,15 @@ class WatchedCalls:
     journal_on: bool | None = False
     #: A hedged read's side while its statement runs (see hedge.py).
     race: Side | None = None
+    #: When the call that lost its race began (its drain is watched from then).
+    resumed: float | None = None
     pgconn: Any
 
     def begin_call(
         self, gen: PQGen[RV], health: ProviderHealth, watchdog: Watchdog
     ) -> tuple[Watch, PQGen[RV]]:
         """Watch one call: its watch, and the generator to wait on."""
-        w = watchdog.watch_call(self.pgconn, health)
+        w = watchdog.watch_call(self.pgconn, health, self.resumed)
         if self.counted is None:
             self.counted = tcp_progress(self.pgconn.socket) is not None
         if not self.counted:
@@ -527,6 +544,9 @@ def _observed_class(
                     # Wake up every tick while the server is silent: see hedge.raced.
                     return super().wait(gen, interval=TICK)
                 return super().wait(gen, *args, **kwargs)
+            except HedgeLost:
+                self.resumed = w.started  # the drain that follows is the same call
+                raise
             finally:
                 self.end_call(w, watchdog)
 

@@ -261,9 +261,16 @@ class Watchdog:
                 self._cond.notify()
         return w
 
-    def watch_call(self, pgconn: Any, target: Liveness) -> Watch:
-        """Watch a data-path call on ``pgconn``: its socket and server process give news."""
-        return self.watch(pgconn.socket, target, pgconn=pgconn)
+    def watch_call(self, pgconn: Any, target: Liveness, since: float | None = None) -> Watch:
+        """Watch a data-path call on ``pgconn``: its socket and server process give news.
+
+        ``since``: when the call really began, for one that goes on under a new
+        wait (the drain of a hedged read that lost: its silence so far counts).
+        """
+        w = self.watch(pgconn.socket, target, pgconn=pgconn)
+        if since is not None:
+            w.started = since
+        return w
 
     def unwatch(self, w: Watch) -> None:
         """The call ended; if its socket is being shut down, wait for that to finish.
