@@ -2,7 +2,7 @@
 
 No clock is compared anywhere in failback -- conflicts are found from before
 images -- so a skewed provider must change nothing: the bank of
-test_journal.py through a crash of the primary, with railway's server
+test_bank.py through a crash of the primary, with railway's server
 running ten minutes in the past, keeps every transfer. The skew is real:
 ``now()`` on railway is checked to be behind.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from bank import BANK, FAST, Teller, bank_db, journal_size, ledger_ids, off_the_ledger
 from fleet import wait_until
-from test_journal import BANK, FAST, Teller, bank_db, journal_size, ledger_ids, off_the_ledger
 
 from agent_factory.testing.embedded import EmbeddedPostgres
 

@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 import pytest
+from bank import bank, bank_db, direct, journal_size, query  # noqa: F401 - bank is a fixture
 from databases import with_dbname
 from fleet import wait_until
 from observers import provider_of
@@ -24,7 +25,6 @@ from test_failback import FAST as FAILBACK_FAST
 from test_failback import ORDER
 from test_failback_replication import direct as direct_urls
 from test_failback_replication import replicated  # noqa: F401 - fixture
-from test_journal import bank, bank_db, direct, journal_size, query  # noqa: F401 - fixture
 
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import AgentFactoryError, SplitBrainRefusedError

@@ -1,0 +1,344 @@
+"""The drain's edge cases on real servers: what it must write, what it must not hold.
+
+Outage changes that net to nothing on the primary, a delete that loses its
+conflict, two drainers of one backup, a long primary transaction, a slow
+link, a primary hung mid-stream, a backup busy applying a long transaction,
+a table the primary lacks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from bank import (  # noqa: F401 - bank is a fixture
+    Teller,
+    apply_worker_in_transaction,
+    apply_worker_pid,
+    bank,
+    bank_db,
+    check_bank,
+    converged,
+    direct,
+    journal_size,
+    journaled,
+    query,
+    query_none,
+)
+from fleet import until_accepted, wait_until
+
+from agent_factory.continuity import journal
+from agent_factory.continuity.merge import ConflictPolicy
+from agent_factory.errors import (
+    SplitBrainRefusedError,
+)
+from agent_factory.testing.faultproxy import FaultProxy
+from agent_factory.testing.fleet import Fleet
+
+
+@pytest.mark.parametrize("bank", [True], indirect=True)
+def test_a_drain_that_changes_nothing_on_the_primary_still_converges_the_backup(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """Railway's own outage writes net to nothing on the primary, while the
+    primary's last transfer reached railway between two of them (the primary
+    back, or resumed after a hang, while instances still write on railway).
+    Railway's row must still end as the primary's: the drain writes it."""
+    plain = direct(healthy_fleet, bank)
+    with bank_db(bank, conflict_delta_columns="accounts.balance", drain_interval=3600) as db:
+        query_none(plain["railway"], "ALTER SUBSCRIPTION agent_factory_railway DISABLE")
+        query_none(plain["supabase"], "UPDATE accounts SET balance = balance + 100 WHERE id = 1")
+        journaled(plain["railway"], "UPDATE accounts SET balance = balance - 5 WHERE id = 1",
+                  "UPDATE accounts SET balance = balance + 5 WHERE id = 2")
+        query_none(plain["railway"], "ALTER SUBSCRIPTION agent_factory_railway ENABLE")
+        # The primary's update overwrites railway's row (its change stays in the journal).
+        wait_until(lambda: query(plain["railway"], "SELECT balance FROM accounts WHERE id = 1")
+                   == [(1100,)], timeout=30, message="the primary's update on railway")
+        journaled(plain["railway"], "UPDATE accounts SET balance = balance + 5 WHERE id = 1",
+                  "UPDATE accounts SET balance = balance - 5 WHERE id = 2")
+        assert journal_size(plain["railway"]) == 4
+        assert db.failback_now() == 4
+    assert query(plain["supabase"], "SELECT id, balance FROM accounts WHERE id <= 2 "
+                 "ORDER BY id") == [(1, 1100), (2, 1000)]
+    assert query(plain["supabase"], "SELECT count(*) FROM agent_factory_conflicts") == [(2,)]
+    converged(plain, healthy_fleet)
+
+
+@pytest.mark.parametrize("bank", [True], indirect=True)
+def test_a_delete_on_a_backup_that_loses_its_conflict_comes_back_to_that_backup(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """primary_wins: railway deleted an account the primary had updated meanwhile
+    (its update had not reached railway). The primary keeps its row, and railway
+    must get it back: replication cannot (an update of a row railway lacks is
+    skipped there)."""
+    plain = direct(healthy_fleet, bank)
+    with bank_db(bank, conflict_policy="primary_wins", drain_interval=3600) as db:
+        query_none(plain["railway"], "ALTER SUBSCRIPTION agent_factory_railway DISABLE")
+        query_none(plain["supabase"], "UPDATE accounts SET balance = 500 WHERE id = 9")
+        journaled(plain["railway"], "DELETE FROM accounts WHERE id = 9")
+        query_none(plain["railway"], "ALTER SUBSCRIPTION agent_factory_railway ENABLE")
+        assert db.failback_now() == 1
+    assert query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 9") == [(500,)]
+    assert query(plain["supabase"], "SELECT op, resolution FROM agent_factory_conflicts") == [
+        ("DELETE", "primary_wins")]
+    converged(plain, healthy_fleet)
+
+
+def test_deletes_and_updates_on_a_backup_come_back(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    plain = direct(healthy_fleet, bank)
+    with bank_db(bank) as db:
+        healthy_fleet["supabase"].server.kill()
+        db.execute_query("DELETE FROM accounts WHERE id = 10", fetch_mode="none",
+                         idempotent=True)
+        db.execute_query("UPDATE accounts SET balance = 7 WHERE id = 9", fetch_mode="none",
+                         idempotent=True)
+        assert db.serving_provider == "railway"
+        healthy_fleet["supabase"].server.restart()
+        wait_until(lambda: query(plain["supabase"], "SELECT id, balance FROM accounts "
+                                 "WHERE id >= 9 ORDER BY id") == [(9, 7)], timeout=30,
+                   message="the delete and the update on the primary")
+    assert query(plain["supabase"], "SELECT count(*) FROM agent_factory_conflicts") == [(0,)]
+
+
+def test_two_drainers_never_apply_one_transaction_twice(
+        healthy_fleet: Fleet, bank: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drainer A has applied railway's transaction on the primary and not yet
+    pruned it from railway's journal; drainer B reads it there, then A prunes
+    (the interleaving three teller processes met in CI). B must find A's mark
+    and skip it: applied twice, the delta would move the balance twice."""
+    plain = direct(healthy_fleet, bank)
+    with psycopg.connect(plain["railway"]) as conn:
+        journal.install(conn, "accounts")
+    journaled(plain["railway"], "UPDATE accounts SET balance = balance + 5 WHERE id = 1")
+    policy = ConflictPolicy(delta_columns={"accounts": frozenset({"balance"})})
+    reports: dict[str, journal.DrainReport] = {}
+
+    def run(name: str) -> None:
+        with psycopg.connect(plain["supabase"]) as target, \
+                psycopg.connect(plain["railway"]) as source:
+            journal.prepare_session(target)
+            journal.prepare_session(source)
+            reports[name] = journal.drain_all(source, target, "railway", policy)
+
+    def balance() -> int:
+        return int(query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 1")[0][0])
+
+    with psycopg.connect(plain["railway"]) as blocker:
+        # Holds the journal's rows: A's prune waits after A's commit on the primary.
+        blocker.execute(f"SELECT seq FROM {journal.JOURNAL} FOR UPDATE")
+        a = threading.Thread(target=run, args=("a",), daemon=True)
+        a.start()
+        wait_until(lambda: query(plain["railway"], "SELECT count(*) FROM pg_stat_activity "
+                                 "WHERE wait_event_type = 'Lock' AND query LIKE "
+                                 "'DELETE FROM agent_factory_journal%'")[0][0] == 1,
+                   timeout=30, message="A applied, its prune waiting")
+        assert balance() == 1005
+        real_read = journal._read
+
+        def read_then_let_a_prune(*args: Any) -> Any:
+            got = real_read(*args)
+            if threading.current_thread() is threading.main_thread():
+                blocker.rollback()
+                a.join(timeout=30)
+                assert not a.is_alive(), "A's prune did not finish"
+            return got
+
+        monkeypatch.setattr(journal, "_read", read_then_let_a_prune)
+        run("b")
+    assert (reports["a"].changes, reports["b"].changes) == (1, 0)
+    assert balance() == 1005
+    assert journal_size(plain["railway"]) == 0
+
+
+def test_a_drain_beside_a_long_primary_transaction_holds_nothing_and_lets_the_primary_back(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """The primary comes back with an operator's transaction holding account 5
+    for a long time. The drain must not wait behind it holding the accounts
+    before it (every live writer of those would queue behind the drain), nor
+    leave waiting backends behind; the primary takes writes again within
+    failback_max_wait, and the held change is drained once the lock goes."""
+    plain = direct(healthy_fleet, bank)
+    link = healthy_fleet["supabase"].proxy
+    with bank_db(bank, conflict_delta_columns="accounts.balance",
+                 failback_max_wait=6.0) as db:
+        with Teller(db) as teller:
+            wait_until(lambda: teller.count() >= 30, timeout=30,
+                       message="transfers on the primary")
+            link.set_mode("refuse")
+            wait_until(lambda: journal_size(plain["railway"]) >= 60, timeout=60,
+                       message="transfers journaled on railway")
+        with psycopg.connect(plain["supabase"]) as operator:
+            operator.execute("SELECT * FROM accounts WHERE id = 5 FOR UPDATE")
+            link.set_mode("pass")
+            port = healthy_fleet["supabase"].server.port
+
+            def write_on_primary() -> bool:
+                # An account the drain would have locked before account 5.
+                row = db.execute_query("UPDATE accounts SET balance = balance + 0 WHERE id = 1 "
+                                       "RETURNING inet_server_port()", fetch_mode="one",
+                                       idempotent=True)
+                return row is not None and row[0] == port
+
+            wait_until(write_on_primary, timeout=40, message="the primary takes writes again")
+            waiting = query(plain["supabase"], "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE OF t%'")
+            assert waiting == [(0,)], "drain backends left waiting on the operator's lock"
+            assert journal_size(plain["railway"]) > 0
+        # The operator ends the transaction: the rest drains.
+        wait_until(lambda: journal_size(plain["railway"]) == 0, timeout=60,
+                   message="journal drained once the lock went")
+    check_bank(teller, plain)
+
+
+def test_a_drain_over_a_slow_link_finishes(healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """A batch whose statements take longer than the drain's stall bound to cross a
+    slow link (300 kB/s each way) is progress, not a hang: it must not be abandoned
+    (and retried, and abandoned again, for ever)."""
+    plain = direct(healthy_fleet, bank)
+    with bank_db(bank, drain_interval=3600) as db:
+        db.register_table("events")
+        journaled(plain["railway"], "INSERT INTO events (note) SELECT repeat('x', 300) "
+                  "FROM generate_series(1, 4000)")
+        link = healthy_fleet["supabase"].proxy
+        link.set_rate(300_000)
+        try:
+            moved = db.failback_now()
+        finally:
+            link.set_rate(None)
+        assert moved == 4000, db.failback_status()["backups"]["railway"]
+    assert query(plain["supabase"], "SELECT count(*) FROM events") == [(4000,)]
+
+
+@pytest.mark.parametrize("bank", [True], indirect=True)
+def test_a_primary_hung_mid_stream_does_not_hold_the_backups_rows(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """The primary hangs while railway applies its big transaction: the apply worker
+    keeps that transaction open, and its row lock on account 1, until
+    wal_receiver_timeout (60 s). Once the heartbeat is quiet the watcher ends it,
+    so a write of account 1 on railway goes through in seconds, not a minute."""
+    plain = direct(healthy_fleet, bank)
+    with bank_db(bank, conflict_delta_columns="accounts.balance") as db:
+        db.execute_query("SELECT 1")
+        wait_until(lambda: db._witness.sights["railway"].subscribed is True or bool(
+            db._witness.look("railway")), timeout=30, message="railway's subscription seen")
+        with psycopg.connect(plain["supabase"], autocommit=True) as conn, conn.transaction():
+            conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 1")
+            conn.execute("INSERT INTO events (note) SELECT repeat('x', 200) "
+                         "FROM generate_series(1, 400000)")
+            conn.execute("UPDATE accounts SET balance = balance - 1 WHERE id = 1")
+        wait_until(lambda: apply_worker_in_transaction(plain["railway"]), timeout=30,
+                   interval=0.005, message="railway applying the big transaction")
+        healthy_fleet["supabase"].server.hang()
+        assert apply_worker_in_transaction(plain["railway"]), "applied before the hang: retry"
+        wait_until(lambda: db.execute_query("SELECT 1") and db.serving_provider == "railway",
+                   timeout=30, message="reads served by railway")
+        started = time.monotonic()
+
+        def transfer() -> None:
+            with db.transaction() as conn:
+                conn.execute("UPDATE accounts SET balance = balance + 5 WHERE id = 1")
+
+        until_accepted(transfer, timeout=90)
+        waited = time.monotonic() - started
+        assert db.serving_provider == "railway"
+        # witness_quiet (3 s) + slack for a shared machine; 60 s without the release
+        assert waited < 20, f"the write waited {waited:.1f}s for the apply worker's lock"
+        healthy_fleet["supabase"].server.resume()
+        wait_until(lambda: journal_size(plain["railway"]) == 0, timeout=60,
+                   message="journal drained")
+        assert query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 1") == [(1005,)]
+        converged(plain, healthy_fleet)
+
+
+@pytest.mark.parametrize("bank", [True], indirect=True)
+def test_a_cut_off_instance_stays_fenced_while_a_backup_applies_a_long_transaction(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """Instance B is cut off from a live primary while railway applies one long
+    transaction of it: the heartbeats queue behind it in the stream, so the
+    heartbeat stands still on railway for longer than witness_quiet. The
+    stream itself shows the primary alive: B's writes stay refused, and the
+    apply worker (receiving, not stuck) is left alone."""
+    plain = direct(healthy_fleet, bank)
+    # A slow backup: each replicated event costs railway a millisecond.
+    query_none(plain["railway"], """
+        CREATE FUNCTION slow_apply() RETURNS trigger LANGUAGE plpgsql
+            AS $$BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END$$;
+        CREATE TRIGGER slow_apply BEFORE INSERT ON events FOR EACH ROW
+            EXECUTE FUNCTION slow_apply();
+        ALTER TABLE events ENABLE REPLICA TRIGGER slow_apply""")
+    primary = healthy_fleet["supabase"]
+    with FaultProxy(primary.server.host, primary.server.port) as cut:
+        b_urls = dict(bank)
+        b_urls["supabase"] = bank["supabase"].replace(str(primary.proxy.port), str(cut.port))
+        with bank_db(bank) as a, bank_db(b_urls) as b:
+            assert a.execute_query("SELECT 1") and b.execute_query("SELECT 1")
+            wait_until(lambda: b._witness.sights["railway"].subscribed is True or bool(
+                b._witness.look("railway")), timeout=30, message="railway's subscription seen")
+            query_none(plain["supabase"], "INSERT INTO events (note) "
+                       "SELECT 'x' FROM generate_series(1, 12000)")
+            wait_until(lambda: apply_worker_in_transaction(plain["railway"]), timeout=30,
+                       interval=0.01, message="railway applying the long transaction")
+            worker = apply_worker_pid(plain["railway"])
+            cut.set_mode("refuse")
+            wait_until(lambda: b.execute_query("SELECT 1") and b.serving_provider == "railway",
+                       timeout=30, message="B's reads served by railway")
+            started, refused = time.monotonic(), 0
+            quiet = b.settings.witness_quiet
+            while time.monotonic() - started < quiet + 3:
+                assert apply_worker_in_transaction(plain["railway"]), \
+                    "railway applied the transaction too soon for this test: slow it more"
+                try:
+                    b.execute_query("UPDATE accounts SET balance = balance + 1 WHERE id = 1",
+                                    fetch_mode="none")
+                except SplitBrainRefusedError:
+                    pass
+                else:
+                    sight = b._witness.sights["railway"]
+                    stream = query(plain["railway"], "SELECT received_lsn::text, "
+                                   "last_msg_receipt_time FROM pg_stat_subscription")
+                    raise AssertionError(
+                        f"B wrote on railway {time.monotonic() - started:.1f}s after the cut; "
+                        f"B saw {sight.value} quiet {sight.quiet_for(time.monotonic()):.1f}s; "
+                        f"railway's stream: {stream}")
+                refused += 1
+                time.sleep(0.05)
+            assert refused > 20
+            assert apply_worker_pid(plain["railway"]) == worker, "the apply worker was ended"
+            assert a.serving_provider == "supabase"
+            cut.set_mode("pass")
+            wait_until(lambda: b.execute_query("SELECT 1") and b.serving_provider == "supabase",
+                       timeout=30, message="B back on the primary")
+    assert journal_size(plain["railway"]) == 0
+    converged(plain, healthy_fleet)
+
+
+def test_changes_to_a_table_the_primary_lacks_stay_pending_without_holding_it_back(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """A table dropped on the primary (or never deployed there): its changes stay in the
+    journal with an ERROR, the others go through, and the primary takes writes again."""
+    plain = direct(healthy_fleet, bank)
+    query_none(plain["railway"], "CREATE TABLE only_here (id int PRIMARY KEY)")
+    with bank_db(bank) as db:
+        healthy_fleet["supabase"].server.kill()
+        db.execute_query("SELECT 1")
+        with db.transaction() as conn:  # marks the session: the trigger can be put on it
+            conn.execute("SELECT 1")
+        query_none(plain["railway"], "CREATE TRIGGER agent_factory_journal AFTER INSERT OR "
+                   "UPDATE OR DELETE ON only_here FOR EACH ROW EXECUTE FUNCTION "
+                   "agent_factory_journal_row()")
+        with db.transaction() as conn:
+            conn.execute("INSERT INTO only_here VALUES (1)")
+        db.execute_query("UPDATE accounts SET balance = 5 WHERE id = 3", fetch_mode="none")
+        healthy_fleet["supabase"].server.restart()
+        wait_until(lambda: query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 3")
+                   == [(5,)], timeout=30, message="the other change on the primary")
+        wait_until(lambda: db.serving_provider == "supabase" or db.execute_query("SELECT 1")
+                   and db.serving_provider == "supabase", timeout=30, message="primary back")
+        db.execute_query("UPDATE accounts SET balance = 6 WHERE id = 3", fetch_mode="none")
+        assert db.serving_provider == "supabase"
+        wait_until(lambda: "lacks" in (db.failback_status()["backups"]["railway"]["last_error"]
+                                       or ""), timeout=30, message="the stuck change reported")
+    assert journal_size(plain["railway"]) == 1
