@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -32,6 +33,7 @@ from defaults import ORDER
 from fleet import wait_until
 from psycopg.conninfo import conninfo_to_dict
 
+from agent_factory.testing.faultproxy import FaultProxy
 from agent_factory.testing.fleet import Fleet
 
 
@@ -95,6 +97,9 @@ def test_bank_with_the_primary_behind_a_transaction_mode_pooler(
     check_bank(teller, plain)
 
 
+#: The witness's quiet time of the teller processes.
+QUIET = 3.0
+
 TELLER = """
 import json, sys, uuid
 from pathlib import Path
@@ -102,7 +107,7 @@ from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.errors import AgentFactoryError, OutcomeUnknownError
 urls, order, fast, stop, seed = (json.loads(sys.argv[1]), json.loads(sys.argv[2]),
                                  json.loads(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]))
-acked, failed, unknown, totals = [], [], [], []
+acked, failed, unknown, totals, backup_acks = [], [], [], [], 0
 with DatabaseManager(urls, order=order, conflict_delta_columns="accounts.balance",
                      **fast) as db:
     db.register_table("accounts")
@@ -121,6 +126,7 @@ with DatabaseManager(urls, order=order, conflict_delta_columns="accounts.balance
                                  (delta, acct))
                 conn.execute("INSERT INTO ledger VALUES (%s, %s, %s, %s)", (tid, src, dst, amount))
             acked.append(tid)
+            backup_acks += db.serving_provider != "supabase"
         except OutcomeUnknownError:
             unknown.append(tid)
         except AgentFactoryError:
@@ -132,33 +138,54 @@ with DatabaseManager(urls, order=order, conflict_delta_columns="accounts.balance
                 totals.append((db.serving_provider, total))
             except AgentFactoryError:
                 pass
-print(json.dumps({"acked": acked, "failed": failed, "unknown": unknown, "totals": totals}))
+print(json.dumps({"acked": acked, "failed": failed, "unknown": unknown, "totals": totals,
+                  "backup_acks": backup_acks}))
 """
 
 
 @pytest.mark.parametrize("bank", [True], indirect=True)
-def test_three_processes_through_a_crash_keep_every_transfer(
-        healthy_fleet: Fleet, bank: dict[str, str], tmp_path: Any) -> None:
+@pytest.mark.parametrize("fault", ["crash", "hang", "partition"])
+def test_three_processes_keep_every_transfer(
+        healthy_fleet: Fleet, bank: dict[str, str], tmp_path: Any, fault: str) -> None:
+    """Three teller processes; the primary crashes, hangs, or stays up while the
+    third process is cut off from it (split brain: that one must not write on a
+    backup). Every acknowledged transfer on the primary once, every total the
+    primary served exact, every provider converged."""
     plain = direct(healthy_fleet, bank)
     stop = tmp_path / "stop"
-    procs = [subprocess.Popen(
-        [sys.executable, "-c", TELLER, json.dumps(bank), json.dumps(ORDER), json.dumps(FAST),
-         str(stop), str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for n in range(3)]
-    try:
-        def ledger() -> int:
-            return int(query(plain["supabase"], "SELECT count(*) FROM ledger")[0][0])
-        wait_until(lambda: ledger() >= 150, timeout=60, message="three tellers at work")
-        healthy_fleet["supabase"].server.kill()
-        wait_until(lambda: journal_size(plain["railway"]) >= 90, timeout=60,
-                   message="transfers journaled on railway")
-        healthy_fleet["supabase"].server.restart()
-        seen = ledger()
-        wait_until(lambda: ledger() >= seen + 150 and journal_size(plain["railway"]) == 0,
-                   timeout=60, message="transfers on the primary again, journal drained")
-    finally:
-        stop.touch()
-        outs = [p.communicate(timeout=120) for p in procs]
+    server = healthy_fleet["supabase"].server
+    with FaultProxy(server.host, server.port) as cut:
+        urls = [dict(bank) for _ in range(3)]
+        urls[2]["supabase"] = bank["supabase"].replace(
+            str(healthy_fleet["supabase"].proxy.port), str(cut.port))
+        procs = [subprocess.Popen(
+            [sys.executable, "-c", TELLER, json.dumps(urls[n]), json.dumps(ORDER),
+             json.dumps({**FAST, "witness_quiet": QUIET}), str(stop), str(n)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(3)]
+        try:
+            def ledger() -> int:
+                return int(query(plain["supabase"], "SELECT count(*) FROM ledger")[0][0])
+            wait_until(lambda: ledger() >= 150, timeout=60, message="three tellers at work")
+            if fault == "partition":
+                cut.set_mode("refuse")
+                # The other two go on on the primary, well past the witness's quiet time.
+                seen, started = ledger(), time.monotonic()
+                wait_until(lambda: ledger() >= seen + 300
+                           and time.monotonic() - started > 3 * QUIET,
+                           timeout=90, message="the others on the primary during the cut")
+                assert journal_size(plain["railway"]) == 0, "a write reached railway"
+                cut.set_mode("pass")
+            else:
+                server.kill() if fault == "crash" else server.hang()
+                wait_until(lambda: journal_size(plain["railway"]) >= 90, timeout=60,
+                           message="transfers journaled on railway")
+                server.restart() if fault == "crash" else server.resume()
+            seen = ledger()
+            wait_until(lambda: ledger() >= seen + 150 and journal_size(plain["railway"]) == 0,
+                       timeout=60, message="transfers on the primary again, journal drained")
+        finally:
+            stop.touch()
+            outs = [p.communicate(timeout=120) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
     results = [json.loads(out) for out, _ in outs]
@@ -173,4 +200,7 @@ def test_three_processes_through_a_crash_keep_every_transfer(
         on = {p: [t for q, t in r["totals"] if q == p] for p in ("supabase", "railway")}
         assert on["supabase"] and set(on["supabase"]) == {10 * 1000}, on
     assert off_the_ledger(plain["supabase"]) == []
+    if fault == "partition":
+        assert not any(r["backup_acks"] for r in results), "a transfer acknowledged on a backup"
+        assert results[2]["failed"], "the cut-off process was never refused"
     converged(plain, healthy_fleet)
