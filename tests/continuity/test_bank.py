@@ -66,6 +66,37 @@ def test_bank_replicated_outage_keeps_every_transfer_and_converges(
     converged(plain, healthy_fleet)
 
 
+@pytest.mark.parametrize("bank", [True], indirect=True)
+def test_two_backups_serving_at_once_keep_every_transfer_and_converge(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """Two instances fail over to different backups (railway, neon) and move money
+    between the same accounts on both during one outage: both journals come back,
+    each other's changes met as conflicts and settled by delta, and all three
+    providers end with the primary's rows."""
+    plain = direct(healthy_fleet, bank)
+    server = healthy_fleet["supabase"].server
+    with bank_db(bank, conflict_delta_columns="accounts.balance") as a, \
+            bank_db(bank, conflict_delta_columns="accounts.balance",
+                    order=["supabase", "neon", "railway"]) as b, \
+            Teller(a) as ta, Teller(b) as tb:
+        wait_until(lambda: ta.count() >= 30 and tb.count() >= 30, timeout=30,
+                   message="transfers on the primary")
+        server.kill()
+        wait_until(lambda: journal_size(plain["railway"]) >= 60
+                   and journal_size(plain["neon"]) >= 60, timeout=60,
+                   message="transfers journaled on railway and on neon")
+        server.restart()
+        wait_until(lambda: journal_size(plain["railway"]) == 0
+                   and journal_size(plain["neon"]) == 0, timeout=60,
+                   message="both journals drained")
+        seen = ta.count() + tb.count()
+        wait_until(lambda: ta.count() + tb.count() >= seen + 20, timeout=30,
+                   message="transfers on the primary again")
+    for teller in (ta, tb):
+        check_bank(teller, plain)
+    converged(plain, healthy_fleet)
+
+
 def test_without_delta_columns_conflicts_are_reported_never_silent(
         healthy_fleet: Fleet, bank: dict[str, str]) -> None:
     plain = direct(healthy_fleet, bank)
