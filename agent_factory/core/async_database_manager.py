@@ -42,6 +42,8 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
 
     #: The pools are opened by `open()` (or the first call, or ``async with``).
     _opened = False
+    #: Hedges in flight (asyncio keeps only weak references to tasks).
+    _hedges: set[asyncio.Task[None]] | None = None
 
     def _new_provider(
         self, name: str, settings: Settings, watchdog: Watchdog, on_change: HealthCallback
@@ -160,59 +162,52 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
                     route: Route[AsyncProvider], failures: dict[str, str],
                     call: tuple[Any, Any, AsyncFetch, RowFactory[Any] | None]
                     ) -> tuple[Any, Any]:
-        """Like `DatabaseManager._race`: the two calls are tasks, the caller awaits the first
-        answer (the loser notices at its next wake-up and settles in the background)."""
+        """Like `DatabaseManager._race`: the caller's task runs the first call, the hedge
+        is a task of its own (the loser notices at its next wake-up and settles in the
+        background)."""
         core = self._core
         query, params, fetch, row_factory = call
-        race = Race(time.monotonic() + after, lambda: core.may_hedge(first))
-        one = asyncio.ensure_future(first.run(query, params, fetch, row_factory=row_factory,
-                                              race=Side(race, FIRST, time.monotonic)))
-        one.add_done_callback(_retrieved)
-        two: asyncio.Future[None] | None = None
+        race = Race(time.monotonic() + after, core.budget.spend, first.health, (target, call))
         try:
-            while not one.done() and race.winner != SECOND:
-                if two is None:
-                    await asyncio.wait((one,), timeout=max(race.hedge_at - time.monotonic(),
-                                                           4 * TICK))
-                    if not one.done() and race.sent and race.start(time.monotonic()):
-                        two = asyncio.ensure_future(self._second(target, race, call))
-                else:
-                    await asyncio.wait((one, two), return_when=asyncio.FIRST_COMPLETED)
-                    if two.done() and race.winner != SECOND:
-                        await asyncio.wait((one,))  # the hedge failed: the first call alone
-        except asyncio.CancelledError:
-            one.cancel()
-            if two is not None:
-                two.cancel()
-            raise
-        if race.winner == SECOND:
-            return target, race.result
-        try:
-            result = one.result()
+            result = await first.run(query, params, fetch, row_factory=row_factory,
+                                     race=Side(race, FIRST, time.monotonic, self._start_hedge))
         except HedgeDue:  # nothing sent yet: the read goes to the hedge's provider alone
             return await self._instead(first, target, route, failures, call)
         except HedgeLost:
             return target, race.result
         except Unavailable as exc:
-            if two is None:
-                raise
-            await asyncio.wait((two,))
-            if race.winner != SECOND:
+            if not (race.started and await self._hedge_won(race)):
                 raise
             core.attempt_unavailable(first, exc, route=route, failures=failures, t0=None)
             return target, race.result
-        except BaseException:
+        except Exception:
             if not race.claim(FIRST, None):
                 return target, race.result
+            raise
+        except BaseException:
+            race.claim(FIRST, None)  # cancelled: the hedge gives up too
             raise
         if race.claim(FIRST, result):
             return first, result
         return target, race.result
 
-    async def _second(self, target: AsyncProvider, race: Race,
-                      call: tuple[Any, Any, AsyncFetch, RowFactory[Any] | None]) -> None:
-        """The hedge: its answer claims the race, its failure leaves it to the first call."""
-        query, params, fetch, row_factory = call
+    def _start_hedge(self, race: Race) -> None:
+        task = asyncio.get_running_loop().create_task(self._second(race))
+        if self._hedges is None:
+            self._hedges = set()
+        self._hedges.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self._hedges.discard)
+
+    @staticmethod
+    async def _hedge_won(race: Race) -> bool:
+        """Wait (without blocking the loop) for the hedge's outcome; True if it answered."""
+        while not race.wait_hedge(0):
+            await asyncio.sleep(TICK)
+        return race.winner == SECOND
+
+    async def _second(self, race: Race) -> None:
+        """Like `DatabaseManager._second`, awaited."""
+        target, (query, params, fetch, row_factory) = race.context
         try:
             result = await target.run(query, params, fetch, row_factory=row_factory,
                                       race=Side(race, SECOND, time.monotonic))
@@ -372,8 +367,3 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         await self.close()
         return False
 
-
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    """A raced call that lost ends with `HedgeLost` after its caller has gone: seen here."""
-    if not task.cancelled():
-        task.exception()

@@ -145,32 +145,17 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         """A read on ``first``, hedged to ``target`` after ``after`` s of silence:
         (the provider that answered, its rows).
 
-        The caller's thread runs the first call and wakes every tick while its
-        server is silent (see hedge.raced): it starts the hedge on a thread of
-        its own when due, and leaves as soon as the hedge has answered.
+        The caller's thread runs the first call; once it has been silent for
+        ``after`` it wakes every tick (see hedge.raced), starts the hedge on a
+        thread of its own when the budget allows, and leaves as soon as the
+        hedge has answered.
         """
         core = self._core
         query, params, fetch, row_factory = call
-        race = Race(time.monotonic() + after, lambda: core.may_hedge(first))
-
-        def second() -> None:
-            try:
-                result = target.run(query, params, fetch, row_factory=row_factory,
-                                    race=Side(race, SECOND, time.monotonic))
-            except HedgeLost:
-                return
-            except BaseException as exc:  # the first side's answer still counts
-                race.fail(SECOND, exc)
-                return
-            if race.claim(SECOND, result):
-                core.budget.won += 1
-
-        def start() -> None:
-            threading.Thread(target=second, name="agent-factory-hedge", daemon=True).start()
-
+        race = Race(time.monotonic() + after, core.budget.spend, first.health, (target, call))
         try:
             result = first.run(query, params, fetch, row_factory=row_factory,
-                               race=Side(race, FIRST, time.monotonic, start))
+                               race=Side(race, FIRST, time.monotonic, self._start_hedge))
         except HedgeDue:  # nothing sent yet: the read goes to the hedge's provider alone
             return self._instead(first, target, route, failures, call)
         except HedgeLost:
@@ -180,13 +165,34 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
                 raise
             core.attempt_unavailable(first, exc, route=route, failures=failures, t0=None)
             return target, race.result
-        except BaseException:
+        except Exception:
             if not race.claim(FIRST, None):
                 return target, race.result
+            raise
+        except BaseException:
+            race.claim(FIRST, None)  # interrupted: the hedge gives up too
             raise
         if race.claim(FIRST, result):
             return first, result
         return target, race.result
+
+    def _start_hedge(self, race: Race) -> None:
+        threading.Thread(target=self._second, args=(race,), name="agent-factory-hedge",
+                         daemon=True).start()
+
+    def _second(self, race: Race) -> None:
+        """The hedge: its answer claims the race, its failure leaves it to the first call."""
+        target, (query, params, fetch, row_factory) = race.context
+        try:
+            result = target.run(query, params, fetch, row_factory=row_factory,
+                                race=Side(race, SECOND, time.monotonic))
+        except HedgeLost:
+            return
+        except Exception as exc:
+            race.fail(SECOND, exc)
+            return
+        if race.claim(SECOND, result):
+            self._core.budget.won += 1
 
     def _instead(self, first: DatabaseProvider, target: DatabaseProvider,
                  route: Route[DatabaseProvider], failures: dict[str, str],

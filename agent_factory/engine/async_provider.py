@@ -19,13 +19,14 @@ from typing import Any, cast
 import psycopg
 from psycopg import pq
 from psycopg.abc import RV, PQGen
+from psycopg.errors import _WaitTimeout as WaitTimeout
 from psycopg.generators import fetch_many
 from psycopg.rows import RowFactory
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from .connections import JOURNAL_LOCAL, journal_switch, pool_kwargs, setup_for, still_current
 from .health import HealthCallback, ProviderHealth
-from .hedge import CANCEL_TIMEOUT, TICK, HedgeLost, Side
+from .hedge import CANCEL_TIMEOUT, TICK, HedgeLost, Side, raced
 from .provider import (
     FIRST_SLICE,
     Unavailable,
@@ -309,10 +310,17 @@ def _observed_async_class(
                 return await super().wait(gen, *args, **kwargs)
             w, gen = self.begin_call(gen, p.health, watchdog)
             try:
-                if self.race is not None:
-                    # Wake up every tick while the server is silent: see hedge.raced.
-                    return await super().wait(gen, interval=TICK)
-                return await super().wait(gen, *args, **kwargs)
+                side = self.race
+                if side is None:
+                    return await super().wait(gen, *args, **kwargs)
+                quiet = side.quiet_for()
+                if quiet > 0:
+                    try:
+                        # psycopg's own wait until hedge_after: a healthy read ends here.
+                        return await super().wait(gen, interval=quiet, timeout=quiet)
+                    except WaitTimeout:
+                        pass  # the same generator goes on below (as after a Ctrl-C)
+                return await super().wait(raced(gen, side), interval=TICK)
             except HedgeLost:
                 self.resumed = w.started  # the drain that follows is the same call
                 raise

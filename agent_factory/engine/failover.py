@@ -92,6 +92,7 @@ class Failover(Generic[P]):
         self._writers = 0
         self._turn = 0
         self.budget = Budget(settings.hedge_budget)
+        self._hedge_bound = settings.hedge_lag_bound()
         self._next_log = 0.0
         self._suppressed = 0
         # Filled by replan() once the shell has created its providers.
@@ -183,18 +184,17 @@ class Failover(Generic[P]):
         budget here. While the first provider is suspect (a call there went
         silent and no probe has answered since) the hedge starts at once.
         """
-        mode = self.settings.hedged_reads
+        settings = self.settings
+        mode = settings.hedged_reads
         providers = route.providers
         if mode == "off" or route.write or len(providers) < 2:
             return None
-        if self._clock() - self.last_write < self.settings.read_your_writes:
+        if self._clock() - self.last_write < settings.read_your_writes:
             return None
-        bound = self.settings.hedge_lag_bound()
         for target in providers[1:]:
             if target.name == self.primary:
                 break  # the primary is never behind
-            lag = self.lag(target.name)
-            if fresh_enough(mode, None if lag is None else lag.seconds, bound):
+            if fresh_enough(mode, self.lag_seconds(target.name), self._hedge_bound):
                 break
         else:
             return None
@@ -202,7 +202,7 @@ class Failover(Generic[P]):
         first = providers[0].health
         if first.suspect:
             return target, 0.0  # a silent call there already: both at once
-        return target, hedge_after(first.latency.recent_p99, self.settings.hedge_after_min,
+        return target, hedge_after(first.latency.recent_p99, settings.hedge_after_min,
                                    first.hang_timeout)
 
     @staticmethod
@@ -212,9 +212,15 @@ class Failover(Generic[P]):
         watchdog still decides whether the first provider is down)."""
         return Route(route.providers, route.retry_after_send, route.write, True)
 
-    def may_hedge(self, provider: P) -> bool:
-        """The budget's answer for a read waiting on ``provider`` (no limit while suspect)."""
-        return self.budget.spend(provider.health.suspect)
+    def lag_seconds(self, name: str) -> float | None:
+        """`lag` in seconds, without building it (on every hedgeable read)."""
+        if name == self.primary:
+            return None
+        primary = self.providers[self.primary].health
+        sample = primary.replication.get(name)
+        if sample is None:
+            return None
+        return sample.seconds + max(0.0, primary.last_alive - sample.measured_at)
 
     def lag(self, name: str) -> Lag | None:
         """A backup's replication lag, bounded as a failover now would find it (None: unknown).

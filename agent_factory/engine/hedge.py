@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from psycopg.abc import RV, PQGen
 
@@ -112,20 +112,33 @@ class Budget:
                 "hedges_refused_by_budget": self.refused}
 
 
+class Suspect(Protocol):
+    """What a race needs to know of its first provider (a `ProviderHealth`)."""
+
+    @property
+    def suspect(self) -> bool: ...
+
+
 class Race:
     """One hedged read: the first side is the planned provider, the second the hedge.
 
-    ``allow`` is asked (with no lock held) whether the hedge may start once
-    ``hedge_at`` has passed: the budget. The first answer claims the race;
-    the loser sees `lost` and is cancelled by its shell.
+    ``allow(suspect)`` is asked (with no lock held) whether the hedge may
+    start once ``hedge_at`` has passed: the budget, told whether ``first``
+    is suspect. ``context`` is the shell's: what the hedge runs. The first answer claims the race;
+    the loser sees `lost` and is cancelled by its shell. Only the first
+    side's own thread (or event loop) starts the hedge, so a race that never
+    starts one (every healthy read) needs no lock and no event.
     """
 
-    __slots__ = ("hedge_at", "allow", "sent", "started", "winner", "result", "error",
-                 "_lock", "_done")
+    __slots__ = ("hedge_at", "allow", "first", "context", "sent", "started", "winner",
+                 "result", "error", "_lock", "_done")
 
-    def __init__(self, hedge_at: float, allow: Callable[[], bool]) -> None:
+    def __init__(self, hedge_at: float, allow: Callable[[bool], bool], first: Suspect,
+                 context: Any = None) -> None:
         self.hedge_at = hedge_at
         self.allow = allow
+        self.first = first
+        self.context = context
         #: The first side's statement left (after its checkout).
         self.sent = False
         #: The hedge was started.
@@ -134,33 +147,36 @@ class Race:
         self.result: Any = None
         #: The hedge's failure, if it failed (the first side's answer still counts).
         self.error: BaseException | None = None
-        self._lock = threading.Lock()
-        self._done = threading.Event()
+        self._lock: threading.Lock | None = None
+        self._done: threading.Event | None = None
 
     def start(self, now: float) -> bool:
         """Start the hedge now? True exactly once, when due and allowed."""
         if self.started or now < self.hedge_at or self.winner is not None:
             return False
-        if not self.allow():
+        if not self.allow(self.first.suspect):
             return False
-        with self._lock:
-            if self.started:
-                return False
-            self.started = True
-            return True
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self.started = True
+        return True
 
     def claim(self, side: int, result: Any) -> bool:
         """The answer of ``side``: True if it is the first (it wins)."""
-        with self._lock:
+        lock, done = self._lock, self._done
+        if lock is None or done is None:  # no hedge: the first side is alone
+            self.winner, self.result = side, result
+            return True
+        with lock:
             if self.winner is not None:
                 return False
             self.winner, self.result = side, result
-        self._done.set()
+        done.set()
         return True
 
     def fail(self, side: int, error: BaseException) -> None:
         """The hedge failed: the first side's answer is awaited alone."""
-        if side == SECOND:
+        if side == SECOND and self._done is not None:
             self.error = error
             self._done.set()
 
@@ -169,12 +185,8 @@ class Race:
         return winner is not None and winner != side
 
     def wait_hedge(self, timeout: float | None) -> bool:
-        """Wait for the hedge's outcome (an answer or a failure); False on timeout."""
-        return self._done.wait(timeout)
-
-    @property
-    def settled(self) -> bool:
-        return self._done.is_set()
+        """Wait for the hedge's outcome (an answer or a failure); False on timeout or none."""
+        return self._done is not None and self._done.wait(timeout)
 
 
 class Side:
@@ -183,13 +195,17 @@ class Side:
     __slots__ = ("race", "index", "clock", "on_due")
 
     def __init__(self, race: Race, index: int, clock: Callable[[], float],
-                 on_due: Callable[[], None] | None = None) -> None:
+                 on_due: Callable[[Race], None] | None = None) -> None:
         self.race = race
         self.index = index
         self.clock = clock
         #: Called (first side only) when the hedge should start while this
         #: call waits: the sync shell starts it on a thread.
         self.on_due = on_due
+
+    def quiet_for(self) -> float:
+        """How long the call may still wait before its hedge is due."""
+        return self.race.hedge_at - self.clock()
 
     def at_checkout(self) -> None:
         """Between two waits for a pooled connection (the wait counts towards hedge_after)."""
@@ -205,14 +221,15 @@ class Side:
         if race.winner is not None and race.winner != self.index:
             raise HedgeLost
         if silent and self.on_due is not None and race.start(self.clock()):
-            self.on_due()
+            self.on_due(race)
 
 
 def raced(gen: PQGen[RV], side: Side) -> PQGen[RV]:
     """Forward psycopg's generator, looking at the race at each wake-up.
 
     The connection's wait runs with a `TICK` interval, so a silent server
-    still wakes the generator (with a zero ``ready``) every tick.
+    still wakes the generator (with a zero ``ready``) every tick. Used only
+    once ``hedge_after`` has passed: until then psycopg waits on its own.
     """
     try:
         wait_for = next(gen)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import pq
 from psycopg.abc import RV, PQGen
+from psycopg.errors import _WaitTimeout as WaitTimeout
 from psycopg.generators import fetch_many
 from psycopg.rows import RowFactory
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
@@ -483,10 +484,7 @@ class WatchedCalls:
         w = watchdog.watch_call(self.pgconn, health, self.resumed)
         if self.counted is None:
             self.counted = tcp_progress(self.pgconn.socket) is not None
-        if not self.counted:
-            gen = watched(gen, w, watchdog.clock)
-        race = self.race
-        return w, gen if race is None else raced(gen, race)
+        return w, gen if self.counted else watched(gen, w, watchdog.clock)
 
     def end_call(self, w: Watch, watchdog: Watchdog) -> None:
         """The call ended: let go of its watch (after a shutdown in progress, if any)."""
@@ -540,10 +538,17 @@ def _observed_class(
                 return super().wait(gen, *args, **kwargs)
             w, gen = self.begin_call(gen, h, watchdog)
             try:
-                if self.race is not None:
-                    # Wake up every tick while the server is silent: see hedge.raced.
-                    return super().wait(gen, interval=TICK)
-                return super().wait(gen, *args, **kwargs)
+                side = self.race
+                if side is None:
+                    return super().wait(gen, *args, **kwargs)
+                quiet = side.quiet_for()
+                if quiet > 0:
+                    try:
+                        # psycopg's own wait until hedge_after: a healthy read ends here.
+                        return super().wait(gen, interval=quiet, timeout=quiet)
+                    except WaitTimeout:
+                        pass  # the same generator goes on below (as after a Ctrl-C)
+                return super().wait(raced(gen, side), interval=TICK)
             except HedgeLost:
                 self.resumed = w.started  # the drain that follows is the same call
                 raise

@@ -24,6 +24,22 @@ from agent_factory.engine.settings import Settings
 from agent_factory.errors import ConfigurationError
 
 
+class _Health:
+    """A first provider as a race sees it: suspect or not (a plain value, no I/O)."""
+
+    def __init__(self, suspect: bool) -> None:
+        self.suspect = suspect
+
+
+HEALTHY = _Health(False)
+
+
+def test_a_race_asks_the_budget_whether_its_first_provider_is_suspect() -> None:
+    asked: list[bool] = []
+    race = Race(0.0, lambda suspect: asked.append(suspect) or True, _Health(True))
+    assert race.start(1.0) and asked == [True]
+
+
 def test_hedge_after_follows_the_measured_latency_between_a_floor_and_half_hang_timeout() -> None:
     assert hedge_after(None, 0.1, 2.0) == 0.1  # nothing measured yet: the floor
     assert hedge_after(0.001, 0.1, 2.0) == 0.1  # loopback: the floor
@@ -79,7 +95,7 @@ def test_the_budget_lifts_while_the_primary_is_suspect() -> None:
 
 def test_a_race_starts_its_hedge_once_when_due_and_allowed() -> None:
     allowed = [False]
-    race = Race(10.0, lambda: allowed[0])
+    race = Race(10.0, lambda suspect: allowed[0], HEALTHY)
     assert not race.start(9.9)  # not due
     assert not race.start(10.0)  # due, refused by the budget
     allowed[0] = True
@@ -88,7 +104,8 @@ def test_a_race_starts_its_hedge_once_when_due_and_allowed() -> None:
 
 
 def test_the_first_answer_wins_and_the_other_side_sees_it_lost() -> None:
-    race = Race(0.0, lambda: True)
+    race = Race(0.0, lambda suspect: True, HEALTHY)
+    assert race.start(0.0)
     assert race.claim(SECOND, "hedge")
     assert not race.claim(FIRST, "primary")
     assert race.result == "hedge" and race.lost(FIRST) and not race.lost(SECOND)
@@ -96,14 +113,15 @@ def test_the_first_answer_wins_and_the_other_side_sees_it_lost() -> None:
 
 
 def test_a_failed_hedge_leaves_the_race_to_the_first_call() -> None:
-    race = Race(0.0, lambda: True)
+    race = Race(0.0, lambda suspect: True, HEALTHY)
+    assert race.start(0.0)
     race.fail(SECOND, RuntimeError("down"))
     assert race.winner is None and race.wait_hedge(0)
     assert race.claim(FIRST, "primary")
 
 
 def test_at_checkout_a_due_hedge_takes_the_read_and_a_lost_race_ends_the_wait() -> None:
-    race = Race(5.0, lambda: True)
+    race = Race(5.0, lambda suspect: True, HEALTHY)
     now = [4.0]
     first = Side(race, FIRST, lambda: now[0])
     first.at_checkout()  # not due: keep waiting
@@ -111,7 +129,7 @@ def test_at_checkout_a_due_hedge_takes_the_read_and_a_lost_race_ends_the_wait() 
     with pytest.raises(HedgeDue):
         first.at_checkout()
     second = Side(race, SECOND, lambda: now[0])
-    race.claim(FIRST, "primary")
+    race.claim(FIRST, "primary")  # (started above, by the HedgeDue)
     with pytest.raises(HedgeLost):
         second.at_checkout()
 
@@ -124,9 +142,9 @@ def _psycopg_like() -> Generator[int, int, str]:
 
 
 def test_raced_starts_the_hedge_on_a_silent_wake_up_and_leaves_when_lost() -> None:
-    race = Race(1.0, lambda: True)
+    race = Race(1.0, lambda suspect: True, HEALTHY)
     started: list[bool] = []
-    side = Side(race, FIRST, lambda: 2.0, lambda: started.append(True))
+    side = Side(race, FIRST, lambda: 2.0, lambda r: started.append(r is race))
     gen = raced(_psycopg_like(), side)
     assert next(gen) == 1
     assert gen.send(1) == 1  # data arrived: no hedge
@@ -138,8 +156,14 @@ def test_raced_starts_the_hedge_on_a_silent_wake_up_and_leaves_when_lost() -> No
         gen.send(0)
 
 
+def test_a_race_without_a_hedge_is_the_first_call_alone() -> None:
+    race = Race(1.0, lambda suspect: True, HEALTHY)
+    assert race.claim(FIRST, "rows") and race.result == "rows"
+    assert not race.wait_hedge(0)  # no hedge to wait for
+
+
 def test_raced_returns_the_answer_of_a_call_that_wins() -> None:
-    race = Race(1.0, lambda: True)
+    race = Race(1.0, lambda suspect: True, HEALTHY)
     gen = raced(_psycopg_like(), Side(race, FIRST, lambda: 0.0))
     next(gen)
     with pytest.raises(StopIteration) as done:
