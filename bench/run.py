@@ -7,6 +7,8 @@
     python -m bench --suite memory       # bench/memory.py (saves, vector search)
     python -m bench --suite metrics      # bench/metrics.py (metrics listener cost)
     python -m bench --suite journal      # bench/journal.py (failback journal cost, drain rate)
+    python -m bench --suite hedging      # bench/hedging.py (hedged reads: hang, crash, slow)
+    python -m bench --suite floor        # bench/floor.py (µs per call over a plain pool)
     python -m bench --suite all          # all of them, one after the other (~6 min)
     python3 dev.py bench [--quick] [--suite ...]
 
@@ -76,7 +78,7 @@ class Collector(logging.Handler):
         super().close()
 
 
-SUITES = ("core", "resilience", "continuity", "memory", "metrics", "journal")
+SUITES = ("core", "resilience", "continuity", "memory", "metrics", "journal", "hedging", "floor")
 
 
 @dataclass
@@ -152,6 +154,8 @@ def _run_suites(ctx: Context, suites: tuple[str, ...]) -> int:
         "memory": run_memory,
         "metrics": run_metrics,
         "journal": run_journal,
+        "hedging": run_hedging,
+        "floor": run_floor,
     }
     out = ctx.args.out or (None if ctx.args.quick else HERE / "RESULTS.md")
     status = 0
@@ -329,6 +333,14 @@ def _command(ctx: Context, suite: str) -> str:
 
 def run_resilience(ctx: Context) -> str | None:
     return _run_module(ctx, "resilience")
+
+
+def run_hedging(ctx: Context) -> str | None:
+    return _run_module(ctx, "hedging")
+
+
+def run_floor(ctx: Context) -> str | None:
+    return _run_module(ctx, "floor")
 
 
 def run_continuity(ctx: Context) -> str | None:

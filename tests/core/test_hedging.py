@@ -13,12 +13,17 @@ import asyncio
 import threading
 from collections.abc import Iterator
 
+import psycopg
 import pytest
+from databases import create_databases, drop_databases
 from defaults import ORDER
 from fleet import wait_until
 
+from agent_factory.continuity.replication import setup_replication, teardown_replication
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.engine.settings import Settings
+from agent_factory.schema import apply_migrations
 from agent_factory.testing.fleet import Fleet
 
 PORT = "SELECT inet_server_port()"
@@ -165,3 +170,62 @@ def test_async_a_read_on_a_hung_primary_is_answered_by_the_hedge(
         asyncio.run(main())
     finally:
         primary.release_faults()
+
+
+# -- a stale backup, with real replication ------------------------------------------------
+
+INSERT = (
+    "INSERT INTO session_memories (id, session_id, user_id, memory_type, message_id, content) "
+    "VALUES (gen_random_uuid(), 'hedge', 'writer', 'log', gen_random_uuid()::text, '{}'::jsonb)"
+)
+
+
+@pytest.fixture
+def replicated(healthy_fleet: Fleet) -> Iterator[dict[str, str]]:
+    """Databases of their own, the backups subscribed to the primary's tables."""
+    urls = create_databases(healthy_fleet, "hedge")
+    plain = {m.name: urls[m.name].replace(str(m.proxy.port), str(m.server.port))
+             for m in healthy_fleet}
+    for url in plain.values():
+        apply_migrations(url, embedding_dim=8)
+    settings = Settings.build(plain, order=ORDER)
+    report = setup_replication(settings)
+    assert not report.errors, report.errors
+    yield urls
+    healthy_fleet.heal()
+    teardown_replication(settings)
+    drop_databases(healthy_fleet, urls)
+
+
+def test_a_hedge_never_goes_to_a_backup_behind_the_lag_bound(
+    healthy_fleet: Fleet, replicated: dict[str, str], fleet_ports: dict[int, str]
+) -> None:
+    """railway's apply is held up by a lock: its measured lag grows past hedge_max_lag,
+    so the hedge goes to neon, which keeps up (hedged_reads="auto", the default)."""
+    primary = healthy_fleet["supabase"]
+    with DatabaseManager(replicated, order=ORDER, monitor_interval=0.2, hedge_max_lag=1.0,
+                         **SLOW_VERDICT) as db, \
+            psycopg.connect(replicated["supabase"], autocommit=True) as writer, \
+            psycopg.connect(replicated["railway"], autocommit=True) as blocker:
+        warm(db, fleet_ports)
+        core = db._core
+        wait_until(lambda: core.lag_seconds("railway") is not None
+                   and core.lag_seconds("neon") is not None,
+                   timeout=30, message="replication lag measured")
+        with blocker.transaction():
+            blocker.execute("LOCK TABLE session_memories IN ACCESS EXCLUSIVE MODE")
+
+            def railway_behind() -> bool:
+                writer.execute(INSERT)
+                lag = core.lag_seconds("railway")
+                return lag is not None and lag > 1.5
+
+            wait_until(railway_behind, timeout=60, message="railway behind the bound")
+            writer.execute(INSERT)
+            assert (core.lag_seconds("neon") or 0.0) < 1.0  # neon keeps up
+            primary.server.hang()
+            try:
+                assert served_by(db, fleet_ports) == "neon"
+                assert db.get_provider_stats()["supabase"]["healthy"]  # the hedge answered
+            finally:
+                primary.release_faults()
