@@ -93,6 +93,7 @@ class Failover(Generic[P]):
         self._turn = 0
         self.budget = Budget(settings.hedge_budget)
         self._hedge_bound = settings.hedge_lag_bound()
+        self._hedge_after: dict[str, tuple[float | None, float]] = {}
         self._next_log = 0.0
         self._suppressed = 0
         # Filled by replan() once the shell has created its providers.
@@ -191,8 +192,9 @@ class Failover(Generic[P]):
             return None
         if self._clock() - self.last_write < settings.read_your_writes:
             return None
+        primary = self.primary
         for target in providers[1:]:
-            if target.name == self.primary:
+            if target.name == primary:
                 break  # the primary is never behind
             if fresh_enough(mode, self.lag_seconds(target.name), self._hedge_bound):
                 break
@@ -202,8 +204,13 @@ class Failover(Generic[P]):
         first = providers[0].health
         if first.suspect:
             return target, 0.0  # a silent call there already: both at once
-        return target, hedge_after(first.latency.recent_p99, settings.hedge_after_min,
-                                   first.hang_timeout)
+        # hedge_after changes only with the p99, i.e. at a probe: reuse it until then.
+        p99 = first.latency.recent_p99
+        cached = self._hedge_after.get(first.name)
+        if cached is None or cached[0] is not p99:
+            cached = (p99, hedge_after(p99, settings.hedge_after_min, first.hang_timeout))
+            self._hedge_after[first.name] = cached
+        return target, cached[1]
 
     @staticmethod
     def hedged(route: Route[P]) -> Route[P]:
@@ -213,14 +220,14 @@ class Failover(Generic[P]):
         return Route(route.providers, route.retry_after_send, route.write, True)
 
     def lag_seconds(self, name: str) -> float | None:
-        """`lag` in seconds, without building it (on every hedgeable read)."""
-        if name == self.primary:
-            return None
+        """`lag` in seconds, without building it (on every hedgeable read; None for the
+        primary, which is not its own subscriber)."""
         primary = self.providers[self.primary].health
-        sample = primary.replication.get(name)
+        sample = primary.lag.replication.get(name)
         if sample is None:
             return None
-        return sample.seconds + max(0.0, primary.last_alive - sample.measured_at)
+        written_since = primary.last_alive - sample.measured_at
+        return sample.seconds + written_since if written_since > 0 else sample.seconds
 
     def lag(self, name: str) -> Lag | None:
         """A backup's replication lag, bounded as a failover now would find it (None: unknown).

@@ -231,11 +231,13 @@ def raced(gen: PQGen[RV], side: Side) -> PQGen[RV]:
     still wakes the generator (with a zero ``ready``) every tick. Used only
     once ``hedge_after`` has passed: until then psycopg waits on its own.
     """
+    race = side.race
     try:
         wait_for = next(gen)
         while True:
             ready = yield wait_for
-            side.wake(not ready)
+            if not ready or race.winner is not None:
+                side.wake(not ready)
             wait_for = gen.send(ready)
     except StopIteration as ex:
         return ex.value  # type: ignore[no-any-return]
