@@ -190,9 +190,11 @@ class Failover(Generic[P]):
         providers = route.providers
         if mode == "off" or route.write or len(providers) < 2:
             return None
+        primary = self.primary
+        if mode == "auto" and not self.providers[primary].health.lag.replication:
+            return None  # no backup's lag is known: nowhere to hedge
         if self._clock() - self.last_write < settings.read_your_writes:
             return None
-        primary = self.primary
         for target in providers[1:]:
             if target.name == primary:
                 break  # the primary is never behind
