@@ -20,6 +20,7 @@ policy and recorded on the primary (`merge`, table ``agent_factory_conflicts``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -36,12 +37,15 @@ from ..engine.provider import Unavailable
 from ..engine.stats import FailbackStats
 from ..engine.watchdog import Watchdog
 from ..errors import ConfigurationError
-from . import journal
+from . import journal, replication
 from .merge import ConflictPolicy
 from .peek import Peeker, Stall
 
 logger = logging.getLogger("agent_factory.core.database_manager")
 T = TypeVar("T")
+#: How long a backup's subscription may have no worker (while the primary is
+#: up) before its replication launcher is woken: three restart intervals.
+WAKE_AFTER = 15.0
 
 
 class PrimaryLost(Exception):
@@ -98,6 +102,8 @@ class Failback:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Since when (monotonic) each backup's subscription has had no worker.
+        self._idle_since: dict[str, float] = {}
         settings = core.settings
         self._peeker = Peeker(conninfos, watchdog, settings.hang_timeout,
                               settings.connect_timeout)
@@ -230,6 +236,7 @@ class Failback:
             try:
                 self._keep_sequences_ahead()
                 self.drain_now()
+                self._keep_replication_running()
             except Exception:
                 logger.exception("failback drainer: unexpected error; retrying",
                                  extra={"event": "failback_failed", "provider": None})
@@ -254,6 +261,37 @@ class Failback:
         for name in self._conninfos:
             if name != core.primary and core.providers[name].health.breaker.up:
                 self._peeker.run(name, lambda c: journal.keep_sequences_ahead(c, values))
+
+    def _keep_replication_running(self) -> None:
+        """Wake a backup's replication launcher when its subscription has had no
+        worker for `WAKE_AFTER` seconds while the primary is up.
+
+        PostgreSQL restarts a failed worker every ``wal_retrieve_retry_interval``
+        (5 s); seen here under load, after a restart of the primary, a backup's
+        launcher that did not for a minute, so the backup never converged.
+        Enabling the subscription again wakes it (a no-op otherwise).
+        """
+        core = self._core
+        now = time.monotonic()
+        if not core.providers[core.primary].health.breaker.up:
+            self._idle_since.clear()
+            return
+        for name in self._conninfos:
+            if name == core.primary or not core.providers[name].health.breaker.up:
+                continue
+            idle = self._peeker.run(name, replication.idle_subscriptions)
+            if not idle:
+                self._idle_since.pop(name, None)
+                continue
+            since = self._idle_since.setdefault(name, now)
+            if now - since < WAKE_AFTER:
+                continue
+            for sub in idle:
+                self._peeker.run(name, functools.partial(replication.wake_launcher, name=sub))
+            logger.warning("backup %r: subscription %s has had no worker for %.0f s; woke "
+                           "the replication launcher", name, ", ".join(idle), now - since,
+                           extra={"event": "replication_woken", "provider": name})
+            self._idle_since[name] = now
 
     def drain_now(self) -> int:
         """Drain every reachable backup into the primary if it is up; changes moved."""

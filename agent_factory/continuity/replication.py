@@ -183,6 +183,22 @@ def _alter(conn: psycopg.Connection[Any], name: str, action: str) -> None:
     conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ").format(sql.Identifier(name)) + sql.SQL(action))
 
 
+def idle_subscriptions(conn: psycopg.Connection[Any]) -> list[str]:
+    """This database's enabled subscriptions of ours that have no apply worker now."""
+    rows = conn.execute(
+        "SELECT s.subname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
+        "AND d.datname = current_database() WHERE s.subenabled "
+        "AND s.subname LIKE 'agent\\_factory\\_%' AND NOT EXISTS (SELECT 1 FROM "
+        "pg_stat_subscription st WHERE st.subid = s.oid AND st.pid IS NOT NULL)").fetchall()
+    return [r[0] for r in rows]
+
+
+def wake_launcher(conn: psycopg.Connection[Any], name: str) -> None:
+    """Enable subscription ``name`` again: a no-op that wakes the server's replication
+    launcher, which then starts the subscription's worker if it has none."""
+    _alter(conn, name, "ENABLE")
+
+
 def ensure_subscription(conn: psycopg.Connection[Any], backup: str, conninfo: str,
                         tables: list[str], copy_data: str) -> str:
     """Create, enable or refresh ``agent_factory_<backup>``; returns what it did."""

@@ -216,6 +216,11 @@ def converged(plain: dict[str, str], fleet: Fleet | None = None) -> None:
                                     "primary_version, resolved_version, source_xid "
                                     "FROM agent_factory_conflicts ORDER BY detected_at")
         detail["marks"] = query(plain["supabase"], "SELECT * FROM agent_factory_drained")
+        # Whether a backup's subscription is enabled and its launcher and worker alive.
+        detail["workers"] = {b: (query(plain[b], "SELECT subname, subenabled FROM pg_subscription"),
+                                 query(plain[b], "SELECT backend_type, pid, wait_event FROM "
+                                       "pg_stat_activity WHERE backend_type LIKE 'logical%'"))
+                             for b in ("railway", "neon")}
         logs = {b: fleet[b].server.log_path.read_text(errors="replace").splitlines()[-40:]
                 for b in ("railway", "neon")} if fleet is not None else {}
         raise AssertionError(f"not converged: {detail}; backup logs: {logs}") from None

@@ -11,7 +11,12 @@ from databases import create_databases, drop_databases
 from fleet import until_accepted, wait_until
 from test_failback import FAST, ORDER, Writer, ids_on
 
-from agent_factory.continuity.replication import setup_replication, teardown_replication
+from agent_factory.continuity.replication import (
+    idle_subscriptions,
+    setup_replication,
+    teardown_replication,
+    wake_launcher,
+)
 from agent_factory.core.database_manager import DatabaseManager
 from agent_factory.engine.settings import Settings
 from agent_factory.errors import AllProvidersUnavailableError
@@ -255,3 +260,27 @@ def query(url: str, text: str) -> list[tuple[Any, ...]]:
 def query_none(url: str, text: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(text)
+
+
+def test_an_enabled_subscription_without_a_worker_is_seen_and_its_launcher_woken(
+    healthy_fleet: Fleet, replicated: dict[str, str]
+) -> None:
+    """`idle_subscriptions` lists an enabled subscription whose worker is not running
+    (here: its publisher is down, so each restart fails) and never one that runs or
+    is disabled; waking the launcher changes nothing else."""
+    plain = direct(healthy_fleet, replicated)
+    with psycopg.connect(plain["railway"], autocommit=True) as conn:
+        wait_until(lambda: idle_subscriptions(conn) == [], timeout=30,
+                   message="railway's worker running")
+        healthy_fleet["supabase"].server.kill()
+        try:
+            wait_until(lambda: idle_subscriptions(conn) == ["agent_factory_railway"],
+                       timeout=30, message="railway's worker gone with its publisher")
+            wake_launcher(conn, "agent_factory_railway")
+            conn.execute("ALTER SUBSCRIPTION agent_factory_railway DISABLE")
+            assert idle_subscriptions(conn) == []
+            conn.execute("ALTER SUBSCRIPTION agent_factory_railway ENABLE")
+        finally:
+            healthy_fleet["supabase"].server.restart()
+        wait_until(lambda: idle_subscriptions(conn) == [], timeout=30,
+                   message="railway's worker running again")
