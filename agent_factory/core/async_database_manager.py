@@ -214,6 +214,8 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         except HedgeLost:
             return
         except Exception as exc:
+            if isinstance(exc, Unavailable) and exc.down:
+                target.health.mark_down(exc.reason)  # as any attempt there would
             race.fail(SECOND, exc)
             return
         if race.claim(SECOND, result):

@@ -189,6 +189,8 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         except HedgeLost:
             return
         except Exception as exc:
+            if isinstance(exc, Unavailable) and exc.down:
+                target.health.mark_down(exc.reason)  # as any attempt there would
             race.fail(SECOND, exc)
             return
         if race.claim(SECOND, result):
