@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from agent_factory.engine.environment import settings_from_env
 from agent_factory.engine.hedge import (
     BURST,
     FIRST,
@@ -170,3 +171,15 @@ def test_raced_returns_the_answer_of_a_call_that_wins() -> None:
         for _ in range(3):
             gen.send(1)
     assert done.value.value == "rows"
+
+
+def test_the_hedging_settings_come_from_the_environment_and_a_bad_one_names_its_variable() -> None:
+    env = {"RAILWAY_DB_URL": "postgresql://u:secret@127.0.0.1:5432/d",
+           "DATABASE_HEDGED_READS": "on", "DATABASE_HEDGE_BUDGET": "0.1",
+           "DATABASE_HEDGE_AFTER_MIN": "0.2", "DATABASE_HEDGE_MAX_LAG": "3"}
+    s = settings_from_env(env, dotenv=None)
+    assert (s.hedged_reads, s.hedge_budget, s.hedge_after_min, s.hedge_max_lag) == (
+        "on", 0.1, 0.2, 3.0)
+    with pytest.raises(ConfigurationError, match="DATABASE_HEDGED_READS") as bad:
+        settings_from_env({**env, "DATABASE_HEDGED_READS": "always"}, dotenv=None)
+    assert "secret" not in str(bad.value)
