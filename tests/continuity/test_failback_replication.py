@@ -48,40 +48,45 @@ def test_crash_failover_failback_with_replication_loses_nothing(
     healthy_fleet: Fleet, replicated: dict[str, str]
 ) -> None:
     plain = direct(healthy_fleet, replicated)
-    with DatabaseManager(replicated, order=ORDER, monitor_interval=0.2, **FAST) as db, \
-            Writer(db) as writer:
-        wait_until(lambda: len(writer.acked) > 100, timeout=30, message="writes on the primary")
-        wait_until(lambda: "railway" in db.providers["supabase"].health.replication,
-                   timeout=30, message="replication lag measured")
-        healthy_fleet["supabase"].server.kill()
-        wait_until(lambda: db.serving_provider == "railway", timeout=30, message="failover")
-        mark = len(writer.acked)
-        wait_until(lambda: len(writer.acked) > mark + 200, timeout=30,
-                   message="writes on the backup")
-        healthy_fleet["supabase"].server.restart()
-        wait_until(lambda: db.serving_provider == "supabase", timeout=30, message="failback")
-        mark = len(writer.acked)
-        wait_until(lambda: len(writer.acked) > mark + 100, timeout=30,
-                   message="writes after failback")
-    assert writer.errors == []
-    acked = set(writer.acked)
-    on_primary = ids_on(plain["supabase"])
-    assert len(on_primary) == len(set(on_primary))
-    assert acked <= set(on_primary), f"{len(acked - set(on_primary))} acknowledged writes lost"
-    # Every provider converges: railway through replication (after failback) and its
-    # own writes, neon through replication and the failback's copy of railway's rows.
-    for name in ("railway", "neon"):
-        try:
-            wait_until(lambda name=name: acked <= set(ids_on(plain[name])), timeout=30,
-                       message=f"{name} converged")
-        except AssertionError:
-            missing = acked - set(ids_on(plain[name]))
-            order = {i: n for n, i in enumerate(writer.acked)}
-            idx = sorted(order[i] for i in missing)
-            raise AssertionError(f"{name}: {len(missing)} missing, indexes {idx[:5]}..{idx[-5:]}"
-                                 f" of {len(writer.acked)}; outage mark {mark}") from None
-        rows = ids_on(plain[name])
-        assert len(rows) == len(set(rows))
+    with DatabaseManager(replicated, order=ORDER, monitor_interval=0.2, **FAST) as db:
+        with Writer(db) as writer:
+            wait_until(lambda: len(writer.acked) > 100, timeout=30, message="writes on the primary")
+            wait_until(lambda: "railway" in db.providers["supabase"].health.replication,
+                       timeout=30, message="replication lag measured")
+            healthy_fleet["supabase"].server.kill()
+            wait_until(lambda: db.serving_provider == "railway", timeout=30, message="failover")
+            mark = len(writer.acked)
+            wait_until(lambda: len(writer.acked) > mark + 200, timeout=30,
+                       message="writes on the backup")
+            healthy_fleet["supabase"].server.restart()
+            wait_until(lambda: db.serving_provider == "supabase", timeout=30, message="failback")
+            mark = len(writer.acked)
+            wait_until(lambda: len(writer.acked) > mark + 100, timeout=30,
+                       message="writes after failback")
+        # Checked while the application still runs, as it would in production.
+        assert writer.errors == []
+        acked = set(writer.acked)
+        on_primary = ids_on(plain["supabase"])
+        assert len(on_primary) == len(set(on_primary))
+        assert acked <= set(on_primary), f"{len(acked - set(on_primary))} acknowledged writes lost"
+        # Every provider converges: railway through replication (after failback) and its
+        # own writes, neon through replication and the failback's copy of railway's rows.
+        for name in ("railway", "neon"):
+            try:
+                wait_until(lambda name=name: acked <= set(ids_on(plain[name])), timeout=30,
+                           message=f"{name} converged")
+            except AssertionError:
+                missing = acked - set(ids_on(plain[name]))
+                order = {i: n for n, i in enumerate(writer.acked)}
+                idx = sorted(order[i] for i in missing)
+                workers = query(plain[name], "SELECT backend_type, pid, wait_event FROM "
+                                "pg_stat_activity WHERE backend_type LIKE 'logical%'")
+                raise AssertionError(f"{name}: {len(missing)} missing, indexes {idx[:5]}.."
+                                     f"{idx[-5:]} of {len(writer.acked)}; outage mark {mark}; "
+                                     f"idle subscriptions {idle_subscriptions_on(plain[name])}, "
+                                     f"replication processes {workers}") from None
+            rows = ids_on(plain[name])
+            assert len(rows) == len(set(rows))
 
 
 def test_writes_refuse_a_backup_beyond_the_replication_lag_bound(
@@ -284,3 +289,8 @@ def test_an_enabled_subscription_without_a_worker_is_seen_and_its_launcher_woken
             healthy_fleet["supabase"].server.restart()
         wait_until(lambda: idle_subscriptions(conn) == [], timeout=30,
                    message="railway's worker running again")
+
+
+def idle_subscriptions_on(url: str) -> list[str]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return idle_subscriptions(conn)
