@@ -202,6 +202,10 @@ def test_connection_fails_over_at_checkout_and_shows_the_raw_pool_stats(
     assert pool["requests_num"] >= 1
 
     healthy_fleet["supabase"].server.kill()
+    # Known dead: the prober saw it (until then a pooled connection behind the fault
+    # proxy may still look alive, and a statement sent on it has an unknown outcome).
+    wait_until(lambda: not db.get_provider_stats()["supabase"]["healthy"], timeout=30,
+               message="the primary marked down")
     with db.connection() as conn:  # the dead primary at checkout: the next provider
         port = conn.execute("SELECT inet_server_port()").fetchone()[0]  # type: ignore[index]
         assert provider_of(healthy_fleet, port) == "railway"
