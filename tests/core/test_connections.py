@@ -210,9 +210,6 @@ def test_connection_fails_over_at_checkout_and_shows_the_raw_pool_stats(
         port = conn.execute("SELECT inet_server_port()").fetchone()[0]  # type: ignore[index]
         assert provider_of(healthy_fleet, port) == "railway"
     assert db.serving_provider == "railway"
-    # The primary's pool counts its failed reconnects (psycopg_pool's error counter).
-    wait_until(lambda: db.get_provider_stats()["supabase"]["pool"].get(
-        "connections_errors", 0) >= 1, timeout=30, message="a failed connect counted")
 
 
 def test_async_configure_row_factory_and_connection(healthy_fleet: Fleet) -> None:
