@@ -87,6 +87,12 @@ def test_two_backups_serving_at_once_keep_every_transfer_and_converge(
                    and journal_size(plain["neon"]) >= 60, timeout=60,
                    message="transfers journaled on railway and on neon")
         server.restart()
+        # Each instance writes on its backup until it has seen the primary back: one may
+        # journal a transfer after the other emptied both journals, so wait for both to
+        # serve the primary before the journals must stay empty.
+        wait_until(lambda: all(db.get_provider_stats()["supabase"]["role"] == "primary"
+                               and db.serving_provider == "supabase" for db in (a, b)),
+                   timeout=60, message="both instances back on the primary")
         wait_until(lambda: journal_size(plain["railway"]) == 0
                    and journal_size(plain["neon"]) == 0, timeout=60,
                    message="both journals drained")
