@@ -49,6 +49,18 @@ def run(cmd: list[str]) -> None:
         sys.exit(code)
 
 
+def workers(args: list[str]) -> list[str]:
+    """pytest-xdist's ``-n``: one worker per core, at most 4, unless the caller chose.
+
+    Most of the suite's time is waiting on real servers and their faults (timeouts,
+    restarts), so two workers on two cores nearly halve it; each worker starts its
+    own fleet of servers. ``-n 0`` runs everything in one process.
+    """
+    if any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in args):
+        return []
+    return ["-n", str(max(1, min(4, os.cpu_count() or 1)))]
+
+
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in {"demo", "test", "bench"}:
         sys.exit(__doc__)
@@ -60,7 +72,7 @@ def main(argv: list[str]) -> None:
         paths = [p for p in LINTED if (ROOT / p).exists()]
         run([str(PY), "-m", "ruff", "check", *paths])
         run([str(PY), "-m", "mypy"])
-        run([str(PY), "-m", "pytest", *rest])
+        run([str(PY), "-m", "pytest", *workers(rest), *rest])
     else:
         run([str(PY), "-m", "bench", *rest])
 
