@@ -35,6 +35,7 @@ from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 
 from ..errors import ConfigurationError
 from ..schema.plan import load_migrations
+from . import staged
 from .merge import Change, Conflict, ConflictPolicy, Row, RowKey, replay
 from .subscription import PUBLICATION
 
@@ -296,47 +297,89 @@ def _drain_batch(
     lock_timeout: float,
 ) -> DrainReport:
     with _steady(target):
-        target.execute("SELECT set_config('lock_timeout', %s, true)",
+        # work_mem: the batch's sorts in memory.
+        target.execute("SELECT set_config('lock_timeout', %s, true), "
+                       "set_config('work_mem', '64MB', true)",
                        (f"{max(1, round(lock_timeout * 1000))}ms",))
         got = target.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
                              (_LOCK_SPACE, backup)).fetchone()
         if not got or not got[0]:
             return DrainReport(backup, skipped=True)
         _forget_pruned(source, target, backup)
-        changes = _read(source, batch, upto, stuck)
-        if not changes:
+        _read(source, target, batch, upto, stuck)
+        tables = staged.tables(target)
+        if not tables:
             return DrainReport(backup, stuck=len(stuck))
-        done = {r[0] for r in target.execute(
-            "SELECT xid::text FROM agent_factory_drained WHERE provider = %s "
-            "AND xid = ANY(%s::xid8[])", (backup, sorted({c.xid for c in changes}))).fetchall()}
-        missing = _missing_tables(target, {c.table for c in changes})
-        stuck.update(c.xid for c in changes if c.table in missing)
-        changes = [c for c in changes if c.xid not in stuck]
-        fresh = [c for c in changes if c.xid not in done]
-        keys = {t: primary_key(target, t) for t in dict.fromkeys(c.table for c in fresh)}
-        todo = _normalised(target, fresh)
-
-        def key_of(c: Change) -> tuple[Any, ...]:
-            image = c.after if c.after is not None else c.before
-            assert image is not None
-            return tuple(image.get(k) for k in keys[c.table])
-
-        current = _current(target, todo, keys, key_of)
+        missing = [t.name for t in tables if t.missing]
+        if missing:
+            stuck.update(staged.set_aside(target, missing))
+        pruned, count, xids = staged.totals(target)
+        if missing or staged.drop_applied(target, backup):
+            tables = staged.tables(target)
+            _, count, xids = staged.totals(target)
+        keys = {t.name: primary_key(target, t.name) for t in tables}
+        key_of = _key_by(keys)
+        skeys = {t.name: staged.Keys.load(target, t.name, _ident(t.name), keys[t.name])
+                 for t in tables if t.exact is not None}
+        todo, current = _classified(target, tables, keys, skeys, key_of)
         final, conflicts = replay(todo, key_of, current, policy)
         if delete_inserted:
             inserted = _coming_back(target, todo, key_of, current, final)
+            inserted += _published(target, [
+                k for t in tables if t.inserts and t.exact is not None
+                for k in staged.inserted_clean(target, t.name, skeys[t.name])])
             restored = _gone_from_source(target, todo, key_of, final)
             if inserted or restored:
-                _fix_source(source, keys, inserted, restored, todo, final)
-        _write(target, keys, final, current, todo)
+                _fix_source(source, keys, inserted, restored, final)
+        _write(target, keys, skeys, final, current, tables)
         _move_sequences_past(source, target, list(keys))
-        _record(target, backup, keys, todo, conflicts)
+        _record(target, backup, keys, conflicts)
     with _steady(source):
-        source.execute(f"DELETE FROM {JOURNAL} WHERE seq = ANY(%s)", ([c.seq for c in changes],))
+        source.execute(f"DELETE FROM {JOURNAL} WHERE seq = ANY(%s)", (pruned,))
     # The applied-transaction marks stay until a later drain, under the lock,
     # sees their entries gone from the journal (`_forget_pruned`).
-    return DrainReport(backup, len(todo), len({c.xid for c in todo}), len(conflicts),
-                       stuck=len(stuck))
+    return DrainReport(backup, count, xids, len(conflicts), stuck=len(stuck))
+
+
+def _classified(target: psycopg.Connection[Any], tables: list[staged.Table],
+                keys: dict[str, tuple[str, ...]], skeys: dict[str, staged.Keys],
+                key_of: Callable[[Change], tuple[Any, ...]]
+                ) -> tuple[list[Change], dict[RowKey, Row | None]]:
+    """The staged changes Python must replay (in batch order) and the primary's rows
+    they touch.
+
+    Every touched row is locked, table by table in key order. A table whose
+    images all have exactly the primary's columns is settled set-based
+    (`staged`) but for its keys not proven clean; another one (schema drift)
+    goes to Python whole.
+    """
+    dirty: list[tuple[int, Change]] = []
+    current: dict[RowKey, Row | None] = {}
+    for t in tables:
+        cols = keys[t.name]
+        if t.exact is not None:
+            changes, rows = staged.classify(target, t.name, skeys[t.name])
+            for _, c in changes:
+                current[(t.name, key_of(c))] = None
+            for row in rows:
+                current[(t.name, tuple(row.get(c) for c in cols))] = row
+        else:
+            found = staged.raws(target, t.name)
+            normal = _normalised(target, [Raw(*r) for _, r in found])
+            changes = [(o, c) for (o, _), c in zip(found, normal, strict=True)]
+            current.update(_current(target, normal, {t.name: cols}, key_of))
+        dirty += changes
+    dirty.sort(key=lambda oc: oc[0])
+    return [c for _, c in dirty], current
+
+
+def _key_by(keys: dict[str, tuple[str, ...]]) -> Callable[[Change], tuple[Any, ...]]:
+    """A change's row key: its primary key values (from its after image, else its before)."""
+    def key_of(c: Change) -> tuple[Any, ...]:
+        image = c.after if c.after is not None else c.before
+        assert image is not None
+        return tuple(image.get(k) for k in keys[c.table])
+    return key_of
 
 
 def _coming_back(target: psycopg.Connection[Any], changes: list[Change], key_of: Any,
@@ -424,10 +467,21 @@ def _move_sequences_past(source: psycopg.Connection[Any], target: psycopg.Connec
             keep_sequences_ahead(source, ahead)
 
 
-def _missing_tables(target: psycopg.Connection[Any], tables: set[str]) -> set[str]:
-    rows = target.execute("SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL",
-                          (sorted(tables),)).fetchall()
-    return {r[0] for r in rows}
+#: The next batch of the journal for `staged.stage`: whole source transactions,
+#: oldest first (ordered by their last change), numbered in that order.
+_READ = sql.SQL(
+    f"WITH x AS (SELECT xid, max(seq) AS last FROM {JOURNAL} "
+    f"WHERE xid IN (SELECT xid FROM {JOURNAL} WHERE seq <= %s "
+    f"AND xid <> ALL(%s::xid8[]) ORDER BY seq LIMIT %s) GROUP BY xid) "
+    f"SELECT row_number() OVER (ORDER BY x.last, j.seq), j.seq, j.xid, j.table_name, j.op, "
+    f"j.before, j.after FROM {JOURNAL} j JOIN x USING (xid) ORDER BY x.last, j.seq")
+
+
+def _read(source: psycopg.Connection[Any], target: psycopg.Connection[Any], batch: int,
+          upto: int, stuck: set[str]) -> None:
+    """The next batch of the source's journal into the primary's stage (`staged`)."""
+    with _steady(source):
+        staged.stage(source, target, _READ, (upto, sorted(stuck), batch))
 
 
 class Raw(NamedTuple):
@@ -439,21 +493,6 @@ class Raw(NamedTuple):
     op: str
     before: str | None
     after: str | None
-
-
-def _read(source: psycopg.Connection[Any], batch: int, upto: int,
-          stuck: set[str]) -> list[Raw]:
-    """Whole source transactions, oldest first (ordered by their last change)."""
-    with _steady(source):
-        rows = source.execute(
-            f"WITH x AS (SELECT xid, max(seq) AS last FROM {JOURNAL} "
-            f"WHERE xid IN (SELECT xid FROM {JOURNAL} WHERE seq <= %s "
-            f"AND xid <> ALL(%s::xid8[]) ORDER BY seq LIMIT %s) GROUP BY xid) "
-            f"SELECT j.seq, j.xid::text, j.table_name, j.op, j.before::text, j.after::text "
-            f"FROM {JOURNAL} j JOIN x USING (xid) ORDER BY x.last, j.seq",
-            (upto, sorted(stuck), batch)
-        ).fetchall()
-    return [Raw(*r) for r in rows]
 
 
 def _normalised(target: psycopg.Connection[Any], changes: list[Raw]) -> list[Change]:
@@ -546,17 +585,21 @@ def _current(target: psycopg.Connection[Any], changes: list[Change],
 
 
 def _write(target: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
+           skeys: dict[str, staged.Keys],
            final: dict[RowKey, Row | None], current: dict[RowKey, Row | None],
-           changes: list[Change]) -> None:
-    """Upserts table by table in first-change order, then deletes in reverse order.
+           tables: list[staged.Table]) -> None:
+    """Upserts table by table in first-change order, then deletes in reverse order;
+    the clean keys' rows set-based from the stage, the others' from ``final``.
 
     Every row the changes touch is written, also one whose final version is
     already the primary's: the backup still holds its own version (a change
     that lost, or outage changes that net to nothing on the primary), and
     only a write on the primary sends the primary's version to it again.
     """
-    order = list(dict.fromkeys(c.table for c in changes))
-    for table in order:
+    for t in tables:
+        table = t.name
+        if t.exact is not None:
+            staged.upsert_clean(target, table, skeys[table], t.exact)
         rows = [r for (t, _), r in final.items() if t == table and r is not None]
         if rows:
             cols = list(rows[0])
@@ -571,11 +614,13 @@ def _write(target: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
                 set=sql.SQL(", ").join(
                     sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in cols),
             ), (Jsonb(rows),))
-    for table in reversed(order):
-        gone = [dict(zip(keys[table], k, strict=True)) for (t, k), r in final.items()
-                if t == table and r is None and current.get((t, k)) is not None]
+    for t in reversed(tables):
+        gone = [dict(zip(keys[t.name], k, strict=True)) for (name, k), r in final.items()
+                if name == t.name and r is None and current.get((name, k)) is not None]
         if gone:
-            _delete_keys(target, table, keys[table], gone)
+            _delete_keys(target, t.name, keys[t.name], gone)
+        if t.deletes and t.exact is not None:
+            staged.delete_clean(target, t.name, skeys[t.name])
 
 
 def _delete_keys(conn: psycopg.Connection[Any], table: str, cols: Sequence[str],
@@ -588,12 +633,12 @@ def _delete_keys(conn: psycopg.Connection[Any], table: str, cols: Sequence[str],
 
 
 def _fix_source(source: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
-                inserted: list[RowKey], restored: list[RowKey], changes: list[Change],
+                inserted: list[RowKey], restored: list[RowKey],
                 final: dict[RowKey, Row | None]) -> None:
     """On the backup, just before the primary commits (the drain holds those rows
     on the primary: nothing newer of them can be in the stream yet): give up the
     rows replication will insert again, and take back the ones it cannot."""
-    order = list(dict.fromkeys(c.table for c in changes))
+    order = list(keys)  # the batch's tables in first-change order
     with _steady(source):
         for table in reversed(order):
             probe = [dict(zip(keys[table], k, strict=True)) for t, k in inserted if t == table]
@@ -611,7 +656,7 @@ def _fix_source(source: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]
 
 
 def _record(target: psycopg.Connection[Any], backup: str, keys: dict[str, tuple[str, ...]],
-            changes: list[Change], conflicts: list[Conflict]) -> None:
+            conflicts: list[Conflict]) -> None:
     if conflicts:
         # One statement (a pipeline of many stalls behind some poolers).
         target.execute(
@@ -627,11 +672,7 @@ def _record(target: psycopg.Connection[Any], backup: str, keys: dict[str, tuple[
                 "resolved": c.resolved, "resolution": c.resolution, "xid": c.change.xid,
             } for c in conflicts])),
         )
-    target.execute(
-        "INSERT INTO agent_factory_drained (provider, xid) SELECT %s, x::xid8 "
-        "FROM unnest(%s::text[]) AS x ON CONFLICT DO NOTHING",
-        (backup, sorted({c.xid for c in changes})),
-    )
+    staged.mark_applied(target, backup)
 
 
 def _ident(table: str) -> sql.Composable:
