@@ -7,8 +7,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+import pytest
+from defaults import ORDER
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from agent_factory.continuity.replication import setup_replication, teardown_replication
+from agent_factory.engine.settings import Settings
 from agent_factory.schema import apply_migrations
 from agent_factory.testing.fleet import Fleet
 
@@ -47,3 +51,26 @@ def schema_databases(fleet: Fleet, prefix: str, embedding_dim: int = 8) -> Itera
     finally:
         fleet.heal()
         drop_databases(fleet, urls)
+
+
+@pytest.fixture
+def replicated(healthy_fleet: Fleet, request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """Databases of their own, the backups subscribed to the primary's tables.
+
+    The shipped schema on every provider, logical replication from the
+    primary (`ORDER`'s first) to each backup; proxied URLs by provider name.
+    A test module imports this fixture; its databases are named after it.
+    """
+    prefix = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    urls = create_databases(healthy_fleet, prefix)
+    plain = {m.name: urls[m.name].replace(str(m.proxy.port), str(m.server.port))
+             for m in healthy_fleet}
+    for url in plain.values():
+        apply_migrations(url, embedding_dim=8)
+    settings = Settings.build(plain, order=ORDER)
+    report = setup_replication(settings)
+    assert not report.errors, report.errors
+    yield urls
+    healthy_fleet.heal()
+    teardown_replication(settings)
+    drop_databases(healthy_fleet, urls)

@@ -2,46 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from databases import create_databases, drop_databases
+from databases import replicated  # noqa: F401 - a fixture
 from fleet import until_accepted, wait_until
 from test_failback import FAST, ORDER, Writer, ids_on
 
 from agent_factory.continuity.replication import (
     idle_subscriptions,
-    setup_replication,
-    teardown_replication,
     wake_launcher,
 )
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.engine.settings import Settings
 from agent_factory.errors import AllProvidersUnavailableError
 from agent_factory.memory import PostgresMemoryStorage, Session
-from agent_factory.schema import apply_migrations
 from agent_factory.testing.fleet import Fleet
 
 
 def direct(fleet: Fleet, urls: dict[str, str]) -> dict[str, str]:
     return {m.name: urls[m.name].replace(str(m.proxy.port), str(m.server.port)) for m in fleet}
-
-
-@pytest.fixture
-def replicated(healthy_fleet: Fleet) -> Iterator[dict[str, str]]:
-    urls = create_databases(healthy_fleet, "rfb")
-    plain = direct(healthy_fleet, urls)
-    for url in plain.values():
-        apply_migrations(url, embedding_dim=8)
-    settings = Settings.build(plain, order=ORDER)
-    report = setup_replication(settings)
-    assert not report.errors, report.errors
-    yield urls
-    healthy_fleet.heal()
-    teardown_replication(settings)
-    drop_databases(healthy_fleet, urls)
 
 
 def test_crash_failover_failback_with_replication_loses_nothing(

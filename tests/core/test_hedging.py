@@ -15,15 +15,12 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from databases import create_databases, drop_databases
+from databases import replicated  # noqa: F401 - a fixture
 from defaults import ORDER
 from fleet import wait_until
 
-from agent_factory.continuity.replication import setup_replication, teardown_replication
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.core.database_manager import DatabaseManager
-from agent_factory.engine.settings import Settings
-from agent_factory.schema import apply_migrations
 from agent_factory.testing.fleet import Fleet
 
 PORT = "SELECT inet_server_port()"
@@ -178,23 +175,6 @@ INSERT = (
     "INSERT INTO session_memories (id, session_id, user_id, memory_type, message_id, content) "
     "VALUES (gen_random_uuid(), 'hedge', 'writer', 'log', gen_random_uuid()::text, '{}'::jsonb)"
 )
-
-
-@pytest.fixture
-def replicated(healthy_fleet: Fleet) -> Iterator[dict[str, str]]:
-    """Databases of their own, the backups subscribed to the primary's tables."""
-    urls = create_databases(healthy_fleet, "hedge")
-    plain = {m.name: urls[m.name].replace(str(m.proxy.port), str(m.server.port))
-             for m in healthy_fleet}
-    for url in plain.values():
-        apply_migrations(url, embedding_dim=8)
-    settings = Settings.build(plain, order=ORDER)
-    report = setup_replication(settings)
-    assert not report.errors, report.errors
-    yield urls
-    healthy_fleet.heal()
-    teardown_replication(settings)
-    drop_databases(healthy_fleet, urls)
 
 
 def test_a_hedge_never_goes_to_a_backup_behind_the_lag_bound(
