@@ -17,9 +17,23 @@ from agent_factory.schema import apply_migrations
 from agent_factory.testing.fleet import Fleet
 
 
+class Conninfo(str):
+    """A test database's connection string whose repr hides its password.
+
+    pytest prints a failing test's fixture values (a dict of these): the CI log
+    then shows the target, never the password. The string itself is unchanged.
+    """
+
+    def __repr__(self) -> str:
+        params = conninfo_to_dict(str(self))
+        if "password" in params:
+            params["password"] = "***"
+        return repr(make_conninfo("", **params))
+
+
 def with_dbname(url: str, dbname: str) -> str:
     """The same connection target with another database name."""
-    return make_conninfo("", **{**conninfo_to_dict(url), "dbname": dbname})
+    return Conninfo(make_conninfo("", **{**conninfo_to_dict(url), "dbname": dbname}))
 
 
 def create_databases(fleet: Fleet, prefix: str = "t") -> dict[str, str]:
