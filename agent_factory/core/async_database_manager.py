@@ -22,7 +22,8 @@ from psycopg_pool import AsyncConnectionPool
 from ..engine.async_provider import AsyncFetch, AsyncProvider, async_fetcher
 from ..engine.failover import Route
 from ..engine.health import HealthCallback
-from ..engine.hedge import FIRST, SECOND, TICK, HedgeDue, HedgeLost, Race, Side
+from ..engine.hedge import TICK, HedgeDue
+from ..engine.hedged import HedgedRead
 from ..engine.provider import FetchMode, Unavailable, abandoned
 from ..engine.settings import Settings, check_row_factory
 from ..engine.watchdog import Watchdog
@@ -121,26 +122,25 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         row_factory: RowFactory[Any] | None,
     ) -> Any:
         core = self._core
-        events = self._events
         t0: float | None = None
         failures: dict[str, str] = {}
-        hedge = core.hedge(route)
+        hedge = core.hedge(route) if core.hedging else None
         for provider in route.providers:
             if provider.name in failures:
                 continue  # a hedge that failed
             epoch = core.epoch
-            if events.query_listeners:
+            if self._events.query_listeners:
                 t0 = time.perf_counter()
             served = provider
             try:
-                journal = self._journal(provider.name, route.write)
+                journal = self._journal(provider.name, True) if route.write else None
                 if journal:
                     await self._prepare_backup_write_async(provider.name)
                 if hedge is not None:
-                    target, after = hedge
+                    race = HedgedRead(hedge[1], core, route, failures, provider, hedge[0],
+                                      (query, params, fetch, row_factory), self._start_hedge)
                     hedge = None
-                    served, result = await self._race(provider, target, after, route, failures,
-                                                      (query, params, fetch, row_factory))
+                    served, result = await self._race(race)
                 else:
                     result = await provider.run(query, params, fetch, journal=journal,
                                                 row_factory=row_factory)
@@ -153,45 +153,31 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
             except Exception as exc:
                 core.attempt_error(provider, exc, t0=t0)
                 raise
-            core.attempt_ok(served, epoch=epoch, failures=failures,
-                            route=route if served is provider else core.hedged(route), t0=t0)
+            core.attempt_ok(served, epoch, failures,
+                            route if served is provider else core.hedged(route), t0)
             return result
         raise core.all_failed(failures, write=route.write)
 
-    async def _race(self, first: AsyncProvider, target: AsyncProvider, after: float,
-                    route: Route[AsyncProvider], failures: dict[str, str],
-                    call: tuple[Any, Any, AsyncFetch, RowFactory[Any] | None]
-                    ) -> tuple[Any, Any]:
+    async def _race(self, race: HedgedRead[AsyncProvider]) -> tuple[AsyncProvider, Any]:
         """Like `DatabaseManager._race`: the caller's task runs the first call, the hedge
         is a task of its own (the loser notices at its next wake-up and settles in the
         background)."""
-        core = self._core
-        query, params, fetch, row_factory = call
-        race = Race(time.monotonic() + after, core.budget.spend, first.health, (target, call))
+        query, params, fetch, row_factory = race.call
         try:
-            result = await first.run(query, params, fetch, row_factory=row_factory,
-                                     race=Side(race, FIRST, time.monotonic, self._start_hedge))
+            result = await race.provider.run(query, params, fetch, row_factory=row_factory,
+                                             race=race)
         except HedgeDue:  # nothing sent yet: the read goes to the hedge's provider alone
-            return await self._instead(first, target, route, failures, call)
-        except HedgeLost:
-            return target, race.result
-        except Unavailable as exc:
-            if not (race.started and await self._hedge_won(race)):
-                raise
-            core.attempt_unavailable(first, exc, route=route, failures=failures, t0=None)
-            return target, race.result
-        except Exception:
-            if not race.claim(FIRST, None):
-                return target, race.result
+            return await self._instead(race)
+        except BaseException as exc:
+            if race.awaits_hedge(exc):
+                while not race.wait_hedge(0):  # without blocking the loop
+                    await asyncio.sleep(TICK)
+            if race.first_failed(exc):
+                return race.answer()
             raise
-        except BaseException:
-            race.claim(FIRST, None)  # cancelled: the hedge gives up too
-            raise
-        if race.claim(FIRST, result):
-            return first, result
-        return target, race.result
+        return (race.provider, result) if race.first_answered(result) else race.answer()
 
-    def _start_hedge(self, race: Race) -> None:
+    def _start_hedge(self, race: HedgedRead[AsyncProvider]) -> None:
         task = asyncio.get_running_loop().create_task(self._second(race))
         if self._hedges is None:
             self._hedges = set()
@@ -199,41 +185,27 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         task.add_done_callback(self._hedges.discard)
 
     @staticmethod
-    async def _hedge_won(race: Race) -> bool:
-        """Wait (without blocking the loop) for the hedge's outcome; True if it answered."""
-        while not race.wait_hedge(0):
-            await asyncio.sleep(TICK)
-        return race.winner == SECOND
-
-    async def _second(self, race: Race) -> None:
+    async def _second(race: HedgedRead[AsyncProvider]) -> None:
         """Like `DatabaseManager._second`, awaited."""
-        target, (query, params, fetch, row_factory) = race.context
+        query, params, fetch, row_factory = race.call
         try:
-            result = await target.run(query, params, fetch, row_factory=row_factory,
-                                      race=Side(race, SECOND, time.monotonic))
-        except HedgeLost:
-            return
+            result = await race.target.run(query, params, fetch, row_factory=row_factory,
+                                           race=race.second())
         except Exception as exc:
-            if isinstance(exc, Unavailable) and exc.down:
-                target.health.mark_down(exc.reason)  # as any attempt there would
-            race.fail(SECOND, exc)
+            race.second_failed(exc)
             return
-        if race.claim(SECOND, result):
-            self._core.budget.won += 1
+        race.second_answered(result)
 
-    async def _instead(self, first: AsyncProvider, target: AsyncProvider,
-                       route: Route[AsyncProvider], failures: dict[str, str],
-                       call: tuple[Any, Any, AsyncFetch, RowFactory[Any] | None]
-                       ) -> tuple[Any, Any]:
+    @staticmethod
+    async def _instead(race: HedgedRead[AsyncProvider]) -> tuple[AsyncProvider, Any]:
         """Like `DatabaseManager._instead`, awaited."""
-        query, params, fetch, row_factory = call
+        query, params, fetch, row_factory = race.call
         try:
-            result = await target.run(query, params, fetch, row_factory=row_factory)
+            result = await race.target.run(query, params, fetch, row_factory=row_factory)
         except Unavailable as exc:
-            self._core.attempt_unavailable(target, exc, route=route, failures=failures, t0=None)
+            first = race.instead_failed(exc)
             return first, await first.run(query, params, fetch, row_factory=row_factory)
-        self._core.budget.won += 1
-        return target, result
+        return race.instead_answered(result)
 
     async def read(self, query: Any, params: Any = None, fetch_mode: FetchMode = "all", *,
                    row_factory: RowFactory[Any] | None = None) -> Any:

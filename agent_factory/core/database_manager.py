@@ -25,7 +25,8 @@ from psycopg_pool import ConnectionPool
 
 from ..engine.failover import Route
 from ..engine.health import HealthCallback
-from ..engine.hedge import FIRST, SECOND, HedgeDue, HedgeLost, Race, Side
+from ..engine.hedge import HedgeDue
+from ..engine.hedged import HedgedRead
 from ..engine.provider import DatabaseProvider, Fetch, FetchMode, Unavailable, abandoned, fetcher
 from ..engine.settings import Settings, check_row_factory
 from ..engine.watchdog import Watchdog
@@ -102,26 +103,25 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
     def _run(self, route: Route[DatabaseProvider], query: Any, params: Any, fetch: Fetch,
              row_factory: RowFactory[Any] | None) -> Any:
         core = self._core
-        events = self._events
         t0: float | None = None
         failures: dict[str, str] = {}
-        hedge = core.hedge(route)
+        hedge = core.hedge(route) if core.hedging else None
         for provider in route.providers:
             if provider.name in failures:
                 continue  # a hedge that failed
             epoch = core.epoch
-            if events.query_listeners:
+            if self._events.query_listeners:
                 t0 = time.perf_counter()
             served = provider
             try:
-                journal = self._journal(provider.name, route.write)
+                journal = self._journal(provider.name, True) if route.write else None
                 if journal:
                     self._prepare_backup_write(provider.name)
                 if hedge is not None:
-                    target, after = hedge
+                    race = HedgedRead(hedge[1], core, route, failures, provider, hedge[0],
+                                      (query, params, fetch, row_factory), self._start_hedge)
                     hedge = None
-                    served, result = self._race(provider, target, after, route, failures,
-                                                (query, params, fetch, row_factory))
+                    served, result = self._race(race)
                 else:
                     result = provider.run(query, params, fetch, journal=journal,
                                           row_factory=row_factory)
@@ -134,80 +134,60 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
             except Exception as exc:
                 core.attempt_error(provider, exc, t0=t0)
                 raise
-            core.attempt_ok(served, epoch=epoch, failures=failures,
-                            route=route if served is provider else core.hedged(route), t0=t0)
+            core.attempt_ok(served, epoch, failures,
+                            route if served is provider else core.hedged(route), t0)
             return result
         raise core.all_failed(failures, write=route.write)
 
-    def _race(self, first: DatabaseProvider, target: DatabaseProvider, after: float,
-              route: Route[DatabaseProvider], failures: dict[str, str],
-              call: tuple[Any, Any, Fetch, RowFactory[Any] | None]) -> tuple[Any, Any]:
-        """A read on ``first``, hedged to ``target`` after ``after`` s of silence:
-        (the provider that answered, its rows).
+    def _race(self, race: HedgedRead[DatabaseProvider]) -> tuple[DatabaseProvider, Any]:
+        """A read on ``race.provider``, hedged to ``race.target`` after ``hedge_after`` s
+        of silence: (the provider that answered, its rows).
 
         The caller's thread runs the first call; once it has been silent for
-        ``after`` it wakes every tick (see hedge.raced), starts the hedge on a
-        thread of its own when the budget allows, and leaves as soon as the
-        hedge has answered.
+        ``hedge_after`` it wakes every tick (see hedge.raced), starts the hedge on
+        a thread of its own when the budget allows, and leaves as soon as the
+        hedge has answered. The decisions are `HedgedRead`'s.
         """
-        core = self._core
-        query, params, fetch, row_factory = call
-        race = Race(time.monotonic() + after, core.budget.spend, first.health, (target, call))
+        query, params, fetch, row_factory = race.call
         try:
-            result = first.run(query, params, fetch, row_factory=row_factory,
-                               race=Side(race, FIRST, time.monotonic, self._start_hedge))
+            result = race.provider.run(query, params, fetch, row_factory=row_factory, race=race)
         except HedgeDue:  # nothing sent yet: the read goes to the hedge's provider alone
-            return self._instead(first, target, route, failures, call)
-        except HedgeLost:
-            return target, race.result
-        except Unavailable as exc:
-            if not (race.started and race.wait_hedge(None) and race.winner == SECOND):
-                raise
-            core.attempt_unavailable(first, exc, route=route, failures=failures, t0=None)
-            return target, race.result
-        except Exception:
-            if not race.claim(FIRST, None):
-                return target, race.result
+            return self._instead(race)
+        except BaseException as exc:
+            if race.awaits_hedge(exc):
+                race.wait_hedge(None)
+            if race.first_failed(exc):
+                return race.answer()
             raise
-        except BaseException:
-            race.claim(FIRST, None)  # interrupted: the hedge gives up too
-            raise
-        if race.claim(FIRST, result):
-            return first, result
-        return target, race.result
+        return (race.provider, result) if race.first_answered(result) else race.answer()
 
-    def _start_hedge(self, race: Race) -> None:
+    def _start_hedge(self, race: HedgedRead[DatabaseProvider]) -> None:
         threading.Thread(target=self._second, args=(race,), name="agent-factory-hedge",
                          daemon=True).start()
 
-    def _second(self, race: Race) -> None:
+    @staticmethod
+    def _second(race: HedgedRead[DatabaseProvider]) -> None:
         """The hedge: its answer claims the race, its failure leaves it to the first call."""
-        target, (query, params, fetch, row_factory) = race.context
+        query, params, fetch, row_factory = race.call
         try:
-            result = target.run(query, params, fetch, row_factory=row_factory,
-                                race=Side(race, SECOND, time.monotonic))
-        except HedgeLost:
-            return
+            result = race.target.run(query, params, fetch, row_factory=row_factory,
+                                     race=race.second())
         except Exception as exc:
-            if isinstance(exc, Unavailable) and exc.down:
-                target.health.mark_down(exc.reason)  # as any attempt there would
-            race.fail(SECOND, exc)
+            race.second_failed(exc)
             return
-        if race.claim(SECOND, result):
-            self._core.budget.won += 1
+        race.second_answered(result)
 
-    def _instead(self, first: DatabaseProvider, target: DatabaseProvider,
-                 route: Route[DatabaseProvider], failures: dict[str, str],
-                 call: tuple[Any, Any, Fetch, RowFactory[Any] | None]) -> tuple[Any, Any]:
-        """A read whose hedge came due at checkout: on ``target``, else ``first`` after all."""
-        query, params, fetch, row_factory = call
+    @staticmethod
+    def _instead(race: HedgedRead[DatabaseProvider]) -> tuple[DatabaseProvider, Any]:
+        """A read whose hedge came due at checkout: on the hedge's provider, else the first
+        after all."""
+        query, params, fetch, row_factory = race.call
         try:
-            result = target.run(query, params, fetch, row_factory=row_factory)
+            result = race.target.run(query, params, fetch, row_factory=row_factory)
         except Unavailable as exc:
-            self._core.attempt_unavailable(target, exc, route=route, failures=failures, t0=None)
+            first = race.instead_failed(exc)
             return first, first.run(query, params, fetch, row_factory=row_factory)
-        self._core.budget.won += 1
-        return target, result
+        return race.instead_answered(result)
 
     def read(self, query: Any, params: Any = None, fetch_mode: FetchMode = "all", *,
              row_factory: RowFactory[Any] | None = None) -> Any:

@@ -32,7 +32,6 @@ from .provider import (
     Unavailable,
     WatchedCalls,
     abandoned,
-    bind_race,
     check_wait,
     drained,
     is_dead,
@@ -124,13 +123,18 @@ class AsyncProvider:
         row_factory: RowFactory[Any] | None = None, race: Side | None = None,
     ) -> Any:
         """Like `DatabaseProvider.run`, awaited (a losing call is settled in a task)."""
+        conn: Any  # an ObservedConnection: its race is set below
         pool, conn = await self.checkout(race)
         health = self.health
         health.in_flight += 1
         lost = False
-        bind_race(conn, race)
+        if race is not None:
+            conn.race = race  # its wait looks at the race (see hedge.Side)
         try:
-            if journal and self.tuning.pooler:
+            if journal is None:  # a read: no journal state to set
+                result = await fetch(await (conn.execute(query, params) if row_factory is None
+                                            else send(conn, query, params, row_factory)))
+            elif journal and self.tuning.pooler:
                 async with conn.transaction():
                     await conn.execute(JOURNAL_LOCAL)
                     result = await fetch(await send(conn, query, params, row_factory))
@@ -147,7 +151,7 @@ class AsyncProvider:
         finally:
             health.in_flight -= 1
             if race is not None:
-                bind_race(conn, None)
+                conn.race = None
             if lost:
                 task = asyncio.get_running_loop().create_task(settle(pool, conn, health))
                 self._closing.add(task)
@@ -161,7 +165,9 @@ class AsyncProvider:
         self, race: Side | None = None
     ) -> tuple[AsyncConnectionPool[Any], psycopg.AsyncConnection[Any]]:
         started = time.monotonic()
-        pool = await self._current_pool()
+        pool = self._pool
+        if pool is None or self._stale:
+            pool = await self._current_pool()
         try:
             conn = await pool.getconn(timeout=FIRST_SLICE)
         except (PoolTimeout, PoolClosed):
@@ -308,7 +314,9 @@ def _observed_async_class(
             p = ref()
             if p is None:
                 return await super().wait(gen, *args, **kwargs)
-            w, gen = self.begin_call(gen, p.health, watchdog)
+            w = watchdog.watch_call(self.pgconn, p.health, self.resumed)
+            if not self.counted:
+                gen = self.uncounted(gen, w, watchdog)
             try:
                 side = self.race
                 if side is None:
@@ -325,6 +333,8 @@ def _observed_async_class(
                 self.resumed = w.started  # the drain that follows is the same call
                 raise
             finally:
-                self.end_call(w, watchdog)
+                watchdog.unwatch(w)
+                if w.fired:
+                    self.abandoned = True
 
     return ObservedAsyncConnection

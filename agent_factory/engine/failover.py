@@ -92,18 +92,25 @@ class Failover(Generic[P]):
         self._writers = 0
         self._turn = 0
         self.budget = Budget(settings.hedge_budget)
+        #: Reads may be hedged at all (``hedged_reads`` is not "off").
+        self.hedging = settings.hedged_reads != "off"
         self._hedge_bound = settings.hedge_lag_bound()
         self._hedge_after: dict[str, tuple[float | None, float]] = {}
         self._next_log = 0.0
         self._suppressed = 0
         # Filled by replan() once the shell has created its providers.
         self.plan: tuple[P, ...] = ()
+        #: The route of a read judged by its text while every provider of the
+        #: plan is up: built once per plan, not once per statement.
+        self._reads: Route[P] = Route([], True, False)
 
     # -- configuration -------------------------------------------------------------
 
     def replan(self) -> None:
         names = candidates(self.primary, self.order, self.failover_enabled)
-        self.plan = tuple(self.providers[n] for n in names)
+        plan = tuple(self.providers[n] for n in names)
+        self._reads = Route(list(plan), True, False)
+        self.plan = plan
 
     def set_primary(self, name: str) -> None:
         if name not in self.providers:
@@ -145,6 +152,15 @@ class Failover(Generic[P]):
         tracking), not only no retry. A composed (non-string) query is judged
         by the flags alone.
         """
+        if read_only is None and idempotent is None and isinstance(query, str) and (
+            is_read_only(query)
+        ):
+            # The usual read: the same route object while every provider is up.
+            for p in self.plan:
+                if not p.health.breaker.up:
+                    break
+            else:
+                return self._reads
         text = query if isinstance(query, str) else ""
         reads = idempotent is not False and (
             read_only if read_only is not None else bool(text) and is_read_only(text)
@@ -185,22 +201,20 @@ class Failover(Generic[P]):
         budget here. While the first provider is suspect (a call there went
         silent and no probe has answered since) the hedge starts at once.
         """
-        settings = self.settings
-        mode = settings.hedged_reads
         providers = route.providers
-        if mode == "off" or route.write or len(providers) < 2:
+        if route.write or len(providers) < 2 or not self.hedging:
             return None
-        primary = self.primary
-        if mode == "auto" and not self.providers[primary].health.lag.replication:
+        settings = self.settings
+        if self.providers[self.primary].health.lag.replication:
+            fresh = self._fresh_target(providers, settings.hedged_reads)
+            if fresh is None:
+                return None
+            target = fresh
+        elif settings.hedged_reads == "auto":
             return None  # no backup's lag is known: nowhere to hedge
-        if self._clock() - self.last_write < settings.read_your_writes:
-            return None
-        for target in providers[1:]:
-            if target.name == primary:
-                break  # the primary is never behind
-            if fresh_enough(mode, self.lag_seconds(target.name), self._hedge_bound):
-                break
         else:
+            target = providers[1]  # "on": a backup's own data will do
+        if self.last_write + settings.read_your_writes > self._clock():
             return None
         self.budget.earn()
         first = providers[0].health
@@ -213,6 +227,16 @@ class Failover(Generic[P]):
             cached = (p99, hedge_after(p99, settings.hedge_after_min, first.hang_timeout))
             self._hedge_after[first.name] = cached
         return target, cached[1]
+
+    def _fresh_target(self, providers: list[P], mode: str) -> P | None:
+        """The first provider after ``providers[0]`` fresh enough for a hedge."""
+        primary = self.primary
+        for target in providers[1:]:
+            if target.name == primary:
+                return target  # the primary is never behind
+            if fresh_enough(mode, self.lag_seconds(target.name), self._hedge_bound):
+                return target
+        return None
 
     @staticmethod
     def hedged(route: Route[P]) -> Route[P]:
@@ -309,11 +333,15 @@ class Failover(Generic[P]):
         if self.events:
             self.events.query_error(provider.name, exc)
 
-    def attempt_ok(self, provider: P, *, epoch: int, failures: dict[str, str] | None,
+    def attempt_ok(self, provider: P, epoch: int, failures: dict[str, str] | None,
                    route: Route[P], t0: float | None) -> None:
         if t0 is not None:
             self.events.query_done(provider.name, time.perf_counter() - t0, "ok")
-        if not route.routed:
+        if route.routed:
+            return
+        name = provider.name
+        # A read served by the primary that served the last one changes nothing.
+        if route.write or name != self.serving or name != self.primary:
             self.succeeded(provider, epoch=epoch, failures=failures, write=route.write)
 
     def transaction_error(

@@ -22,7 +22,9 @@ decides:
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -78,7 +80,10 @@ class Budget:
     """A token bucket: each hedgeable read earns ``share`` of a hedge, up to `BURST`.
 
     ``share=0.05``: hedges add at most 5 % to the reads (plus the burst) while
-    the primary is not suspect.
+    the primary is not suspect. A read only ticks a counter (`earn`, C code:
+    no lock, no lost update between threads, no Python frame); the tokens
+    it earned are added up when a hedge asks for one (`spend`, under a lock,
+    once per slow read).
     """
 
     def __init__(self, share: float, burst: float = BURST) -> None:
@@ -86,24 +91,28 @@ class Budget:
         self.burst = burst
         self.tokens = burst
         self._lock = threading.Lock()
+        #: Counts every earn() and every spend(): reads are the ticks not spent.
+        self.earn: Callable[[], int] = itertools.count().__next__
+        self._ticks = -1  # the tick of the last spend()
         #: Counters for the stats.
         self.sent = 0
         self.won = 0
         self.refused = 0
 
-    def earn(self) -> None:
-        # Unlocked on the per-read path: a lost update only under-counts.
-        tokens = self.tokens + self.share
-        self.tokens = tokens if tokens < self.burst else self.burst
-
     def spend(self, suspect: bool) -> bool:
         """Whether a hedge may start now (counted)."""
         with self._lock:
+            ticks = self.earn()  # this spend's own tick: not a read
+            tokens = self.tokens + self.share * (ticks - self._ticks - 1)
+            self._ticks = ticks
+            tokens = tokens if tokens < self.burst else self.burst
             if not suspect:
-                if self.tokens < 1.0:
+                if tokens < 1.0:
+                    self.tokens = tokens
                     self.refused += 1
                     return False
-                self.tokens -= 1.0
+                tokens -= 1.0
+            self.tokens = tokens
             self.sent += 1
             return True
 
@@ -119,47 +128,104 @@ class Suspect(Protocol):
     def suspect(self) -> bool: ...
 
 
-class Race:
-    """One hedged read: the first side is the planned provider, the second the hedge.
+class Side:
+    """A call's place in a race: what its connection's wait looks at.
+
+    The first side is the `Race` itself (a healthy hedged read allocates
+    nothing else); the hedge gets a `Side` of its own when it starts.
+    """
+
+    __slots__ = ("_race", "index", "clock", "on_due")
+
+    def __init__(self, race: Race, index: int, clock: Callable[[], float],
+                 on_due: Callable[[Any], None] | None = None) -> None:
+        self._race = race
+        self.index = index
+        self.clock = clock
+        #: Called (first side only) when the hedge should start while this
+        #: call waits: the sync shell starts it on a thread.
+        self.on_due = on_due
+
+    @property
+    def race(self) -> Race:
+        return self._race
+
+    def quiet_for(self) -> float:
+        """How long the call may still wait before its hedge is due."""
+        return self.race.hedge_at - self.clock()
+
+    def at_checkout(self) -> None:
+        """Between two waits for a pooled connection (the wait counts towards hedge_after)."""
+        race = self.race
+        if race.lost(self.index):
+            raise HedgeLost
+        if self.index == FIRST and race.start(self.clock()):
+            raise HedgeDue
+
+    def wake(self, silent: bool) -> None:
+        """At each wake-up of the call's wait: start the hedge when due, leave when lost."""
+        race = self.race
+        if race.winner is not None and race.winner != self.index:
+            raise HedgeLost
+        if silent and self.on_due is not None and race.start(self.clock()):
+            self.on_due(race)
+
+
+class Race(Side):
+    """One hedged read, seen by its first side: the planned provider; the second is the hedge.
 
     ``allow(suspect)`` is asked (with no lock held) whether the hedge may
     start once ``hedge_at`` has passed: the budget, told whether ``first``
-    is suspect. ``context`` is the shell's: what the hedge runs. The first answer claims the race;
-    the loser sees `lost` and is cancelled by its shell. Only the first
-    side's own thread (or event loop) starts the hedge, so a race that never
-    starts one (every healthy read) needs no lock and no event.
+    is suspect. ``context`` is the shell's: what the hedge runs. The first
+    answer claims the race; the loser sees `lost` and is cancelled by its
+    shell. Only the first side's own thread (or event loop) starts the
+    hedge, so a race that never starts one (every healthy read) needs no
+    lock, no event and no other object.
     """
 
-    __slots__ = ("hedge_at", "allow", "first", "context", "sent", "started", "winner",
-                 "result", "error", "_lock", "_done")
+    # What a race that never starts its hedge keeps unchanged (no per-read stores).
+    index = FIRST
+    context: Any = None
+    #: The hedge was started.
+    started = False
+    winner: int | None = None
+    result: Any = None
+    #: The hedge's failure, if it failed (the first side's answer still counts).
+    error: BaseException | None = None
+    _lock: threading.Lock | None = None
+    _done: threading.Event | None = None
 
     def __init__(self, hedge_at: float, allow: Callable[[bool], bool], first: Suspect,
-                 context: Any = None) -> None:
+                 context: Any = None, *, clock: Callable[[], float] = time.monotonic,
+                 on_due: Callable[[Any], None] | None = None) -> None:
         self.hedge_at = hedge_at
         self.allow = allow
         self.first = first
         self.context = context
-        #: The first side's statement left (after its checkout).
-        self.sent = False
-        #: The hedge was started.
-        self.started = False
-        self.winner: int | None = None
-        self.result: Any = None
-        #: The hedge's failure, if it failed (the first side's answer still counts).
-        self.error: BaseException | None = None
-        self._lock: threading.Lock | None = None
-        self._done: threading.Event | None = None
+        self.clock = clock
+        self.on_due = on_due
+
+    @property
+    def race(self) -> Race:
+        return self
+
+    def quiet_for(self) -> float:
+        return self.hedge_at - self.clock()  # `Side.quiet_for`, on every hedgeable read
 
     def start(self, now: float) -> bool:
         """Start the hedge now? True exactly once, when due and allowed."""
         if self.started or now < self.hedge_at or self.winner is not None:
             return False
-        if not self.allow(self.first.suspect):
+        if not self._allowed():
             return False
         self._lock = threading.Lock()
         self._done = threading.Event()
         self.started = True
         return True
+
+    def _allowed(self) -> bool:
+        """The budget's verdict, asked once the hedge is due."""
+        return self.allow(self.first.suspect)
 
     def claim(self, side: int, result: Any) -> bool:
         """The answer of ``side``: True if it is the first (it wins)."""
@@ -187,41 +253,6 @@ class Race:
     def wait_hedge(self, timeout: float | None) -> bool:
         """Wait for the hedge's outcome (an answer or a failure); False on timeout or none."""
         return self._done is not None and self._done.wait(timeout)
-
-
-class Side:
-    """A call's place in a race: what its connection's wait looks at."""
-
-    __slots__ = ("race", "index", "clock", "on_due")
-
-    def __init__(self, race: Race, index: int, clock: Callable[[], float],
-                 on_due: Callable[[Race], None] | None = None) -> None:
-        self.race = race
-        self.index = index
-        self.clock = clock
-        #: Called (first side only) when the hedge should start while this
-        #: call waits: the sync shell starts it on a thread.
-        self.on_due = on_due
-
-    def quiet_for(self) -> float:
-        """How long the call may still wait before its hedge is due."""
-        return self.race.hedge_at - self.clock()
-
-    def at_checkout(self) -> None:
-        """Between two waits for a pooled connection (the wait counts towards hedge_after)."""
-        race = self.race
-        if race.lost(self.index):
-            raise HedgeLost
-        if self.index == FIRST and race.start(self.clock()):
-            raise HedgeDue
-
-    def wake(self, silent: bool) -> None:
-        """At each wake-up of the call's wait: start the hedge when due, leave when lost."""
-        race = self.race
-        if race.winner is not None and race.winner != self.index:
-            raise HedgeLost
-        if silent and self.on_due is not None and race.start(self.clock()):
-            self.on_due(race)
 
 
 def raced(gen: PQGen[RV], side: Side) -> PQGen[RV]:

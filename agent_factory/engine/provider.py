@@ -173,13 +173,18 @@ class DatabaseProvider:
         side (`HedgeLost` when the other side answered first; the call is
         then cancelled and its connection given back in the background).
         """
+        conn: Any  # an ObservedConnection: its race is set below
         pool, conn = self.checkout(race)
         health = self.health
         health.in_flight += 1
         lost = False
-        bind_race(conn, race)
+        if race is not None:
+            conn.race = race  # its wait looks at the race (see hedge.Side)
         try:
-            if journal and self.tuning.pooler:
+            if journal is None:  # a read: no journal state to set
+                result = fetch(conn.execute(query, params) if row_factory is None
+                               else send(conn, query, params, row_factory))
+            elif journal and self.tuning.pooler:
                 # Session state does not outlive a transaction behind the pooler.
                 with conn.transaction():
                     conn.execute(JOURNAL_LOCAL)
@@ -197,7 +202,7 @@ class DatabaseProvider:
         finally:
             health.in_flight -= 1
             if race is not None:
-                bind_race(conn, None)
+                conn.race = None
             if lost:
                 threading.Thread(target=settle, args=(pool, conn, health), daemon=True,
                                  name=f"agent-factory-settle-{self.name}").start()
@@ -353,13 +358,6 @@ def check_wait(health: ProviderHealth, started: float, now: float, deadline: flo
         )
 
 
-def bind_race(conn: Any, race: Side | None) -> None:
-    """Put a hedged read's statement in its race (None: out of it again)."""
-    if race is not None:
-        race.race.sent = True
-    conn.race = race
-
-
 def next_slice(slice_: float, race: Side | None) -> float:
     """The next wait for a pooled connection; a hedged read looks at its race between them."""
     if race is None:
@@ -458,7 +456,7 @@ class WatchedCalls:
     """What both pool connection classes add: each call under the watchdog.
 
     A mixin for `psycopg.Connection` and `psycopg.AsyncConnection`; their
-    ``wait`` brackets each call with `begin_call` and `end_call`.
+    ``wait`` brackets each call with `Watchdog.watch_call` and `Watchdog.unwatch`.
     """
 
     #: Set once the watchdog shut this connection's socket.
@@ -477,20 +475,14 @@ class WatchedCalls:
     resumed: float | None = None
     pgconn: Any
 
-    def begin_call(
-        self, gen: PQGen[RV], health: ProviderHealth, watchdog: Watchdog
-    ) -> tuple[Watch, PQGen[RV]]:
-        """Watch one call: its watch, and the generator to wait on."""
-        w = watchdog.watch_call(self.pgconn, health, self.resumed)
+    def uncounted(self, gen: PQGen[RV], w: Watch, watchdog: Watchdog) -> PQGen[RV]:
+        """The generator to wait on for a call whose socket may have no TCP counters
+        (known at the first call): wrapped, so that its wake-ups are its news."""
         if self.counted is None:
             self.counted = tcp_progress(self.pgconn.socket) is not None
-        return w, gen if self.counted else watched(gen, w, watchdog.clock)
-
-    def end_call(self, w: Watch, watchdog: Watchdog) -> None:
-        """The call ended: let go of its watch (after a shutdown in progress, if any)."""
-        watchdog.unwatch(w)
-        if w.fired:
-            self.abandoned = True
+            if self.counted:
+                return gen
+        return watched(gen, w, watchdog.clock)
 
 
 def abandoned(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
@@ -536,7 +528,10 @@ def _observed_class(
             h = health_ref()
             if h is None:
                 return super().wait(gen, *args, **kwargs)
-            w, gen = self.begin_call(gen, h, watchdog)
+            # Each call under the watchdog (inline: the per-statement path).
+            w = watchdog.watch_call(self.pgconn, h, self.resumed)
+            if not self.counted:
+                gen = self.uncounted(gen, w, watchdog)
             try:
                 side = self.race
                 if side is None:
@@ -553,6 +548,8 @@ def _observed_class(
                 self.resumed = w.started  # the drain that follows is the same call
                 raise
             finally:
-                self.end_call(w, watchdog)
+                watchdog.unwatch(w)  # after a shutdown in progress, if any
+                if w.fired:
+                    self.abandoned = True
 
     return ObservedConnection

@@ -99,8 +99,21 @@ class Watch:
     ``alive``, rather than the provider's ``last_alive`` (direct sessions).
     """
 
-    __slots__ = ("fd", "started", "target", "hard_deadline", "probed", "fired", "done",
-                 "pgconn", "pid", "alive", "tcp", "shutting")
+    # What a call that ends in time never changes, as class defaults: the
+    # per-statement path stores only what differs (see `Watchdog.watch_call`).
+    probed = 0.0
+    fired = False
+    done = False
+    pgconn: Any = None
+    #: The call's server process (0: none known); read at the start, while
+    #: the connection is surely open.
+    pid = 0
+    alive = 0.0
+    #: The last TCP counters seen (None: not sampled yet or unavailable).
+    tcp: int | None = None
+    #: Set by the watchdog before it decides to shut the socket, and set
+    #: (the event) once it is done: see `Watchdog._fire`.
+    shutting: threading.Event | None = None
 
     def __init__(
         self, fd: int, started: float, target: Liveness, hard_deadline: float | None,
@@ -110,19 +123,9 @@ class Watch:
         self.started = started
         self.target = target
         self.hard_deadline = hard_deadline
-        self.probed = 0.0
-        self.fired = False
-        self.done = False
-        self.pgconn = pgconn
-        #: The call's server process (0: none known); read now, while the
-        #: connection is surely open.
-        self.pid: int = pgconn.backend_pid if pgconn is not None else 0
-        self.alive = 0.0
-        #: The last TCP counters seen (None: not sampled yet or unavailable).
-        self.tcp: int | None = None
-        #: Set by the watchdog before it decides to shut the socket, and set
-        #: (the event) once it is done: see `Watchdog._fire`.
-        self.shutting: threading.Event | None = None
+        if pgconn is not None:
+            self.pgconn = pgconn
+            self.pid = pgconn.backend_pid
 
     def news(self) -> float:
         """The call's last sign of life."""
@@ -146,6 +149,10 @@ class Watch:
         """The client waits for the server (not a LISTEN idling for notifications)."""
         pgconn = self.pgconn
         return pgconn is None or pgconn.transaction_status == _ACTIVE
+
+
+#: A `Watch` without running its ``__init__`` (`Watchdog.watch_call` fills it in).
+_call_watch = object.__new__
 
 
 def vouches(
@@ -266,10 +273,23 @@ class Watchdog:
 
         ``since``: when the call really began, for one that goes on under a new
         wait (the drain of a hedged read that lost: its silence so far counts).
+        `watch` in one frame, for the per-statement path: a call has no hard
+        deadline, and its first action is due ``probe_after`` later, after the
+        thread's next wake once it runs (it wakes by itself at least every tick).
         """
-        w = self.watch(pgconn.socket, target, pgconn=pgconn)
-        if since is not None:
-            w.started = since
+        w = _call_watch(Watch)
+        w.fd = pgconn.socket
+        w.started = self.clock() if since is None else since
+        w.target = target
+        w.hard_deadline = None
+        w.pgconn = pgconn
+        w.pid = pgconn.backend_pid
+        if not self._closed:
+            self._watches.add(w)
+            if self._thread is None:
+                with self._cond:
+                    if self._thread is None:
+                        self._start()
         return w
 
     def unwatch(self, w: Watch) -> None:
