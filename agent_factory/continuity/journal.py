@@ -11,11 +11,13 @@ is what any instance, or ``agent-factory-db failback run``, drains.
 
 A drain of backup B, in one transaction on the primary: take the advisory
 lock of B (``pg_try_advisory_xact_lock``: one drainer per backup, the others
-skip), read B's journal in order (whole source transactions), skip the source
-transactions the primary already applied (``agent_factory_drained``), lock
-and read the primary's rows they touch, replay them (`merge.replay`), write
-the final rows set-based, record conflicts and applied transactions, commit;
-then prune B's journal. The marks of applied transactions are dropped by a
+skip), copy B's journal in order (whole source transactions) into a temporary
+table on the primary, skip the source transactions the primary already
+applied (``agent_factory_drained``), lock the primary's rows they touch (table
+by table in key order), settle the rows whose changes apply cleanly there
+(`staged`) and replay the others in Python (`merge.replay`), write the final
+rows set-based, record conflicts and applied transactions, commit; then prune
+B's journal. The marks of applied transactions are dropped by a
 later drain, under the lock, once their entries are gone from the journal. A
 drain interrupted anywhere is run again safely.
 """
@@ -307,16 +309,10 @@ def _drain_batch(
             return DrainReport(backup, skipped=True)
         _forget_pruned(source, target, backup)
         _read(source, target, batch, upto, stuck)
-        tables = staged.tables(target)
-        if not tables:
+        found = _survey(target, backup, stuck)
+        if found is None:
             return DrainReport(backup, stuck=len(stuck))
-        missing = [t.name for t in tables if t.missing]
-        if missing:
-            stuck.update(staged.set_aside(target, missing))
-        pruned, count, xids = staged.totals(target)
-        if missing or staged.drop_applied(target, backup):
-            tables = staged.tables(target)
-            _, count, xids = staged.totals(target)
+        tables, pruned, count, xids = found
         keys = {t.name: primary_key(target, t.name) for t in tables}
         key_of = _key_by(keys)
         skeys = {t.name: staged.Keys.load(target, t.name, _ident(t.name), keys[t.name])
@@ -339,6 +335,27 @@ def _drain_batch(
     # The applied-transaction marks stay until a later drain, under the lock,
     # sees their entries gone from the journal (`_forget_pruned`).
     return DrainReport(backup, count, xids, len(conflicts), stuck=len(stuck))
+
+
+def _survey(target: psycopg.Connection[Any], backup: str, stuck: set[str]
+            ) -> tuple[list[staged.Table], list[int], int, int] | None:
+    """The staged batch's tables to replay, the journal entries it prunes, its changes and
+    source transactions to replay; None when nothing was read.
+
+    Source transactions touching a table the primary lacks stay in the journal
+    (added to ``stuck``); the ones the primary applied before are pruned only.
+    """
+    tables = staged.tables(target)
+    if not tables:
+        return None
+    missing = [t.name for t in tables if t.missing]
+    if missing:
+        stuck.update(staged.set_aside(target, missing))
+    pruned, count, xids = staged.totals(target)
+    if staged.drop_applied(target, backup) or missing:
+        tables = staged.tables(target)
+        _, count, xids = staged.totals(target)
+    return tables, pruned, count, xids
 
 
 def _classified(target: psycopg.Connection[Any], tables: list[staged.Table],
@@ -598,9 +615,14 @@ def _write(target: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
     """
     for t in tables:
         table = t.name
+        rows = [r for (name, _), r in final.items() if name == table and r is not None]
         if t.exact is not None:
-            staged.upsert_clean(target, table, skeys[table], t.exact)
-        rows = [r for (t, _), r in final.items() if t == table and r is not None]
+            # In one statement with the clean rows (in key order) when they have
+            # the same columns (a callback may return fewer).
+            every = set(t.exact)
+            staged.upsert_clean(target, table, skeys[table], t.exact,
+                                [r for r in rows if r.keys() == every])
+            rows = [r for r in rows if r.keys() != every]
         if rows:
             cols = list(rows[0])
             names = sql.SQL(", ").join(map(sql.Identifier, cols))

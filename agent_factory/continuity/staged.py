@@ -1,16 +1,16 @@
 """The drain's set-based path: a batch staged on the primary, its clean rows settled there.
 
 A drain copies its batch of a backup's journal into a temporary table on the
-primary (`STAGE`, dropped at commit). A row key is *clean* when the primary
+primary (`STAGE`, emptied at commit). A row key is *clean* when the primary
 would replay its changes without a conflict: its first change expects what
-the primary holds (no row for an insert, the row equal to the before image
-otherwise -- compared as the primary renders both, as `merge.replay` does)
-and each later change's before image is the one the previous change left.
-Clean keys are locked, compared and written by a few statements per table;
-only the other keys' changes and rows go to Python (`merge.replay`).
+the primary holds (no row for an insert; otherwise the row, binary-equal to
+the before image read into the table's type by the primary) and each later
+change's before image is the previous change's after image. Clean keys are
+locked, compared and written by a few statements per table; only the other
+keys' changes and rows go to Python (`merge.replay`).
 
-The comparisons here are stricter than Python's, never looser: a key they
-do not prove clean is replayed in Python with the usual rules.
+These comparisons are stricter than Python's, never looser: a key they do
+not prove clean is replayed in Python with the usual rules.
 """
 
 from __future__ import annotations
@@ -19,14 +19,18 @@ from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from .merge import Change, Row, RowKey
 
 STAGE = "_af_stage"
 
+#: Kept by the session (emptied at each commit): a batch does not create and
+#: drop a table, nor leave dead catalog rows behind.
 _CREATE = (
-    f"CREATE TEMP TABLE {STAGE} (ord int, seq bigint, xid xid8, table_name text, op text, "
-    "before jsonb, after jsonb, dirty boolean NOT NULL DEFAULT false) ON COMMIT DROP"
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (ord bigint, seq bigint, xid xid8, "
+    "table_name text, op text, before jsonb, after jsonb, "
+    "dirty boolean NOT NULL DEFAULT false) ON COMMIT DELETE ROWS"
 )
 
 
@@ -46,13 +50,15 @@ def stage(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
           read: sql.Composable, params: tuple[Any, ...]) -> None:
     """Copy the rows of ``read`` (a query of the source's journal) into `STAGE`.
 
-    Streamed: the primary parses a block while the source renders the next.
+    Streamed, in binary (no text escaping): the primary parses a block while
+    the source renders the next.
     """
     target.execute(_CREATE)
     cur = target.cursor()
-    with cur.copy(f"COPY {STAGE} (ord, seq, xid, table_name, op, before, after) FROM STDIN"
-                  ) as into, \
-            source.cursor().copy(sql.SQL("COPY ({}) TO STDOUT").format(read), params) as out:
+    with cur.copy(f"COPY {STAGE} (ord, seq, xid, table_name, op, before, after) "
+                  "FROM STDIN (FORMAT binary)") as into, \
+            source.cursor().copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(read),
+                                 params) as out:
         for block in out:
             into.write(block)
 
@@ -171,7 +177,10 @@ WITH c AS MATERIALIZED ({staged}),
 w AS (
     SELECT {ck}, c.ord, c.op, c.before, row_number() OVER k AS n,
            coalesce(CASE WHEN c.op = 'INSERT' THEN lag(c.after) OVER k IS NULL
-                         ELSE c.before = lag(c.after) OVER k END, false) AS follows
+                         -- as text: jsonb's = takes 1.0 for 1.00
+                         ELSE lag(c.after) OVER k IS NOT NULL
+                              AND c.before::text = (lag(c.after) OVER k)::text END,
+                    false) AS follows
     FROM c WINDOW k AS (PARTITION BY {ck} ORDER BY c.ord)),
 g AS MATERIALIZED (
     SELECT {wk}, bool_and(w.n = 1 OR w.follows) AS chained,
@@ -216,22 +225,27 @@ def classify(conn: psycopg.Connection[Any], table: str,
     return changes, list(row[2])
 
 
-def upsert_clean(conn: psycopg.Connection[Any], table: str, k: Keys,
-                 names: list[str]) -> None:
-    """Write each clean key's last after image (every column), in key order."""
-    columns = sql.SQL(", ").join(map(sql.Identifier, names))
+def upsert_clean(conn: psycopg.Connection[Any], table: str, k: Keys, names: list[str],
+                 rows: list[Row]) -> None:
+    """Write each clean key's last after image and ``rows`` (rendered rows of exactly the
+    columns ``names``), all in key order: replication applies them on the backups in
+    that order, the order their writers lock rows in."""
     conn.execute(sql.SQL(
         "INSERT INTO {t} ({columns}) SELECT {values} FROM ("
-        "SELECT DISTINCT ON ({a}) c.after FROM ({c}) c ORDER BY {a}, c.ord DESC) z, "
-        "jsonb_populate_record(NULL::{t}, z.after) r WHERE z.after IS NOT NULL "
+        "SELECT z.after FROM (SELECT DISTINCT ON ({a}) c.after FROM ({c}) c "
+        "ORDER BY {a}, c.ord DESC) z WHERE z.after IS NOT NULL "
+        "UNION ALL SELECT j FROM jsonb_array_elements(%(rows)s) AS j) AS u(after), "
+        "jsonb_populate_record(NULL::{t}, u.after) r ORDER BY {order} "
         "ON CONFLICT ({key}) DO UPDATE SET {set}"
     ).format(
-        t=k.t, columns=columns, a=k.aliases("c"), c=k.staged("NOT s.dirty"),
+        t=k.t, columns=sql.SQL(", ").join(map(sql.Identifier, names)),
+        a=k.aliases("c"), c=k.staged("NOT s.dirty"),
         values=sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(n)) for n in names),
+        order=sql.SQL(", ").join(sql.SQL("r.{}").format(c) for c in k.cols),
         key=sql.SQL(", ").join(k.cols),
         set=sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(n))
                                for n in names),
-    ), {"table": table})
+    ), {"table": table, "rows": Jsonb(rows)})
 
 
 def delete_clean(conn: psycopg.Connection[Any], table: str, k: Keys) -> None:
