@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 
+from .hedge import is_suspect
 from .lag import Lag, LagMonitor
 from .latency import Latency
 from .policy import Breaker
@@ -80,8 +81,9 @@ class ProviderHealth:
         self.errors = 0
         self.latency = Latency()
         #: When the watchdog last asked for a probe about a silent call, and when
-        #: a probe last answered: the provider is suspect while the first is later
-        #: (hedged reads then go beyond their budget, see hedge.py).
+        #: a probe last answered: the provider is suspect once the first is later by
+        #: more than its usual probe round trip (hedged reads then go beyond their
+        #: budget, see hedge.is_suspect).
         self.suspected_at = -1.0
         self.probed_at = -1.0
         #: The last failed pool connect: ends the waits that began before it,
@@ -135,8 +137,13 @@ class ProviderHealth:
 
     @property
     def suspect(self) -> bool:
-        """A call has waited without news and no probe has answered since."""
-        return self.suspected_at > self.probed_at
+        """A call has waited without news and the probe asked for then is overdue
+        (`hedge.is_suspect`: a slow but live server answers it, a hung one does not)."""
+        at = self.suspected_at
+        if at <= self.probed_at:
+            return False
+        return is_suspect(at, self.probed_at, self._clock(), self.latency.recent_p99,
+                       self.tuning.hang_timeout)
 
     @property
     def up(self) -> bool:

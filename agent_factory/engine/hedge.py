@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from psycopg.abc import RV, PQGen
 
 __all__ = ["HEDGE_MODES", "Budget", "HedgeDue", "HedgeLost", "Race", "Side", "fresh_enough",
-           "hedge_after", "raced"]
+           "hedge_after", "is_suspect", "raced"]
 
 HEDGE_MODES = ("auto", "on", "off")
 #: hedge_after is this multiple of the provider's p99 round trip (above the floor).
@@ -43,6 +43,8 @@ CANCEL_TIMEOUT = 0.5
 #: How often a call in a race wakes up while its server is silent: a sync
 #: caller's thread returns at most this long after the winning answer.
 TICK = 0.005
+#: A silent call's probe is overdue (its provider suspect) after at least this long.
+SUSPECT_GRACE_MIN = 0.1
 #: Hedges the budget holds in reserve (a burst after a quiet period).
 BURST = 10.0
 
@@ -62,6 +64,23 @@ def hedge_after(p99: float | None, floor: float, hang_timeout: float) -> float:
     """Seconds of silence after which a read is hedged."""
     wait = floor if p99 is None else max(floor, P99_FACTOR * p99)
     return min(wait, CEILING * hang_timeout)
+
+
+def is_suspect(suspected_at: float, probed_at: float, now: float, p99: float | None,
+            hang_timeout: float) -> bool:
+    """Whether a provider is suspect: a call there went silent (the watchdog asked for
+    a probe at ``suspected_at``) and no probe has answered for longer than the
+    provider's usual round trip since — 3 × its recent p99, at least
+    `SUSPECT_GRACE_MIN`, at most a quarter of ``hang_timeout``.
+
+    A slow but live server answers that probe within about one round trip, so
+    its reads stay within the budget however often they go silent; a hung one
+    never answers, and the budget lifts a moment later.
+    """
+    if suspected_at <= probed_at:
+        return False
+    grace = SUSPECT_GRACE_MIN if p99 is None else max(SUSPECT_GRACE_MIN, P99_FACTOR * p99)
+    return now - suspected_at >= min(grace, hang_timeout / 4)
 
 
 def fresh_enough(mode: str, lag: float | None, bound: float) -> bool:

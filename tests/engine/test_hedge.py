@@ -19,6 +19,7 @@ from agent_factory.engine.hedge import (
     Side,
     fresh_enough,
     hedge_after,
+    is_suspect,
     raced,
 )
 from agent_factory.engine.settings import Settings
@@ -183,3 +184,15 @@ def test_the_hedging_settings_come_from_the_environment_and_a_bad_one_names_its_
     with pytest.raises(ConfigurationError, match="DATABASE_HEDGED_READS") as bad:
         settings_from_env({**env, "DATABASE_HEDGED_READS": "always"}, dotenv=None)
     assert "secret" not in str(bad.value)
+
+
+def test_a_primary_is_suspect_only_once_its_probe_is_overdue() -> None:
+    """A silent call asks for a probe; a live but slow server answers it within its
+    usual round trip (not suspect meanwhile), a hung one never does."""
+    assert not is_suspect(10.0, 10.5, 20.0, None, 2.0)        # a probe answered since
+    assert not is_suspect(10.0, 9.0, 10.05, None, 2.0)        # within the 0.1 s floor
+    assert is_suspect(10.0, 9.0, 10.11, None, 2.0)
+    assert not is_suspect(10.0, 9.0, 10.25, 0.1, 2.0)         # 100 ms p99: 0.3 s grace
+    assert is_suspect(10.0, 9.0, 10.31, 0.1, 2.0)
+    assert not is_suspect(10.0, 9.0, 10.45, 0.2, 2.0)         # 0.6 s, at most hang_timeout/4
+    assert is_suspect(10.0, 9.0, 10.51, 0.2, 2.0)
