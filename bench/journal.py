@@ -11,7 +11,7 @@ Two embedded PostgreSQL servers (primary, backup) with the shipped schema.
 * Writes on a backup standing in for the primary: the same inserts with the
   session marked ``agent_factory.journal = on`` (recorded) against unmarked.
 * Drain: changed rows of ~200 bytes (a uuid key, one secondary index) in
-  transactions of 10, replayed on the primary by `continuity.journal.drain`
+  transactions of 10, replayed on the primary by `continuity.drain.drain`
   (no concurrent load), for inserts and for updates; and the time to drain
   10,000 changes of a table of 100,000 rows against one of 1,000,000
   (``--quick``: 100,000 and 300,000): the drain touches the changed keys only.
@@ -32,7 +32,7 @@ from typing import Any
 
 import psycopg
 
-from agent_factory.continuity import journal
+from agent_factory.continuity import drain, journal
 from agent_factory.continuity.merge import ConflictPolicy
 from agent_factory.schema import apply_migrations
 
@@ -110,7 +110,7 @@ def _drain(primary: str, backup: str) -> tuple[int, float]:
         journal.prepare_session(target)
         journal.prepare_session(source)
         t0 = time.perf_counter()
-        moved = journal.drain_all(source, target, "backup", ConflictPolicy()).changes
+        moved = drain.drain_all(source, target, "backup", ConflictPolicy()).changes
         return moved, time.perf_counter() - t0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from ..continuity import journal
+from ..continuity import drain, journal
 from ..continuity.merge import ConflictPolicy
 from ..engine.settings import ProviderSettings, Settings
 from ..errors import ConfigurationError, ProviderUnavailableError
@@ -115,7 +115,7 @@ def _run(ctx: Context, args: argparse.Namespace) -> int:
                 with connect(backup, settings, application_name="agent-factory-failback",
                              autocommit=False) as source:
                     journal.prepare_session(source)
-                    total = journal.drain_all(
+                    total = drain.drain_all(
                         source, target, backup.name, policy,
                         delete_inserted_on_source=backup.name in subscribed)
                 if total.skipped:

@@ -37,7 +37,7 @@ from ..engine.provider import Unavailable
 from ..engine.stats import FailbackStats
 from ..engine.watchdog import Watchdog
 from ..errors import ConfigurationError
-from . import journal, replication
+from . import drain, journal, replication
 from .merge import ConflictPolicy
 from .peek import Peeker, Stall
 
@@ -357,7 +357,7 @@ class Failback:
 
         committed = [0]  # changes of the batches committed so far, for a failure's return
 
-        def batch_done(report: journal.DrainReport) -> None:
+        def batch_done(report: drain.DrainReport) -> None:
             stall.alive()
             committed[0] += report.changes
             st.drained += report.changes
@@ -366,7 +366,7 @@ class Failback:
         try:
             with self._connect(backup, stall) as source:
                 # `_has_pending` has just read the journal: no second look first.
-                total = journal.drain_all(source, target, backup, self._policy,
+                total = drain.drain_all(source, target, backup, self._policy,
                                           delete_inserted_on_source=subscribed,
                                           on_batch=batch_done,
                                           lock_timeout=self._core.settings.hang_timeout)

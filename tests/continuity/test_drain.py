@@ -30,7 +30,7 @@ from bank import (  # noqa: F401 - bank is a fixture
 )
 from fleet import until_accepted, wait_until
 
-from agent_factory.continuity import journal
+from agent_factory.continuity import drain, journal
 from agent_factory.continuity.merge import ConflictPolicy
 from agent_factory.errors import (
     SplitBrainRefusedError,
@@ -114,14 +114,14 @@ def test_two_drainers_never_apply_one_transaction_twice(
         journal.install(conn, "accounts")
     journaled(plain["railway"], "UPDATE accounts SET balance = balance + 5 WHERE id = 1")
     policy = ConflictPolicy(delta_columns={"accounts": frozenset({"balance"})})
-    reports: dict[str, journal.DrainReport] = {}
+    reports: dict[str, drain.DrainReport] = {}
 
     def run(name: str) -> None:
         with psycopg.connect(plain["supabase"]) as target, \
                 psycopg.connect(plain["railway"]) as source:
             journal.prepare_session(target)
             journal.prepare_session(source)
-            reports[name] = journal.drain_all(source, target, "railway", policy)
+            reports[name] = drain.drain_all(source, target, "railway", policy)
 
     def balance() -> int:
         return int(query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 1")[0][0])
@@ -136,7 +136,7 @@ def test_two_drainers_never_apply_one_transaction_twice(
                                  "'DELETE FROM agent_factory_journal%'")[0][0] == 1,
                    timeout=30, message="A applied, its prune waiting")
         assert balance() == 1005
-        real_read = journal._read
+        real_read = drain._read
 
         def read_then_let_a_prune(*args: Any) -> Any:
             got = real_read(*args)
@@ -146,7 +146,7 @@ def test_two_drainers_never_apply_one_transaction_twice(
                 assert not a.is_alive(), "A's prune did not finish"
             return got
 
-        monkeypatch.setattr(journal, "_read", read_then_let_a_prune)
+        monkeypatch.setattr(drain, "_read", read_then_let_a_prune)
         run("b")
     assert (reports["a"].changes, reports["b"].changes) == (1, 0)
     assert balance() == 1005

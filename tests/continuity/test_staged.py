@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from bank import bank, direct, journaled, query_none  # noqa: F401 - bank is a fixture
 
-from agent_factory.continuity import journal
+from agent_factory.continuity import drain, journal
 from agent_factory.continuity.merge import ConflictPolicy, Row, RowKey, replay
 from agent_factory.testing.fleet import Fleet
 
@@ -72,18 +72,18 @@ def _outage(primary: str, backup: str) -> None:
 def _expected(primary: str, backup: str) -> tuple[dict[RowKey, Row | None], list[Any]]:
     """The row-by-row replay of the whole journal, computed on the primary, rolled back."""
     with psycopg.connect(backup) as source:
-        raws = [journal.Raw(*r) for r in source.execute(
+        raws = [drain.Raw(*r) for r in source.execute(
             "SELECT seq, xid::text, table_name, op, before::text, after::text "
             "FROM agent_factory_journal j ORDER BY (SELECT max(seq) FROM agent_factory_journal "
             "WHERE xid = j.xid), seq").fetchall()]
     with psycopg.connect(primary) as target:
         journal.prepare_session(target)
         with journal._steady(target):
-            changes = journal._normalised(target, raws)
+            changes = drain._normalised(target, raws)
             keys = {t: journal.primary_key(target, t) for t in dict.fromkeys(
                 c.table for c in changes)}
-            key_of = journal._key_by(keys)
-            current = journal._current(target, changes, keys, key_of)
+            key_of = drain._key_by(keys)
+            current = drain._current(target, changes, keys, key_of)
             final, conflicts = replay(changes, key_of, current, POLICY)
         target.rollback()
     return final, [(c.change.table, c.change.op, c.resolution, c.change.before,
@@ -115,7 +115,7 @@ def test_the_set_based_drain_settles_a_batch_as_the_row_by_row_replay(
     with psycopg.connect(primary) as target, psycopg.connect(backup) as source:
         journal.prepare_session(target)
         journal.prepare_session(source)
-        report = journal.drain_all(source, target, "railway", POLICY)
+        report = drain.drain_all(source, target, "railway", POLICY)
         assert (report.changes, report.transactions, report.conflicts) == (
             26, 10, len(conflicts))
         with journal._steady(target):

@@ -1,0 +1,522 @@
+"""The drain of a backup's change journal (`continuity.journal`) into the primary.
+
+A drain of backup B, in one transaction on the primary: take the advisory
+lock of B (``pg_try_advisory_xact_lock``: one drainer per backup, the others
+skip), copy B's journal in order (whole source transactions) into a temporary
+table on the primary, skip the source transactions the primary already
+applied (``agent_factory_drained``), lock the primary's rows they touch (table
+by table in key order), settle the rows whose changes apply cleanly there
+(`staged`) and replay the others in Python (`merge.replay`), write the final
+rows set-based, record conflicts and applied transactions, commit; then prune
+B's journal. The marks of applied transactions are dropped by a
+later drain, under the lock, once their entries are gone from the journal. A
+drain interrupted anywhere is run again safely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from ..errors import ConfigurationError
+from . import staged
+from .journal import (
+    _LOCK_SPACE,
+    JOURNAL,
+    _ident,
+    _steady,
+    keep_sequences_ahead,
+    primary_key,
+    sequence_values,
+)
+from .merge import Change, Conflict, ConflictPolicy, Row, RowKey, replay
+from .subscription import PUBLICATION
+
+__all__ = ["DrainReport", "drain", "drain_all"]
+
+
+@dataclass(frozen=True)
+class DrainReport:
+    """What one drain of one backup did."""
+
+    backup: str
+    changes: int = 0
+    transactions: int = 0
+    conflicts: int = 0
+    skipped: bool = False  # another drainer held the backup's lock
+    #: Source transactions left in the journal: they touch a table the primary
+    #: lacks (dropped, or not deployed there). Waiting does not help: an operator must.
+    stuck: int = 0
+
+
+def drain(
+    source: psycopg.Connection[Any],
+    target: psycopg.Connection[Any],
+    backup: str,
+    policy: ConflictPolicy,
+    *,
+    batch: int = 20000,
+    delete_inserted_on_source: bool = False,
+    lock_timeout: float = 2.0,
+) -> Iterator[DrainReport]:
+    """Drain ``backup``'s journal (``source``) into the primary (``target``), batch by batch.
+
+    Both connections are in transaction mode (autocommit off) and prepared by
+    `prepare_session`. ``delete_inserted_on_source``: the backup subscribes to
+    the primary, so the rows it inserted come back to it by replication --
+    they are removed from it first (kept in its journal until the primary has
+    them) so that replication does not stop on a duplicate key.
+    ``lock_timeout`` (seconds): how long a batch waits for a row of the primary
+    that a live transaction holds, before it fails (`LockNotAvailable`, nothing
+    applied). Waiting longer would hold the rows the batch locked before it
+    -- every live writer of those would queue behind the drain.
+    """
+    # Up to what is recorded now: writes that keep coming (other instances, or
+    # this one before the write pause) are left to the next drain.
+    with _steady(source):
+        found = source.execute("SELECT to_regclass(%s)", (JOURNAL,)).fetchone()
+        if found is None or found[0] is None:  # no journal here: nothing recorded
+            yield DrainReport(backup)
+            return
+        row = source.execute(f"SELECT max(seq) FROM {JOURNAL}").fetchone()
+    upto = row[0] if row and row[0] is not None else 0
+    stuck: set[str] = set()  # source transactions touching a table the primary lacks
+    while True:
+        report = _drain_batch(source, target, backup, policy, batch, upto,
+                              delete_inserted_on_source, stuck, lock_timeout)
+        yield report
+        if report.skipped or report.changes == 0:
+            return
+
+
+def drain_all(
+    source: psycopg.Connection[Any],
+    target: psycopg.Connection[Any],
+    backup: str,
+    policy: ConflictPolicy,
+    *,
+    delete_inserted_on_source: bool = False,
+    on_batch: Callable[[DrainReport], None] | None = None,
+    lock_timeout: float = 2.0,
+) -> DrainReport:
+    """`drain` to the end; its batches' reports summed (``on_batch`` sees each)."""
+    total = DrainReport(backup)
+    for report in drain(source, target, backup, policy,
+                        delete_inserted_on_source=delete_inserted_on_source,
+                        lock_timeout=lock_timeout):
+        if on_batch is not None:
+            on_batch(report)
+        total = DrainReport(backup, total.changes + report.changes,
+                            total.transactions + report.transactions,
+                            total.conflicts + report.conflicts,
+                            total.skipped or report.skipped, report.stuck)
+    return total
+
+
+def _drain_batch(
+    source: psycopg.Connection[Any], target: psycopg.Connection[Any], backup: str,
+    policy: ConflictPolicy, batch: int, upto: int, delete_inserted: bool, stuck: set[str],
+    lock_timeout: float,
+) -> DrainReport:
+    with _steady(target):
+        # work_mem: the batch's sorts in memory.
+        target.execute("SELECT set_config('lock_timeout', %s, true), "
+                       "set_config('work_mem', '64MB', true)",
+                       (f"{max(1, round(lock_timeout * 1000))}ms",))
+        got = target.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
+                             (_LOCK_SPACE, backup)).fetchone()
+        if not got or not got[0]:
+            return DrainReport(backup, skipped=True)
+        _forget_pruned(source, target, backup)
+        _read(source, target, batch, upto, stuck)
+        found = _survey(target, backup, stuck)
+        if found is None:
+            return DrainReport(backup, stuck=len(stuck))
+        tables, pruned, count, xids = found
+        keys = {t.name: primary_key(target, t.name) for t in tables}
+        key_of = _key_by(keys)
+        skeys = {t.name: staged.Keys.load(target, t.name, _ident(t.name), keys[t.name])
+                 for t in tables if t.exact is not None}
+        todo, current = _classified(target, tables, keys, skeys, key_of)
+        final, conflicts = replay(todo, key_of, current, policy)
+        if delete_inserted:
+            inserted = _coming_back(target, todo, key_of, current, final)
+            inserted += _published(target, [
+                k for t in tables if t.inserts and t.exact is not None
+                for k in staged.inserted_clean(target, t.name, skeys[t.name])])
+            restored = _gone_from_source(target, todo, key_of, final)
+            if inserted or restored:
+                _fix_source(source, keys, inserted, restored, final)
+        _write(target, keys, skeys, final, current, tables)
+        _move_sequences_past(source, target, list(keys))
+        _record(target, backup, keys, conflicts)
+    with _steady(source):
+        source.execute(f"DELETE FROM {JOURNAL} WHERE seq = ANY(%s)", (pruned,))
+    # The applied-transaction marks stay until a later drain, under the lock,
+    # sees their entries gone from the journal (`_forget_pruned`).
+    return DrainReport(backup, count, xids, len(conflicts), stuck=len(stuck))
+
+
+def _survey(target: psycopg.Connection[Any], backup: str, stuck: set[str]
+            ) -> tuple[list[staged.Table], list[int], int, int] | None:
+    """The staged batch's tables to replay, the journal entries it prunes, its changes and
+    source transactions to replay; None when nothing was read.
+
+    Source transactions touching a table the primary lacks stay in the journal
+    (added to ``stuck``); the ones the primary applied before are pruned only.
+    """
+    tables = staged.tables(target)
+    if not tables:
+        return None
+    missing = [t.name for t in tables if t.missing]
+    if missing:
+        stuck.update(staged.set_aside(target, missing))
+    pruned, count, xids = staged.totals(target)
+    if staged.drop_applied(target, backup) or missing:
+        tables = staged.tables(target)
+        _, count, xids = staged.totals(target)
+    return tables, pruned, count, xids
+
+
+def _classified(target: psycopg.Connection[Any], tables: list[staged.Table],
+                keys: dict[str, tuple[str, ...]], skeys: dict[str, staged.Keys],
+                key_of: Callable[[Change], tuple[Any, ...]]
+                ) -> tuple[list[Change], dict[RowKey, Row | None]]:
+    """The staged changes Python must replay (in batch order) and the primary's rows
+    they touch.
+
+    Every touched row is locked, table by table in key order. A table whose
+    images all have exactly the primary's columns is settled set-based
+    (`staged`) but for its keys not proven clean; another one (schema drift)
+    goes to Python whole.
+    """
+    dirty: list[tuple[int, Change]] = []
+    current: dict[RowKey, Row | None] = {}
+    for t in tables:
+        cols = keys[t.name]
+        if t.exact is not None:
+            changes, rows = staged.classify(target, t.name, skeys[t.name])
+            for _, c in changes:
+                current[(t.name, key_of(c))] = None
+            for row in rows:
+                current[(t.name, tuple(row.get(c) for c in cols))] = row
+        else:
+            found = staged.raws(target, t.name)
+            normal = _normalised(target, [Raw(*r) for _, r in found])
+            changes = [(o, c) for (o, _), c in zip(found, normal, strict=True)]
+            current.update(_current(target, normal, {t.name: cols}, key_of))
+        dirty += changes
+    dirty.sort(key=lambda oc: oc[0])
+    return [c for _, c in dirty], current
+
+
+def _key_by(keys: dict[str, tuple[str, ...]]) -> Callable[[Change], tuple[Any, ...]]:
+    """A change's row key: its primary key values (from its after image, else its before)."""
+    def key_of(c: Change) -> tuple[Any, ...]:
+        image = c.after if c.after is not None else c.before
+        assert image is not None
+        return tuple(image.get(k) for k in keys[c.table])
+    return key_of
+
+
+def _coming_back(target: psycopg.Connection[Any], changes: list[Change], key_of: Any,
+                 current: dict[RowKey, Row | None],
+                 final: dict[RowKey, Row | None]) -> list[RowKey]:
+    """The backup's rows that replication from the primary will insert into it again.
+
+    Rows the drain inserts on the primary, and rows the backup inserted that
+    the primary holds too (its own insert of that key had not reached the
+    backup: a backlog, a retried insert with the same key). Either would stop
+    the backup's subscription on a duplicate key, so the backup gives them up
+    just before the primary commits. Only for published tables: a row of a
+    table that replication does not carry would never come back.
+    """
+    first: dict[RowKey, Change] = {}
+    for c in changes:
+        first.setdefault((c.table, key_of(c)), c)
+    wanted = [k for k, c in first.items()
+              if (c.op == "INSERT" and current.get(k) is not None)
+              or (final.get(k) is not None and current.get(k) is None)]
+    return _published(target, wanted)
+
+
+def _gone_from_source(target: psycopg.Connection[Any], changes: list[Change], key_of: Any,
+                      final: dict[RowKey, Row | None]) -> list[RowKey]:
+    """Rows the backup deleted last that the primary keeps (the delete lost its
+    conflict): replication cannot bring them back -- an update of a row the
+    backup lacks is skipped there -- so the backup gets them from the drain."""
+    last: dict[RowKey, Change] = {}
+    for c in changes:
+        last[(c.table, key_of(c))] = c
+    return _published(target, [k for k, c in last.items()
+                               if c.op == "DELETE" and final.get(k) is not None])
+
+
+def _published(target: psycopg.Connection[Any], wanted: list[RowKey]) -> list[RowKey]:
+    """The keys of tables in the publication (replication carries no other table)."""
+    if not wanted:
+        return []
+    published = {r[0] for r in target.execute(
+        "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IN ("
+        "SELECT format('%%I.%%I', schemaname, tablename)::regclass "
+        "FROM pg_publication_tables WHERE pubname = %s)",
+        (sorted({t for t, _ in wanted}), PUBLICATION)).fetchall()}
+    return [k for k in wanted if k[0] in published]
+
+
+def _forget_pruned(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
+                   backup: str) -> None:
+    """Drop the marks of applied transactions whose journal entries are gone.
+
+    Only the lock holder may: a drainer that read entries before another
+    drainer pruned them must still find their marks when it checks (a mark
+    dropped by the pruner itself, outside the lock, let such a drainer apply
+    a transaction twice).
+    """
+    marks = [r[0] for r in target.execute(
+        "SELECT xid::text FROM agent_factory_drained WHERE provider = %s", (backup,))]
+    if not marks:
+        return
+    with _steady(source):
+        kept = {r[0] for r in source.execute(
+            f"SELECT DISTINCT xid::text FROM {JOURNAL} WHERE xid = ANY(%s::xid8[])", (marks,))}
+    gone = [m for m in marks if m not in kept]
+    if gone:
+        target.execute("DELETE FROM agent_factory_drained WHERE provider = %s "
+                       "AND xid = ANY(%s::xid8[])", (backup, gone))
+
+
+def _move_sequences_past(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
+                         tables: list[str]) -> None:
+    """The primary's sequences past every value the backup handed out, and the
+    backup's a gap ahead of the primary's again at once (not at the next check:
+    an outage right after would hand out the primary's next values twice)."""
+    with _steady(source):
+        used = sequence_values(source, tables)
+    for seq, value in used.items():
+        if value <= 0:
+            continue  # never used on the backup
+        target.execute("SELECT setval(%s::regclass, greatest(%s, coalesce("
+                       "pg_sequence_last_value(%s::regclass), 0)))", (seq, value, seq))
+    if used:
+        ahead = sequence_values(target, tables)
+        with _steady(source):
+            keep_sequences_ahead(source, ahead)
+
+
+#: The next batch of the journal for `staged.stage`: whole source transactions,
+#: oldest first (ordered by their last change), numbered in that order.
+_READ = sql.SQL(
+    f"WITH x AS (SELECT xid, max(seq) AS last FROM {JOURNAL} "
+    f"WHERE xid IN (SELECT xid FROM {JOURNAL} WHERE seq <= %s "
+    f"AND xid <> ALL(%s::xid8[]) ORDER BY seq LIMIT %s) GROUP BY xid) "
+    f"SELECT row_number() OVER (ORDER BY x.last, j.seq), j.seq, j.xid, j.table_name, j.op, "
+    f"j.before, j.after FROM {JOURNAL} j JOIN x USING (xid) ORDER BY x.last, j.seq")
+
+
+def _read(source: psycopg.Connection[Any], target: psycopg.Connection[Any], batch: int,
+          upto: int, stuck: set[str]) -> None:
+    """The next batch of the source's journal into the primary's stage (`staged`)."""
+    with _steady(source):
+        staged.stage(source, target, _READ, (upto, sorted(stuck), batch))
+
+
+class Raw(NamedTuple):
+    """A journal row as read: its images still JSON text (the primary parses them)."""
+
+    seq: int
+    xid: str
+    table: str
+    op: str
+    before: str | None
+    after: str | None
+
+
+def _normalised(target: psycopg.Connection[Any], changes: list[Raw]) -> list[Change]:
+    """The images as the primary renders its own rows (types, time zone, number text).
+
+    One statement and one JSON document per table each way: the images go
+    as the journal's text and come back parsed once.
+    """
+    images: list[str | None] = []
+    for c in changes:
+        images += [c.before, c.after]
+    out: list[Row | None] = [None] * len(images)
+    for table in dict.fromkeys(c.table for c in changes):
+        idx = [i for i, c in enumerate(changes) for i in (2 * i, 2 * i + 1)
+               if c.table == table and images[i] is not None]
+        if not idx:
+            continue
+        doc = "[" + ",".join(images[i] or "" for i in idx) + "]"
+        for i, row in zip(idx, _rendered(target, table, doc), strict=True):
+            out[i] = row
+    return [Change(c.seq, c.xid, c.table, c.op, out[2 * i], out[2 * i + 1])
+            for i, c in enumerate(changes)]
+
+
+def _rendered(target: psycopg.Connection[Any], table: str, doc: str) -> list[Row]:
+    """The images of JSON array ``doc`` rendered by the primary, on the backup's columns.
+
+    Usually every image has exactly the primary's columns (one pass). Else
+    each keeps only its own columns -- one the primary added since (with a
+    default) keeps its default or its value -- and a column the primary
+    lacks is an error: dropping it would lose the backup's values unsaid.
+    """
+    t = _ident(table)
+    found = target.execute(sql.SQL(
+        "SELECT jsonb_agg(to_jsonb(jsonb_populate_record(NULL::{t}, j)) ORDER BY n), "
+        "bool_and(j ?& c.names AND j - c.names = '{{}}') "
+        "FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(j, n), "
+        "(SELECT array_agg(attname::text) AS names FROM pg_attribute WHERE attrelid = "
+        "%s::regclass AND attnum > 0 AND NOT attisdropped) AS c").format(t=t),
+        (doc, table)).fetchone()
+    assert found is not None
+    if found[1]:
+        return list(found[0])
+    pairs = target.execute(sql.SQL(
+        "SELECT jsonb_agg(jsonb_build_array(to_jsonb(jsonb_populate_record(NULL::{t}, j)), "
+        "(SELECT coalesce(jsonb_agg(k), '[]') FROM jsonb_object_keys(j) AS k)) ORDER BY n) "
+        "FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(j, n)").format(t=t),
+        (doc,)).fetchone()
+    assert pairs is not None
+    rows: list[Row] = []
+    for row, names in pairs[0]:
+        unknown = sorted(set(names) - set(row))
+        if unknown:
+            raise ConfigurationError(
+                f"table {table!r}: column(s) {', '.join(unknown)} recorded on the backup "
+                "do not exist on the primary; deploy the same schema on every provider "
+                "and the drain resumes")
+        rows.append({k: row[k] for k in names})
+    return rows
+
+
+def _current(target: psycopg.Connection[Any], changes: list[Change],
+             keys: dict[str, tuple[str, ...]], key_of: Any) -> dict[RowKey, Row | None]:
+    """The primary's rows the changes touch, locked until the drain commits."""
+    found: dict[RowKey, Row | None] = {}
+    for table, cols in keys.items():
+        wanted = {key_of(c) for c in changes if c.table == table}
+        for k in wanted:
+            found[(table, k)] = None
+        probe = [dict(zip(cols, k, strict=True)) for k in wanted]
+        match = sql.SQL(" AND ").join(
+            sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in cols)
+        # Locked in key order, the order applications usually take row locks in:
+        # a drain running beside live writers must not deadlock with them.
+        got = target.execute(sql.SQL(
+            "SELECT coalesce(jsonb_agg(r), '[]') FROM (SELECT to_jsonb(t) AS r FROM {t} t, "
+            "jsonb_populate_recordset(NULL::{t}, %s) k "
+            "WHERE {match} ORDER BY {order} FOR UPDATE OF t) AS locked"
+        ).format(t=_ident(table), match=match,
+                 order=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c))
+                                          for c in cols)),
+                 (Jsonb(probe),)).fetchone()
+        assert got is not None
+        seen = {k for c in changes if c.table == table for k in (c.after or c.before or {})}
+        for row in got[0]:
+            # Compared and written on the columns the backup has.
+            found[(table, tuple(row.get(c) for c in cols))] = {
+                k: v for k, v in row.items() if k in seen}
+    return found
+
+
+def _write(target: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
+           skeys: dict[str, staged.Keys],
+           final: dict[RowKey, Row | None], current: dict[RowKey, Row | None],
+           tables: list[staged.Table]) -> None:
+    """Upserts table by table in first-change order, then deletes in reverse order;
+    the clean keys' rows set-based from the stage, the others' from ``final``.
+
+    Every row the changes touch is written, also one whose final version is
+    already the primary's: the backup still holds its own version (a change
+    that lost, or outage changes that net to nothing on the primary), and
+    only a write on the primary sends the primary's version to it again.
+    """
+    for t in tables:
+        table = t.name
+        rows = [r for (name, _), r in final.items() if name == table and r is not None]
+        if t.exact is not None:
+            # In one statement with the clean rows (in key order) when they have
+            # the same columns (a callback may return fewer).
+            every = set(t.exact)
+            staged.upsert_clean(target, table, skeys[table], t.exact,
+                                [r for r in rows if r.keys() == every])
+            rows = [r for r in rows if r.keys() != every]
+        if rows:
+            cols = list(rows[0])
+            names = sql.SQL(", ").join(map(sql.Identifier, cols))
+            target.execute(sql.SQL(
+                "INSERT INTO {t} ({names}) SELECT {names} "
+                "FROM jsonb_populate_recordset(NULL::{t}, %s) "
+                "ON CONFLICT ({key}) DO UPDATE SET {set}"
+            ).format(
+                t=_ident(table), names=names,
+                key=sql.SQL(", ").join(map(sql.Identifier, keys[table])),
+                set=sql.SQL(", ").join(
+                    sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in cols),
+            ), (Jsonb(rows),))
+    for t in reversed(tables):
+        gone = [dict(zip(keys[t.name], k, strict=True)) for (name, k), r in final.items()
+                if name == t.name and r is None and current.get((name, k)) is not None]
+        if gone:
+            _delete_keys(target, t.name, keys[t.name], gone)
+        if t.deletes and t.exact is not None:
+            staged.delete_clean(target, t.name, skeys[t.name])
+
+
+def _delete_keys(conn: psycopg.Connection[Any], table: str, cols: Sequence[str],
+                 probe: list[dict[str, Any]]) -> None:
+    match = sql.SQL(" AND ").join(
+        sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in cols)
+    conn.execute(sql.SQL(
+        "DELETE FROM {t} t USING jsonb_populate_recordset(NULL::{t}, %s) k WHERE {match}"
+    ).format(t=_ident(table), match=match), (Jsonb(probe),))
+
+
+def _fix_source(source: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
+                inserted: list[RowKey], restored: list[RowKey],
+                final: dict[RowKey, Row | None]) -> None:
+    """On the backup, just before the primary commits (the drain holds those rows
+    on the primary: nothing newer of them can be in the stream yet): give up the
+    rows replication will insert again, and take back the ones it cannot."""
+    order = list(keys)  # the batch's tables in first-change order
+    with _steady(source):
+        for table in reversed(order):
+            probe = [dict(zip(keys[table], k, strict=True)) for t, k in inserted if t == table]
+            if probe:
+                _delete_keys(source, table, keys[table], probe)
+        for table in order:
+            rows = [r for (t, k) in restored if t == table
+                    for r in [final[(t, k)]] if r is not None]
+            if rows:
+                names = sql.SQL(", ").join(map(sql.Identifier, rows[0]))
+                source.execute(sql.SQL(
+                    "INSERT INTO {t} ({names}) SELECT {names} "
+                    "FROM jsonb_populate_recordset(NULL::{t}, %s) ON CONFLICT DO NOTHING"
+                ).format(t=_ident(table), names=names), (Jsonb(rows),))
+
+
+def _record(target: psycopg.Connection[Any], backup: str, keys: dict[str, tuple[str, ...]],
+            conflicts: list[Conflict]) -> None:
+    if conflicts:
+        # One statement (a pipeline of many stalls behind some poolers).
+        target.execute(
+            "INSERT INTO agent_factory_conflicts (provider, table_name, op, row_key, before, "
+            "backup_version, primary_version, resolved_version, resolution, source_xid) "
+            "SELECT %s, c->>'table', c->>'op', c->'key', c->'before', c->'after', "
+            "c->'primary', c->'resolved', c->>'resolution', c->>'xid' "
+            "FROM jsonb_array_elements(%s) AS c",
+            (backup, Jsonb([{
+                "table": c.change.table, "op": c.change.op,
+                "key": dict(zip(keys[c.change.table], c.key, strict=True)),
+                "before": c.change.before, "after": c.change.after, "primary": c.primary,
+                "resolved": c.resolved, "resolution": c.resolution, "xid": c.change.xid,
+            } for c in conflicts])),
+        )
+    staged.mark_applied(target, backup)
