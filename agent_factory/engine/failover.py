@@ -295,9 +295,13 @@ class Failover(Generic[P]):
                 self.diverged[provider.name] = datetime.now(timezone.utc) - margin
         # A call that started before the last health change (e.g. stuck on a
         # hung primary that just resumed) says nothing about where traffic
-        # goes now.
+        # goes now -- unless it was served by the primary and the primary is up
+        # now: a read routed there just as its breaker closed, before the change
+        # was counted, is the return (else `serving` stayed on the backup).
         name = provider.name
-        if epoch == self.epoch and (name != self.serving or name != self.primary):
+        if (epoch == self.epoch or (name == self.primary and provider.health.breaker.up)) and (
+            name != self.serving or name != self.primary
+        ):
             self._served_by(name, failures)
 
     # -- one attempt, as both shells see it ---------------------------------------------
