@@ -142,6 +142,7 @@ TELLER = """
 import json, sys, uuid
 from pathlib import Path
 from agent_factory.core.database_manager import DatabaseManager
+import psycopg
 from agent_factory.errors import AgentFactoryError, OutcomeUnknownError
 urls, order, fast, stop, seed = (json.loads(sys.argv[1]), json.loads(sys.argv[2]),
                                  json.loads(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]))
@@ -167,7 +168,9 @@ with DatabaseManager(urls, order=order, conflict_delta_columns="accounts.balance
             backup_acks += db.serving_provider != "supabase"
         except OutcomeUnknownError:
             unknown.append(tid)
-        except AgentFactoryError:
+        except (AgentFactoryError, psycopg.Error):
+            # A SQL error (a deadlock with a backup's replication apply during the
+            # failback window) reaches the application unchanged: nothing committed.
             failed.append(tid)
         if k % 10 == 0:
             try:
