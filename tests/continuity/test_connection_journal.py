@@ -62,6 +62,9 @@ def test_a_write_through_connection_on_a_backup_reaches_the_primary_after_failba
         wait_until(lambda: journal_size(plain["railway"]) == 0, timeout=30,
                    message="railway's journal drained")
         assert db.failback_status()["conflicts"]["railway"] == 0
+        # The journal may be empty a moment before this instance's own return.
+        wait_until(lambda: db.get_provider_stats()["supabase"]["healthy"], timeout=30,
+                   message="the primary back for this instance")
         with db.connection() as conn:  # the primary again, not journaled there
             assert provider_of(healthy_fleet, port_of(conn)) == "supabase"
             conn.execute("UPDATE accounts SET balance = 1000 WHERE id = 3")

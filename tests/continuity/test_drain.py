@@ -79,7 +79,10 @@ def test_a_delete_on_a_backup_that_loses_its_conflict_comes_back_to_that_backup(
         query_none(plain["supabase"], "UPDATE accounts SET balance = 500 WHERE id = 9")
         journaled(plain["railway"], "DELETE FROM accounts WHERE id = 9")
         query_none(plain["railway"], "ALTER SUBSCRIPTION agent_factory_railway ENABLE")
-        assert db.failback_now() == 1
+        # The drainer thread's first look (at start) may come after the delete on a
+        # loaded machine and drain it itself: either way it is drained once.
+        db.failback_now()
+        assert journal_size(plain["railway"]) == 0
     assert query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 9") == [(500,)]
     assert query(plain["supabase"], "SELECT op, resolution FROM agent_factory_conflicts") == [
         ("DELETE", "primary_wins")]
