@@ -15,9 +15,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from databases import create_databases, drop_databases
+from databases import create_databases, drop_databases, with_dbname
 from defaults import ORDER
 from fleet import wait_until
+from psycopg.conninfo import conninfo_to_dict
 
 from agent_factory.continuity.replication import setup_replication, teardown_replication
 from agent_factory.core.database_manager import DatabaseManager
@@ -48,6 +49,18 @@ ACCOUNTS = 10
 
 def direct(fleet: Fleet, urls: dict[str, str]) -> dict[str, str]:
     return {m.name: urls[m.name].replace(str(m.proxy.port), str(m.server.port)) for m in fleet}
+
+
+def behind_pooler(bank: dict[str, str], pooled_primary: Any) -> dict[str, Any]:
+    """The bank's providers with the primary reached through PgBouncer."""
+    dbname = conninfo_to_dict(bank["supabase"])["dbname"]
+    return {**bank, "supabase": {"url": with_dbname(pooled_primary.url, dbname),
+                                 "pooler": True}}
+
+
+def back_on_the_primary(db: Any) -> bool:
+    return db.serving_provider == "supabase" or bool(
+        db.execute_query("SELECT 1")) and db.serving_provider == "supabase"
 
 
 def query(url: str, sql: str, params: Any = None) -> list[Any]:

@@ -18,8 +18,10 @@ from bank import (  # noqa: F401 - bank is a fixture
     Teller,
     apply_worker_in_transaction,
     apply_worker_pid,
+    back_on_the_primary,
     bank,
     bank_db,
+    behind_pooler,
     check_bank,
     converged,
     direct,
@@ -318,13 +320,17 @@ def test_a_cut_off_instance_stays_fenced_while_a_backup_applies_a_long_transacti
     converged(plain, healthy_fleet)
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["direct", "behind-pgbouncer"])
 def test_changes_to_a_table_the_primary_lacks_stay_pending_without_holding_it_back(
-        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+        healthy_fleet: Fleet, bank: dict[str, str], pooled: bool,
+        request: pytest.FixtureRequest) -> None:
     """A table dropped on the primary (or never deployed there): its changes stay in the
-    journal with an ERROR, the others go through, and the primary takes writes again."""
+    journal with an ERROR, the others go through, and the primary takes writes again
+    (also with the primary behind a transaction-mode PgBouncer)."""
     plain = direct(healthy_fleet, bank)
+    urls = behind_pooler(bank, request.getfixturevalue("pooled_primary")) if pooled else bank
     query_none(plain["railway"], "CREATE TABLE only_here (id int PRIMARY KEY)")
-    with bank_db(bank) as db:
+    with bank_db(urls) as db:
         healthy_fleet["supabase"].server.kill()
         db.execute_query("SELECT 1")
         with db.transaction() as conn:  # marks the session: the trigger can be put on it
@@ -337,11 +343,12 @@ def test_changes_to_a_table_the_primary_lacks_stay_pending_without_holding_it_ba
         db.execute_query("UPDATE accounts SET balance = 5 WHERE id = 3", fetch_mode="none")
         healthy_fleet["supabase"].server.restart()
         wait_until(lambda: query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 3")
-                   == [(5,)], timeout=30, message="the other change on the primary")
-        wait_until(lambda: db.serving_provider == "supabase" or db.execute_query("SELECT 1")
-                   and db.serving_provider == "supabase", timeout=30, message="primary back")
+                   == [(5,)], timeout=60, message="the other change on the primary")
+        wait_until(lambda: back_on_the_primary(db), timeout=60, message="primary back")
         db.execute_query("UPDATE accounts SET balance = 6 WHERE id = 3", fetch_mode="none")
         assert db.serving_provider == "supabase"
         wait_until(lambda: "lacks" in (db.failback_status()["backups"]["railway"]["last_error"]
                                        or ""), timeout=30, message="the stuck change reported")
+        assert db.failback_status()["backups"]["railway"]["pending"] == 1
     assert journal_size(plain["railway"]) == 1
+    assert query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 3") == [(6,)]

@@ -3,7 +3,8 @@
 PgBouncer may hand each transaction a different server connection: nothing the
 drain, the fence or the journal relies on may live in a session. The bank through
 a crash behind the pooler is in test_bank.py; here deletes and updates, serial
-keys with replication, a drain that keeps failing, and a busy pool.
+keys with replication, and a busy pool (a drain that keeps failing behind the
+pooler is in test_drain.py).
 """
 
 from __future__ import annotations
@@ -12,31 +13,18 @@ from typing import Any
 
 import pytest
 from bank import (  # noqa: F401 - bank is a fixture
+    back_on_the_primary,
     bank,
     bank_db,
+    behind_pooler,
     direct,
     journal_size,
     query,
-    query_none,
 )
-from databases import with_dbname
 from fleet import until_accepted, wait_until
-from psycopg.conninfo import conninfo_to_dict
 
 from agent_factory.errors import ProviderUnavailableError
 from agent_factory.testing.fleet import Fleet
-
-
-def behind_pooler(bank: dict[str, str], pooled_primary: Any) -> dict[str, Any]:
-    """The bank's providers with the primary reached through PgBouncer."""
-    dbname = conninfo_to_dict(bank["supabase"])["dbname"]
-    return {**bank, "supabase": {"url": with_dbname(pooled_primary.url, dbname),
-                                 "pooler": True}}
-
-
-def back_on_the_primary(db: Any) -> bool:
-    return db.serving_provider == "supabase" or bool(
-        db.execute_query("SELECT 1")) and db.serving_provider == "supabase"
 
 
 def test_deletes_and_updates_on_a_backup_come_back_behind_a_pooler(
@@ -88,36 +76,6 @@ def test_serial_keys_through_an_outage_behind_a_pooler(
     for backup in ("railway", "neon"):
         wait_until(lambda b=backup: query(plain[b], "SELECT id, note FROM events ORDER BY id")
                    == want, timeout=30, message=f"{backup} converged")
-
-
-def test_a_failing_drain_behind_a_pooler_lets_the_primary_back_and_says_why(
-        healthy_fleet: Fleet, bank: dict[str, str], pooled_primary: Any) -> None:
-    """A change the primary cannot take stays pending with its cause reported; the
-    other changes go through and the primary takes writes again."""
-    plain = direct(healthy_fleet, bank)
-    query_none(plain["railway"], "CREATE TABLE only_here (id int PRIMARY KEY)")
-    with bank_db(behind_pooler(bank, pooled_primary)) as db:
-        healthy_fleet["supabase"].server.kill()
-        db.execute_query("SELECT 1")
-        with db.transaction() as conn:  # marks the session: the trigger can be put on it
-            conn.execute("SELECT 1")
-        query_none(plain["railway"], "CREATE TRIGGER agent_factory_journal AFTER INSERT OR "
-                   "UPDATE OR DELETE ON only_here FOR EACH ROW EXECUTE FUNCTION "
-                   "agent_factory_journal_row()")
-        with db.transaction() as conn:
-            conn.execute("INSERT INTO only_here VALUES (1)")
-        db.execute_query("UPDATE accounts SET balance = 5 WHERE id = 3", fetch_mode="none")
-        healthy_fleet["supabase"].server.restart()
-        wait_until(lambda: query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 3")
-                   == [(5,)], timeout=60, message="the other change on the primary")
-        wait_until(lambda: back_on_the_primary(db), timeout=60, message="back on the primary")
-        db.execute_query("UPDATE accounts SET balance = 6 WHERE id = 3", fetch_mode="none")
-        assert db.serving_provider == "supabase"
-        wait_until(lambda: "lacks" in (db.failback_status()["backups"]["railway"]["last_error"]
-                                       or ""), timeout=30, message="the stuck change reported")
-        assert db.failback_status()["backups"]["railway"]["pending"] == 1
-    assert journal_size(plain["railway"]) == 1
-    assert query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 3") == [(6,)]
 
 
 def test_a_busy_pooled_primary_does_not_move_a_write(
