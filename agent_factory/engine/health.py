@@ -242,6 +242,10 @@ class ProviderHealth:
                     row = conn.execute(_PROBE, ([s.pid for s in suspects],)).fetchone()
                 finally:
                     self._watchdog.unwatch(w)
+                if w.fired:
+                    # Cut as the answer was being read: the answer counts, the
+                    # shut connection is not used again.
+                    self._drop_monitor()
             except psycopg.Error as exc:
                 # An error, even with a SQLSTATE, is no proof of life: behind a
                 # pooler it may be the pooler's own ("server login has been failing").

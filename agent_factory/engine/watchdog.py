@@ -39,6 +39,12 @@ Two kinds of deadline:
   its provider for a probe.
 * *hard*: an absolute deadline, used for the probes themselves.
 
+Either deadline is moved once when, at the moment it passes, the call's
+answer (or the server's close) already waits unread in the socket: the
+server answered, and the caller's thread has not run since — a busy machine
+(a process with many threads, two cores shared with other work) can starve
+it for seconds. Calling that a hang would be a false outage.
+
 Firing is atomic with the call's end: a call's socket is shut down only
 while the call is still in progress, and a call that ends meanwhile waits
 for the shutdown to finish before its connection can go back to a pool, so
@@ -53,6 +59,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
 import struct
 import sys
@@ -114,6 +121,8 @@ class Watch:
     #: Set by the watchdog before it decides to shut the socket, and set
     #: (the event) once it is done: see `Watchdog._fire`.
     shutting: threading.Event | None = None
+    #: The deadline was moved once because the answer sat unread (see `_fire`).
+    extended = False
 
     def __init__(
         self, fd: int, started: float, target: Liveness, hard_deadline: float | None,
@@ -218,6 +227,26 @@ def tcp_progress(fd: int) -> int | None:
         return None
     acked, received = _TCP_COUNTERS.unpack_from(raw, _TCP_COUNTERS_AT)
     return int(acked + received)
+
+
+def answer_waiting(handle: int) -> bool:
+    """Whether bytes, or the peer's close, wait unread on socket ``handle``."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(handle, select.POLLIN)
+        try:
+            events = poller.poll(0)
+        except OSError:
+            return False
+        return any(ev & (select.POLLIN | select.POLLHUP | select.POLLERR) for _, ev in events)
+    with borrowed_socket(handle) as s:  # pragma: no cover - platforms without poll
+        if s is None:
+            return False
+        try:
+            readable, _, _ = select.select([s], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
 
 
 class Watchdog:
@@ -381,8 +410,24 @@ class Watchdog:
         try:
             if w.done:
                 return  # it ended meanwhile: its connection is someone else's now
-            if self.clock() < w.deadline():
+            now = self.clock()
+            if now < w.deadline():
                 self._watches.add(w)  # news arrived since the scan
+                return
+            if not w.extended and answer_waiting(w.fd):
+                # The server has answered (or closed the connection) and the
+                # answer waits unread: this process, not the server, is slow —
+                # a busy machine starving the calling thread. News, once per
+                # call: a caller that still does not read is cut at the next
+                # deadline.
+                w.extended = True
+                w.alive = now
+                if w.hard_deadline is not None:
+                    w.hard_deadline = now + w.target.hang_timeout
+                self._watches.add(w)
+                logger.info("provider %r answered a call its caller has not read yet; "
+                            "giving the caller time", w.target.name,
+                            extra={"event": "late_reader", "provider": w.target.name})
                 return
             w.fired = True
             hook = self.before_shutdown

@@ -23,6 +23,7 @@ from agent_factory.engine.watchdog import (
     Watch,
     Watchdog,
     _shutdown,
+    answer_waiting,
     tcp_progress,
     vouches,
 )
@@ -139,6 +140,45 @@ def test_the_watchdog_interrupts_where_a_socket_handle_is_no_descriptor(
                 watchdog.close()
             assert not thread.is_alive() and got == [b""]
             assert w.fired
+
+
+class _Slow(_Silent):
+    name = "slow"
+    hang_timeout = 0.3
+
+
+@pytest.mark.parametrize("hard", [True, False], ids=["probe", "call"])
+def test_an_answer_waiting_unread_is_no_hang(hard: bool) -> None:
+    """A starved caller: the server answered, the caller's thread has not read it yet.
+
+    On a busy machine a thread of a process with many threads can wait seconds
+    for its turn; the deadline passing then is the caller's delay, not the
+    server's. The watchdog gives the call one more hang_timeout; a caller that
+    still has not read by then is cut.
+    """
+    watchdog = Watchdog(probe_after=1000.0)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        with client, peer:
+            peer.sendall(b"answer")  # answered; nobody reads it
+            wait_until(lambda: answer_waiting(client.fileno()), timeout=5,
+                       message="the answer in the client's receive buffer")
+            target = _Slow()
+            now = watchdog.clock()
+            try:
+                w = watchdog.watch(client.fileno(), target,
+                                   hard_deadline=now + 0.2 if hard else None)
+                if not hard:
+                    w.started = now - 1.0  # silent since before its deadline
+                wait_until(lambda: w.extended, timeout=10, message="the deadline moved")
+                assert not w.fired
+                assert client.recv(100) == b"answer"  # the connection is intact
+                # The caller read it; a second silence is a hang like any other.
+                wait_until(lambda: w.fired, timeout=10, message="the call cut at last")
+                assert client.recv(1) == b""
+            finally:
+                watchdog.close()
 
 
 def test_a_shutdown_that_cannot_be_done_is_logged_as_an_error(
