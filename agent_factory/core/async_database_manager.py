@@ -122,28 +122,34 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         row_factory: RowFactory[Any] | None,
     ) -> Any:
         core = self._core
-        t0: float | None = None
         failures: dict[str, str] = {}
-        hedge = core.hedge(route) if core.hedging else None
+        hedge_at = core.hedge_at(route) if core.hedging else None
         for provider in route.providers:
             if provider.name in failures:
                 continue  # a hedge that failed
             epoch = core.epoch
-            if self._events.query_listeners:
-                t0 = time.perf_counter()
+            t0 = time.perf_counter() if self._events.query_listeners else None
             served = provider
+            race: HedgedRead[AsyncProvider] | None = None
             try:
                 journal = self._journal(provider.name, True) if route.write else None
                 if journal:
                     await self._prepare_backup_write_async(provider.name)
-                if hedge is not None:
-                    race = HedgedRead(hedge[1], core, route, failures, provider, hedge[0],
+                if hedge_at is not None:  # the first attempt of a read that may be hedged
+                    race = HedgedRead(hedge_at, core, route, failures, provider,
                                       (query, params, fetch, row_factory), self._start_hedge)
-                    hedge = None
-                    served, result = await self._race(race)
-                else:
+                    hedge_at = None
+                try:
                     result = await provider.run(query, params, fetch, journal=journal,
-                                                row_factory=row_factory)
+                                                row_factory=row_factory, race=race)
+                except BaseException as exc:
+                    if race is None:
+                        raise
+                    served, result = await self._race_failed(race, exc)
+                else:
+                    # Once a hedge has started, the first of the two answers is the read's.
+                    if race is not None and race.started and not race.first_answered(result):
+                        served, result = race.answer()
             except Unavailable as exc:
                 error = core.attempt_unavailable(provider, exc, route=route, failures=failures,
                                                  t0=t0)
@@ -158,24 +164,18 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
             return result
         raise core.all_failed(failures, write=route.write)
 
-    async def _race(self, race: HedgedRead[AsyncProvider]) -> tuple[AsyncProvider, Any]:
-        """Like `DatabaseManager._race`: the caller's task runs the first call, the hedge
-        is a task of its own (the loser notices at its next wake-up and settles in the
-        background)."""
-        query, params, fetch, row_factory = race.call
-        try:
-            result = await race.provider.run(query, params, fetch, row_factory=row_factory,
-                                             race=race)
-        except HedgeDue:  # nothing sent yet: the read goes to the hedge's provider alone
+    async def _race_failed(self, race: HedgedRead[AsyncProvider], exc: BaseException
+                           ) -> tuple[AsyncProvider, Any]:
+        """Like `DatabaseManager._race_failed`: the hedge is a task of its own, awaited
+        without blocking the loop (a losing first call settles in the background)."""
+        if isinstance(exc, HedgeDue):  # nothing sent yet: the read goes to the hedge alone
             return await self._instead(race)
-        except BaseException as exc:
-            if race.awaits_hedge(exc):
-                while not race.wait_hedge(0):  # without blocking the loop
-                    await asyncio.sleep(TICK)
-            if race.first_failed(exc):
-                return race.answer()
-            raise
-        return (race.provider, result) if race.first_answered(result) else race.answer()
+        if race.awaits_hedge(exc):
+            while not race.wait_hedge(0):
+                await asyncio.sleep(TICK)
+        if race.first_failed(exc):
+            return race.answer()
+        raise exc
 
     def _start_hedge(self, race: HedgedRead[AsyncProvider]) -> None:
         task = asyncio.get_running_loop().create_task(self._second(race))
@@ -189,8 +189,9 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         """Like `DatabaseManager._second`, awaited."""
         query, params, fetch, row_factory = race.call
         try:
-            result = await race.target.run(query, params, fetch, row_factory=row_factory,
-                                           race=race.second())
+            result = await race.second_provider().run(query, params, fetch,
+                                                      row_factory=row_factory,
+                                                      race=race.second())
         except Exception as exc:
             race.second_failed(exc)
             return
@@ -201,7 +202,8 @@ class AsyncDatabaseManager(BaseManager[AsyncProvider]):
         """Like `DatabaseManager._instead`, awaited."""
         query, params, fetch, row_factory = race.call
         try:
-            result = await race.target.run(query, params, fetch, row_factory=row_factory)
+            result = await race.second_provider().run(query, params, fetch,
+                                                      row_factory=row_factory)
         except Unavailable as exc:
             first = race.instead_failed(exc)
             return first, await first.run(query, params, fetch, row_factory=row_factory)

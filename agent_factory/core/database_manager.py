@@ -103,28 +103,34 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
     def _run(self, route: Route[DatabaseProvider], query: Any, params: Any, fetch: Fetch,
              row_factory: RowFactory[Any] | None) -> Any:
         core = self._core
-        t0: float | None = None
         failures: dict[str, str] = {}
-        hedge = core.hedge(route) if core.hedging else None
+        hedge_at = core.hedge_at(route) if core.hedging else None
         for provider in route.providers:
             if provider.name in failures:
                 continue  # a hedge that failed
             epoch = core.epoch
-            if self._events.query_listeners:
-                t0 = time.perf_counter()
+            t0 = time.perf_counter() if self._events.query_listeners else None
             served = provider
+            race: HedgedRead[DatabaseProvider] | None = None
             try:
                 journal = self._journal(provider.name, True) if route.write else None
                 if journal:
                     self._prepare_backup_write(provider.name)
-                if hedge is not None:
-                    race = HedgedRead(hedge[1], core, route, failures, provider, hedge[0],
+                if hedge_at is not None:  # the first attempt of a read that may be hedged
+                    race = HedgedRead(hedge_at, core, route, failures, provider,
                                       (query, params, fetch, row_factory), self._start_hedge)
-                    hedge = None
-                    served, result = self._race(race)
-                else:
+                    hedge_at = None
+                try:
                     result = provider.run(query, params, fetch, journal=journal,
-                                          row_factory=row_factory)
+                                          row_factory=row_factory, race=race)
+                except BaseException as exc:
+                    if race is None:
+                        raise
+                    served, result = self._race_failed(race, exc)
+                else:
+                    # Once a hedge has started, the first of the two answers is the read's.
+                    if race is not None and race.started and not race.first_answered(result):
+                        served, result = race.answer()
             except Unavailable as exc:
                 error = core.attempt_unavailable(provider, exc, route=route, failures=failures,
                                                  t0=t0)
@@ -139,27 +145,24 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
             return result
         raise core.all_failed(failures, write=route.write)
 
-    def _race(self, race: HedgedRead[DatabaseProvider]) -> tuple[DatabaseProvider, Any]:
-        """A read on ``race.provider``, hedged to ``race.target`` after ``hedge_after`` s
-        of silence: (the provider that answered, its rows).
+    def _race_failed(self, race: HedgedRead[DatabaseProvider], exc: BaseException
+                     ) -> tuple[DatabaseProvider, Any]:
+        """The first call of a read that may be hedged raised ``exc``: (the provider that
+        answered, its rows) if the read still has an answer, else ``exc`` is raised.
 
-        The caller's thread runs the first call; once it has been silent for
-        ``hedge_after`` it wakes every tick (see hedge.raced), starts the hedge on
-        a thread of its own when the budget allows, and leaves as soon as the
-        hedge has answered. The decisions are `HedgedRead`'s.
+        Until ``race.hedge_at`` the first call is any read; once it has been
+        silent that long, the hedge is decided (`HedgedRead.due`), the call
+        wakes every tick (see hedge.raced), starts the hedge on a thread of its
+        own when the budget allows, and leaves as soon as the hedge has
+        answered (`HedgeLost`). The decisions are `HedgedRead`'s.
         """
-        query, params, fetch, row_factory = race.call
-        try:
-            result = race.provider.run(query, params, fetch, row_factory=row_factory, race=race)
-        except HedgeDue:  # nothing sent yet: the read goes to the hedge's provider alone
+        if isinstance(exc, HedgeDue):  # nothing sent yet: the read goes to the hedge alone
             return self._instead(race)
-        except BaseException as exc:
-            if race.awaits_hedge(exc):
-                race.wait_hedge(None)
-            if race.first_failed(exc):
-                return race.answer()
-            raise
-        return (race.provider, result) if race.first_answered(result) else race.answer()
+        if race.awaits_hedge(exc):
+            race.wait_hedge(None)
+        if race.first_failed(exc):
+            return race.answer()
+        raise exc
 
     def _start_hedge(self, race: HedgedRead[DatabaseProvider]) -> None:
         threading.Thread(target=self._second, args=(race,), name="agent-factory-hedge",
@@ -170,8 +173,8 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         """The hedge: its answer claims the race, its failure leaves it to the first call."""
         query, params, fetch, row_factory = race.call
         try:
-            result = race.target.run(query, params, fetch, row_factory=row_factory,
-                                     race=race.second())
+            result = race.second_provider().run(query, params, fetch,
+                                                row_factory=row_factory, race=race.second())
         except Exception as exc:
             race.second_failed(exc)
             return
@@ -183,7 +186,7 @@ class DatabaseManager(BaseManager[DatabaseProvider]):
         after all."""
         query, params, fetch, row_factory = race.call
         try:
-            result = race.target.run(query, params, fetch, row_factory=row_factory)
+            result = race.second_provider().run(query, params, fetch, row_factory=row_factory)
         except Unavailable as exc:
             first = race.instead_failed(exc)
             return first, first.run(query, params, fetch, row_factory=row_factory)

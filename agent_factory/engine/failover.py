@@ -94,6 +94,7 @@ class Failover(Generic[P]):
         self.budget = Budget(settings.hedge_budget)
         #: Reads may be hedged at all (``hedged_reads`` is not "off").
         self.hedging = settings.hedged_reads != "off"
+        self._hedge_auto = settings.hedged_reads == "auto"
         self._hedge_bound = settings.hedge_lag_bound()
         self._hedge_after: dict[str, tuple[float | None, float]] = {}
         self._next_log = 0.0
@@ -192,41 +193,51 @@ class Failover(Generic[P]):
             True,
         )
 
-    def hedge(self, route: Route[P]) -> tuple[P, float] | None:
-        """Where a read on ``route`` may be hedged, and after how long; None: nowhere.
+    def hedge_at(self, route: Route[P]) -> float | None:
+        """When a read on ``route`` is due for a hedge (``time.monotonic``); None: never.
 
-        Never a write (nor `transaction()` or `connection()`, which do not come
-        here), never inside the read-your-writes window, and only to a backup
-        fresh enough (`hedge.fresh_enough`). The read earns its share of the
-        budget here. While the first provider is suspect (a call there went
-        silent and no probe has answered since) the hedge starts at once.
+        Asked on every read, so only what is known cheaply: never a write (nor
+        `transaction()` or `connection()`, which do not come here), never
+        inside the read-your-writes window, never in "auto" mode without
+        measured replication. The read earns its share of the budget here.
+        While the first provider is suspect (a call there went silent and its
+        probe is overdue) the hedge is due at once. Where it goes is decided
+        only once it is due (`hedge_target`): a healthy read never asks.
         """
         providers = route.providers
         if route.write or len(providers) < 2 or not self.hedging:
             return None
-        settings = self.settings
-        if self.providers[self.primary].health.lag.replication:
-            fresh = self._fresh_target(providers, settings.hedged_reads)
-            if fresh is None:
-                return None
-            target = fresh
-        elif settings.hedged_reads == "auto":
+        if self._hedge_auto and not self.providers[self.primary].health.lag.replication:
             return None  # no backup's lag is known: nowhere to hedge
-        else:
-            target = providers[1]  # "on": a backup's own data will do
-        if self.last_write + settings.read_your_writes > self._clock():
+        now = self._clock()
+        if self.last_write + self.settings.read_your_writes > now:
             return None
         self.budget.earn()
         first = providers[0].health
         if first.suspect:
-            return target, 0.0  # a silent call there already: both at once
+            return now  # a silent call there already: both at once
         # hedge_after changes only with the p99, i.e. at a probe: reuse it until then.
         p99 = first.latency.recent_p99
         cached = self._hedge_after.get(first.name)
         if cached is None or cached[0] is not p99:
-            cached = (p99, hedge_after(p99, settings.hedge_after_min, first.hang_timeout))
+            cached = (p99, hedge_after(p99, self.settings.hedge_after_min, first.hang_timeout))
             self._hedge_after[first.name] = cached
-        return target, cached[1]
+        return now + cached[1]
+
+    def hedge_target(self, route: Route[P]) -> P | None:
+        """Where a read on ``route`` whose hedge is due goes as well; None: nowhere.
+
+        Only to a backup fresh enough now (`hedge.fresh_enough`): with
+        replication, the first one whose measured lag is within the bound;
+        without, the next provider if ``hedged_reads="on"`` says its own data
+        will do.
+        """
+        providers = route.providers
+        if self.providers[self.primary].health.lag.replication:
+            return self._fresh_target(providers, self.settings.hedged_reads)
+        if self._hedge_auto:
+            return None
+        return providers[1]
 
     def _fresh_target(self, providers: list[P], mode: str) -> P | None:
         """The first provider after ``providers[0]`` fresh enough for a hedge."""

@@ -169,9 +169,15 @@ class Side:
     def race(self) -> Race:
         return self._race
 
-    def quiet_for(self) -> float:
-        """How long the call may still wait before its hedge is due."""
-        return self.race.hedge_at - self.clock()
+    @property
+    def hedge_at(self) -> float:
+        """When the race's hedge is due: the call's wait times out then (see `due`)."""
+        return self.race.hedge_at
+
+    def due(self) -> bool:
+        """The call has been silent until ``hedge_at``: does it race from now on (its wait
+        then looks at the race at each tick, see `raced`)? A side does."""
+        return True
 
     def at_checkout(self) -> None:
         """Between two waits for a pooled connection (the wait counts towards hedge_after)."""
@@ -204,6 +210,7 @@ class Race(Side):
 
     # What a race that never starts its hedge keeps unchanged (no per-read stores).
     index = FIRST
+    hedge_at: float = 0.0  # an instance's own (not `Side.hedge_at`)
     context: Any = None
     #: The hedge was started.
     started = False
@@ -227,9 +234,6 @@ class Race(Side):
     @property
     def race(self) -> Race:
         return self
-
-    def quiet_for(self) -> float:
-        return self.hedge_at - self.clock()  # `Side.quiet_for`, on every hedgeable read
 
     def start(self, now: float) -> bool:
         """Start the hedge now? True exactly once, when due and allowed."""

@@ -1,10 +1,13 @@
 """A hedged read as both managers run it: which answer the caller gets, what becomes of the
 loser. No I/O.
 
-`Failover.hedge` says where a read may be hedged and after how long; the
-shells (`DatabaseManager._race`, `AsyncDatabaseManager._race`) run the two
-calls -- the caller's thread or task the first, a thread or task of its own
-the hedge -- and ask the `HedgedRead` at each outcome what follows:
+`Failover.hedge_at` says whether a read may be hedged and when; the shells
+(`DatabaseManager._race`, `AsyncDatabaseManager._race`) run the read on its
+provider as any other, its connection's wait timing out at that moment. Only
+then is the hedge decided (`HedgedRead.due`: where it may go, the budget) --
+a healthy read answers before and decides nothing. The caller's thread or
+task runs the first call, a thread or task of its own the hedge, and the
+shells ask the `HedgedRead` at each outcome what follows:
 
 * the first call answers: it wins unless the hedge answered before it;
 * the first call lost (`HedgeLost`): the hedge's answer is the read's;
@@ -34,30 +37,44 @@ __all__ = ["HedgedRead"]
 
 
 class HedgedRead(Race, Generic[P]):
-    """One hedged read of a manager: the race, and what each outcome means.
+    """One read that may be hedged: the race, decided once the hedge is due, and what each
+    outcome means.
 
-    ``call`` is the statement both sides run: ``(query, params, fetch,
-    row_factory)``. ``on_due`` starts the hedge (a thread or a task).
+    ``hedge_at`` is `Failover.hedge_at`'s; ``call`` is the statement both
+    sides run: ``(query, params, fetch, row_factory)``. ``on_due`` starts
+    the hedge (a thread or a task). ``target``, the hedge's provider, is
+    None until the hedge is due (and stays None if there is nowhere to send it).
     """
 
-    def __init__(self, after: float, core: Failover[P], route: Route[P],
-                 failures: dict[str, str], provider: P, target: P, call: tuple[Any, ...],
+    clock = staticmethod(time.monotonic)
+    #: Where the hedge goes: decided by `due`.
+    target: P | None = None
+    _decided = False
+
+    def __init__(self, hedge_at: float, core: Failover[P], route: Route[P],
+                 failures: dict[str, str], provider: P, call: tuple[Any, ...],
                  on_due: Callable[[Any], None]) -> None:
-        # Race's fields without Race.__init__ (a call with keywords on every
-        # hedgeable read); the budget is asked through `_allowed` below.
-        self.clock = clock = time.monotonic
-        self.hedge_at = clock() + after
-        self.on_due = on_due
+        # Race's fields without Race.__init__ (on every hedgeable read): the
+        # budget is asked through `_allowed` below, the clock is the class's.
+        self.hedge_at = hedge_at
         self.core = core
         self.route = route
         self.failures = failures
-        #: Where the read was planned (the first side), and the hedge's provider.
+        #: Where the read was planned (the first side).
         self.provider = provider
-        self.target = target
         self.call = call
+        self.on_due = on_due
+
+    def due(self) -> bool:
+        """The hedge is due: is there a provider fresh enough to send it to? Asked once,
+        now (later calls give the same answer)."""
+        if not self._decided:
+            self._decided = True
+            self.target = self.core.hedge_target(self.route)
+        return self.target is not None
 
     def _allowed(self) -> bool:
-        return self.core.budget.spend(self.provider.health.suspect)
+        return self.due() and self.core.budget.spend(self.provider.health.suspect)
 
     # -- the first call (the caller's own thread or task) -----------------------------
 
@@ -87,9 +104,15 @@ class HedgedRead(Race, Generic[P]):
 
     def answer(self) -> tuple[P, Any]:
         """The hedge's answer, which won."""
-        return self.target, self.result
+        return self.second_provider(), self.result
 
     # -- the hedge (a thread or task of its own) ----------------------------------------
+
+    def second_provider(self) -> P:
+        """The hedge's provider, once the hedge has started."""
+        target = self.target
+        assert target is not None, "the hedge never started"
+        return target
 
     def second(self) -> Side:
         """The hedge's side of the race (its connection's wait looks at it)."""
@@ -105,18 +128,18 @@ class HedgedRead(Race, Generic[P]):
         if isinstance(exc, HedgeLost):
             return
         if isinstance(exc, Unavailable) and exc.down:
-            self.target.health.mark_down(exc.reason)
+            self.second_provider().health.mark_down(exc.reason)
         self.fail(SECOND, exc)
 
     # -- a hedge due at checkout: the read on the hedge's provider alone ----------------
 
     def instead_answered(self, result: Any) -> tuple[P, Any]:
         self.core.budget.won += 1
-        return self.target, result
+        return self.second_provider(), result
 
     def instead_failed(self, exc: Unavailable) -> P:
         """The hedge's provider could not serve the read: reported; the first provider
         (where nothing was sent) takes it after all."""
-        self.core.attempt_unavailable(self.target, exc, route=self.route,
+        self.core.attempt_unavailable(self.second_provider(), exc, route=self.route,
                                       failures=self.failures, t0=None)
         return self.provider

@@ -536,13 +536,16 @@ def _observed_class(
                 side = self.race
                 if side is None:
                     return super().wait(gen, *args, **kwargs)
-                quiet = side.quiet_for()
+                quiet = side.hedge_at - w.started  # the checkout's wait counted
                 if quiet > 0:
                     try:
                         # psycopg's own wait until hedge_after: a healthy read ends here.
                         return super().wait(gen, interval=quiet, timeout=quiet)
                     except WaitTimeout:
                         pass  # the same generator goes on below (as after a Ctrl-C)
+                if not side.due():  # nowhere to hedge: wait on as without a race
+                    self.race = None
+                    return super().wait(gen, *args, **kwargs)
                 return super().wait(raced(gen, side), interval=TICK)
             except HedgeLost:
                 self.resumed = w.started  # the drain that follows is the same call

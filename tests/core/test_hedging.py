@@ -131,13 +131,50 @@ def test_writes_transactions_and_reads_after_a_write_are_not_hedged(
     hedged: DatabaseManager
 ) -> None:
     core = hedged._core
-    assert core.hedge(core.route("SELECT 1")) is not None
-    assert core.hedge(core.route("CREATE TEMP TABLE t (x int)")) is None
-    assert core.hedge(core.route("SELECT 1", read_only=True, idempotent=False)) is None
+    read = core.route("SELECT 1")
+    assert core.hedge_at(read) is not None
+    assert core.hedge_target(read) is hedged.providers["railway"]  # "on": the next one
+    assert core.hedge_at(core.route("CREATE TEMP TABLE t (x int)")) is None
+    assert core.hedge_at(core.route("SELECT 1", read_only=True, idempotent=False)) is None
     with hedged.transaction() as conn:
         conn.execute("SELECT 1")
     # Inside the read-your-writes window that follows a write or a transaction.
-    assert core.hedge(core.route("SELECT 1")) is None
+    assert core.hedge_at(core.route("SELECT 1")) is None
+
+
+def test_a_healthy_read_never_decides_where_its_hedge_would_go(
+    hedged: DatabaseManager, fleet_ports: dict[int, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hedge is decided only once a read has been silent for hedge_after."""
+    warm(hedged, fleet_ports)
+    core = hedged._core
+    asked: list[object] = []
+    decide = core.hedge_target
+    monkeypatch.setattr(core, "hedge_target", lambda route: asked.append(route) or decide(route))
+    for _ in range(50):
+        assert served_by(hedged, fleet_ports) == "supabase"
+    assert asked == [] and hedged.get_hedge_stats()["hedges_sent"] == 0
+
+
+def test_a_due_hedge_with_nowhere_to_go_leaves_the_read_to_the_watchdog(
+    healthy_fleet: Fleet, fleet_ports: dict[int, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No backup fresh enough once the hedge is due: the read waits on, as without
+    hedging, until the watchdog's verdict moves it."""
+    primary = healthy_fleet["supabase"]
+    with DatabaseManager(healthy_fleet.urls(), order=ORDER, hedged_reads="on",
+                         hang_timeout=1.0, probe_interval=0.1) as db:
+        warm(db, fleet_ports)
+        asked: list[object] = []
+        monkeypatch.setattr(db._core, "hedge_target", lambda route: asked.append(route))
+        primary.server.hang()
+        try:
+            assert served_by(db, fleet_ports) == "railway"  # by failover, after the verdict
+            assert asked and not db.get_provider_stats()["supabase"]["healthy"]
+            assert db.get_hedge_stats() == {"hedges_sent": 0, "hedges_won": 0,
+                                            "hedges_refused_by_budget": 0}
+        finally:
+            primary.release_faults()
 
 
 def test_async_a_read_on_a_hung_primary_is_answered_by_the_hedge(

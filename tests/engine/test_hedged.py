@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -29,19 +30,26 @@ class _Provider:
 class _Core:
     """What a hedged read tells the failover core: the unavailable attempts."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: _Provider | None) -> None:
         self.budget = Budget(0.05)
         self.unavailable: list[tuple[str, str]] = []
+        self.target = target
+        self.asked = 0
+
+    def hedge_target(self, route: Any) -> _Provider | None:
+        self.asked += 1
+        return self.target
 
     def attempt_unavailable(self, provider: _Provider, exc: Unavailable, **_: Any) -> None:
         self.unavailable.append((provider.name, exc.reason))
 
 
-def _read(after: float = 0.0) -> tuple[HedgedRead[Any], _Core]:
-    core = _Core()
+def _read(after: float = 0.0, target: str | None = "b") -> tuple[HedgedRead[Any], _Core]:
+    core = _Core(None if target is None else _Provider(target))
     route: Any = None  # only passed on to the core
-    race: HedgedRead[Any] = HedgedRead(after, core, route, {}, _Provider("a"), _Provider("b"),
-                                       ("SELECT 1", None, None, None), lambda race: None)
+    race: HedgedRead[Any] = HedgedRead(time.monotonic() + after, core, route, {},
+                                       _Provider("a"), ("SELECT 1", None, None, None),
+                                       lambda race: None)
     return race, core
 
 
@@ -51,12 +59,28 @@ def _started() -> tuple[HedgedRead[Any], _Core]:
     return race, core
 
 
-def test_a_healthy_read_is_the_first_providers_answer_and_starts_nothing() -> None:
+def test_a_healthy_read_is_the_first_providers_answer_and_decides_nothing() -> None:
     race, core = _read(after=60.0)
     assert not race.start(race.clock())  # not due
     assert race.first_answered("rows")
     assert core.budget.stats() == {"hedges_sent": 0, "hedges_won": 0,
                                    "hedges_refused_by_budget": 0}
+    assert core.asked == 0 and race.target is None  # where a hedge would go: never asked
+
+
+def test_the_hedges_provider_is_decided_once_when_due() -> None:
+    race, core = _read()
+    assert race.target is None
+    assert race.start(race.hedge_at) and race.target is not None and race.target.name == "b"
+    assert race.due() and core.asked == 1
+
+
+def test_a_due_hedge_with_nowhere_to_go_is_never_started_nor_charged() -> None:
+    race, core = _read(target=None)  # no backup fresh enough, once due
+    assert not race.due()
+    assert not race.start(race.hedge_at) and not race.start(race.hedge_at + 1.0)
+    assert core.asked == 1 and core.budget.stats()["hedges_refused_by_budget"] == 0
+    assert race.first_answered("rows")
 
 
 def test_the_first_answer_wins_and_a_later_one_gets_the_winners() -> None:
