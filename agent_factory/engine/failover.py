@@ -179,6 +179,16 @@ class Failover(Generic[P]):
             plan = order_reads(plan, policy, self._turn)
             return Route([p for p in plan if p.health.breaker.up], retry, False, True)
         if reads:
+            primary = plan[0] if plan and plan[0].name == self.primary else None
+            if primary is not None and primary.health.returning:
+                # The failback window: the primary answers again while the
+                # backups' changes are brought back (writes still go to a
+                # backup until then). The primary's rows are a consistent
+                # history -- its own plus whole backup transactions, replayed in
+                # order; a backup that still holds changes not drained yet and
+                # already applies the primary's stream again may hold a mix of
+                # both. Reads go to the primary, and stay there after the return.
+                return Route([primary, *(p for p in plan if p.health.breaker.up)], retry, False)
             return Route([p for p in plan if p.health.breaker.up], retry, False)
         bound = self.settings.max_replication_lag
         return Route(
@@ -310,6 +320,8 @@ class Failover(Generic[P]):
         # now: a read routed there just as its breaker closed, before the change
         # was counted, is the return (else `serving` stayed on the backup).
         name = provider.name
+        if not write and name == self.primary and not provider.health.breaker.up:
+            return  # a read in the failback window: writes still go to a backup
         if (epoch == self.epoch or (name == self.primary and provider.health.breaker.up)) and (
             name != self.serving or name != self.primary
         ):

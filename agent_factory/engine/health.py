@@ -98,6 +98,11 @@ class ProviderHealth:
         #: retry at the next probe); `after_recovery` always follows a True.
         self.gate_recovery: Callable[[str], bool] | None = None
         self.after_recovery: Callable[[str], None] | None = None
+        #: Probes pass again but the failback's veto still holds the breaker
+        #: open (the backups' changes are being brought back): the primary's
+        #: data is a consistent history, a backup's may not be (see
+        #: `Failover.route`). Its pool is already renewed.
+        self.returning = False
         #: Replication lag of our subscribers, when this provider publishes.
         self.lag = LagMonitor()
         self._watchdog = watchdog
@@ -157,6 +162,7 @@ class ProviderHealth:
         """Record a failure; the breaker may open (logged, reported)."""
         with self._lock:
             self.errors += 1
+            self.returning = False
             opened = self.breaker.fail(reason, self._clock())
         if opened:
             logger.warning("provider %r is down: %s", self.name, reason,
@@ -284,15 +290,19 @@ class ProviderHealth:
                 self.breaker.succeed(self._clock(), latency, required)
             return
         gate = self.gate_recovery
-        if gate is not None and not self._run_gate(gate):
-            return  # stays half-open; the next probe tries again
+        renewed = self.returning
+        if gate is not None:
+            if not renewed:
+                self._renew()
+                self.returning = renewed = True
+            if not self._run_gate(gate):
+                return  # stays half-open; the next probe tries again
         try:
             with self._lock:
-                if self.before_recovery is not None:
-                    # A fresh pool before traffic returns: connections from
-                    # before the outage may sit on a dead or blackholed socket.
-                    self.before_recovery()
+                if not renewed:
+                    self._renew_locked()
                 closed = self.breaker.succeed(self._clock(), latency, required)
+                self.returning = False
             if closed:
                 logger.warning("provider %r is healthy again (%d consecutive probes)",
                                self.name, required,
@@ -301,6 +311,16 @@ class ProviderHealth:
         finally:
             if gate is not None and self.after_recovery is not None:
                 self.after_recovery(self.name)
+
+    def _renew(self) -> None:
+        with self._lock:
+            self._renew_locked()
+
+    def _renew_locked(self) -> None:
+        if self.before_recovery is not None:
+            # A fresh pool before traffic returns: connections from before the
+            # outage may sit on a dead or blackholed socket.
+            self.before_recovery()
 
     def _run_gate(self, gate: Callable[[str], bool]) -> bool:
         """The failback's veto; a failure in it vetoes (logged, counted) and resumes writes."""

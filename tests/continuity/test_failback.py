@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
@@ -16,7 +17,10 @@ from defaults import ORDER
 from fleet import wait_until
 from observers import Reconciled
 
+from agent_factory.continuity.journal import _LOCK_SPACE
+from agent_factory.core.async_database_manager import AsyncDatabaseManager
 from agent_factory.core.database_manager import DatabaseManager
+from agent_factory.engine.events import Listener
 from agent_factory.errors import (
     AllProvidersUnavailableError,
     OutcomeUnknownError,
@@ -173,3 +177,113 @@ def test_backup_unreachable_at_failback_is_reconciled_later(
                    message="late reconciliation of railway's rows")
         wait_until(lambda: db.get_provider_stats()["railway"]["failback_pending_since"] is None,
                    timeout=10, message="railway's pending failback cleared")
+
+
+class Returns(Listener):
+    def __init__(self) -> None:
+        self.returns: list[str] = []
+
+    def on_return_to_primary(self, primary: str, from_provider: str) -> None:
+        self.returns.append(from_provider)
+
+
+@pytest.mark.parametrize("manager", ["sync", "async"])
+def test_reads_in_the_failback_window_go_to_the_primary(
+    healthy_fleet: Fleet, dbs: dict[str, str], manager: str
+) -> None:
+    """The primary answers again, the backup's changes are not brought back yet.
+
+    The backup then holds its outage writes while it may already apply the
+    primary's stream again: a mix of two histories. The primary holds one (its
+    own plus whole backup transactions, in order): reads go there, writes still
+    go to the backup until the drain is done, and the return is reported once.
+    """
+    member = healthy_fleet["supabase"]
+    direct = dbs["supabase"].replace(str(member.proxy.port), str(member.server.port))
+    returns = Returns()
+    run = _sync_steps if manager == "sync" else _async_steps
+    member.proxy.set_mode("refuse")
+    try:
+        with psycopg.connect(direct, autocommit=True) as drainer:
+            # Another instance's drain of railway, as far as this one can tell.
+            drainer.execute("SELECT pg_advisory_lock(%s, hashtext('railway'))", (_LOCK_SPACE,))
+            written = run(healthy_fleet, dbs, returns, member, drainer)
+    finally:
+        member.proxy.set_mode("pass")
+    assert set(written) <= set(ids_on(dbs["supabase"]))
+    assert returns.returns == ["railway"]
+
+
+def _port(row: Any) -> int:
+    return int(row[0])
+
+
+def _sync_steps(fleet: Fleet, dbs: dict[str, str], returns: Returns, member: Any,
+                drainer: psycopg.Connection[Any]) -> list[str]:
+    port = member.server.port
+    with DatabaseManager(dbs, order=ORDER, listeners=[returns], **FAST) as db:
+        written = []
+        for n in range(5):
+            row_id = str(uuid.uuid4())
+            db.execute_query(INSERT, (row_id, f"w{n}"), fetch_mode="none", idempotent=True)
+            written.append(row_id)
+        assert db.serving_provider == "railway"
+        member.proxy.set_mode("pass")
+        wait_until(lambda: _port(db.execute_query("SELECT inet_server_port()",
+                                                  fetch_mode="one")) == port,
+                   timeout=30, message="a read served by the primary in the failback window")
+        # The drain waits for the lock: the primary holds none of railway's rows yet,
+        # and writes still go to railway.
+        assert not set(written) & set(ids_on(dbs["supabase"]))
+        row_id = str(uuid.uuid4())
+        db.execute_query(INSERT, (row_id, "held"), fetch_mode="none", idempotent=True)
+        written.append(row_id)
+        assert row_id in ids_on(dbs["railway"])
+        assert db.serving_provider == "railway" and returns.returns == []
+        drainer.execute("SELECT pg_advisory_unlock(%s, hashtext('railway'))", (_LOCK_SPACE,))
+        wait_until(lambda: db.execute_query(INSERT, (str(uuid.uuid4()), str(uuid.uuid4())),
+                                            fetch_mode="none", idempotent=True) is None
+                   and db.serving_provider == "supabase",
+                   timeout=30, message="writes back on the primary")
+    return written
+
+
+def _async_steps(fleet: Fleet, dbs: dict[str, str], returns: Returns, member: Any,
+                 drainer: psycopg.Connection[Any]) -> list[str]:
+    port = member.server.port
+
+    async def steps() -> list[str]:
+        async with AsyncDatabaseManager(dbs, order=ORDER, listeners=[returns], **FAST) as db:
+            written = []
+            for n in range(5):
+                row_id = str(uuid.uuid4())
+                await db.execute_query(INSERT, (row_id, f"w{n}"), fetch_mode="none",
+                                       idempotent=True)
+                written.append(row_id)
+            assert db.serving_provider == "railway"
+            member.proxy.set_mode("pass")
+            deadline = time.monotonic() + 30
+            while _port(await db.execute_query("SELECT inet_server_port()",
+                                               fetch_mode="one")) != port:
+                assert time.monotonic() < deadline, "no read served by the primary"
+                await asyncio.sleep(0.05)
+            assert not set(written) & set(ids_on(dbs["supabase"]))
+            row_id = str(uuid.uuid4())
+            await db.execute_query(INSERT, (row_id, "held"), fetch_mode="none", idempotent=True)
+            written.append(row_id)
+            assert row_id in ids_on(dbs["railway"])
+            assert db.serving_provider == "railway" and returns.returns == []
+            drainer.execute("SELECT pg_advisory_unlock(%s, hashtext('railway'))",
+                            (_LOCK_SPACE,))
+            deadline = time.monotonic() + 30
+            while True:
+                await db.execute_query(INSERT, (str(uuid.uuid4()), str(uuid.uuid4())),
+                                       fetch_mode="none",
+                                       idempotent=True)
+                if db.serving_provider == "supabase":
+                    break
+                assert time.monotonic() < deadline, "writes not back on the primary"
+                await asyncio.sleep(0.05)
+            return written
+
+    return asyncio.run(steps())

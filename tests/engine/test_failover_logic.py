@@ -53,6 +53,7 @@ class FakeHealth:
     def __init__(self, clock: Clock) -> None:
         self.breaker = Breaker()
         self.writable = True
+        self.returning = False
         self.replication: dict[str, Lag] = {}
         self.last_alive = 0.0
         self.latency_ewma: float | None = None
@@ -346,6 +347,28 @@ def test_failover_then_return_to_the_primary(rig: Rig, caplog: pytest.LogCapture
     assert rig.core.serving == "a"
     assert rig.events.seen[-1] == ("return", "a", "b")
     assert "returned to primary provider 'a' (from 'b')" in caplog.text
+
+
+def test_reads_go_to_a_returning_primary_and_writes_wait_for_its_return(rig: Rig) -> None:
+    """The failback window: probes pass, the drain still holds the breaker open."""
+    rig["a"].health.mark_down("refused")
+    rig.serve("b", WRITE)
+    assert rig.core.serving == "b"
+    rig["a"].health.returning = True
+    assert rig.names(READ) == ["a", "b", "c"]
+    assert rig.names(WRITE) == ["b", "c"]
+    rig.serve("a")  # a read there is no return: writes still go to b
+    assert rig.core.serving == "b"
+    assert not [e for e in rig.events.seen if e[0] == "return"]
+    rig["a"].health.returning = False
+    rig["a"].health.recover()
+    rig.serve("a", WRITE)
+    assert rig.core.serving == "a"
+    assert rig.events.seen[-1] == ("return", "a", "b")
+    # Only the primary is read while it returns: a backup returning is not.
+    rig["b"].health.mark_down("refused")
+    rig["b"].health.returning = True
+    assert rig.names(READ) == ["a", "c"]
 
 
 def test_a_write_lost_after_sending_is_an_unknown_outcome(rig: Rig) -> None:
