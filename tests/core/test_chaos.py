@@ -201,8 +201,9 @@ def test_reset_mid_query_retries_reads_and_never_replays_writes(
     assert provider_of(fleet, out["result"][0]) == "railway"
     assert out["seconds"] < 0.5 + 0.5 + 2.0
 
-    wait_until(lambda: served_by(db, fleet) == "supabase", timeout=20,
-               message="traffic back on the primary")
+    # Reads reach the primary while its drain runs; writes once it is done.
+    wait_until(lambda: served_by(db, fleet) == "supabase" and db.serving_provider == "supabase",
+               timeout=20, message="traffic back on the primary")
 
     # A plain write: never replayed; its fate on the primary is unknown.
     marker = f"write-{uuid.uuid4().hex[:8]}"
@@ -220,8 +221,9 @@ def test_reset_mid_query_retries_reads_and_never_replays_writes(
     assert ids_on(fleet, "railway", table) == []
     assert ids_on(fleet, "neon", table) == []
 
-    wait_until(lambda: served_by(db, fleet) == "supabase", timeout=20,
-               message="traffic back on the primary")
+    # Reads reach the primary while its drain runs; writes once it is done.
+    wait_until(lambda: served_by(db, fleet) == "supabase" and db.serving_provider == "supabase",
+               timeout=20, message="traffic back on the primary")
 
     # The same write declared idempotent: retried on the backup, at most once per server.
     marker = f"idem-{uuid.uuid4().hex[:8]}"
