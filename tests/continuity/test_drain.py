@@ -27,6 +27,7 @@ from bank import (  # noqa: F401 - bank is a fixture
     direct,
     journal_size,
     journaled,
+    off_the_ledger,
     query,
     query_none,
 )
@@ -108,16 +109,31 @@ def test_deletes_and_updates_on_a_backup_come_back(
     assert query(plain["supabase"], "SELECT count(*) FROM agent_factory_conflicts") == [(0,)]
 
 
+#: Railway's outage: three transfers (source, destination, amount), each one
+#: source transaction of two delta updates and a ledger row.
+TRANSFERS = [(1, 2, 5), (2, 3, 7), (3, 1, 11)]
+
+
 def test_two_drainers_never_apply_one_transaction_twice(
         healthy_fleet: Fleet, bank: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Drainer A has applied railway's transaction on the primary and not yet
-    pruned it from railway's journal; drainer B reads it there, then A prunes
-    (the interleaving three teller processes met in CI). B must find A's mark
-    and skip it: applied twice, the delta would move the balance twice."""
+    """Drainer A has applied railway's transactions on the primary and not yet
+    pruned them from railway's journal; drainer B reads them there, then A prunes
+    (the interleaving three teller processes met in CI). B must find A's marks
+    and skip them: applied twice, the deltas would move the balances twice, off
+    the ledger. The marks go later, with a drain that holds the lock and finds
+    their entries gone."""
     plain = direct(healthy_fleet, bank)
     with psycopg.connect(plain["railway"]) as conn:
         journal.install(conn, "accounts")
-    journaled(plain["railway"], "UPDATE accounts SET balance = balance + 5 WHERE id = 1")
+        journal.install(conn, "ledger")
+    want = dict.fromkeys(range(1, 11), 1000)
+    for src, dst, amount in TRANSFERS:
+        journaled(plain["railway"],
+                  f"UPDATE accounts SET balance = balance - {amount} WHERE id = {src}",
+                  f"UPDATE accounts SET balance = balance + {amount} WHERE id = {dst}",
+                  f"INSERT INTO ledger VALUES (gen_random_uuid(), {src}, {dst}, {amount})")
+        want[src] -= amount
+        want[dst] += amount
     policy = ConflictPolicy(delta_columns={"accounts": frozenset({"balance"})})
     reports: dict[str, drain.DrainReport] = {}
 
@@ -128,24 +144,32 @@ def test_two_drainers_never_apply_one_transaction_twice(
             journal.prepare_session(source)
             reports[name] = drain.drain_all(source, target, "railway", policy)
 
-    def balance() -> int:
-        return int(query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 1")[0][0])
+    def balances() -> dict[int, int]:
+        return dict(query(plain["supabase"], "SELECT id, balance FROM accounts"))
+
+    def marks() -> int:
+        return int(query(plain["supabase"], "SELECT count(*) FROM agent_factory_drained "
+                         "WHERE provider = 'railway'")[0][0])
 
     with psycopg.connect(plain["railway"]) as blocker:
         # Holds the journal's rows: A's prune waits after A's commit on the primary.
         blocker.execute(f"SELECT seq FROM {journal.JOURNAL} FOR UPDATE")
+        pid = blocker.info.backend_pid
         a = threading.Thread(target=run, args=("a",), daemon=True)
         a.start()
         wait_until(lambda: query(plain["railway"], "SELECT count(*) FROM pg_stat_activity "
-                                 "WHERE wait_event_type = 'Lock' AND query LIKE "
-                                 "'DELETE FROM agent_factory_journal%'")[0][0] == 1,
+                                 "WHERE %s = ANY(pg_blocking_pids(pid))", (pid,)) == [(1,)],
                    timeout=30, message="A applied, its prune waiting")
-        assert balance() == 1005
+        assert balances() == want and marks() == len(TRANSFERS)
+        # No lock can hold B between its read of the journal and its look at the
+        # marks (back to back on the primary): its read is wrapped instead.
         real_read = drain._read
+        let_go: list[bool] = []
 
         def read_then_let_a_prune(*args: Any) -> Any:
             got = real_read(*args)
-            if threading.current_thread() is threading.main_thread():
+            if threading.current_thread() is not a and not let_go:
+                let_go.append(True)
                 blocker.rollback()
                 a.join(timeout=30)
                 assert not a.is_alive(), "A's prune did not finish"
@@ -153,9 +177,19 @@ def test_two_drainers_never_apply_one_transaction_twice(
 
         monkeypatch.setattr(drain, "_read", read_then_let_a_prune)
         run("b")
-    assert (reports["a"].changes, reports["b"].changes) == (1, 0)
-    assert balance() == 1005
+    assert let_go and "a" in reports, "the drainers did not interleave"
+    assert (reports["a"].transactions, reports["a"].changes) == (len(TRANSFERS), 9)
+    assert reports["b"].changes == 0, "B applied A's transactions again"
+    assert balances() == want
+    assert off_the_ledger(plain["supabase"]) == []
+    assert query(plain["supabase"], "SELECT count(*) FROM ledger") == [(len(TRANSFERS),)]
+    assert query(plain["supabase"], "SELECT count(*) FROM agent_factory_conflicts") == [(0,)]
     assert journal_size(plain["railway"]) == 0
+    # Neither pruner dropped the marks; the next drain, holding the lock, does.
+    assert marks() == len(TRANSFERS)
+    run("c")
+    assert reports["c"].changes == 0 and marks() == 0
+    assert balances() == want
 
 
 def test_a_drain_beside_a_long_primary_transaction_holds_nothing_and_lets_the_primary_back(
