@@ -60,7 +60,9 @@ def workers(args: list[str]) -> list[str]:
     """
     if any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in args):
         return []
-    return ["-n", "2"]
+    # Whole files per worker: a module's fixtures (its databases, its fleet's
+    # state) are set up once, and a module's tests may build on each other.
+    return ["-n", "2", "--dist", "loadfile"]
 
 
 def main(argv: list[str]) -> None:

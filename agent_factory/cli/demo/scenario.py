@@ -361,10 +361,10 @@ class Demo:
         up = time.monotonic()
         back = self._tally.mark(up, on_primary=True).wait(c.recovery_limit)
         if back is None:
-            self._log.add(f"MEASURED: traffic did not return to {name} "
+            self._log.add(f"MEASURED: writes did not return to {name} "
                           f"within {c.recovery_limit:g}s")
         else:
-            self._log.add(f"MEASURED: traffic back on {name} {back:.3f}s after it was up again")
+            self._log.add(f"MEASURED: writes back on {name} {back:.3f}s after it was up again")
         self.phase = "steady"
         time.sleep(c.settle)  # failures that trail the recovery still belong to this fault
         d = self._tally.counts() - before

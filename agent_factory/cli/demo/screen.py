@@ -108,4 +108,4 @@ def print_summary(result: DemoResult) -> None:
     verdict = "PASS" if result.ok else "FAIL"
     print(f"{verdict}: {t.reads} reads, {t.writes} writes in {result.duration_s:.1f}s; "
           f"failover bound {result.failover_bound_s:g}s (hang_timeout + 1s); "
-          "'back on primary' counts from the server being up again")
+          "'back on primary': its first write, counted from the server being up again")

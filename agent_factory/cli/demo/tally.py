@@ -81,11 +81,12 @@ class Tally:
                 s.reads += 1
             s.latency_ms = (ended - started) * 1e3
             for m in self._marks:
-                # Return to the primary counts only calls started after the
+                # Return to the primary counts only writes started after the
                 # recovery: one stuck through a hang and answered on resume
-                # says nothing about routing.
+                # says nothing about routing, and reads reach the primary
+                # before writes do (while the backups' changes are drained).
                 t = started if on_primary else ended
-                if m.on_primary == on_primary and t >= m.since:
+                if m.on_primary == on_primary and t >= m.since and (write or not on_primary):
                     m.at = ended
                     m.done.set()
             self._marks = [m for m in self._marks if m.at is None]
