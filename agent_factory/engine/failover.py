@@ -224,7 +224,8 @@ class Failover(Generic[P]):
             return None
         self.budget.earn()
         first = providers[0].health
-        if first.suspect:
+        # `suspect`'s own first test, inline: a healthy read makes no call for it.
+        if first.suspected_at > first.probed_at and first.suspect:
             return now  # a silent call there already: both at once
         # hedge_after changes only with the p99, i.e. at a probe: reuse it until then.
         p99 = first.latency.recent_p99
