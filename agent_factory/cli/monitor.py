@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["Row", "Snapshot", "json_line", "plain_lines", "run_monitor", "snapshot_of",
            "take_snapshot"]
 
-_ROLE_STYLE = {"primary": "green", "serving": "yellow", "backup": "cyan", "down": "bold red"}
+_ROLE_STYLE = {"primary": "green", "serving": "yellow", "backup": "cyan", "returning": "green",
+               "down": "bold red"}
 
 
 @dataclass(frozen=True)

@@ -513,7 +513,8 @@ class Failover(Generic[P]):
 
     def role(self, provider: P) -> str:
         if not provider.health.breaker.up:
-            return "down"
+            # The primary in the failback window serves reads, not writes yet.
+            return "returning" if provider.health.returning else "down"
         if provider.name == self.primary:
             return "primary"
         return "serving" if provider.name == self.serving else "backup"

@@ -90,7 +90,7 @@ class _State(NamedTuple):
 _STATES = (
     _State("role", f"{PREFIX}_provider_role",
            "1 for the provider's current role, 0 for the others.",
-           ("primary", "serving", "backup", "down")),
+           ("primary", "serving", "backup", "returning", "down")),
     _State("breaker", f"{PREFIX}_breaker_state",
            "1 for the state of the provider's circuit breaker, 0 for the others.",
            ("closed", "open", "half_open")),

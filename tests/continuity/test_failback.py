@@ -240,6 +240,7 @@ def _sync_steps(fleet: Fleet, dbs: dict[str, str], returns: Returns, member: Any
         written.append(row_id)
         assert row_id in ids_on(dbs["railway"])
         assert db.serving_provider == "railway" and returns.returns == []
+        assert db.get_provider_stats()["supabase"]["role"] == "returning"
         drainer.execute("SELECT pg_advisory_unlock(%s, hashtext('railway'))", (_LOCK_SPACE,))
         wait_until(lambda: db.execute_query(INSERT, (str(uuid.uuid4()), str(uuid.uuid4())),
                                             fetch_mode="none", idempotent=True) is None

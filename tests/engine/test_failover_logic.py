@@ -355,6 +355,7 @@ def test_reads_go_to_a_returning_primary_and_writes_wait_for_its_return(rig: Rig
     rig.serve("b", WRITE)
     assert rig.core.serving == "b"
     rig["a"].health.returning = True
+    assert rig.core.role(rig["a"]) == "returning"
     assert rig.names(READ) == ["a", "b", "c"]
     assert rig.names(WRITE) == ["b", "c"]
     rig.serve("a")  # a read there is no return: writes still go to b
