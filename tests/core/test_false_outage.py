@@ -54,6 +54,12 @@ VECTORS, DIMS = 500, 1536
 PREPARE_THRESHOLD = 5  # psycopg's default: the 6th execution on a connection is prepared
 
 BIG_RESULT = f"SELECT repeat('x', {RESULT_ROW_BYTES}) FROM generate_series(1, {RESULT_ROWS})"
+#: Eighteen managers start at once in this process, with a hundred threads between
+#: them and their proxies; beside another test worker, an event loop starved of the
+#: GIL took over 5 s to hand out a pool's first connection (10 ms link). A
+#: checkout that runs out of time is back-pressure (it never marks the primary down,
+#: which is what this module judges), so the checkouts get more of it here.
+CHECKOUT = {"checkout_timeout": 20.0}
 
 
 # -- one scenario's world ---------------------------------------------------------------
@@ -484,7 +490,7 @@ def run_sync(fleet: Fleet, tables: Tables, latency: float, scenario: Scenario) -
     rig = Rig(fleet, latency, scenario.rate)
     try:
         with DatabaseManager(rig.urls, order=ORDER, listeners=[rig.log],
-                             **scenario.options) as db:
+                             **{**CHECKOUT, **scenario.options}) as db:
             problems = []
             try:
                 scenario.run_sync(db, rig, tables)
@@ -500,7 +506,7 @@ async def run_async(fleet: Fleet, tables: Tables, latency: float, scenario: Scen
     rig = Rig(fleet, latency, scenario.rate)
     try:
         async with AsyncDatabaseManager(rig.urls, order=ORDER, listeners=[rig.log],
-                                        **scenario.options) as db:
+                                        **{**CHECKOUT, **scenario.options}) as db:
             problems = []
             try:
                 await scenario.run_async(db, rig, tables)
