@@ -236,14 +236,19 @@ def test_three_processes_keep_every_transfer(
         wait_until(lambda: journal_size(plain["railway"]) == 0, timeout=30,
                    message="drained by an instance started after the tellers")
     on_primary = ledger_ids(plain["supabase"])
+    primary_totals = []
     for r in results:
         assert set(r["acked"]) <= on_primary
         assert not set(r["failed"]) & on_primary
         # Reads served by the primary are exact; a backup that still holds undrained
         # writes while it applies the primary's stream again (the failback window of an
-        # instance that has not returned yet) can mix both histories: README says so.
+        # instance that has not seen the primary answer yet) can mix both histories:
+        # docs/failback.md says so. A teller slow to start (or to return) may have read
+        # no total while it served the primary: the tellers' totals are judged together.
         on = {p: [t for q, t in r["totals"] if q == p] for p in ("supabase", "railway")}
-        assert on["supabase"] and set(on["supabase"]) == {10 * 1000}, on
+        assert set(on["supabase"]) <= {10 * 1000}, on
+        primary_totals += on["supabase"]
+    assert primary_totals, "no teller read a total on the primary"
     assert off_the_ledger(plain["supabase"]) == []
     if fault == "partition":
         assert not any(r["backup_acks"] for r in results), "a transfer acknowledged on a backup"
