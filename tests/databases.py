@@ -36,6 +36,11 @@ def with_dbname(url: str, dbname: str) -> str:
     return Conninfo(make_conninfo("", **{**conninfo_to_dict(url), "dbname": dbname}))
 
 
+def with_port(url: str, port: int) -> str:
+    """The same connection target through another port on the same host."""
+    return Conninfo(make_conninfo("", **{**conninfo_to_dict(url), "port": str(port)}))
+
+
 def create_databases(fleet: Fleet, prefix: str = "t") -> dict[str, str]:
     """One new empty database per provider; returns proxied URLs by provider name."""
     dbname = f"{prefix}_{uuid.uuid4().hex[:10]}"

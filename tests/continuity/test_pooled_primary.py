@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 import pytest
 from bank import (  # noqa: F401 - bank is a fixture
     back_on_the_primary,
@@ -21,9 +22,12 @@ from bank import (  # noqa: F401 - bank is a fixture
     journal_size,
     query,
 )
+from databases import with_port
 from fleet import until_accepted, wait_until
 
+from agent_factory.continuity.journal import _LOCK_SPACE
 from agent_factory.errors import ProviderUnavailableError
+from agent_factory.testing.faultproxy import FaultProxy
 from agent_factory.testing.fleet import Fleet
 
 
@@ -97,3 +101,37 @@ def test_a_busy_pooled_primary_does_not_move_a_write(
     for backup in ("railway", "neon"):
         assert query(plain[backup], "SELECT balance FROM accounts WHERE id = 1") == [(1000,)]
         assert journal_size(plain[backup]) == 0
+
+
+def test_reads_in_the_failback_window_reach_the_primary_behind_a_pooler(
+        healthy_fleet: Fleet, bank: dict[str, str], pooled_primary: Any) -> None:
+    """The primary answers through PgBouncer again while another instance drains railway:
+    reads go to the primary, writes still to railway until the drain is done."""
+    plain = direct(healthy_fleet, bank)
+    urls = behind_pooler(bank, pooled_primary)
+    port = healthy_fleet["supabase"].server.port
+    with FaultProxy(pooled_primary.host, pooled_primary.port) as cut, \
+            psycopg.connect(plain["supabase"], autocommit=True) as drainer:
+        urls["supabase"]["url"] = with_port(urls["supabase"]["url"], cut.port)
+        cut.set_mode("refuse")
+        # Another instance's drain of railway, as far as this one can tell.
+        drainer.execute("SELECT pg_advisory_lock(%s, hashtext('railway'))", (_LOCK_SPACE,))
+        with bank_db(urls) as db:
+            until_accepted(lambda: db.execute_query(
+                "UPDATE accounts SET balance = 7 WHERE id = 9", fetch_mode="none"))
+            assert db.serving_provider == "railway"
+            cut.set_mode("pass")
+            wait_until(lambda: db.execute_query("SELECT inet_server_port()",
+                                                fetch_mode="one")[0] == port,
+                       timeout=30, message="a read answered by the primary through the pooler")
+            assert db.get_provider_stats()["supabase"]["role"] == "returning"
+            db.execute_query("UPDATE accounts SET balance = 8 WHERE id = 8", fetch_mode="none")
+            assert db.serving_provider == "railway"
+            assert query(plain["railway"], "SELECT balance FROM accounts WHERE id = 8") == [(8,)]
+            assert query(plain["supabase"], "SELECT balance FROM accounts WHERE id = 9") != [(7,)]
+            drainer.execute("SELECT pg_advisory_unlock(%s, hashtext('railway'))", (_LOCK_SPACE,))
+            wait_until(lambda: back_on_the_primary(db), timeout=60, message="back on the primary")
+            assert db.get_provider_stats()["supabase"]["role"] == "primary"
+    assert query(plain["supabase"], "SELECT id, balance FROM accounts WHERE id IN (8, 9) "
+                 "ORDER BY id") == [(8, 8), (9, 7)]
+    assert journal_size(plain["railway"]) == 0
