@@ -513,8 +513,10 @@ class Failover(Generic[P]):
 
     def role(self, provider: P) -> str:
         if not provider.health.breaker.up:
-            # The primary in the failback window serves reads, not writes yet.
-            return "returning" if provider.health.returning else "down"
+            # The primary in the failback window serves reads, not writes yet
+            # (as `route` decides: only the primary).
+            returning = provider.health.returning and provider.name == self.primary
+            return "returning" if returning else "down"
         if provider.name == self.primary:
             return "primary"
         return "serving" if provider.name == self.serving else "backup"

@@ -290,17 +290,19 @@ class ProviderHealth:
                 self.breaker.succeed(self._clock(), latency, required)
             return
         gate = self.gate_recovery
-        renewed = self.returning
         if gate is not None:
-            if not renewed:
-                self._renew()
-                self.returning = renewed = True
+            if not self.returning:
+                # Reads come back before the gate lets writes back (see
+                # `returning`): they get the fresh pool now.
+                with self._lock:
+                    self._renew_pool()
+                    self.returning = True
             if not self._run_gate(gate):
                 return  # stays half-open; the next probe tries again
         try:
             with self._lock:
-                if not renewed:
-                    self._renew_locked()
+                if gate is None:
+                    self._renew_pool()
                 closed = self.breaker.succeed(self._clock(), latency, required)
                 self.returning = False
             if closed:
@@ -312,11 +314,7 @@ class ProviderHealth:
             if gate is not None and self.after_recovery is not None:
                 self.after_recovery(self.name)
 
-    def _renew(self) -> None:
-        with self._lock:
-            self._renew_locked()
-
-    def _renew_locked(self) -> None:
+    def _renew_pool(self) -> None:
         if self.before_recovery is not None:
             # A fresh pool before traffic returns: connections from before the
             # outage may sit on a dead or blackholed socket.

@@ -370,6 +370,7 @@ def test_reads_go_to_a_returning_primary_and_writes_wait_for_its_return(rig: Rig
     rig["b"].health.mark_down("refused")
     rig["b"].health.returning = True
     assert rig.names(READ) == ["a", "c"]
+    assert rig.core.role(rig["b"]) == "down"
 
 
 def test_a_write_lost_after_sending_is_an_unknown_outcome(rig: Rig) -> None:
