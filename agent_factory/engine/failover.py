@@ -317,15 +317,19 @@ class Failover(Generic[P]):
                 self.diverged[provider.name] = datetime.now(timezone.utc) - margin
         # A call that started before the last health change (e.g. stuck on a
         # hung primary that just resumed) says nothing about where traffic
-        # goes now -- unless it was served by the primary and the primary is up
-        # now: a read routed there just as its breaker closed, before the change
-        # was counted, is the return (else `serving` stayed on the backup).
+        # goes now -- unless what it says agrees with health now: served by the
+        # primary while it is up (a read routed there just as its breaker
+        # closed, before the change was counted, is the return), or by a backup
+        # while the primary is down (the change was the primary going down while
+        # this call ran, e.g. found by a probe).
         name = provider.name
-        if not write and name == self.primary and not provider.health.breaker.up:
-            return  # a read in the failback window: writes still go to a backup
-        if (epoch == self.epoch or (name == self.primary and provider.health.breaker.up)) and (
-            name != self.serving or name != self.primary
-        ):
+        if name == self.primary:
+            up = provider.health.breaker.up
+            if not up and not write:
+                return  # a read in the failback window: writes still go to a backup
+            if (up or epoch == self.epoch) and name != self.serving:
+                self._served_by(name, failures)
+        elif epoch == self.epoch or not self.providers[self.primary].health.breaker.up:
             self._served_by(name, failures)
 
     # -- one attempt, as both shells see it ---------------------------------------------
