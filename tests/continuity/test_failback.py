@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -45,11 +46,15 @@ INSERT = (
 def dbs(healthy_fleet: Fleet) -> Iterator[dict[str, str]]:
     urls = create_databases(healthy_fleet, "fb")
     for member in healthy_fleet:
-        direct = urls[member.name].replace(str(member.proxy.port), str(member.server.port))
-        apply_migrations(direct, embedding_dim=8)
+        apply_migrations(on_server(urls[member.name], member), embedding_dim=8)
     yield urls
     healthy_fleet.heal()
     drop_databases(healthy_fleet, urls)
+
+
+def on_server(url: str, member: Any) -> str:
+    """``url``'s database on ``member``'s server itself, not through its fault proxy."""
+    return url.replace(str(member.proxy.port), str(member.server.port))
 
 
 class Writer:
@@ -199,14 +204,11 @@ def test_reads_in_the_failback_window_go_to_the_primary(
     go to the backup until the drain is done, and the return is reported once.
     """
     member = healthy_fleet["supabase"]
-    direct = dbs["supabase"].replace(str(member.proxy.port), str(member.server.port))
     returns = Returns()
     run = _sync_steps if manager == "sync" else _async_steps
     member.proxy.set_mode("refuse")
     try:
-        with psycopg.connect(direct, autocommit=True) as drainer:
-            # Another instance's drain of railway, as far as this one can tell.
-            drainer.execute("SELECT pg_advisory_lock(%s, hashtext('railway'))", (_LOCK_SPACE,))
+        with another_drainer(dbs, member) as drainer:
             written = run(healthy_fleet, dbs, returns, member, drainer)
     finally:
         member.proxy.set_mode("pass")
@@ -214,8 +216,34 @@ def test_reads_in_the_failback_window_go_to_the_primary(
     assert returns.returns == ["railway"]
 
 
+@contextmanager
+def another_drainer(dbs: dict[str, str], member: Any) -> Iterator[psycopg.Connection[Any]]:
+    """A session on the primary's server holding railway's drain lock: another instance's
+    drain of railway, as far as a manager can tell (`release` ends it)."""
+    with psycopg.connect(on_server(dbs["supabase"], member), autocommit=True) as drainer:
+        drainer.execute("SELECT pg_advisory_lock(%s, hashtext('railway'))", (_LOCK_SPACE,))
+        yield drainer
+
+
+def conflicts(dbs: dict[str, str], member: Any) -> int:
+    """Conflicts recorded on the primary by the drains (read on its server directly)."""
+    with psycopg.connect(on_server(dbs["supabase"], member), autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM agent_factory_conflicts").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def release(drainer: psycopg.Connection[Any]) -> None:
+    drainer.execute("SELECT pg_advisory_unlock(%s, hashtext('railway'))", (_LOCK_SPACE,))
+
+
 def _port(row: Any) -> int:
     return int(row[0])
+
+
+def answered_by(db: DatabaseManager) -> int:
+    """The server port of whoever answers a read of ``db``'s."""
+    return _port(db.execute_query("SELECT inet_server_port()", fetch_mode="one"))
 
 
 def _sync_steps(fleet: Fleet, dbs: dict[str, str], returns: Returns, member: Any,
@@ -229,9 +257,8 @@ def _sync_steps(fleet: Fleet, dbs: dict[str, str], returns: Returns, member: Any
             written.append(row_id)
         assert db.serving_provider == "railway"
         member.proxy.set_mode("pass")
-        wait_until(lambda: _port(db.execute_query("SELECT inet_server_port()",
-                                                  fetch_mode="one")) == port,
-                   timeout=30, message="a read served by the primary in the failback window")
+        wait_until(lambda: answered_by(db) == port, timeout=30,
+                   message="a read served by the primary in the failback window")
         # The drain waits for the lock: the primary holds none of railway's rows yet,
         # and writes still go to railway.
         assert not set(written) & set(ids_on(dbs["supabase"]))
@@ -241,7 +268,7 @@ def _sync_steps(fleet: Fleet, dbs: dict[str, str], returns: Returns, member: Any
         assert row_id in ids_on(dbs["railway"])
         assert db.serving_provider == "railway" and returns.returns == []
         assert db.get_provider_stats()["supabase"]["role"] == "returning"
-        drainer.execute("SELECT pg_advisory_unlock(%s, hashtext('railway'))", (_LOCK_SPACE,))
+        release(drainer)
         wait_until(lambda: db.execute_query(INSERT, (str(uuid.uuid4()), str(uuid.uuid4())),
                                             fetch_mode="none", idempotent=True) is None
                    and db.serving_provider == "supabase",
@@ -274,8 +301,7 @@ def _async_steps(fleet: Fleet, dbs: dict[str, str], returns: Returns, member: An
             written.append(row_id)
             assert row_id in ids_on(dbs["railway"])
             assert db.serving_provider == "railway" and returns.returns == []
-            drainer.execute("SELECT pg_advisory_unlock(%s, hashtext('railway'))",
-                            (_LOCK_SPACE,))
+            release(drainer)
             deadline = time.monotonic() + 30
             while True:
                 await db.execute_query(INSERT, (str(uuid.uuid4()), str(uuid.uuid4())),
@@ -288,3 +314,54 @@ def _async_steps(fleet: Fleet, dbs: dict[str, str], returns: Returns, member: An
             return written
 
     return asyncio.run(steps())
+
+
+def insert(db: DatabaseManager, tag: str) -> str:
+    """One keyed row (its message id unique too) written through ``db``, retried safely;
+    its id."""
+    row_id = str(uuid.uuid4())
+    db.execute_query(INSERT, (row_id, f"{tag}:{row_id}"), fetch_mode="none", idempotent=True)
+    return row_id
+
+
+def test_an_instance_started_in_the_failback_window(
+        healthy_fleet: Fleet, dbs: dict[str, str]) -> None:
+    """A second manager starts while the first one's failback window is open (the
+    primary answers again, another instance drains railway): both read from the
+    primary, the first still writes to railway, and once the drain is done every
+    acknowledged write of both is on the primary exactly once.
+
+    Where the second one's writes go before the drain is not asserted: it has
+    never seen the primary down, so they go to the primary at once (the gap
+    docs/failback.md names under "Consistency model").
+    """
+    member = healthy_fleet["supabase"]
+    port = member.server.port
+    member.proxy.set_mode("refuse")
+    with another_drainer(dbs, member) as drainer, \
+            DatabaseManager(dbs, order=ORDER, **FAST) as first:
+        outage = [insert(first, "first") for _ in range(5)]
+        assert first.serving_provider == "railway"
+        member.proxy.set_mode("pass")
+        wait_until(lambda: first.get_provider_stats()["supabase"]["role"] == "returning",
+                   timeout=30, message="the first manager's failback window open")
+        with DatabaseManager(dbs, order=ORDER, **FAST) as second:
+            written = list(outage)
+            for _ in range(5):
+                assert answered_by(second) == port and answered_by(first) == port
+                written.append(insert(second, "second"))
+                row_id = insert(first, "first-held")
+                written.append(row_id)
+                assert row_id in ids_on(dbs["railway"])
+            assert not set(outage) & set(ids_on(dbs["supabase"]))
+            assert first.get_provider_stats()["supabase"]["role"] == "returning"
+            release(drainer)
+            wait_until(lambda: insert(first, "after") and first.serving_provider == "supabase",
+                       timeout=30, message="the first manager's writes back on the primary")
+            written.append(insert(second, "after"))
+    on_primary = ids_on(dbs["supabase"])
+    assert len(on_primary) == len(set(on_primary))
+    missing = set(written) - set(on_primary)
+    assert not missing, f"{len(missing)} of {len(written)} acknowledged writes not on the primary"
+    # Once: a change replayed on a primary that already had it would be a conflict.
+    assert conflicts(dbs, member) == 0
