@@ -171,6 +171,11 @@ class Failback:
             t0 = time.monotonic()
             try:
                 moved = self._drain_all(name)
+                if self._others_draining(name):
+                    # Writes were not paused: the last pass would find the same
+                    # drainer at work while writes waited for it (a connect to the
+                    # primary and a few round trips, every probe, over a slow link).
+                    return False
                 if not core.pause_writes(core.settings.write_pause_timeout):
                     logger.warning("failback to %r: writes in flight did not finish; retrying",
                                    name, extra={"event": "failback_postponed", "provider": name})
@@ -185,13 +190,7 @@ class Failback:
             if not self._may_return():
                 core.resume_writes()
                 return False
-            busy = [b for b, st in self.status.items() if st.skipped]
-            if busy:
-                # Another instance drains them right now: its changes are not on
-                # the primary yet. The next probe looks again.
-                logger.info("failback to %r waits for another drainer of %s", name,
-                            ", ".join(busy),
-                            extra={"event": "failback_postponed", "provider": name})
+            if self._others_draining(name):
                 core.resume_writes()
                 return False
             if moved:
@@ -199,6 +198,16 @@ class Failback:
                                moved, (time.monotonic() - t0) * 1e3,
                                extra={"event": "failback", "provider": name})
             return True
+
+    def _others_draining(self, name: str) -> bool:
+        """The last pass found another instance draining a backup right now: its
+        changes are not on the primary yet (logged; the next probe looks again)."""
+        busy = [b for b, st in self.status.items() if st.skipped]
+        if busy:
+            logger.info("failback to %r waits for another drainer of %s", name,
+                        ", ".join(busy),
+                        extra={"event": "failback_postponed", "provider": name})
+        return bool(busy)
 
     def after_return(self, name: str) -> None:
         self._core.resume_writes()

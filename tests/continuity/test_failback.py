@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -365,3 +366,45 @@ def test_an_instance_started_in_the_failback_window(
     assert not missing, f"{len(missing)} of {len(written)} acknowledged writes not on the primary"
     # Once: a change replayed on a primary that already had it would be a conflict.
     assert conflicts(dbs, member) == 0
+
+
+def test_writes_in_the_failback_window_are_not_held_over_a_slow_link(
+        healthy_fleet: Fleet, dbs: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    """The primary answers again across a 100 ms round trip while another instance
+    drains railway: each failback pass of this instance finds that drainer at work
+    and gives up before it pauses writes, which keep landing on railway at once.
+
+    Before, every pass (each probe) paused writes for a second look across the
+    slow link, a connect and a few round trips: over a second each time here.
+    """
+    member = healthy_fleet["supabase"]
+    caplog.set_level(logging.INFO, logger="agent_factory.core.database_manager")
+    member.proxy.set_mode("refuse")
+    with another_drainer(dbs, member) as drainer, \
+            DatabaseManager(dbs, order=ORDER, **FAST) as db:
+        written = [insert(db, "outage") for _ in range(5)]
+        member.proxy.set_latency(0.05)  # each way
+        member.proxy.set_mode("pass")
+        wait_until(lambda: db.get_provider_stats()["supabase"]["role"] == "returning",
+                   timeout=30, message="the primary's probes passing over the slow link")
+        caplog.clear()
+        slowest = 0.0
+        held_until = time.monotonic() + 4 * FAST["hang_timeout"]
+        while time.monotonic() < held_until or len(postponed(caplog)) < 2:
+            assert time.monotonic() < held_until + 30, "no failback pass met the other drainer"
+            t0 = time.monotonic()
+            written.append(insert(db, "held"))
+            slowest = max(slowest, time.monotonic() - t0)
+            assert db.serving_provider == "railway"
+        assert slowest < 0.5, f"a write in the failback window waited {slowest:.2f} s"
+        assert not set(written) & set(ids_on(dbs["supabase"]))
+        release(drainer)
+        wait_until(lambda: insert(db, "after") and db.serving_provider == "supabase",
+                   timeout=30, message="writes back on the primary over the slow link")
+    assert set(written) <= set(ids_on(dbs["supabase"]))
+    assert conflicts(dbs, member) == 0
+
+
+def postponed(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The failback passes that found another instance draining."""
+    return [r for r in caplog.records if "waits for another drainer" in r.getMessage()]
