@@ -17,7 +17,7 @@ import pytest
 from databases import create_databases, drop_databases
 from defaults import ORDER
 from fleet import wait_until
-from observers import Reconciled
+from observers import Reconciled, Recorder
 
 from agent_factory.continuity.journal import _LOCK_SPACE
 from agent_factory.core.async_database_manager import AsyncDatabaseManager
@@ -408,3 +408,46 @@ def test_writes_in_the_failback_window_are_not_held_over_a_slow_link(
 def postponed(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     """The failback passes that found another instance draining."""
     return [r for r in caplog.records if "waits for another drainer" in r.getMessage()]
+
+
+def test_the_failback_window_over_a_slow_link(healthy_fleet: Fleet,
+                                              dbs: dict[str, str]) -> None:
+    """The primary answers again across an 80 ms round trip while another instance
+    drains railway: every read is answered by the primary, every write lands on
+    railway until the drain, and the slow answers are no new outage."""
+    member = healthy_fleet["supabase"]
+    port = member.server.port
+    recorder = Recorder()
+    member.proxy.set_mode("refuse")
+    with another_drainer(dbs, member) as drainer, \
+            DatabaseManager(dbs, order=ORDER, listeners=[recorder], **FAST) as db:
+        written = [insert(db, f"w{n}") for n in range(5)]
+        assert db.serving_provider == "railway"
+        member.proxy.set_latency(0.04)  # each way
+        member.proxy.set_mode("pass")
+        wait_until(lambda: db.get_provider_stats()["supabase"]["role"] == "returning",
+                   timeout=30, message="the primary's probes passing over the slow link")
+        # From here on nothing may count as a failure of the primary's: the first
+        # reads wait for connections of the pool renewed just now, across the slow link.
+        errors = db.get_provider_stats()["supabase"]["errors"]
+        # Held open for several hang_timeouts and probe rounds of the slow link.
+        held_until = time.monotonic() + 4 * FAST["hang_timeout"]
+        while time.monotonic() < held_until:
+            assert answered_by(db) == port
+            row_id = insert(db, "held")
+            written.append(row_id)
+            assert db.serving_provider == "railway"
+            assert row_id in ids_on(dbs["railway"])
+            stats = db.get_provider_stats()["supabase"]
+            assert stats["role"] == "returning" and stats["errors"] == errors
+        assert not set(written) & set(ids_on(dbs["supabase"]))
+        release(drainer)
+        wait_until(lambda: insert(db, "after") and db.serving_provider == "supabase",
+                   timeout=30, message="writes back on the primary over the slow link")
+        assert db.get_provider_stats()["supabase"]["errors"] == errors
+    assert set(written) <= set(ids_on(dbs["supabase"]))
+    assert conflicts(dbs, member) == 0  # each change replayed once
+    # Down once (the refused connections), up once (the drain done): never down again.
+    health = [e[2] for e in recorder.events if e[:2] == ("health", "supabase")]
+    assert health == [False, True]
+    assert [e[1:] for e in recorder.events if e[0] == "failback"] == [("supabase", "railway")]
