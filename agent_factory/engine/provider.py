@@ -342,7 +342,10 @@ def check_wait(health: ProviderHealth, started: float, now: float, deadline: flo
     time, or when new connections fail the user's ``configure`` (`ConfigurationError`)."""
     if setup is not None:
         setup.check()
-    if not health.up:
+    # A returning primary serves reads on its renewed pool while its breaker is
+    # still open (the failback window): a wait for that pool's first connections
+    # is no outage.
+    if not health.up and not health.returning:
         raise Unavailable(health.last_error or "down", sent=False)
     if health.connect_failed_at >= started:
         raise Unavailable(health.connect_error or "connect failed", sent=False)
