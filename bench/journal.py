@@ -106,11 +106,13 @@ def _record(backup: str, table: str, statement: str, rows: list[tuple[Any, ...]]
 
 
 def _drain(primary: str, backup: str) -> tuple[int, float]:
-    with psycopg.connect(primary) as target, psycopg.connect(backup) as source:
+    with psycopg.connect(primary) as target, psycopg.connect(backup) as source, \
+            psycopg.connect(backup) as pruner:
         journal.prepare_session(target)
         journal.prepare_session(source)
         t0 = time.perf_counter()
-        moved = drain.drain_all(source, target, "backup", ConflictPolicy()).changes
+        moved = drain.drain_all(source, target, "backup", ConflictPolicy(),
+                                pruner=pruner).changes
         return moved, time.perf_counter() - t0
 
 

@@ -113,11 +113,13 @@ def _run(ctx: Context, args: argparse.Namespace) -> int:
         for backup in _backups(settings):
             try:
                 with connect(backup, settings, application_name="agent-factory-failback",
-                             autocommit=False) as source:
+                             autocommit=False) as source, \
+                        connect(backup, settings, application_name="agent-factory-failback",
+                                autocommit=False) as pruner:
                     journal.prepare_session(source)
                     total = drain.drain_all(
                         source, target, backup.name, policy,
-                        delete_inserted_on_source=backup.name in subscribed)
+                        delete_inserted_on_source=backup.name in subscribed, pruner=pruner)
                 if total.skipped:
                     ctx.print(f"{backup.name}: another drainer holds it; skipped")
                 ctx.print(f"{backup.name}: {total.changes} change(s) replayed, "

@@ -15,7 +15,9 @@ drain interrupted anywhere is run again safely.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -63,6 +65,7 @@ def drain(
     batch: int = 20000,
     delete_inserted_on_source: bool = False,
     lock_timeout: float = 2.0,
+    pruner: psycopg.Connection[Any] | None = None,
 ) -> Iterator[DrainReport]:
     """Drain ``backup``'s journal (``source``) into the primary (``target``), batch by batch.
 
@@ -75,7 +78,14 @@ def drain(
     that a live transaction holds, before it fails (`LockNotAvailable`, nothing
     applied). Waiting longer would hold the rows the batch locked before it
     -- every live writer of those would queue behind the drain.
+    ``pruner``: a second connection to the backup (transaction mode). A batch's
+    journal entries are then deleted there while the primary applies the batch
+    (the backup's work beside the primary's), committed once the primary has
+    committed; without it they are deleted after the primary's commit.
     """
+    if pruner is not None and pruner.autocommit:
+        raise ValueError("the pruner connection must be in transaction mode: its deletions "
+                         "wait for the primary's commit")
     # Up to what is recorded now: writes that keep coming (other instances, or
     # this one before the write pause) are left to the next drain.
     with _steady(source):
@@ -87,10 +97,15 @@ def drain(
     upto = row[0] if row and row[0] is not None else 0
     stuck: set[str] = set()  # source transactions touching a table the primary lacks
     while True:
-        report = _drain_batch(source, target, backup, policy, batch, upto,
-                              delete_inserted_on_source, stuck, lock_timeout)
+        report, staged_rows = _drain_batch(source, target, backup, policy, batch, upto,
+                                           delete_inserted_on_source, stuck, lock_timeout,
+                                           pruner)
         yield report
-        if report.skipped or report.changes == 0:
+        # A batch that staged fewer entries than it may took every entry up to
+        # ``upto`` left: no batch after it would find one (a last, empty batch
+        # cost a lock, a look at the marks and a read of the journal). Its
+        # marks go with the next drain.
+        if report.skipped or report.changes == 0 or staged_rows < batch:
             return
 
 
@@ -103,12 +118,13 @@ def drain_all(
     delete_inserted_on_source: bool = False,
     on_batch: Callable[[DrainReport], None] | None = None,
     lock_timeout: float = 2.0,
+    pruner: psycopg.Connection[Any] | None = None,
 ) -> DrainReport:
     """`drain` to the end; its batches' reports summed (``on_batch`` sees each)."""
     total = DrainReport(backup)
     for report in drain(source, target, backup, policy,
                         delete_inserted_on_source=delete_inserted_on_source,
-                        lock_timeout=lock_timeout):
+                        lock_timeout=lock_timeout, pruner=pruner):
         if on_batch is not None:
             on_batch(report)
         total = DrainReport(backup, total.changes + report.changes,
@@ -121,45 +137,122 @@ def drain_all(
 def _drain_batch(
     source: psycopg.Connection[Any], target: psycopg.Connection[Any], backup: str,
     policy: ConflictPolicy, batch: int, upto: int, delete_inserted: bool, stuck: set[str],
-    lock_timeout: float,
-) -> DrainReport:
-    with _steady(target):
-        # work_mem: the batch's sorts in memory.
-        target.execute("SELECT set_config('lock_timeout', %s, true), "
-                       "set_config('work_mem', '64MB', true)",
-                       (f"{max(1, round(lock_timeout * 1000))}ms",))
-        got = target.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
-                             (_LOCK_SPACE, backup)).fetchone()
-        if not got or not got[0]:
-            return DrainReport(backup, skipped=True)
-        _forget_pruned(source, target, backup)
-        _read(source, target, batch, upto, stuck)
-        found = _survey(target, backup, stuck)
-        if found is None:
-            return DrainReport(backup, stuck=len(stuck))
-        tables, pruned, count, xids = found
-        keys = {t.name: primary_key(target, t.name) for t in tables}
-        key_of = _key_by(keys)
-        skeys = {t.name: staged.Keys.load(target, t.name, _ident(t.name), keys[t.name])
-                 for t in tables if t.exact is not None}
-        todo, current = _classified(target, tables, keys, skeys, key_of)
-        final, conflicts = replay(todo, key_of, current, policy)
-        if delete_inserted:
-            inserted = _coming_back(target, todo, key_of, current, final)
-            inserted += _published(target, [
-                k for t in tables if t.inserts and t.exact is not None
-                for k in staged.inserted_clean(target, t.name, skeys[t.name])])
-            restored = _gone_from_source(target, todo, key_of, final)
-            if inserted or restored:
-                _fix_source(source, keys, inserted, restored, final)
-        _write(target, keys, skeys, final, current, tables)
-        _move_sequences_past(source, target, list(keys))
-        _record(target, backup, keys, conflicts)
-    with _steady(source):
-        source.execute(f"DELETE FROM {JOURNAL} WHERE seq = ANY(%s)", (pruned,))
-    # The applied-transaction marks stay until a later drain, under the lock,
-    # sees their entries gone from the journal (`_forget_pruned`).
-    return DrainReport(backup, count, xids, len(conflicts), stuck=len(stuck))
+    lock_timeout: float, pruner: psycopg.Connection[Any] | None,
+) -> tuple[DrainReport, int]:
+    """One batch; its report and the number of journal entries it staged."""
+    with _Prune(source, pruner) as prune:
+        with _steady(target):
+            # work_mem: the batch's sorts in memory.
+            target.execute("SELECT set_config('lock_timeout', %s, true), "
+                           "set_config('work_mem', '64MB', true)",
+                           (f"{max(1, round(lock_timeout * 1000))}ms",))
+            got = target.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
+                                 (_LOCK_SPACE, backup)).fetchone()
+            if not got or not got[0]:
+                return DrainReport(backup, skipped=True), 0
+            _forget_pruned(source, target, backup)
+            staged_rows = _read(source, target, batch, upto, stuck)
+            found = _survey(target, backup, stuck)
+            if found is None:
+                return DrainReport(backup, stuck=len(stuck)), staged_rows
+            tables, pruned, count, xids = found
+            prune.start(pruned)
+            keys, conflicts = _apply(source, target, policy, tables, delete_inserted)
+            _record(target, backup, keys, conflicts)
+        # Committed on the primary: the entries go from the journal. The
+        # applied-transaction marks stay until a later drain, under the lock,
+        # sees their entries gone from the journal (`_forget_pruned`).
+        prune.commit()
+    return DrainReport(backup, count, xids, len(conflicts), stuck=len(stuck)), staged_rows
+
+
+def _apply(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
+           policy: ConflictPolicy, tables: list[staged.Table], delete_inserted: bool
+           ) -> tuple[dict[str, tuple[str, ...]], list[Conflict]]:
+    """Settle the staged batch on the primary (uncommitted); its tables' keys and its
+    conflicts."""
+    keys = {t.name: primary_key(target, t.name) for t in tables}
+    key_of = _key_by(keys)
+    skeys = {t.name: staged.Keys.load(target, t.name, _ident(t.name), keys[t.name])
+             for t in tables if t.exact is not None}
+    todo, current, once = _classified(target, tables, keys, skeys, key_of)
+    final, conflicts = replay(todo, key_of, current, policy)
+    if delete_inserted:
+        inserted = _coming_back(target, todo, key_of, current, final)
+        inserted += _published(target, [
+            k for t in tables if t.inserts and t.exact is not None
+            for k in staged.inserted_clean(target, t.name, skeys[t.name])])
+        restored = _gone_from_source(target, todo, key_of, final)
+        if inserted or restored:
+            _fix_source(source, keys, inserted, restored, final)
+    _write(target, keys, skeys, final, current, tables, once)
+    _move_sequences_past(source, target, list(keys))
+    return keys, conflicts
+
+
+class _Prune:
+    """The deletion of a batch's journal entries from the backup, after the primary commits.
+
+    With a second connection to the backup (``pruner``) the DELETE runs in a
+    thread while the primary applies the batch, and is committed only after
+    the primary's commit (a batch that fails on the primary rolls it back:
+    its entries stay). Without one, it runs on ``source`` at `commit`.
+    Leaving the ``with`` block always joins the thread: none outlives a batch.
+    """
+
+    def __init__(self, source: psycopg.Connection[Any],
+                 pruner: psycopg.Connection[Any] | None) -> None:
+        self._source = source
+        self._pruner = pruner
+        self._seqs: list[int] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._committed = False
+
+    def __enter__(self) -> _Prune:
+        return self
+
+    def start(self, seqs: list[int]) -> None:
+        self._seqs = seqs
+        if self._pruner is not None:
+            self._thread = threading.Thread(target=self._delete, name="agent-factory-prune",
+                                            daemon=True)
+            self._thread.start()
+
+    def _delete(self) -> None:
+        assert self._pruner is not None
+        try:
+            self._pruner.execute(_PRUNE, (self._seqs,))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by `commit`
+            self._error = exc
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def commit(self) -> None:
+        """Delete the entries (the primary has committed); a failure of the DELETE raises."""
+        if self._seqs is None:
+            return
+        if self._pruner is None:
+            with _steady(self._source):
+                self._source.execute(_PRUNE, (self._seqs,))
+        else:
+            self._join()
+            if self._error is not None:
+                raise self._error
+            self._pruner.commit()
+        self._committed = True
+
+    def __exit__(self, *exc: object) -> None:
+        self._join()
+        if self._pruner is not None and self._seqs is not None and not self._committed:
+            with suppress(psycopg.Error):  # the batch's own error is the one to report
+                self._pruner.rollback()
+
+
+_PRUNE = f"DELETE FROM {JOURNAL} WHERE seq = ANY(%s)"
 
 
 def _survey(target: psycopg.Connection[Any], backup: str, stuck: set[str]
@@ -186,9 +279,9 @@ def _survey(target: psycopg.Connection[Any], backup: str, stuck: set[str]
 def _classified(target: psycopg.Connection[Any], tables: list[staged.Table],
                 keys: dict[str, tuple[str, ...]], skeys: dict[str, staged.Keys],
                 key_of: Callable[[Change], tuple[Any, ...]]
-                ) -> tuple[list[Change], dict[RowKey, Row | None]]:
-    """The staged changes Python must replay (in batch order) and the primary's rows
-    they touch.
+                ) -> tuple[list[Change], dict[RowKey, Row | None], set[str]]:
+    """The staged changes Python must replay (in batch order), the primary's rows
+    they touch, and the set-based tables no key of which changes twice.
 
     Every touched row is locked, table by table in key order. A table whose
     images all have exactly the primary's columns is settled set-based
@@ -197,10 +290,13 @@ def _classified(target: psycopg.Connection[Any], tables: list[staged.Table],
     """
     dirty: list[tuple[int, Change]] = []
     current: dict[RowKey, Row | None] = {}
+    once: set[str] = set()
     for t in tables:
         cols = keys[t.name]
         if t.exact is not None:
-            changes, rows = staged.classify(target, t.name, skeys[t.name])
+            changes, rows, each_once = staged.classify(target, t.name, skeys[t.name])
+            if each_once:
+                once.add(t.name)
             for _, c in changes:
                 current[(t.name, key_of(c))] = None
             for row in rows:
@@ -212,7 +308,7 @@ def _classified(target: psycopg.Connection[Any], tables: list[staged.Table],
             current.update(_current(target, normal, {t.name: cols}, key_of))
         dirty += changes
     dirty.sort(key=lambda oc: oc[0])
-    return [c for _, c in dirty], current
+    return [c for _, c in dirty], current, once
 
 
 def _key_by(keys: dict[str, tuple[str, ...]]) -> Callable[[Change], tuple[Any, ...]]:
@@ -320,10 +416,11 @@ _READ = sql.SQL(
 
 
 def _read(source: psycopg.Connection[Any], target: psycopg.Connection[Any], batch: int,
-          upto: int, stuck: set[str]) -> None:
-    """The next batch of the source's journal into the primary's stage (`staged`)."""
+          upto: int, stuck: set[str]) -> int:
+    """The next batch of the source's journal into the primary's stage (`staged`); its
+    number of entries."""
     with _steady(source):
-        staged.stage(source, target, _READ, (upto, sorted(stuck), batch))
+        return staged.stage(source, target, _READ, (upto, sorted(stuck), batch))
 
 
 class Raw(NamedTuple):
@@ -429,7 +526,7 @@ def _current(target: psycopg.Connection[Any], changes: list[Change],
 def _write(target: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
            skeys: dict[str, staged.Keys],
            final: dict[RowKey, Row | None], current: dict[RowKey, Row | None],
-           tables: list[staged.Table]) -> None:
+           tables: list[staged.Table], once: set[str]) -> None:
     """Upserts table by table in first-change order, then deletes in reverse order;
     the clean keys' rows set-based from the stage, the others' from ``final``.
 
@@ -446,7 +543,7 @@ def _write(target: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
             # the same columns (a callback may return fewer).
             every = set(t.exact)
             staged.upsert_clean(target, table, skeys[table], t.exact,
-                                [r for r in rows if r.keys() == every])
+                                [r for r in rows if r.keys() == every], table in once)
             rows = [r for r in rows if r.keys() != every]
         if rows:
             cols = list(rows[0])

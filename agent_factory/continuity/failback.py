@@ -373,12 +373,16 @@ class Failback:
             st.conflicts += report.conflicts
 
         try:
-            with self._connect(backup, stall) as source:
+            # A second connection to the backup prunes each batch's entries
+            # while the primary applies it (`drain.drain`'s ``pruner``).
+            with self._connect(backup, stall) as source, \
+                    self._connect(backup, stall) as pruner:
                 # `_has_pending` has just read the journal: no second look first.
                 total = drain.drain_all(source, target, backup, self._policy,
                                           delete_inserted_on_source=subscribed,
                                           on_batch=batch_done,
-                                          lock_timeout=self._core.settings.hang_timeout)
+                                          lock_timeout=self._core.settings.hang_timeout,
+                                          pruner=pruner)
                 with source.transaction():
                     st.pending, st.oldest = journal.pending(source)
         except psycopg.Error as exc:

@@ -47,8 +47,8 @@ class Table(NamedTuple):
 
 
 def stage(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
-          read: sql.Composable, params: tuple[Any, ...]) -> None:
-    """Copy the rows of ``read`` (a query of the source's journal) into `STAGE`.
+          read: sql.Composable, params: tuple[Any, ...]) -> int:
+    """Copy the rows of ``read`` (a query of the source's journal) into `STAGE`; how many.
 
     Streamed, in binary (no text escaping): the primary parses a block while
     the source renders the next.
@@ -61,9 +61,12 @@ def stage(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
                                  params) as out:
         for block in out:
             into.write(block)
+    return cur.rowcount
 
 
 def tables(conn: psycopg.Connection[Any]) -> list[Table]:
+    # One image per change is checked: an update's two come from one trigger
+    # call (OLD and NEW, one row type), so they have the same columns.
     rows = conn.execute(
         "WITH n AS MATERIALIZED (SELECT t.table_name, (SELECT array_agg(attname::text "
         "ORDER BY attnum) "
@@ -71,8 +74,8 @@ def tables(conn: psycopg.Connection[Any]) -> list[Table]:
         f"AND NOT attisdropped) AS names FROM (SELECT DISTINCT table_name FROM {STAGE}) t) "
         "SELECT s.table_name, to_regclass(s.table_name) IS NULL, bool_or(op = 'INSERT'), "
         "bool_or(op = 'DELETE'), "
-        "bool_and((before IS NULL OR (before ?& n.names AND before - n.names = '{}')) "
-        "AND (after IS NULL OR (after ?& n.names AND after - n.names = '{}'))), min(n.names) "
+        "bool_and(coalesce(after, before) ?& n.names "
+        "AND coalesce(after, before) - n.names = '{}'), min(n.names) "
         f"FROM {STAGE} s JOIN n USING (table_name) GROUP BY s.table_name "
         "ORDER BY min(s.ord)").fetchall()
     return [Table(name, missing, inserts, deletes, list(names) if exact else None)
@@ -183,7 +186,7 @@ w AS (
                     false) AS follows
     FROM c WINDOW k AS (PARTITION BY {ck} ORDER BY c.ord)),
 g AS MATERIALIZED (
-    SELECT {wk}, bool_and(w.n = 1 OR w.follows) AS chained,
+    SELECT {wk}, bool_and(w.n = 1 OR w.follows) AS chained, max(w.n) AS changes,
            (array_agg(w.op) FILTER (WHERE w.n = 1))[1] AS first_op,
            (array_agg(w.before) FILTER (WHERE w.n = 1))[1] AS first_before
     FROM w GROUP BY {wk}),
@@ -204,15 +207,25 @@ marked AS (
 SELECT (SELECT count(*) FROM locked),
     (SELECT coalesce(jsonb_agg(jsonb_build_array(m.ord, m.seq, m.xid, m.op, m.before, m.after)
                                ORDER BY m.ord), '[]') FROM marked m),
-    (SELECT coalesce(jsonb_agg(to_jsonb(b.cur)), '[]') FROM bad b WHERE b.found)
+    (SELECT coalesce(jsonb_agg(to_jsonb(b.cur)), '[]') FROM bad b WHERE b.found),
+    (SELECT coalesce(max(g.changes), 0) <= 1 FROM g)
 """
 
 
-def classify(conn: psycopg.Connection[Any], table: str,
-             k: Keys) -> tuple[list[tuple[int, Change]], list[Row]]:
+class Classified(NamedTuple):
+    """What `classify` found in a table's staged changes."""
+
+    #: The changes of keys not proven clean (rendered by the primary), with their
+    #: batch position.
+    changes: list[tuple[int, Change]]
+    rows: list[Row]  # the primary's rows of those keys
+    #: No key changes twice in the batch: its one change's after image is its last.
+    once: bool
+
+
+def classify(conn: psycopg.Connection[Any], table: str, k: Keys) -> Classified:
     """Lock the primary's rows the table's staged changes touch (in key order) and mark
-    the changes of keys not proven clean; those changes (rendered by the primary)
-    with their batch position, and the primary's rows of those keys."""
+    the changes of keys not proven clean."""
     query = sql.SQL(_CLASSIFY).format(
         staged=k.staged("true"), ck=k.aliases("c"), wk=k.aliases("w"), gk=k.aliases("g"),
         tk=k.of("t"), t=k.t, tg=k.match("t", "g", left_aliased=False),
@@ -222,24 +235,31 @@ def classify(conn: psycopg.Connection[Any], table: str,
     assert row is not None
     changes = [(o, Change(seq, xid, table, op, before, after))
                for o, seq, xid, op, before, after in row[1]]
-    return changes, list(row[2])
+    return Classified(changes, list(row[2]), bool(row[3]))
 
 
 def upsert_clean(conn: psycopg.Connection[Any], table: str, k: Keys, names: list[str],
-                 rows: list[Row]) -> None:
+                 rows: list[Row], once: bool = False) -> None:
     """Write each clean key's last after image and ``rows`` (rendered rows of exactly the
     columns ``names``), all in key order: replication applies them on the backups in
-    that order, the order their writers lock rows in."""
+    that order, the order their writers lock rows in. ``once``: no key changes twice
+    in the batch (`Classified.once`), so no search for each key's last change."""
+    last: sql.Composable
+    if once:
+        last = sql.SQL("SELECT s.after FROM " + STAGE + " s WHERE s.table_name = %(table)s "
+                       "AND NOT s.dirty AND s.after IS NOT NULL")
+    else:
+        last = sql.SQL(
+            "SELECT z.after FROM (SELECT DISTINCT ON ({a}) c.after FROM ({c}) c "
+            "ORDER BY {a}, c.ord DESC) z WHERE z.after IS NOT NULL"
+        ).format(a=k.aliases("c"), c=k.staged("NOT s.dirty"))
     conn.execute(sql.SQL(
         "INSERT INTO {t} ({columns}) SELECT {values} FROM ("
-        "SELECT z.after FROM (SELECT DISTINCT ON ({a}) c.after FROM ({c}) c "
-        "ORDER BY {a}, c.ord DESC) z WHERE z.after IS NOT NULL "
-        "UNION ALL SELECT j FROM jsonb_array_elements(%(rows)s) AS j) AS u(after), "
+        "{last} UNION ALL SELECT j FROM jsonb_array_elements(%(rows)s) AS j) AS u(after), "
         "jsonb_populate_record(NULL::{t}, u.after) r ORDER BY {order} "
         "ON CONFLICT ({key}) DO UPDATE SET {set}"
     ).format(
-        t=k.t, columns=sql.SQL(", ").join(map(sql.Identifier, names)),
-        a=k.aliases("c"), c=k.staged("NOT s.dirty"),
+        t=k.t, columns=sql.SQL(", ").join(map(sql.Identifier, names)), last=last,
         values=sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(n)) for n in names),
         order=sql.SQL(", ").join(sql.SQL("r.{}").format(c) for c in k.cols),
         key=sql.SQL(", ").join(k.cols),

@@ -114,14 +114,17 @@ def test_deletes_and_updates_on_a_backup_come_back(
 TRANSFERS = [(1, 2, 5), (2, 3, 7), (3, 1, 11)]
 
 
+@pytest.mark.parametrize("pruned", [False, True], ids=["prune-after", "prune-beside"])
 def test_two_drainers_never_apply_one_transaction_twice(
-        healthy_fleet: Fleet, bank: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+        healthy_fleet: Fleet, bank: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+        pruned: bool) -> None:
     """Drainer A has applied railway's transactions on the primary and not yet
     pruned them from railway's journal; drainer B reads them there, then A prunes
     (the interleaving three teller processes met in CI). B must find A's marks
     and skip them: applied twice, the deltas would move the balances twice, off
     the ledger. The marks go later, with a drain that holds the lock and finds
-    their entries gone."""
+    their entries gone. ``pruned``: the drainers prune on a second connection
+    while the primary applies (A's prune then waits before A's commit there)."""
     plain = direct(healthy_fleet, bank)
     with psycopg.connect(plain["railway"]) as conn:
         journal.install(conn, "accounts")
@@ -142,7 +145,9 @@ def test_two_drainers_never_apply_one_transaction_twice(
                 psycopg.connect(plain["railway"]) as source:
             journal.prepare_session(target)
             journal.prepare_session(source)
-            reports[name] = drain.drain_all(source, target, "railway", policy)
+            with psycopg.connect(plain["railway"]) as pruner:
+                reports[name] = drain.drain_all(source, target, "railway", policy,
+                                                pruner=pruner if pruned else None)
 
     def balances() -> dict[int, int]:
         return dict(query(plain["supabase"], "SELECT id, balance FROM accounts"))
@@ -158,9 +163,10 @@ def test_two_drainers_never_apply_one_transaction_twice(
         a = threading.Thread(target=run, args=("a",), daemon=True)
         a.start()
         wait_until(lambda: query(plain["railway"], "SELECT count(*) FROM pg_stat_activity "
-                                 "WHERE %s = ANY(pg_blocking_pids(pid))", (pid,)) == [(1,)],
+                                 "WHERE %s = ANY(pg_blocking_pids(pid))", (pid,)) == [(1,)]
+                   and balances() == want,
                    timeout=30, message="A applied, its prune waiting")
-        assert balances() == want and marks() == len(TRANSFERS)
+        assert marks() == len(TRANSFERS)
         # No lock can hold B between its read of the journal and its look at the
         # marks (back to back on the primary): its read is wrapped instead.
         real_read = drain._read
@@ -190,6 +196,44 @@ def test_two_drainers_never_apply_one_transaction_twice(
     run("c")
     assert reports["c"].changes == 0 and marks() == 0
     assert balances() == want
+
+
+def test_a_batch_that_fails_on_the_primary_keeps_its_entries_and_leaves_no_prune_running(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """The batch's prune runs beside the primary's work (a second connection to
+    railway); the primary then refuses the batch (a row held past the lock
+    timeout). The error reaches the caller, the prune is rolled back -- every
+    entry stays in the journal -- and no prune thread outlives the drain. Once
+    the row is free the same entries drain."""
+    plain = direct(healthy_fleet, bank)
+    with psycopg.connect(plain["railway"]) as conn:
+        journal.install(conn, "accounts")
+    journaled(plain["railway"], "UPDATE accounts SET balance = balance - 3 WHERE id = 1",
+              "UPDATE accounts SET balance = balance + 3 WHERE id = 2")
+    policy = ConflictPolicy(delta_columns={"accounts": frozenset({"balance"})})
+
+    def run() -> drain.DrainReport:
+        with psycopg.connect(plain["supabase"]) as target, \
+                psycopg.connect(plain["railway"]) as source, \
+                psycopg.connect(plain["railway"]) as pruner:
+            journal.prepare_session(target)
+            journal.prepare_session(source)
+            return drain.drain_all(source, target, "railway", policy, lock_timeout=0.3,
+                                   pruner=pruner)
+
+    with psycopg.connect(plain["supabase"]) as holder:
+        holder.execute("SELECT * FROM accounts WHERE id = 2 FOR UPDATE")
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            run()
+    assert not [t for t in threading.enumerate() if t.name == "agent-factory-prune"]
+    assert journal_size(plain["railway"]) == 2
+    assert query(plain["supabase"], "SELECT id, balance FROM accounts WHERE id <= 2 "
+                 "ORDER BY id") == [(1, 1000), (2, 1000)]
+    report = run()
+    assert (report.changes, report.transactions) == (2, 1)
+    assert journal_size(plain["railway"]) == 0
+    assert query(plain["supabase"], "SELECT id, balance FROM accounts WHERE id <= 2 "
+                 "ORDER BY id") == [(1, 997), (2, 1003)]
 
 
 def test_a_drain_beside_a_long_primary_transaction_holds_nothing_and_lets_the_primary_back(

@@ -112,10 +112,11 @@ def test_the_set_based_drain_settles_a_batch_as_the_row_by_row_replay(
     assert any(c[3] and c[3]["note"] == "unrecorded" for c in conflicts)
     assert any(r is None for r in final.values())
 
-    with psycopg.connect(primary) as target, psycopg.connect(backup) as source:
+    with psycopg.connect(primary) as target, psycopg.connect(backup) as source, \
+            psycopg.connect(backup) as pruner:
         journal.prepare_session(target)
         journal.prepare_session(source)
-        report = drain.drain_all(source, target, "railway", POLICY)
+        report = drain.drain_all(source, target, "railway", POLICY, pruner=pruner)
         assert (report.changes, report.transactions, report.conflicts) == (
             26, 10, len(conflicts))
         with journal._steady(target):
