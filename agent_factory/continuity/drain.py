@@ -96,17 +96,21 @@ def drain(
         row = source.execute(f"SELECT max(seq) FROM {JOURNAL}").fetchone()
     upto = row[0] if row and row[0] is not None else 0
     stuck: set[str] = set()  # source transactions touching a table the primary lacks
+    forget: list[str] = []  # the ones the last batch pruned: their marks may go
     while True:
-        report, staged_rows = _drain_batch(source, target, backup, policy, batch, upto,
-                                           delete_inserted_on_source, stuck, lock_timeout,
-                                           pruner)
+        report, staged_rows, forget = _drain_batch(
+            source, target, backup, policy, batch, upto, delete_inserted_on_source, stuck,
+            lock_timeout, pruner, forget)
         yield report
         # A batch that staged fewer entries than it may took every entry up to
         # ``upto`` left: no batch after it would find one (a last, empty batch
-        # cost a lock, a look at the marks and a read of the journal). Its
-        # marks go with the next drain.
+        # cost a lock, a look at the marks and a read of the journal).
         if report.skipped or report.changes == 0 or staged_rows < batch:
-            return
+            break
+    if forget:
+        with _steady(target):
+            if _try_lock(target, backup):
+                _drop_marks(target, backup, forget)
 
 
 def drain_all(
@@ -137,33 +141,33 @@ def drain_all(
 def _drain_batch(
     source: psycopg.Connection[Any], target: psycopg.Connection[Any], backup: str,
     policy: ConflictPolicy, batch: int, upto: int, delete_inserted: bool, stuck: set[str],
-    lock_timeout: float, pruner: psycopg.Connection[Any] | None,
-) -> tuple[DrainReport, int]:
-    """One batch; its report and the number of journal entries it staged."""
+    lock_timeout: float, pruner: psycopg.Connection[Any] | None, forget: list[str],
+) -> tuple[DrainReport, int, list[str]]:
+    """One batch; its report, the number of journal entries it staged, and the source
+    transactions it pruned. ``forget``: those of the batch before (their marks go)."""
     with _Prune(source, pruner) as prune:
         with _steady(target):
             # work_mem: the batch's sorts in memory.
             target.execute("SELECT set_config('lock_timeout', %s, true), "
                            "set_config('work_mem', '64MB', true)",
                            (f"{max(1, round(lock_timeout * 1000))}ms",))
-            got = target.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
-                                 (_LOCK_SPACE, backup)).fetchone()
-            if not got or not got[0]:
-                return DrainReport(backup, skipped=True), 0
+            if not _try_lock(target, backup):
+                return DrainReport(backup, skipped=True), 0, forget
+            _drop_marks(target, backup, forget)
             _forget_pruned(source, target, backup)
             staged_rows = _read(source, target, batch, upto, stuck)
             found = _survey(target, backup, stuck)
             if found is None:
-                return DrainReport(backup, stuck=len(stuck)), staged_rows
-            tables, pruned, count, xids = found
-            prune.start(pruned)
-            keys, conflicts = _apply(source, target, policy, tables, delete_inserted)
+                return DrainReport(backup, stuck=len(stuck)), staged_rows, []
+            prune.start(found.pruned)
+            keys, conflicts = _apply(source, target, policy, found.tables, delete_inserted)
             _record(target, backup, keys, conflicts)
         # Committed on the primary: the entries go from the journal. The
-        # applied-transaction marks stay until a later drain, under the lock,
-        # sees their entries gone from the journal (`_forget_pruned`).
+        # applied-transaction marks stay until a later hold of the lock
+        # (`_drop_marks`, `_forget_pruned`).
         prune.commit()
-    return DrainReport(backup, count, xids, len(conflicts), stuck=len(stuck)), staged_rows
+    return (DrainReport(backup, found.changes, found.transactions, len(conflicts),
+                        stuck=len(stuck)), staged_rows, found.done)
 
 
 def _apply(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
@@ -255,10 +259,16 @@ class _Prune:
 _PRUNE = f"DELETE FROM {JOURNAL} WHERE seq = ANY(%s)"
 
 
-def _survey(target: psycopg.Connection[Any], backup: str, stuck: set[str]
-            ) -> tuple[list[staged.Table], list[int], int, int] | None:
-    """The staged batch's tables to replay, the journal entries it prunes, its changes and
-    source transactions to replay; None when nothing was read.
+class _Survey(NamedTuple):
+    tables: list[staged.Table]  # to replay
+    pruned: list[int]  # the journal entries the batch prunes
+    done: list[str]  # their source transactions (every entry of each is pruned)
+    changes: int  # to replay
+    transactions: int  # to replay
+
+
+def _survey(target: psycopg.Connection[Any], backup: str, stuck: set[str]) -> _Survey | None:
+    """The staged batch: what it replays and prunes; None when nothing was read.
 
     Source transactions touching a table the primary lacks stay in the journal
     (added to ``stuck``); the ones the primary applied before are pruned only.
@@ -269,11 +279,13 @@ def _survey(target: psycopg.Connection[Any], backup: str, stuck: set[str]
     missing = [t.name for t in tables if t.missing]
     if missing:
         stuck.update(staged.set_aside(target, missing))
-    pruned, count, xids = staged.totals(target)
+    pruned, count, done = staged.totals(target)
+    xids = len(done)
     if staged.drop_applied(target, backup) or missing:
         tables = staged.tables(target)
-        _, count, xids = staged.totals(target)
-    return tables, pruned, count, xids
+        _, count, replayed = staged.totals(target)
+        xids = len(replayed)
+    return _Survey(tables, pruned, done, count, xids)
 
 
 def _classified(target: psycopg.Connection[Any], tables: list[staged.Table],
@@ -363,6 +375,25 @@ def _published(target: psycopg.Connection[Any], wanted: list[RowKey]) -> list[Ro
         "FROM pg_publication_tables WHERE pubname = %s)",
         (sorted({t for t, _ in wanted}), PUBLICATION)).fetchall()}
     return [k for k in wanted if k[0] in published]
+
+
+def _try_lock(target: psycopg.Connection[Any], backup: str) -> bool:
+    """The backup's drain lock, until the primary's transaction ends; False if taken."""
+    got = target.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
+                         (_LOCK_SPACE, backup)).fetchone()
+    return bool(got and got[0])
+
+
+def _drop_marks(target: psycopg.Connection[Any], backup: str, xids: list[str]) -> None:
+    """Drop the marks of source transactions this drain pruned, under the lock.
+
+    Their entries are gone for good (every entry of each was pruned, and a
+    committed transaction records no more): no drainer holding the lock
+    later can read them, and none holding it before is still checking.
+    """
+    if xids:
+        target.execute("DELETE FROM agent_factory_drained WHERE provider = %s "
+                       "AND xid = ANY(%s::xid8[])", (backup, xids))
 
 
 def _forget_pruned(source: psycopg.Connection[Any], target: psycopg.Connection[Any],

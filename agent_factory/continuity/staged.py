@@ -90,12 +90,12 @@ def set_aside(conn: psycopg.Connection[Any], missing: list[str]) -> set[str]:
     return xids
 
 
-def totals(conn: psycopg.Connection[Any]) -> tuple[list[int], int, int]:
+def totals(conn: psycopg.Connection[Any]) -> tuple[list[int], int, list[str]]:
     """The staged journal entries (their seqs), changes and source transactions."""
-    row = conn.execute(f"SELECT coalesce(array_agg(seq), '{{}}'), count(*), count(DISTINCT xid) "
-                       f"FROM {STAGE}").fetchone()
+    row = conn.execute(f"SELECT coalesce(array_agg(seq), '{{}}'), count(*), "
+                       f"coalesce(array_agg(DISTINCT xid::text), '{{}}') FROM {STAGE}").fetchone()
     assert row is not None
-    return list(row[0]), int(row[1]), int(row[2])
+    return list(row[0]), int(row[1]), list(row[2])
 
 
 def drop_applied(conn: psycopg.Connection[Any], backup: str) -> int:
