@@ -220,14 +220,27 @@ class Failback:
     # -- the drainer thread ------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the daemon that drains non-empty journals (first check at once)."""
+        """Start the daemon that drains non-empty journals (first check at once).
+
+        Writes are held until that first check is done (`_first_pass`): an
+        instance started while the backups still hold changes from an outage
+        (another instance draining them, or none left to) must not write on
+        the primary before they are back, or their replay would land on its
+        newer writes.
+        """
         if self._thread is None and self._core.track_writes:
+            if len(self._conninfos) > 1:
+                # Long enough to look at every backup's journal, which a live
+                # one answers in milliseconds (`_first_pass` holds them longer
+                # if it finds changes there).
+                self._core.hold_writes(self._core.settings.hang_timeout)
             self._thread = threading.Thread(target=self._loop, name="agent-factory-drainer",
                                             daemon=True)
             self._thread.start()
 
     def close(self) -> None:
         self._stop.set()
+        self._open_writes()
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -235,6 +248,10 @@ class Failback:
         self._peeker.close()
 
     def _loop(self) -> None:
+        try:
+            self._first_pass()
+        finally:
+            self._open_writes()
         # Journals in place before any write needs them (else the first
         # write to a backup installs them on its way).
         for name in self._conninfos:
@@ -251,6 +268,43 @@ class Failback:
                                  extra={"event": "failback_failed", "provider": None})
             self._wake.wait(self._core.settings.drain_interval)
             self._wake.clear()
+
+    def _first_pass(self) -> None:
+        """Drain what the backups hold before this instance writes (see `start`).
+
+        Writes are held for ``hang_timeout`` while each backup's journal is
+        looked at (a backup that does not answer by then is not reachable, as
+        far as this pass goes). When one holds changes, the hold lasts until
+        this pass drained them or, while another instance drains them (looked
+        at again every ``probe_interval``), up to ``write_pause_timeout`` from
+        the start (a held write waits no longer either). A primary that is
+        down or unreachable ends it at once: writes go to a backup, and the
+        drain waits for the primary's return as always. So does a drain that
+        fails (reported as any other: instances already writing on the primary
+        did not wait for it).
+        """
+        core = self._core
+        settings = core.settings
+        deadline = time.monotonic() + settings.write_pause_timeout
+        primary = core.primary
+        if not any(self._has_pending(b, unknown=False) for b in self._conninfos
+                   if b != primary and core.providers[b].health.breaker.up):
+            return
+        while not self._stop.is_set() and core.providers[primary].health.breaker.up:
+            core.hold_writes(deadline - time.monotonic())
+            with self._lock:
+                try:
+                    self._drain_all(primary)
+                except PrimaryLost:
+                    return
+            if not self._others_draining(primary) or time.monotonic() >= deadline:
+                return
+            self._stop.wait(settings.probe_interval)
+            primary = core.primary
+
+    def _open_writes(self) -> None:
+        """End the start-up hold."""
+        self._core.hold_writes(0)
 
     def _keep_sequences_ahead(self) -> None:
         """Backups' sequences ahead of the primary's, before any of them takes writes.
@@ -351,12 +405,14 @@ class Failback:
                 moved += self._drain_one(target, primary, backup, backup in subscribed, stall)
         return moved
 
-    def _has_pending(self, backup: str) -> bool:
-        """Whether ``backup``'s journal holds changes (one short query on a kept connection)."""
+    def _has_pending(self, backup: str, unknown: bool = True) -> bool:
+        """Whether ``backup``'s journal holds changes (one short query on a kept connection);
+        ``unknown`` when it cannot tell (by default: try the drain, whose failure is
+        counted and shown)."""
         st = self.status[backup]
         found = self._peeker.run(backup, journal.pending)
         if found is None:
-            return True  # unknown: try the drain (its failure is counted and shown)
+            return unknown
         st.pending, st.oldest = found
         return st.pending > 0
 

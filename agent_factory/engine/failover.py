@@ -89,6 +89,9 @@ class Failover(Generic[P]):
         self.track_writes = settings.failback_reconcile
         self._gate = threading.Condition(threading.Lock())
         self._paused = False
+        #: Writes held until `_held_until` (time.monotonic), see `hold_writes`.
+        self._held = False
+        self._held_until = 0.0
         self._writers = 0
         self._turn = 0
         self.budget = Budget(settings.hedge_budget)
@@ -473,17 +476,32 @@ class Failover(Generic[P]):
         ``force`` counts it in even while paused (a waiter that ran out of time).
         """
         with self._gate:
-            waited = self._paused
+            waited = self._blocked()
             if waited and not force:
                 if not block:
                     return None
-                if not self._gate.wait_for(lambda: not self._paused,
-                                           self.settings.write_pause_timeout):
+                if not self._wait_unblocked(time.monotonic() + self.settings.write_pause_timeout):
                     logger.warning("writes paused longer than write_pause_timeout; going on",
                                    extra={"event": "write_pause_timeout",
                                           "provider": self.primary})
             self._writers += 1
             return waited
+
+    def _blocked(self) -> bool:
+        """Writes wait now (the gate's lock held): paused, or held and the hold not over."""
+        if self._held and time.monotonic() >= self._held_until:
+            self._held = False
+        return self._paused or self._held
+
+    def _wait_unblocked(self, limit: float) -> bool:
+        """Wait (the gate's lock held) until writes may go, at most until ``limit``."""
+        while self._blocked():
+            now = time.monotonic()
+            if now >= limit:
+                return False
+            wake = min(limit, self._held_until) if self._held and not self._paused else limit
+            self._gate.wait(wake - now)
+        return True
 
     def exit_write(self) -> None:
         with self._gate:
@@ -500,6 +518,15 @@ class Failover(Generic[P]):
     def resume_writes(self) -> None:
         with self._gate:
             self._paused = False
+            self._gate.notify_all()
+
+    def hold_writes(self, seconds: float) -> None:
+        """Hold new writes for ``seconds`` from now (0: release them): the start-up
+        drain's gate, apart from the failback switch's `pause_writes` (either one
+        holds them). A hold ends by itself when its time is up."""
+        with self._gate:
+            self._held = seconds > 0
+            self._held_until = time.monotonic() + seconds
             self._gate.notify_all()
 
     def describe(self, provider: P) -> RoleStats:

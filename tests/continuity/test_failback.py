@@ -329,34 +329,57 @@ def test_an_instance_started_in_the_failback_window(
         healthy_fleet: Fleet, dbs: dict[str, str]) -> None:
     """A second manager starts while the first one's failback window is open (the
     primary answers again, another instance drains railway): both read from the
-    primary, the first still writes to railway, and once the drain is done every
-    acknowledged write of both is on the primary exactly once.
+    primary; the first still writes to railway; the second, which never saw the
+    primary down, holds its writes until railway's outage changes are back (its
+    start-up pass finds them pending). Then every acknowledged write of both is
+    on the primary exactly once, and a row both changed keeps the second's later
+    change, with no conflict.
 
-    Where the second one's writes go before the drain is not asserted: it has
-    never seen the primary down, so they go to the primary at once (the gap
-    docs/failback.md names under "Consistency model").
+    Before the start-up pass, the second wrote on the primary at once and the
+    drain then replayed the first's older change over it (a conflict that
+    ``backup_wins`` settled for the older version).
     """
     member = healthy_fleet["supabase"]
     port = member.server.port
+    shared = str(uuid.uuid4())
+    for m in healthy_fleet:  # the same row everywhere, its times included
+        with psycopg.connect(on_server(dbs[m.name], m), autocommit=True) as conn:
+            conn.execute("INSERT INTO session_memories (id, session_id, memory_type, content, "
+                         "created_at, updated_at) VALUES (%s, 'chaos', 'log', '{}', "
+                         "'2026-01-01Z', '2026-01-01Z')", (shared,))
+    update = "UPDATE session_memories SET content = %s::jsonb WHERE id = %s"
     member.proxy.set_mode("refuse")
     with another_drainer(dbs, member) as drainer, \
             DatabaseManager(dbs, order=ORDER, **FAST) as first:
         outage = [insert(first, "first") for _ in range(5)]
+        first.execute_query(update, ('{"v": "first, in the outage"}', shared), fetch_mode="none")
         assert first.serving_provider == "railway"
         member.proxy.set_mode("pass")
         wait_until(lambda: first.get_provider_stats()["supabase"]["role"] == "returning",
                    timeout=30, message="the first manager's failback window open")
         with DatabaseManager(dbs, order=ORDER, **FAST) as second:
             written = list(outage)
-            for _ in range(5):
+            for _ in range(3):
                 assert answered_by(second) == port and answered_by(first) == port
-                written.append(insert(second, "second"))
                 row_id = insert(first, "first-held")
                 written.append(row_id)
                 assert row_id in ids_on(dbs["railway"])
+            held: list[str] = []
+            writer = threading.Thread(target=lambda: (
+                second.execute_query(update, ('{"v": "second, after it"}', shared),
+                                     fetch_mode="none"),
+                held.append(insert(second, "second"))))
+            writer.start()
+            # Held while the outage changes are not back (bounded by
+            # write_pause_timeout, 10 s here; a second is plenty to see it).
+            writer.join(1.0)
+            assert writer.is_alive() and not held, "written before the outage changes were back"
             assert not set(outage) & set(ids_on(dbs["supabase"]))
             assert first.get_provider_stats()["supabase"]["role"] == "returning"
             release(drainer)
+            writer.join(30)
+            assert held, "the second manager's writes did not go on after the drain"
+            written += held
             wait_until(lambda: insert(first, "after") and first.serving_provider == "supabase",
                        timeout=30, message="the first manager's writes back on the primary")
             written.append(insert(second, "after"))
@@ -364,8 +387,27 @@ def test_an_instance_started_in_the_failback_window(
     assert len(on_primary) == len(set(on_primary))
     missing = set(written) - set(on_primary)
     assert not missing, f"{len(missing)} of {len(written)} acknowledged writes not on the primary"
-    # Once: a change replayed on a primary that already had it would be a conflict.
+    with psycopg.connect(on_server(dbs["supabase"], member), autocommit=True) as conn:
+        row = conn.execute("SELECT content->>'v' FROM session_memories WHERE id = %s",
+                           (shared,)).fetchone()
+    assert row == ("second, after it",)
+    # Once, and in order: a change replayed over a later one would be a conflict.
     assert conflicts(dbs, member) == 0
+
+
+def test_a_backup_silent_at_start_up_holds_writes_no_longer_than_hang_timeout(
+        healthy_fleet: Fleet, dbs: dict[str, str]) -> None:
+    """Writes are held at start-up while the backups' journals are looked at; a
+    backup that does not answer (blackholed) is not reachable, and the hold ends
+    by itself after hang_timeout instead of lasting write_pause_timeout."""
+    healthy_fleet["railway"].proxy.set_mode("blackhole")
+    with DatabaseManager(dbs, order=ORDER, hang_timeout=1.0, probe_interval=0.1,
+                         write_pause_timeout=60.0) as db:
+        t0 = time.monotonic()
+        row_id = insert(db, "at start-up")
+        waited = time.monotonic() - t0
+    assert row_id in ids_on(dbs["supabase"])
+    assert waited < 30, f"the first write waited {waited:.1f} s"
 
 
 def test_writes_in_the_failback_window_are_not_held_over_a_slow_link(

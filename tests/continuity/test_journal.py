@@ -70,8 +70,13 @@ def test_rows_written_by_an_exited_process_reach_the_primary(
     ids = {r for r, _ in acked}
     if primary_back:
         healthy_fleet["supabase"].server.restart()
-    with DatabaseManager(bank, order=ORDER, **FAST):
-        if not primary_back:
+    with DatabaseManager(bank, order=ORDER, **FAST) as db:
+        if primary_back:
+            # B's first write waits for A's rows: none of them is missed by it.
+            touched = db.execute_query("UPDATE session_memories SET metadata = '{\"b\": 1}' "
+                                       "WHERE session_id = 'restart' RETURNING id::text")
+            assert {r[0] for r in touched} == ids
+        else:
             healthy_fleet["supabase"].server.restart()
 
         def on_primary() -> bool:

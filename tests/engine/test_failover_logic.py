@@ -518,6 +518,34 @@ def test_a_write_waits_while_paused_and_goes_on_when_resumed(
     gate.exit_write()
 
 
+def test_the_start_up_hold_and_a_failback_pause_hold_writes_apart(
+    gate: Failover[Any],
+) -> None:
+    gate.hold_writes(30.0)  # a new instance's first drain pass
+    assert gate.enter_write(block=False) is None
+    assert gate.pause_writes(timeout=1.0)  # a failback switch meanwhile ...
+    gate.resume_writes()  # ... ends: the start-up hold still holds
+    assert gate.enter_write(block=False) is None
+    writer, out = in_thread(gate.enter_write)
+    writer.join(0.05)
+    assert writer.is_alive()
+    gate.hold_writes(0)
+    writer.join(2.0)
+    assert not writer.is_alive() and out == [True]
+    gate.exit_write()
+
+
+def test_a_start_up_hold_ends_by_itself(gate: Failover[Any]) -> None:
+    gate.hold_writes(0.2)
+    assert gate.enter_write(block=False) is None
+    writer, out = in_thread(gate.enter_write)
+    writer.join(3.0)  # released when the hold's time is up, long before write_pause_timeout
+    assert not writer.is_alive() and out == [True]
+    assert gate.enter_write(block=False) is False
+    gate.exit_write()
+    gate.exit_write()
+
+
 def test_a_write_paused_too_long_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     core = Rig(write_pause_timeout=0.05).core
     assert core.pause_writes(timeout=1.0)
