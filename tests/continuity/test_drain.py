@@ -199,6 +199,29 @@ def test_two_drainers_never_apply_one_transaction_twice(
     assert balances() == want
 
 
+def test_a_drain_stops_after_a_batch_that_staged_less_than_it_may(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """Batches of two journal entries over three transactions of one change: the
+    second batch stages one entry, so it is the last (no empty batch after it),
+    and every change is applied."""
+    plain = direct(healthy_fleet, bank)
+    with psycopg.connect(plain["railway"]) as conn:
+        journal.install(conn, "accounts")
+    for account in (1, 2, 3):
+        journaled(plain["railway"],
+                  f"UPDATE accounts SET balance = balance + 1 WHERE id = {account}")
+    with psycopg.connect(plain["supabase"]) as target, \
+            psycopg.connect(plain["railway"]) as source:
+        journal.prepare_session(target)
+        journal.prepare_session(source)
+        reports = list(drain.drain(source, target, "railway", ConflictPolicy(), batch=2))
+    assert [r.changes for r in reports] == [2, 1]
+    assert journal_size(plain["railway"]) == 0
+    assert query(plain["supabase"], "SELECT id, balance FROM accounts WHERE id <= 3 "
+                 "ORDER BY id") == [(1, 1001), (2, 1001), (3, 1001)]
+    assert query(plain["supabase"], "SELECT count(*) FROM agent_factory_drained") == [(0,)]
+
+
 def test_a_batch_that_fails_on_the_primary_keeps_its_entries_and_leaves_no_prune_running(
         healthy_fleet: Fleet, bank: dict[str, str]) -> None:
     """The batch's prune runs beside the primary's work (a second connection to
