@@ -451,6 +451,8 @@ def _read(source: psycopg.Connection[Any], target: psycopg.Connection[Any], batc
     """The next batch of the source's journal into the primary's stage (`staged`); its
     number of entries."""
     with _steady(source):
+        # The batch is sorted before its first row leaves: in memory, not on disk.
+        source.execute("SELECT set_config('work_mem', '64MB', true)")
         return staged.stage(source, target, _READ, (upto, sorted(stuck), batch))
 
 
