@@ -8,16 +8,17 @@ applied (``agent_factory_drained``), lock the primary's rows they touch (table
 by table in key order), settle the rows whose changes apply cleanly there
 (`staged`) and replay the others in Python (`merge.replay`), write the final
 rows set-based, record conflicts and applied transactions, commit; then prune
-B's journal. The marks of applied transactions are dropped by a
-later drain, under the lock, once their entries are gone from the journal. A
+B's journal (with a second connection to B, its DELETE runs while the
+primary works and commits after the primary's commit). The marks of applied
+transactions are dropped under the lock once their entries are gone from the
+journal: by the drain that pruned them (its next batch, or a short
+transaction after its last), else by a later drain that finds them gone. A
 drain interrupted anywhere is run again safely.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -37,6 +38,7 @@ from .journal import (
     sequence_values,
 )
 from .merge import Change, Conflict, ConflictPolicy, Row, RowKey, replay
+from .prune import Prune
 from .subscription import PUBLICATION
 
 __all__ = ["DrainReport", "drain", "drain_all"]
@@ -145,7 +147,7 @@ def _drain_batch(
 ) -> tuple[DrainReport, int, list[str]]:
     """One batch; its report, the number of journal entries it staged, and the source
     transactions it pruned. ``forget``: those of the batch before (their marks go)."""
-    with _Prune(source, pruner) as prune:
+    with Prune(source, pruner) as prune:
         with _steady(target):
             # work_mem: the batch's sorts in memory.
             target.execute("SELECT set_config('lock_timeout', %s, true), "
@@ -192,71 +194,6 @@ def _apply(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
     _write(target, keys, skeys, final, current, tables, once)
     _move_sequences_past(source, target, list(keys))
     return keys, conflicts
-
-
-class _Prune:
-    """The deletion of a batch's journal entries from the backup, after the primary commits.
-
-    With a second connection to the backup (``pruner``) the DELETE runs in a
-    thread while the primary applies the batch, and is committed only after
-    the primary's commit (a batch that fails on the primary rolls it back:
-    its entries stay). Without one, it runs on ``source`` at `commit`.
-    Leaving the ``with`` block always joins the thread: none outlives a batch.
-    """
-
-    def __init__(self, source: psycopg.Connection[Any],
-                 pruner: psycopg.Connection[Any] | None) -> None:
-        self._source = source
-        self._pruner = pruner
-        self._seqs: list[int] | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._committed = False
-
-    def __enter__(self) -> _Prune:
-        return self
-
-    def start(self, seqs: list[int]) -> None:
-        self._seqs = seqs
-        if self._pruner is not None:
-            self._thread = threading.Thread(target=self._delete, name="agent-factory-prune",
-                                            daemon=True)
-            self._thread.start()
-
-    def _delete(self) -> None:
-        assert self._pruner is not None
-        try:
-            self._pruner.execute(_PRUNE, (self._seqs,))
-        except BaseException as exc:  # noqa: BLE001 - re-raised by `commit`
-            self._error = exc
-
-    def _join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def commit(self) -> None:
-        """Delete the entries (the primary has committed); a failure of the DELETE raises."""
-        if self._seqs is None:
-            return
-        if self._pruner is None:
-            with _steady(self._source):
-                self._source.execute(_PRUNE, (self._seqs,))
-        else:
-            self._join()
-            if self._error is not None:
-                raise self._error
-            self._pruner.commit()
-        self._committed = True
-
-    def __exit__(self, *exc: object) -> None:
-        self._join()
-        if self._pruner is not None and self._seqs is not None and not self._committed:
-            with suppress(psycopg.Error):  # the batch's own error is the one to report
-                self._pruner.rollback()
-
-
-_PRUNE = f"DELETE FROM {JOURNAL} WHERE seq = ANY(%s)"
 
 
 class _Survey(NamedTuple):
