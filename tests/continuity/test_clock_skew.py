@@ -3,7 +3,8 @@
 No clock is compared anywhere in failback -- conflicts are found from before
 images -- so a skewed provider must change nothing: the bank of
 test_bank.py through a crash of the primary, with railway's server
-running ten minutes in the past, keeps every transfer. The skew is real:
+running ten minutes in the past, keeps every transfer, with the primary
+reached directly or through a transaction-mode PgBouncer. The skew is real:
 ``now()`` on railway is checked to be behind.
 """
 
@@ -11,13 +12,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from bank import BANK, FAST, Teller, bank_db, journal_size, ledger_ids, off_the_ledger
 from fleet import wait_until
+from pooler import PgBouncer
 
 from agent_factory.testing.embedded import EmbeddedPostgres
 
@@ -59,15 +63,32 @@ def skewed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Embed
             server.close()
 
 
-def test_a_backup_minutes_behind_changes_nothing(skewed: dict[str, EmbeddedPostgres]) -> None:
+@pytest.mark.parametrize("pooled", [False, True], ids=["direct", "behind-pgbouncer"])
+def test_a_backup_minutes_behind_changes_nothing(
+        skewed: dict[str, EmbeddedPostgres], pooled: bool, request: pytest.FixtureRequest,
+) -> None:
+    """Also with the primary behind a transaction-mode PgBouncer (``pooled``): the
+    drain and the fence keep nothing in a session there."""
     urls = {name: server.url for name, server in skewed.items()}
+    with ExitStack() as stack:
+        providers: dict[str, Any] = dict(urls)
+        if pooled:
+            bouncer = PgBouncer(skewed["supabase"], request.getfixturevalue("pgbouncer_binary"))
+            stack.callback(bouncer.close)
+            bouncer.start()
+            providers["supabase"] = {"url": bouncer.url, "pooler": True}
+        _skewed_bank(skewed, urls, providers)
+
+
+def _skewed_bank(skewed: dict[str, EmbeddedPostgres], urls: dict[str, str],
+                 providers: dict[str, Any]) -> None:
     with psycopg.connect(urls["railway"]) as conn:
         row = conn.execute("SELECT now()").fetchone()
     assert row is not None
     behind = (datetime.now(timezone.utc) - row[0]).total_seconds()
     assert SKEW_MINUTES * 60 - 30 < behind < SKEW_MINUTES * 60 + 30, behind
     primary = skewed["supabase"]
-    with bank_db(urls, order=["supabase", "railway"],
+    with bank_db(providers, order=["supabase", "railway"],
                  conflict_delta_columns="accounts.balance", **FAST) as db, Teller(db) as teller:
         wait_until(lambda: teller.count() >= 30, timeout=30, message="transfers on the primary")
         primary.kill()
