@@ -82,8 +82,7 @@ def replicated(healthy_fleet: Fleet, request: pytest.FixtureRequest) -> Iterator
     """
     prefix = request.module.__name__.rpartition(".")[2].removeprefix("test_")
     urls = create_databases(healthy_fleet, prefix)
-    plain = {m.name: urls[m.name].replace(str(m.proxy.port), str(m.server.port))
-             for m in healthy_fleet}
+    plain = {m.name: with_port(urls[m.name], m.server.port) for m in healthy_fleet}
     for url in plain.values():
         apply_migrations(url, embedding_dim=8)
     settings = Settings.build(plain, order=ORDER)

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from databases import create_databases, drop_databases, with_dbname
+from databases import create_databases, drop_databases, with_dbname, with_port
 from defaults import ORDER
 from fleet import wait_until
 from psycopg.conninfo import conninfo_to_dict
@@ -48,7 +48,7 @@ ACCOUNTS = 10
 
 
 def direct(fleet: Fleet, urls: dict[str, str]) -> dict[str, str]:
-    return {m.name: urls[m.name].replace(str(m.proxy.port), str(m.server.port)) for m in fleet}
+    return {m.name: with_port(urls[m.name], m.server.port) for m in fleet}
 
 
 def behind_pooler(bank: dict[str, str], pooled_primary: Any) -> dict[str, Any]:

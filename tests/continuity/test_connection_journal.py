@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from bank import bank, bank_db, direct, journal_size, query  # noqa: F401 - bank is a fixture
-from databases import with_dbname
+from databases import with_dbname, with_port
 from fleet import wait_until
 from observers import provider_of
 from psycopg.conninfo import conninfo_to_dict
@@ -117,8 +117,7 @@ def test_a_partitioned_instance_is_refused_a_connection_and_an_engine_connection
     primary = healthy_fleet["supabase"]
     with FaultProxy(primary.server.host, primary.server.port) as cut:
         b_urls = dict(replicated)
-        b_urls["supabase"] = replicated["supabase"].replace(str(primary.proxy.port),
-                                                            str(cut.port))
+        b_urls["supabase"] = with_port(replicated["supabase"], cut.port)
         with DatabaseManager(replicated, order=ORDER, **FAILBACK_FAST) as a, \
                 DatabaseManager(b_urls, order=ORDER, **FAILBACK_FAST) as b:
             a.execute_query("SELECT 1")

@@ -31,6 +31,7 @@ from bank import (  # noqa: F401 - bank is a fixture
     query,
     query_none,
 )
+from databases import with_port
 from fleet import until_accepted, wait_until
 
 from agent_factory.continuity import drain, journal
@@ -381,7 +382,7 @@ def test_a_cut_off_instance_stays_fenced_while_a_backup_applies_a_long_transacti
     primary = healthy_fleet["supabase"]
     with FaultProxy(primary.server.host, primary.server.port) as cut:
         b_urls = dict(bank)
-        b_urls["supabase"] = bank["supabase"].replace(str(primary.proxy.port), str(cut.port))
+        b_urls["supabase"] = with_port(bank["supabase"], cut.port)
         with bank_db(bank) as a, bank_db(b_urls) as b:
             assert a.execute_query("SELECT 1") and b.execute_query("SELECT 1")
             wait_until(lambda: b._witness.sights["railway"].subscribed is True or bool(

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from databases import create_databases, drop_databases
+from databases import create_databases, drop_databases, with_port
 from defaults import ORDER
 from fleet import wait_until
 from observers import Reconciled, Recorder
@@ -55,7 +55,7 @@ def dbs(healthy_fleet: Fleet) -> Iterator[dict[str, str]]:
 
 def on_server(url: str, member: Any) -> str:
     """``url``'s database on ``member``'s server itself, not through its fault proxy."""
-    return url.replace(str(member.proxy.port), str(member.server.port))
+    return with_port(url, member.server.port)
 
 
 class Writer:

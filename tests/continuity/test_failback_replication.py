@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from databases import replicated  # noqa: F401 - a fixture
+from databases import replicated, with_port  # noqa: F401 - replicated is a fixture
 from fleet import until_accepted, wait_until
 from test_failback import FAST, ORDER, Writer, ids_on
 
@@ -21,7 +21,7 @@ from agent_factory.testing.fleet import Fleet
 
 
 def direct(fleet: Fleet, urls: dict[str, str]) -> dict[str, str]:
-    return {m.name: urls[m.name].replace(str(m.proxy.port), str(m.server.port)) for m in fleet}
+    return {m.name: with_port(urls[m.name], m.server.port) for m in fleet}
 
 
 def test_crash_failover_failback_with_replication_loses_nothing(
@@ -155,6 +155,11 @@ def test_failback_rows_reach_every_backup_by_replication_which_keeps_flowing(
                    timeout=30, message="subscribers seen by the primary's probe")
         with psycopg.connect(plain["neon"], autocommit=True) as conn:
             conn.execute("ALTER SUBSCRIPTION agent_factory_neon DISABLE")
+            # Its apply worker stops when it next looks (CI: it applied the owed
+            # row below first): wait until it is gone.
+            wait_until(lambda: conn.execute(
+                "SELECT pid FROM pg_stat_subscription WHERE subname = 'agent_factory_neon'"
+            ).fetchall() in ([], [(None,)]), timeout=30, message="neon's apply worker stopped")
         owed = str(uuid.uuid4())
         with psycopg.connect(plain["supabase"], autocommit=True) as conn:
             conn.execute(insert, (owed, "owed"))
