@@ -89,8 +89,7 @@ class Failover(Generic[P]):
         self.track_writes = settings.failback_reconcile
         self._gate = threading.Condition(threading.Lock())
         self._paused = False
-        #: Writes held until `_held_until` (time.monotonic), see `hold_writes`.
-        self._held = False
+        #: Writes held until then (time.monotonic; 0: no hold), see `hold_writes`.
         self._held_until = 0.0
         self._writers = 0
         self._turn = 0
@@ -488,10 +487,12 @@ class Failover(Generic[P]):
             return waited
 
     def _blocked(self) -> bool:
-        """Writes wait now (the gate's lock held): paused, or held and the hold not over."""
-        if self._held and time.monotonic() >= self._held_until:
-            self._held = False
-        return self._paused or self._held
+        """Writes wait now (the gate's lock held): paused, or held and the hold not over.
+
+        A write with no hold set reads no clock."""
+        if self._held_until and time.monotonic() >= self._held_until:
+            self._held_until = 0.0
+        return self._paused or bool(self._held_until)
 
     def _wait_unblocked(self, limit: float) -> bool:
         """Wait (the gate's lock held) until writes may go, at most until ``limit``."""
@@ -499,7 +500,7 @@ class Failover(Generic[P]):
             now = time.monotonic()
             if now >= limit:
                 return False
-            wake = min(limit, self._held_until) if self._held and not self._paused else limit
+            wake = min(limit, self._held_until) if self._held_until and not self._paused else limit
             self._gate.wait(wake - now)
         return True
 
@@ -525,8 +526,7 @@ class Failover(Generic[P]):
         drain's gate, apart from the failback switch's `pause_writes` (either one
         holds them). A hold ends by itself when its time is up."""
         with self._gate:
-            self._held = seconds > 0
-            self._held_until = time.monotonic() + seconds
+            self._held_until = time.monotonic() + seconds if seconds > 0 else 0.0
             self._gate.notify_all()
 
     def describe(self, provider: P) -> RoleStats:
