@@ -164,13 +164,9 @@ def test_backup_unreachable_at_failback_is_reconciled_later(
 ) -> None:
     with DatabaseManager(dbs, order=ORDER, **FAST) as db:
         healthy_fleet["supabase"].server.kill()
-        written = []
-        for n in range(20):
-            row_id = str(uuid.uuid4())
-            # Keyed, so retried safely if the crash's close reaches a pooled
-            # connection just after the statement went out on it.
-            db.execute_query(INSERT, (row_id, f"late{n}"), fetch_mode="none", idempotent=True)
-            written.append(row_id)
+        # Keyed, so retried safely if the crash's close reaches a pooled
+        # connection just after the statement went out on it.
+        written = [insert(db, f"late{n}") for n in range(20)]
         assert db.serving_provider == "railway"
         healthy_fleet["railway"].proxy.set_mode("refuse")
         healthy_fleet["supabase"].server.restart()
@@ -251,11 +247,7 @@ def _sync_steps(fleet: Fleet, dbs: dict[str, str], returns: Returns, member: Any
                 drainer: psycopg.Connection[Any]) -> list[str]:
     port = member.server.port
     with DatabaseManager(dbs, order=ORDER, listeners=[returns], **FAST) as db:
-        written = []
-        for n in range(5):
-            row_id = str(uuid.uuid4())
-            db.execute_query(INSERT, (row_id, f"w{n}"), fetch_mode="none", idempotent=True)
-            written.append(row_id)
+        written = [insert(db, f"w{n}") for n in range(5)]
         assert db.serving_provider == "railway"
         member.proxy.set_mode("pass")
         wait_until(lambda: answered_by(db) == port, timeout=30,
@@ -263,16 +255,13 @@ def _sync_steps(fleet: Fleet, dbs: dict[str, str], returns: Returns, member: Any
         # The drain waits for the lock: the primary holds none of railway's rows yet,
         # and writes still go to railway.
         assert not set(written) & set(ids_on(dbs["supabase"]))
-        row_id = str(uuid.uuid4())
-        db.execute_query(INSERT, (row_id, "held"), fetch_mode="none", idempotent=True)
+        row_id = insert(db, "held")
         written.append(row_id)
         assert row_id in ids_on(dbs["railway"])
         assert db.serving_provider == "railway" and returns.returns == []
         assert db.get_provider_stats()["supabase"]["role"] == "returning"
         release(drainer)
-        wait_until(lambda: db.execute_query(INSERT, (str(uuid.uuid4()), str(uuid.uuid4())),
-                                            fetch_mode="none", idempotent=True) is None
-                   and db.serving_provider == "supabase",
+        wait_until(lambda: insert(db, "after") and db.serving_provider == "supabase",
                    timeout=30, message="writes back on the primary")
     return written
 
