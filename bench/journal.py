@@ -7,7 +7,12 @@ Two embedded PostgreSQL servers (primary, backup) with the shipped schema.
 * Write path on the primary: single-row autocommit inserts into a table with
   the journal trigger (which records nothing there) against an identical
   table without it, in alternating rounds; and the same two plain tables
-  against each other (A/A: the noise of this machine).
+  against each other (A/A: the noise of this machine). Each round's
+  difference is taken between runs next to each other in time (a machine
+  that slows down for a while moves both): the added cost is the median of
+  those differences, the noise the median size of the A/A ones. And the
+  same inserts in a loop on the server (``DO``: no client, no network, no
+  commit), which shows the trigger's own cost that the clients' noise hides.
 * Writes on a backup standing in for the primary: the same inserts with the
   session marked ``agent_factory.journal = on`` (recorded) against unmarked.
 * Drain: changed rows of ~200 bytes (a uuid key, one secondary index) in
@@ -47,13 +52,19 @@ PAYLOAD = "x" * 160
 class Result:
     pg_version: str = ""
     primary_us: dict[str, float] = field(default_factory=dict)
+    #: Median of the per-round differences to "plain" (µs), signed; the A/A twin's
+    #: as the median of their sizes.
+    primary_added: dict[str, float] = field(default_factory=dict)
+    server_us: dict[str, float] = field(default_factory=dict)  # per insert, in a server loop
     backup_us: dict[str, float] = field(default_factory=dict)
     drain: dict[str, tuple[int, float]] = field(default_factory=dict)
     sized: dict[int, float] = field(default_factory=dict)
 
 
-def _rounds(variants: dict[str, Callable[[], None]], rounds: int, n: int) -> dict[str, float]:
-    """Median µs per call of each variant, rounds interleaved (order flipped each round)."""
+def _series(variants: dict[str, Callable[[], None]], rounds: int, n: int
+            ) -> dict[str, list[float]]:
+    """µs per call of each variant, one value per round; rounds interleaved (order
+    flipped each round)."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     for r in range(rounds):
@@ -63,7 +74,25 @@ def _rounds(variants: dict[str, Callable[[], None]], rounds: int, n: int) -> dic
             for _ in range(n):
                 run()
             times[name].append((time.perf_counter_ns() - t0) / n / 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def _rounds(variants: dict[str, Callable[[], None]], rounds: int, n: int) -> dict[str, float]:
+    """Median µs per call of each variant, rounds interleaved (order flipped each round)."""
+    return {k: statistics.median(v) for k, v in _series(variants, rounds, n).items()}
+
+
+def _paired(times: dict[str, list[float]], base: str, twin: str) -> dict[str, float]:
+    """Each variant's median per-round difference to ``base``; ``twin`` (an A/A copy of
+    ``base``) as the median size of its differences: the noise."""
+    added = {}
+    for name, values in times.items():
+        if name == base:
+            continue
+        diffs = [v - b for v, b in zip(values, times[base], strict=True)]
+        added[name] = statistics.median(abs(d) for d in diffs) if name == twin \
+            else statistics.median(diffs)
+    return added
 
 
 def _inserter(conn: psycopg.Connection[Any], table: str) -> Callable[[], None]:
@@ -83,11 +112,21 @@ def _setup(url: str, *tables: str, journaled: tuple[str, ...] = ()) -> None:
 
 def write_costs(primary: str, backup: str, res: Result, rounds: int, n: int) -> None:
     with psycopg.connect(primary, autocommit=True) as conn:
-        res.primary_us = _rounds({
+        times = _series({
             "journal trigger": _inserter(conn, "w_journal"),
             "plain": _inserter(conn, "w_plain"),
             "plain (A/A twin)": _inserter(conn, "w_twin"),
         }, rounds, n)
+        res.primary_us = {k: statistics.median(v) for k, v in times.items()}
+        res.primary_added = _paired(times, "plain", "plain (A/A twin)")
+        def looped(table: str) -> Callable[[], None]:
+            query = (f"DO $$ BEGIN FOR i IN 1..{10 * n} LOOP INSERT INTO {table} VALUES "
+                     f"(gen_random_uuid(), 1, '{PAYLOAD}'); END LOOP; END $$")
+            return lambda: conn.execute(query) and None
+
+        server = _series({"journal trigger": looped("w_journal"), "plain": looped("w_plain")},
+                         rounds, 1)
+        res.server_us = {k: statistics.median(v) / (10 * n) for k, v in server.items()}
     with psycopg.connect(backup, autocommit=True) as on, \
             psycopg.connect(backup, autocommit=True) as off:
         on.execute("SET agent_factory.journal = on")
@@ -160,13 +199,17 @@ def run(quick: bool) -> Result:
 
 
 def render(res: Result, notes: list[str]) -> str:
-    p, b = res.primary_us, res.backup_us
-    added = p["journal trigger"] - p["plain"]
-    noise = abs(p["plain (A/A twin)"] - p["plain"])
+    p, b, s = res.primary_us, res.backup_us, res.server_us
+    added = res.primary_added["journal trigger"]
+    noise = res.primary_added["plain (A/A twin)"]
     lines = [
         "Write path on the primary (µs per single-row insert, median of rounds):",
         *(f"  {k:<18} {v:8.1f}" for k, v in p.items()),
-        f"  journal trigger adds {added:+.1f} µs; A/A difference {noise:.1f} µs",
+        f"  journal trigger adds {added:+.1f} µs (median per-round difference); "
+        f"A/A noise {noise:.1f} µs (median per-round |difference|): "
+        f"{'within' if abs(added) <= noise else 'OUTSIDE'} the noise",
+        f"  in a loop on the server: {s['journal trigger']:.2f} against {s['plain']:.2f} µs "
+        f"per insert: the trigger's own cost {s['journal trigger'] - s['plain']:+.2f} µs",
         "Writes on a backup standing in (µs per insert):",
         *(f"  {k:<18} {v:8.1f}" for k, v in b.items()),
         f"  recorded / not recorded = {b['recorded'] / b['not recorded']:.2f}x (target <= 1.5x)",
