@@ -33,6 +33,7 @@ from bank import (  # noqa: F401 - bank is a fixture
 )
 from databases import with_port
 from fleet import until_accepted, wait_until
+from psycopg import sql
 
 from agent_factory.continuity import drain, journal
 from agent_factory.continuity.merge import ConflictPolicy
@@ -221,6 +222,54 @@ def test_a_drain_stops_after_a_batch_that_staged_less_than_it_may(
     assert query(plain["supabase"], "SELECT id, balance FROM accounts WHERE id <= 3 "
                  "ORDER BY id") == [(1, 1001), (2, 1001), (3, 1001)]
     assert query(plain["supabase"], "SELECT count(*) FROM agent_factory_drained") == [(0,)]
+
+
+def test_the_batch_read_does_not_loop_over_a_journal_analyzed_while_empty(
+        healthy_fleet: Fleet, bank: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal is empty most of its life: an ANALYZE that saw it so (autovacuum's,
+    after a prune) leaves the planner taking the next outage's entries for one row.
+    The batch read must still read them in one pass -- a nested loop scanned the
+    journal once per source transaction (64 s for 20,000 changes in bench.journal)."""
+    plain = direct(healthy_fleet, bank)
+    with psycopg.connect(plain["railway"]) as conn:
+        journal.install(conn, "accounts")
+
+    def transfers(n: int) -> None:
+        with psycopg.connect(plain["railway"]) as conn:
+            for _ in range(n):
+                conn.execute("SELECT set_config('agent_factory.journal', 'on', true)")
+                conn.execute("UPDATE accounts SET balance = balance - 1 WHERE id = 1")
+                conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 2")
+                conn.commit()
+
+    def run() -> drain.DrainReport:
+        with psycopg.connect(plain["supabase"]) as target, \
+                psycopg.connect(plain["railway"]) as source:
+            journal.prepare_session(target)
+            journal.prepare_session(source)
+            return drain.drain_all(source, target, "railway", policy)
+
+    policy = ConflictPolicy(delta_columns={"accounts": frozenset({"balance"})})
+    transfers(300)
+    assert run().changes == 600
+    query_none(plain["railway"], "ANALYZE agent_factory_journal")  # empty, its pages kept
+    assert query(plain["railway"], "SELECT relpages > 0, reltuples FROM pg_class "
+                 "WHERE relname = 'agent_factory_journal'") == [(True, 0.0)]
+    transfers(300)
+    plans: list[str] = []
+    real_stage = drain.staged.stage
+
+    def stage(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
+              read: Any, params: tuple[Any, ...]) -> int:
+        plans.append("\n".join(r[0] for r in source.execute(
+            sql.SQL("EXPLAIN ") + read, params)))
+        return real_stage(source, target, read, params)
+
+    monkeypatch.setattr(drain.staged, "stage", stage)
+    assert (run().changes, journal_size(plain["railway"])) == (600, 0)
+    assert plans and not [p for p in plans if "Nested Loop" in p], plans
+    assert query(plain["supabase"], "SELECT id, balance FROM accounts WHERE id <= 2 "
+                 "ORDER BY id") == [(1, 400), (2, 1600)]
 
 
 def test_a_batch_that_fails_on_the_primary_keeps_its_entries_and_leaves_no_prune_running(
