@@ -156,9 +156,9 @@ def _drain_batch(
             if not _try_lock(target, backup):
                 return DrainReport(backup, skipped=True), 0, forget
             _drop_marks(target, backup, forget)
-            _forget_pruned(source, target, backup)
+            applied = _forget_pruned(source, target, backup)
             staged_rows = _read(source, target, batch, upto, stuck)
-            found = _survey(target, backup, stuck)
+            found = _survey(target, applied, stuck)
             if found is None:
                 return DrainReport(backup, stuck=len(stuck)), staged_rows, []
             prune.start(found.pruned)
@@ -204,11 +204,13 @@ class _Survey(NamedTuple):
     transactions: int  # to replay
 
 
-def _survey(target: psycopg.Connection[Any], backup: str, stuck: set[str]) -> _Survey | None:
+def _survey(target: psycopg.Connection[Any], applied: list[str], stuck: set[str]
+            ) -> _Survey | None:
     """The staged batch: what it replays and prunes; None when nothing was read.
 
     Source transactions touching a table the primary lacks stay in the journal
-    (added to ``stuck``); the ones the primary applied before are pruned only.
+    (added to ``stuck``); the ones the primary applied before (``applied``,
+    their marks) are pruned only.
     """
     tables = staged.tables(target)
     if not tables:
@@ -218,7 +220,7 @@ def _survey(target: psycopg.Connection[Any], backup: str, stuck: set[str]) -> _S
         stuck.update(staged.set_aside(target, missing))
     pruned, count, done = staged.totals(target)
     xids = len(done)
-    if staged.drop_applied(target, backup) or missing:
+    if staged.drop_applied(target, applied) or missing:
         tables = staged.tables(target)
         _, count, replayed = staged.totals(target)
         xids = len(replayed)
@@ -334,18 +336,20 @@ def _drop_marks(target: psycopg.Connection[Any], backup: str, xids: list[str]) -
 
 
 def _forget_pruned(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
-                   backup: str) -> None:
-    """Drop the marks of applied transactions whose journal entries are gone.
+                   backup: str) -> list[str]:
+    """Drop the marks of applied transactions whose journal entries are gone; the
+    marks left (applied transactions still in the journal: their prune failed).
 
     Only the lock holder may: a drainer that read entries before another
     drainer pruned them must still find their marks when it checks (a mark
     dropped by the pruner itself, outside the lock, let such a drainer apply
-    a transaction twice).
+    a transaction twice). The marks left hold while the lock is held: only
+    its holder adds any.
     """
     marks = [r[0] for r in target.execute(
         "SELECT xid::text FROM agent_factory_drained WHERE provider = %s", (backup,))]
     if not marks:
-        return
+        return []
     with _steady(source):
         kept = {r[0] for r in source.execute(
             f"SELECT DISTINCT xid::text FROM {JOURNAL} WHERE xid = ANY(%s::xid8[])", (marks,))}
@@ -353,6 +357,7 @@ def _forget_pruned(source: psycopg.Connection[Any], target: psycopg.Connection[A
     if gone:
         target.execute("DELETE FROM agent_factory_drained WHERE provider = %s "
                        "AND xid = ANY(%s::xid8[])", (backup, gone))
+    return [m for m in marks if m in kept]
 
 
 def _move_sequences_past(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
