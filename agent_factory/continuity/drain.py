@@ -37,7 +37,7 @@ from .journal import (
     primary_key,
     sequence_values,
 )
-from .merge import Change, Conflict, ConflictPolicy, Row, RowKey, replay
+from .merge import Change, Conflict, ConflictPolicy, Row, RowKey, dependency_order, replay
 from .prune import Prune
 from .subscription import PUBLICATION
 
@@ -177,6 +177,7 @@ def _apply(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
            ) -> tuple[dict[str, tuple[str, ...]], list[Conflict]]:
     """Settle the staged batch on the primary (uncommitted); its tables' keys and its
     conflicts."""
+    tables = _parents_first(target, tables)
     keys = {t.name: primary_key(target, t.name) for t in tables}
     key_of = _key_by(keys)
     skeys = {t.name: staged.Keys.load(target, t.name, _ident(t.name), keys[t.name])
@@ -194,6 +195,30 @@ def _apply(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
     _write(target, keys, skeys, final, current, tables, once)
     _move_sequences_past(source, target, list(keys))
     return keys, conflicts
+
+
+def _parents_first(target: psycopg.Connection[Any], tables: list[staged.Table]
+                   ) -> list[staged.Table]:
+    """The batch's tables, each after the tables it references by a foreign key (on the
+    primary), else in first-change order.
+
+    The drain writes a table's rows in one statement (a foreign key within a
+    table is checked at its end), parents' before children's, and deletes
+    children's before parents'. First-change order is not enough: a batch
+    that deletes a parent's children and then the parent changes the
+    children's table first.
+    """
+    if len(tables) < 2:
+        return tables
+    names = [t.name for t in tables]
+    refs = target.execute(
+        "SELECT c.i::int, p.i::int FROM pg_constraint k "
+        "JOIN unnest(%s::text[]) WITH ORDINALITY AS c(name, i) "
+        "ON k.conrelid = to_regclass(c.name) "
+        "JOIN unnest(%s::text[]) WITH ORDINALITY AS p(name, i) "
+        "ON k.confrelid = to_regclass(p.name) "
+        "WHERE k.contype = 'f' AND k.conrelid <> k.confrelid", (names, names)).fetchall()
+    return [tables[i] for i in dependency_order(len(tables), [(c - 1, p - 1) for c, p in refs])]
 
 
 class _Survey(NamedTuple):
@@ -508,7 +533,7 @@ def _write(target: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
            skeys: dict[str, staged.Keys],
            final: dict[RowKey, Row | None], current: dict[RowKey, Row | None],
            tables: list[staged.Table], once: set[str]) -> None:
-    """Upserts table by table in first-change order, then deletes in reverse order;
+    """Upserts table by table in `_parents_first` order, then deletes in reverse order;
     the clean keys' rows set-based from the stage, the others' from ``final``.
 
     Every row the changes touch is written, also one whose final version is
@@ -563,7 +588,7 @@ def _fix_source(source: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]
     """On the backup, just before the primary commits (the drain holds those rows
     on the primary: nothing newer of them can be in the stream yet): give up the
     rows replication will insert again, and take back the ones it cannot."""
-    order = list(keys)  # the batch's tables in first-change order
+    order = list(keys)  # the batch's tables, parents first (`_parents_first`)
     with _steady(source):
         for table in reversed(order):
             probe = [dict(zip(keys[table], k, strict=True)) for t, k in inserted if t == table]

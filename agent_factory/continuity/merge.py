@@ -14,7 +14,9 @@ and is settled by the `ConflictPolicy`, column by column for an update:
   callback decides the whole row (``callback``).
 
 Images compare as normalised JSON objects (the primary renders both sides
-with one session's settings). Clocks are never compared.
+with one session's settings). Clocks are never compared. The settled rows are
+written table by table, each table after those it references
+(`dependency_order`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 from ..engine.settings import Settings, parse_delta_columns
 
 __all__ = [
-    "Change", "Conflict", "ConflictPolicy", "Row", "RowKey", "replay",
+    "Change", "Conflict", "ConflictPolicy", "Row", "RowKey", "dependency_order", "replay",
 ]
 
 Row = dict[str, Any]
@@ -163,3 +165,19 @@ def _moves_counter(change: Change, policy: ConflictPolicy) -> bool:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, Decimal)) and not isinstance(value, bool)
+
+
+def dependency_order(n: int, refs: list[tuple[int, int]]) -> list[int]:
+    """0..n-1 with every item after the items it references (``(item, referenced)``
+    pairs), else in index order; in a cycle the lowest index goes first."""
+    waits_for: dict[int, set[int]] = {i: set() for i in range(n)}
+    for child, parent in refs:
+        waits_for[child].add(parent)
+    order: list[int] = []
+    left = set(range(n))
+    while left:
+        ready = [i for i in sorted(left) if not waits_for[i] & left]
+        nxt = ready[0] if ready else min(left)
+        order.append(nxt)
+        left.discard(nxt)
+    return order

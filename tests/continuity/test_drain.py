@@ -272,6 +272,40 @@ def test_the_batch_read_does_not_loop_over_a_journal_analyzed_while_empty(
                  "ORDER BY id") == [(1, 400), (2, 1600)]
 
 
+def test_tables_with_a_foreign_key_drain_parents_first_and_delete_children_first(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """An application failed over to railway deletes a parent with its children
+    (children first, as the foreign key makes it), then creates a parent and moves
+    a child to it. In the batch the children table changes first; the drain must
+    still write the new parent before the child that points at it, and delete the
+    children before their parent -- else every attempt fails on the foreign key
+    and the changes stay pending for good."""
+    plain = direct(healthy_fleet, bank)
+    for name in ("supabase", "railway"):
+        query_none(plain[name], "CREATE TABLE parents (id int PRIMARY KEY, name text); "
+                   "CREATE TABLE children (id int PRIMARY KEY, "
+                   "parent int NOT NULL REFERENCES parents, note text); "
+                   "INSERT INTO parents VALUES (1, 'a'), (2, 'b'); "
+                   "INSERT INTO children VALUES (10, 1, 'x'), (11, 2, 'y')")
+    with psycopg.connect(plain["railway"]) as conn:
+        for table in ("parents", "children"):
+            journal.install(conn, table)
+    journaled(plain["railway"], "DELETE FROM children WHERE parent = 1",
+              "DELETE FROM parents WHERE id = 1")
+    journaled(plain["railway"], "INSERT INTO parents VALUES (3, 'c')",
+              "UPDATE children SET parent = 3 WHERE id = 11")
+    with psycopg.connect(plain["supabase"]) as target, \
+            psycopg.connect(plain["railway"]) as source:
+        journal.prepare_session(target)
+        journal.prepare_session(source)
+        report = drain.drain_all(source, target, "railway", ConflictPolicy())
+    assert (report.changes, report.conflicts, journal_size(plain["railway"])) == (4, 0, 0)
+    assert query(plain["supabase"], "SELECT id, name FROM parents ORDER BY id") == [
+        (2, "b"), (3, "c")]
+    assert query(plain["supabase"], "SELECT id, parent, note FROM children ORDER BY id") == [
+        (11, 3, "y")]
+
+
 def test_a_batch_that_fails_on_the_primary_keeps_its_entries_and_leaves_no_prune_running(
         healthy_fleet: Fleet, bank: dict[str, str]) -> None:
     """The batch's prune runs beside the primary's work (a second connection to

@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from agent_factory.continuity.merge import Change, Conflict, ConflictPolicy, replay
+from agent_factory.continuity.merge import (
+    Change,
+    Conflict,
+    ConflictPolicy,
+    dependency_order,
+    replay,
+)
 from agent_factory.engine.settings import parse_delta_columns
 from agent_factory.errors import ConfigurationError
 
@@ -127,3 +133,15 @@ def test_a_retried_insert_differing_only_in_its_stamp_is_no_conflict() -> None:
     # Any other difference is one: both versions kept, the policy decides.
     final, conflicts = run([change("INSERT", None, {**mine, "body": "hi"})], {1: theirs})
     assert len(conflicts) == 1 and final == {1: {**mine, "body": "hi"}}
+
+
+@pytest.mark.parametrize(("n", "refs", "want"), [
+    (3, [], [0, 1, 2]),  # no foreign keys: first-change order
+    (2, [(0, 1)], [1, 0]),  # the children's table changed first: the parents' still goes first
+    (4, [(0, 3), (2, 3)], [1, 3, 0, 2]),  # independent tables keep their order
+    (3, [(0, 1), (1, 2)], [2, 1, 0]),  # a chain, grandparents first
+    (3, [(0, 1), (1, 0), (2, 0)], [0, 1, 2]),  # a cycle: first-change order, then its child
+])
+def test_tables_are_written_after_the_tables_they_reference(
+        n: int, refs: list[tuple[int, int]], want: list[int]) -> None:
+    assert dependency_order(n, refs) == want
