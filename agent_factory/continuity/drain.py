@@ -182,6 +182,7 @@ def _apply(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
     key_of = _key_by(keys)
     skeys = {t.name: staged.Keys.load(target, t.name, _ident(t.name), keys[t.name])
              for t in tables if t.exact is not None}
+    writable = {t.name: staged.Writable.load(target, t.name) for t in tables}
     todo, current, once = _classified(target, tables, keys, skeys, key_of)
     final, conflicts = replay(todo, key_of, current, policy)
     if delete_inserted:
@@ -191,8 +192,8 @@ def _apply(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
             for k in staged.inserted_clean(target, t.name, skeys[t.name])])
         restored = _gone_from_source(target, todo, key_of, final)
         if inserted or restored:
-            _fix_source(source, keys, inserted, restored, final)
-    _write(target, keys, skeys, final, current, tables, once)
+            _fix_source(source, keys, writable, inserted, restored, final)
+    _write(target, keys, skeys, writable, final, current, tables, once)
     _move_sequences_past(source, target, list(keys))
     return keys, conflicts
 
@@ -530,7 +531,7 @@ def _current(target: psycopg.Connection[Any], changes: list[Change],
 
 
 def _write(target: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
-           skeys: dict[str, staged.Keys],
+           skeys: dict[str, staged.Keys], writable: dict[str, staged.Writable],
            final: dict[RowKey, Row | None], current: dict[RowKey, Row | None],
            tables: list[staged.Table], once: set[str]) -> None:
     """Upserts table by table in `_parents_first` order, then deletes in reverse order;
@@ -548,21 +549,18 @@ def _write(target: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
             # In one statement with the clean rows (in key order) when they have
             # the same columns (a callback may return fewer).
             every = set(t.exact)
-            staged.upsert_clean(target, table, skeys[table], t.exact,
+            staged.upsert_clean(target, table, skeys[table], writable[table], t.exact,
                                 [r for r in rows if r.keys() == every], table in once)
             rows = [r for r in rows if r.keys() != every]
         if rows:
-            cols = list(rows[0])
-            names = sql.SQL(", ").join(map(sql.Identifier, cols))
+            w = writable[table]
+            cols = w.names(rows[0])
             target.execute(sql.SQL(
-                "INSERT INTO {t} ({names}) SELECT {names} "
-                "FROM jsonb_populate_recordset(NULL::{t}, %s) "
-                "ON CONFLICT ({key}) DO UPDATE SET {set}"
+                "{insert} SELECT {names} FROM jsonb_populate_recordset(NULL::{t}, %s) {conflict}"
             ).format(
-                t=_ident(table), names=names,
-                key=sql.SQL(", ").join(map(sql.Identifier, keys[table])),
-                set=sql.SQL(", ").join(
-                    sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in cols),
+                insert=w.insert(_ident(table), cols), t=_ident(table),
+                names=sql.SQL(", ").join(map(sql.Identifier, cols)),
+                conflict=w.on_conflict(cols, keys[table]),
             ), (Jsonb(rows),))
     for t in reversed(tables):
         gone = [dict(zip(keys[t.name], k, strict=True)) for (name, k), r in final.items()
@@ -583,7 +581,8 @@ def _delete_keys(conn: psycopg.Connection[Any], table: str, cols: Sequence[str],
 
 
 def _fix_source(source: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
-                inserted: list[RowKey], restored: list[RowKey],
+                writable: dict[str, staged.Writable], inserted: list[RowKey],
+                restored: list[RowKey],
                 final: dict[RowKey, Row | None]) -> None:
     """On the backup, just before the primary commits (the drain holds those rows
     on the primary: nothing newer of them can be in the stream yet): give up the
@@ -598,11 +597,13 @@ def _fix_source(source: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]
             rows = [r for (t, k) in restored if t == table
                     for r in [final[(t, k)]] if r is not None]
             if rows:
-                names = sql.SQL(", ").join(map(sql.Identifier, rows[0]))
+                w = writable[table]
+                cols = w.names(rows[0])
                 source.execute(sql.SQL(
-                    "INSERT INTO {t} ({names}) SELECT {names} "
-                    "FROM jsonb_populate_recordset(NULL::{t}, %s) ON CONFLICT DO NOTHING"
-                ).format(t=_ident(table), names=names), (Jsonb(rows),))
+                    "{insert} SELECT {names} FROM jsonb_populate_recordset(NULL::{t}, %s) "
+                    "ON CONFLICT DO NOTHING"
+                ).format(insert=w.insert(_ident(table), cols), t=_ident(table),
+                         names=sql.SQL(", ").join(map(sql.Identifier, cols))), (Jsonb(rows),))
 
 
 def _record(target: psycopg.Connection[Any], backup: str, keys: dict[str, tuple[str, ...]],

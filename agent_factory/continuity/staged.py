@@ -15,6 +15,7 @@ not prove clean is replayed in Python with the usual rules.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import psycopg
@@ -182,6 +183,45 @@ class Keys:
         ).format(a=self.aliases("c"), c=self.staged("NOT s.dirty"))
 
 
+class Writable(NamedTuple):
+    """How a drain writes a table's columns: what the server computes is left to it."""
+
+    generated: frozenset[str]  # GENERATED ALWAYS AS (...) STORED: never written
+    always: frozenset[str]  # GENERATED ALWAYS AS IDENTITY: inserted overriding, never updated
+
+    @classmethod
+    def load(cls, conn: psycopg.Connection[Any], table: str) -> Writable:
+        rows = conn.execute(
+            "SELECT attname, attgenerated <> '', attidentity = 'a' FROM pg_attribute "
+            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
+            "AND (attgenerated <> '' OR attidentity = 'a')", (table,)).fetchall()
+        return cls(frozenset(r[0] for r in rows if r[1]), frozenset(r[0] for r in rows if r[2]))
+
+    def names(self, names: Iterable[str]) -> list[str]:
+        """``names`` without the generated columns."""
+        return [n for n in names if n not in self.generated]
+
+    def insert(self, t: sql.Composable, names: list[str]) -> sql.Composable:
+        """``INSERT INTO t (names)``, overriding an always-generated identity (the
+        backup's value is the row's key)."""
+        return sql.SQL("INSERT INTO {} ({}){}").format(
+            t, sql.SQL(", ").join(map(sql.Identifier, names)),
+            sql.SQL(" OVERRIDING SYSTEM VALUE" if self.always else ""))
+
+    def on_conflict(self, names: list[str], key: Sequence[str]) -> sql.Composable:
+        """``ON CONFLICT (key) DO UPDATE SET`` every other column of ``names`` to the new
+        row's (an always-generated identity cannot be updated; a table of key columns
+        only sets its key, which writes the row all the same)."""
+        cols = [n for n in names if n not in key and n not in self.always] or [
+            n for n in key if n not in self.always]
+        head = sql.SQL("ON CONFLICT ({}) ").format(
+            sql.SQL(", ").join(map(sql.Identifier, key)))
+        if not cols:
+            return head + sql.SQL("DO NOTHING")
+        return head + sql.SQL("DO UPDATE SET {}").format(sql.SQL(", ").join(
+            sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(n)) for n in cols))
+
+
 _CLASSIFY = """
 WITH c AS MATERIALIZED ({staged}),
 w AS (
@@ -245,8 +285,8 @@ def classify(conn: psycopg.Connection[Any], table: str, k: Keys) -> Classified:
     return Classified(changes, list(row[2]), bool(row[3]))
 
 
-def upsert_clean(conn: psycopg.Connection[Any], table: str, k: Keys, names: list[str],
-                 rows: list[Row], once: bool = False) -> None:
+def upsert_clean(conn: psycopg.Connection[Any], table: str, k: Keys, w: Writable,
+                 names: list[str], rows: list[Row], once: bool = False) -> None:
     """Write each clean key's last after image and ``rows`` (rendered rows of exactly the
     columns ``names``), all in key order: replication applies them on the backups in
     that order, the order their writers lock rows in. ``once``: no key changes twice
@@ -260,18 +300,16 @@ def upsert_clean(conn: psycopg.Connection[Any], table: str, k: Keys, names: list
             "SELECT z.after FROM (SELECT DISTINCT ON ({a}) c.after FROM ({c}) c "
             "ORDER BY {a}, c.ord DESC) z WHERE z.after IS NOT NULL"
         ).format(a=k.aliases("c"), c=k.staged("NOT s.dirty"))
+    names = w.names(names)
     conn.execute(sql.SQL(
-        "INSERT INTO {t} ({columns}) SELECT {values} FROM ("
+        "{insert} SELECT {values} FROM ("
         "{last} UNION ALL SELECT j FROM jsonb_array_elements(%(rows)s) AS j) AS u(after), "
-        "jsonb_populate_record(NULL::{t}, u.after) r ORDER BY {order} "
-        "ON CONFLICT ({key}) DO UPDATE SET {set}"
+        "jsonb_populate_record(NULL::{t}, u.after) r ORDER BY {order} {conflict}"
     ).format(
-        t=k.t, columns=sql.SQL(", ").join(map(sql.Identifier, names)), last=last,
+        insert=w.insert(k.t, names), t=k.t, last=last,
         values=sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(n)) for n in names),
         order=sql.SQL(", ").join(sql.SQL("r.{}").format(c) for c in k.cols),
-        key=sql.SQL(", ").join(k.cols),
-        set=sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(n))
-                               for n in names),
+        conflict=w.on_conflict(names, k.names),
     ), {"table": table, "rows": Jsonb(rows)})
 
 

@@ -306,6 +306,37 @@ def test_tables_with_a_foreign_key_drain_parents_first_and_delete_children_first
         (11, 3, "y")]
 
 
+def test_identity_keys_and_generated_columns_drain(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """A table keyed by ``GENERATED ALWAYS AS IDENTITY`` with a stored generated
+    column, as PostgreSQL recommends today: inserts, updates and a delete on
+    railway reach the primary, which computes the generated column itself."""
+    plain = direct(healthy_fleet, bank)
+    for name in ("supabase", "railway"):
+        query_none(plain[name], "CREATE TABLE items (id bigint GENERATED ALWAYS AS IDENTITY "
+                   "PRIMARY KEY, price int NOT NULL, qty int NOT NULL, "
+                   "total int GENERATED ALWAYS AS (price * qty) STORED)")
+    query_none(plain["supabase"], "INSERT INTO items (price, qty) VALUES (1, 1), (2, 2)")
+    query_none(plain["railway"], "INSERT INTO items (id, price, qty) OVERRIDING SYSTEM VALUE "
+               "VALUES (1, 1, 1), (2, 2, 2)")
+    with psycopg.connect(plain["railway"]) as conn:
+        journal.install(conn, "items")
+    query_none(plain["railway"], "SELECT setval(pg_get_serial_sequence('items', 'id'), 100)")
+    journaled(plain["railway"], "INSERT INTO items (price, qty) VALUES (3, 3), (4, 4)",
+              "UPDATE items SET qty = 10 WHERE id = 1", "DELETE FROM items WHERE id = 2")
+    with psycopg.connect(plain["supabase"]) as target, \
+            psycopg.connect(plain["railway"]) as source:
+        journal.prepare_session(target)
+        journal.prepare_session(source)
+        report = drain.drain_all(source, target, "railway", ConflictPolicy())
+    assert (report.changes, report.conflicts, journal_size(plain["railway"])) == (4, 0, 0)
+    assert query(plain["supabase"], "SELECT id, price, qty, total FROM items ORDER BY id") == [
+        (1, 1, 10, 10), (101, 3, 3, 9), (102, 4, 4, 16)]
+    # The primary's identity moved past the ids railway handed out.
+    assert query(plain["supabase"], "INSERT INTO items (price, qty) VALUES (5, 5) "
+                 "RETURNING id > 102") == [(True,)]
+
+
 def test_a_batch_that_fails_on_the_primary_keeps_its_entries_and_leaves_no_prune_running(
         healthy_fleet: Fleet, bank: dict[str, str]) -> None:
     """The batch's prune runs beside the primary's work (a second connection to
