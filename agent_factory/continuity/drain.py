@@ -510,16 +510,17 @@ def _current(target: psycopg.Connection[Any], changes: list[Change],
             found[(table, k)] = None
         probe = [dict(zip(cols, k, strict=True)) for k in wanted]
         match = sql.SQL(" AND ").join(
-            sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in cols)
+            sql.SQL("{r}.{c} = k.{c}").format(r=sql.Identifier(staged.ROW), c=sql.Identifier(c))
+            for c in cols)
         # Locked in key order, the order applications usually take row locks in:
         # a drain running beside live writers must not deadlock with them.
         got = target.execute(sql.SQL(
-            "SELECT coalesce(jsonb_agg(r), '[]') FROM (SELECT to_jsonb(t) AS r FROM {t} t, "
-            "jsonb_populate_recordset(NULL::{t}, %s) k "
-            "WHERE {match} ORDER BY {order} FOR UPDATE OF t) AS locked"
-        ).format(t=_ident(table), match=match,
-                 order=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c))
-                                          for c in cols)),
+            "SELECT coalesce(jsonb_agg(r), '[]') FROM (SELECT to_jsonb({row}) AS r "
+            "FROM {t} {row}, jsonb_populate_recordset(NULL::{t}, %s) k "
+            "WHERE {match} ORDER BY {order} FOR UPDATE OF {row}) AS locked"
+        ).format(t=_ident(table), match=match, row=sql.Identifier(staged.ROW),
+                 order=sql.SQL(", ").join(sql.SQL("{}.{}").format(
+                     sql.Identifier(staged.ROW), sql.Identifier(c)) for c in cols)),
                  (Jsonb(probe),)).fetchone()
         assert got is not None
         seen = {k for c in changes if c.table == table for k in (c.after or c.before or {})}

@@ -25,6 +25,10 @@ from psycopg.types.json import Jsonb
 from .merge import Change, Row, RowKey
 
 STAGE = "_af_stage"
+#: The alias of a user table whose whole row a statement reads: a bare alias
+#: names a column when the table has one by that name (a column ``t`` made
+#: ``t AS cur`` a timestamp).
+ROW = "_af_t"
 
 #: Kept by the session (emptied at each commit): a batch does not create and
 #: drop a table, nor leave dead catalog rows behind.
@@ -238,8 +242,8 @@ g AS MATERIALIZED (
            (array_agg(w.before) FILTER (WHERE w.n = 1))[1] AS first_before
     FROM w GROUP BY {wk}),
 locked AS MATERIALIZED (
-    SELECT {tk}, t AS cur, true AS found FROM {t} t JOIN g ON {tg}
-    ORDER BY {tcols} FOR UPDATE OF t),
+    SELECT {tk}, _af_t AS cur, true AS found FROM {t} _af_t JOIN g ON {tg}
+    ORDER BY {tcols} FOR UPDATE OF _af_t),
 bad AS MATERIALIZED (
     SELECT {gk}, l.cur, l.found FROM g LEFT JOIN locked l ON {lg}
     WHERE NOT coalesce(g.chained AND CASE WHEN g.first_op = 'INSERT' THEN l.found IS NULL
@@ -275,8 +279,9 @@ def classify(conn: psycopg.Connection[Any], table: str, k: Keys) -> Classified:
     the changes of keys not proven clean."""
     query = sql.SQL(_CLASSIFY).format(
         staged=k.staged("true"), ck=k.aliases("c"), wk=k.aliases("w"), gk=k.aliases("g"),
-        tk=k.of("t"), t=k.t, tg=k.match("t", "g", left_aliased=False),
-        tcols=sql.SQL(", ").join(sql.SQL("t.{}").format(c) for c in k.cols),
+        tk=k.of(ROW), t=k.t, tg=k.match(ROW, "g", left_aliased=False),
+        tcols=sql.SQL(", ").join(sql.SQL("{}.{}").format(sql.Identifier(ROW), c)
+                                 for c in k.cols),
         lg=k.match("l", "g"), cb=k.match("c", "bad"), stage=sql.Identifier(STAGE))
     row = conn.execute(query, {"table": table}).fetchone()
     assert row is not None
