@@ -202,6 +202,35 @@ def subscribers(target: psycopg.Connection[Any]) -> set[str]:
 
 
 def _ident(table: str) -> sql.Composable:
-    if "." in table and not table.startswith('"'):
-        return sql.SQL(".").join(sql.Identifier(p.strip('"')) for p in table.split(".", 1))
-    return sql.Identifier(table.strip('"'))
+    """A table name as SQL writes it (``name``, ``schema.name``, each part maybe
+    double-quoted, as the trigger records them) as an identifier."""
+    return sql.SQL(".").join(sql.Identifier(p) for p in name_parts(table))
+
+
+def name_parts(name: str) -> list[str]:
+    """The parts of a possibly qualified SQL name, as PostgreSQL reads it: a quoted
+    part as written (``""`` a quote), an unquoted one in lower case."""
+    parts: list[str] = []
+    part: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(name):
+        ch = name[i]
+        if quoted:
+            if ch == '"' and name[i + 1:i + 2] == '"':
+                part.append('"')
+                i += 1
+            elif ch == '"':
+                quoted = False
+            else:
+                part.append(ch)
+        elif ch == '"':
+            quoted = True
+        elif ch == ".":
+            parts.append("".join(part))
+            part = []
+        else:
+            part.append(ch.lower())
+        i += 1
+    parts.append("".join(part))
+    return parts

@@ -401,6 +401,37 @@ def test_rows_of_every_common_column_type_drain_exactly(
     assert rows_of(plain["supabase"]) == rows_of(plain["railway"])
 
 
+@pytest.mark.parametrize("table", ["app.items", '"My App"."Items"', '"Items"'])
+def test_tables_of_any_schema_and_name_drain(
+        healthy_fleet: Fleet, bank: dict[str, str], table: str) -> None:
+    """A table outside ``public``, in a schema whose name needs quotes, or with a
+    name that does (the trigger records each part quoted where needed)."""
+    plain = direct(healthy_fleet, bank)
+    for name in ("supabase", "railway"):
+        query_none(plain[name], 'CREATE SCHEMA app; CREATE SCHEMA "My App"; '
+                   f"CREATE TABLE {table} (id int PRIMARY KEY, v text); "
+                   f"INSERT INTO {table} VALUES (1, 'a'), (2, 'b')")
+    with psycopg.connect(plain["railway"]) as conn:
+        journal.install(conn, table)
+    journaled(plain["railway"], f"INSERT INTO {table} VALUES (3, 'c')",
+              f"UPDATE {table} SET v = 'z' WHERE id = 1", f"DELETE FROM {table} WHERE id = 2")
+    with psycopg.connect(plain["supabase"]) as target, \
+            psycopg.connect(plain["railway"]) as source:
+        journal.prepare_session(target)
+        journal.prepare_session(source)
+        report = drain.drain_all(source, target, "railway", ConflictPolicy())
+    assert (report.changes, report.stuck, journal_size(plain["railway"])) == (3, 0, 0)
+    assert query(plain["supabase"], f"SELECT id, v FROM {table} ORDER BY id") == [
+        (1, "z"), (3, "c")]
+
+
+def test_table_names_are_read_as_postgresql_reads_them() -> None:
+    assert journal.name_parts("items") == ["items"]
+    assert journal.name_parts("App.Items") == ["app", "items"]
+    assert journal.name_parts('"My App"."It""ems.x"') == ["My App", 'It"ems.x']
+    assert journal.name_parts('public."Items"') == ["public", "Items"]
+
+
 def test_a_batch_that_fails_on_the_primary_keeps_its_entries_and_leaves_no_prune_running(
         healthy_fleet: Fleet, bank: dict[str, str]) -> None:
     """The batch's prune runs beside the primary's work (a second connection to
