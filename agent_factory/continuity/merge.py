@@ -5,13 +5,16 @@ applies cleanly when the primary's row is still what the backup saw: absent
 for an insert, equal to the before image otherwise. Anything else is a
 conflict -- the primary changed the row too (writes that had not reached the
 backup when the primary failed, a partitioned instance, another backup) --
-and is settled by the `ConflictPolicy`, column by column for an update:
+and is settled column by column for an update (a three-way merge: a column
+only one side changed takes that side's value, resolution ``merged``) and by
+the `ConflictPolicy` where both sides changed a column:
 
 * a *delta column* (a counter, a balance) moves by the backup's
-  ``after - before`` from the primary's value, so both sides' changes count;
-* another column the backup changed takes the backup's value
-  (``backup_wins``) or keeps the primary's (``primary_wins``), or the user's
-  callback decides the whole row (``callback``).
+  ``after - before`` from the primary's value, so both sides' changes count
+  (``delta``);
+* another column both changed takes the backup's value (``backup_wins``) or
+  keeps the primary's (``primary_wins``), or the user's callback decides the
+  whole row (``callback``, for every conflict).
 
 Images compare as normalised JSON objects (the primary renders both sides
 with one session's settings). Clocks are never compared. The settled rows are
@@ -131,20 +134,24 @@ def _settle(c: Conflict, policy: ConflictPolicy) -> Conflict:
         return Conflict(change, c.key, now, change.after if backup_wins else now, policy.name)
     deltas = policy.deltas(change.table)
     merged = dict(now)
-    by_policy = False
+    by_policy = moved = False
     for column, value in change.after.items():
         old = change.before.get(column)
         if value == old:
-            continue
+            continue  # the backup left it alone: the primary's value stays
         if column in deltas and _number(value) and _number(old) and _number(now.get(column)):
             merged[column] = now[column] + (value - old)
+            moved = True
         elif column == _STAMP:
             merged[column] = max(value, now.get(column) or value)
+        elif column in now and now[column] == old:
+            merged[column] = value  # only the backup changed it: nothing to decide
         else:
-            by_policy = True
+            by_policy = True  # both changed it
             if backup_wins:
                 merged[column] = value
-    return Conflict(change, c.key, now, merged, policy.name if by_policy else "delta")
+    resolution = policy.name if by_policy else "delta" if moved else "merged"
+    return Conflict(change, c.key, now, merged, resolution)
 
 
 def _same(a: Row | None, b: Row | None) -> bool:

@@ -93,6 +93,19 @@ def test_other_columns_follow_the_policy_and_conflicts_keep_both_versions(
     assert c.change.after == acct(100, "b")
 
 
+@pytest.mark.parametrize("policy", ["backup_wins", "primary_wins"])
+def test_columns_only_one_side_changed_keep_that_change_under_either_policy(
+        policy: str) -> None:
+    """A three-way merge: the primary changed the balance, the backup the note.
+    Neither change is in doubt, so neither is lost, whatever the policy (before,
+    primary_wins dropped the backup's note although the primary never touched it)."""
+    final, conflicts = run([change("UPDATE", acct(100, "x"), acct(100, "b"))],
+                           {1: acct(130, "x")}, ConflictPolicy(policy))
+    assert final[1] == acct(130, "b")
+    (c,) = conflicts
+    assert (c.resolution, c.primary, c.change.after) == ("merged", acct(130, "x"), acct(100, "b"))
+
+
 def test_whole_row_conflicts() -> None:
     # An insert over a row the primary has, a delete of a row the primary changed,
     # an update of a row the primary deleted.
