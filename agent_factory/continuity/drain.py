@@ -37,7 +37,16 @@ from .journal import (
     primary_key,
     sequence_values,
 )
-from .merge import Change, Conflict, ConflictPolicy, Row, RowKey, dependency_order, replay
+from .merge import (
+    Change,
+    Conflict,
+    ConflictPolicy,
+    Row,
+    RowKey,
+    dependency_order,
+    replay,
+    replay_steps,
+)
 from .prune import Prune
 from .subscription import PUBLICATION
 
@@ -193,9 +202,41 @@ def _apply(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
         restored = _gone_from_source(target, todo, key_of, final)
         if inserted or restored:
             _fix_source(source, keys, writable, inserted, restored, final)
-    _write(target, keys, skeys, writable, final, current, tables, once)
+    try:
+        with target.transaction():  # a savepoint
+            _write(target, keys, skeys, writable, final, current, tables, once)
+    except (psycopg.errors.UniqueViolation, psycopg.errors.ExclusionViolation,
+            psycopg.errors.ForeignKeyViolation):
+        conflicts = _write_stepwise(target, tables, keys, writable, key_of, policy)
     _move_sequences_past(source, target, list(keys))
     return keys, conflicts
+
+
+def _write_stepwise(target: psycopg.Connection[Any], tables: list[staged.Table],
+                    keys: dict[str, tuple[str, ...]], writable: dict[str, staged.Writable],
+                    key_of: Callable[[Change], tuple[Any, ...]], policy: ConflictPolicy
+                    ) -> list[Conflict]:
+    """Replay the whole batch one change at a time, in source order; its conflicts.
+
+    For a batch whose final rows break a unique key or a foreign key when written
+    at once, though the backup went through them step by step: two rows that
+    swapped a unique value (by way of a third), a row deleted and another that
+    takes its unique value, rows that reference each other. PostgreSQL checks a
+    unique key that is not deferrable at each row, not at the end of the
+    statement. One statement per change: slower, and only after the set-based
+    write failed (rolled back to its savepoint).
+    """
+    found = sorted((r for t in tables for r in staged.raws(target, t.name)),
+                   key=lambda r: r[0])
+    changes = _normalised(target, [Raw(*r) for _, r in found])
+    current = _current(target, changes, keys, key_of)
+    steps, conflicts = replay_steps(changes, key_of, current, policy)
+    for (table, key), row in steps:
+        if row is None:
+            _delete_keys(target, table, keys[table], [dict(zip(keys[table], key, strict=True))])
+            continue
+        _put_rows(target, table, writable[table], [row], keys[table])
+    return conflicts
 
 
 def _parents_first(target: psycopg.Connection[Any], tables: list[staged.Table]
@@ -554,15 +595,7 @@ def _write(target: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
                                 [r for r in rows if r.keys() == every], table in once)
             rows = [r for r in rows if r.keys() != every]
         if rows:
-            w = writable[table]
-            cols = w.names(rows[0])
-            target.execute(sql.SQL(
-                "{insert} SELECT {names} FROM jsonb_populate_recordset(NULL::{t}, %s) {conflict}"
-            ).format(
-                insert=w.insert(_ident(table), cols), t=_ident(table),
-                names=sql.SQL(", ").join(map(sql.Identifier, cols)),
-                conflict=w.on_conflict(cols, keys[table]),
-            ), (Jsonb(rows),))
+            _put_rows(target, table, writable[table], rows, keys[table])
     for t in reversed(tables):
         gone = [dict(zip(keys[t.name], k, strict=True)) for (name, k), r in final.items()
                 if name == t.name and r is None and current.get((name, k)) is not None]
@@ -570,6 +603,19 @@ def _write(target: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]],
             _delete_keys(target, t.name, keys[t.name], gone)
         if t.deletes and t.exact is not None:
             staged.delete_clean(target, t.name, skeys[t.name])
+
+
+def _put_rows(conn: psycopg.Connection[Any], table: str, w: staged.Writable, rows: list[Row],
+              key: Sequence[str] | None) -> None:
+    """Insert ``rows`` (of the first row's columns); one that exists is updated by
+    ``key``, or left alone when ``key`` is None."""
+    cols = w.names(rows[0])
+    conn.execute(sql.SQL(
+        "{insert} SELECT {names} FROM jsonb_populate_recordset(NULL::{t}, %s) {conflict}"
+    ).format(insert=w.insert(_ident(table), cols), t=_ident(table),
+             names=sql.SQL(", ").join(map(sql.Identifier, cols)),
+             conflict=sql.SQL("ON CONFLICT DO NOTHING") if key is None
+             else w.on_conflict(cols, key)), (Jsonb(rows),))
 
 
 def _delete_keys(conn: psycopg.Connection[Any], table: str, cols: Sequence[str],
@@ -598,13 +644,7 @@ def _fix_source(source: psycopg.Connection[Any], keys: dict[str, tuple[str, ...]
             rows = [r for (t, k) in restored if t == table
                     for r in [final[(t, k)]] if r is not None]
             if rows:
-                w = writable[table]
-                cols = w.names(rows[0])
-                source.execute(sql.SQL(
-                    "{insert} SELECT {names} FROM jsonb_populate_recordset(NULL::{t}, %s) "
-                    "ON CONFLICT DO NOTHING"
-                ).format(insert=w.insert(_ident(table), cols), t=_ident(table),
-                         names=sql.SQL(", ").join(map(sql.Identifier, cols))), (Jsonb(rows),))
+                _put_rows(source, table, writable[table], rows, None)
 
 
 def _record(target: psycopg.Connection[Any], backup: str, keys: dict[str, tuple[str, ...]],

@@ -24,7 +24,7 @@ written table by table, each table after those it references
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -33,6 +33,7 @@ from ..engine.settings import Settings, parse_delta_columns
 
 __all__ = [
     "Change", "Conflict", "ConflictPolicy", "Row", "RowKey", "dependency_order", "replay",
+    "replay_steps",
 ]
 
 Row = dict[str, Any]
@@ -62,7 +63,7 @@ class Conflict:
     key: tuple[Any, ...]
     primary: Row | None  # the primary's row when the change came
     resolved: Row | None  # what the primary holds after it (None: no row)
-    resolution: str  # delta | backup_wins | primary_wins | callback
+    resolution: str  # merged | delta | backup_wins | primary_wins | callback
 
 
 #: ``callback(conflict_without_resolution) -> row or None``; in-process only.
@@ -106,6 +107,28 @@ def replay(
     """
     state: dict[RowKey, Row | None] = dict(current)
     conflicts: list[Conflict] = []
+    for _ in _replayed(changes, key_of, state, policy, conflicts):
+        pass
+    return state, conflicts
+
+
+def replay_steps(
+    changes: Sequence[Change],
+    key_of: Callable[[Change], tuple[Any, ...]],
+    current: Mapping[RowKey, Row | None],
+    policy: ConflictPolicy,
+) -> tuple[list[tuple[RowKey, Row | None]], list[Conflict]]:
+    """`replay`, as the row each change leaves (None: no row), in order: the steps
+    that bring the primary there one change at a time; and the conflicts met."""
+    state: dict[RowKey, Row | None] = dict(current)
+    conflicts: list[Conflict] = []
+    return list(_replayed(changes, key_of, state, policy, conflicts)), conflicts
+
+
+def _replayed(changes: Sequence[Change], key_of: Callable[[Change], tuple[Any, ...]],
+              state: dict[RowKey, Row | None], policy: ConflictPolicy,
+              conflicts: list[Conflict]) -> Iterator[tuple[RowKey, Row | None]]:
+    """Apply each change to ``state`` (adding to ``conflicts``); its row after it."""
     for change in changes:
         key = key_of(change)
         row_key = (change.table, key)
@@ -113,13 +136,13 @@ def replay(
         expected = None if change.op == "INSERT" else change.before
         if now == expected:
             state[row_key] = change.after
-            continue
-        if _same(now, change.after) and not _moves_counter(change, policy):
-            continue  # both sides made the same change: nothing to settle
-        conflict = _settle(Conflict(change, key, now, None, ""), policy)
-        state[row_key] = conflict.resolved
-        conflicts.append(conflict)
-    return state, conflicts
+        elif _same(now, change.after) and not _moves_counter(change, policy):
+            pass  # both sides made the same change: nothing to settle
+        else:
+            conflict = _settle(Conflict(change, key, now, None, ""), policy)
+            state[row_key] = conflict.resolved
+            conflicts.append(conflict)
+        yield row_key, state.get(row_key)
 
 
 def _settle(c: Conflict, policy: ConflictPolicy) -> Conflict:

@@ -432,6 +432,40 @@ def test_table_names_are_read_as_postgresql_reads_them() -> None:
     assert journal.name_parts('public."Items"') == ["public", "Items"]
 
 
+def test_a_batch_whose_final_rows_collide_on_a_unique_key_drains_step_by_step(
+        healthy_fleet: Fleet, bank: dict[str, str]) -> None:
+    """On railway: two slots swap their unique position by way of a third value,
+    a user is deleted and a new one takes its unique email, and an unrelated row
+    changes. Written at once, the final rows collide (PostgreSQL checks a unique
+    key at each row); replayed one change at a time, as railway went through
+    them, they do not. Every change reaches the primary, none is a conflict."""
+    plain = direct(healthy_fleet, bank)
+    for name in ("supabase", "railway"):
+        query_none(plain[name], "CREATE TABLE slots (id int PRIMARY KEY, pos int UNIQUE, "
+                   "note text); INSERT INTO slots VALUES (1, 1, 'a'), (2, 2, 'b'), (3, 3, 'c'); "
+                   "CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE); "
+                   "INSERT INTO users VALUES (1, 'x@example.org')")
+    with psycopg.connect(plain["railway"]) as conn:
+        for table in ("slots", "users"):
+            journal.install(conn, table)
+    journaled(plain["railway"], "UPDATE slots SET pos = -1 WHERE id = 1",
+              "UPDATE slots SET pos = 1 WHERE id = 2", "UPDATE slots SET pos = 2 WHERE id = 1")
+    journaled(plain["railway"], "DELETE FROM users WHERE id = 1",
+              "INSERT INTO users VALUES (2, 'x@example.org')")
+    journaled(plain["railway"], "UPDATE slots SET note = 'z' WHERE id = 3")
+    with psycopg.connect(plain["supabase"]) as target, \
+            psycopg.connect(plain["railway"]) as source:
+        journal.prepare_session(target)
+        journal.prepare_session(source)
+        report = drain.drain_all(source, target, "railway", ConflictPolicy())
+    assert (report.changes, report.conflicts, journal_size(plain["railway"])) == (6, 0, 0)
+    for table in ("slots", "users"):
+        assert query(plain["supabase"], f"SELECT * FROM {table} ORDER BY id") == \
+            query(plain["railway"], f"SELECT * FROM {table} ORDER BY id")
+    assert query(plain["supabase"], "SELECT id, pos, note FROM slots ORDER BY id") == [
+        (1, 2, "a"), (2, 1, "b"), (3, 3, "z")]
+
+
 def test_a_batch_that_fails_on_the_primary_keeps_its_entries_and_leaves_no_prune_running(
         healthy_fleet: Fleet, bank: dict[str, str]) -> None:
     """The batch's prune runs beside the primary's work (a second connection to

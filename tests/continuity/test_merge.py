@@ -13,6 +13,7 @@ from agent_factory.continuity.merge import (
     ConflictPolicy,
     dependency_order,
     replay,
+    replay_steps,
 )
 from agent_factory.engine.settings import parse_delta_columns
 from agent_factory.errors import ConfigurationError
@@ -104,6 +105,20 @@ def test_columns_only_one_side_changed_keep_that_change_under_either_policy(
     assert final[1] == acct(130, "b")
     (c,) = conflicts
     assert (c.resolution, c.primary, c.change.after) == ("merged", acct(130, "x"), acct(100, "b"))
+
+
+def test_the_steps_are_each_change_s_row_and_end_where_replay_ends() -> None:
+    changes = [change("UPDATE", acct(100), acct(90), 1),
+               change("INSERT", None, {"id": 2, "balance": 5, "note": ""}, 2),
+               change("UPDATE", acct(90), acct(80), 3),
+               change("DELETE", {"id": 2, "balance": 5, "note": ""}, None, 4)]
+    current = {(T, (1,)): acct(100), (T, (2,)): None}
+    steps, conflicts = replay_steps(changes, key_of, current, ConflictPolicy())
+    assert steps == [((T, (1,)), acct(90)), ((T, (2,)), {"id": 2, "balance": 5, "note": ""}),
+                     ((T, (1,)), acct(80)), ((T, (2,)), None)]
+    assert conflicts == []
+    final, _ = replay(changes, key_of, current, ConflictPolicy())
+    assert dict(steps) == final
 
 
 def test_whole_row_conflicts() -> None:
