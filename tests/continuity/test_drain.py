@@ -44,6 +44,16 @@ from agent_factory.testing.faultproxy import FaultProxy
 from agent_factory.testing.fleet import Fleet
 
 
+def drain_railway(plain: dict[str, str], policy: ConflictPolicy | None = None
+                  ) -> drain.DrainReport:
+    """Railway's journal drained into the primary to the end, as the CLI does."""
+    with psycopg.connect(plain["supabase"]) as target, \
+            psycopg.connect(plain["railway"]) as source:
+        journal.prepare_session(target)
+        journal.prepare_session(source)
+        return drain.drain_all(source, target, "railway", policy or ConflictPolicy())
+
+
 @pytest.mark.parametrize("bank", [True], indirect=True)
 def test_a_drain_that_changes_nothing_on_the_primary_still_converges_the_backup(
         healthy_fleet: Fleet, bank: dict[str, str]) -> None:
@@ -242,16 +252,9 @@ def test_the_batch_read_does_not_loop_over_a_journal_analyzed_while_empty(
                 conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 2")
                 conn.commit()
 
-    def run() -> drain.DrainReport:
-        with psycopg.connect(plain["supabase"]) as target, \
-                psycopg.connect(plain["railway"]) as source:
-            journal.prepare_session(target)
-            journal.prepare_session(source)
-            return drain.drain_all(source, target, "railway", policy)
-
     policy = ConflictPolicy(delta_columns={"accounts": frozenset({"balance"})})
     transfers(300)
-    assert run().changes == 600
+    assert drain_railway(plain, policy).changes == 600
     query_none(plain["railway"], "ANALYZE agent_factory_journal")  # empty, its pages kept
     assert query(plain["railway"], "SELECT relpages > 0, reltuples FROM pg_class "
                  "WHERE relname = 'agent_factory_journal'") == [(True, 0.0)]
@@ -266,7 +269,7 @@ def test_the_batch_read_does_not_loop_over_a_journal_analyzed_while_empty(
         return real_stage(source, target, read, params)
 
     monkeypatch.setattr(drain.staged, "stage", stage)
-    assert (run().changes, journal_size(plain["railway"])) == (600, 0)
+    assert (drain_railway(plain, policy).changes, journal_size(plain["railway"])) == (600, 0)
     assert plans and not [p for p in plans if "Nested Loop" in p], plans
     assert query(plain["supabase"], "SELECT id, balance FROM accounts WHERE id <= 2 "
                  "ORDER BY id") == [(1, 400), (2, 1600)]
@@ -294,11 +297,7 @@ def test_tables_with_a_foreign_key_drain_parents_first_and_delete_children_first
               "DELETE FROM parents WHERE id = 1")
     journaled(plain["railway"], "INSERT INTO parents VALUES (3, 'c')",
               "UPDATE children SET parent = 3 WHERE id = 11")
-    with psycopg.connect(plain["supabase"]) as target, \
-            psycopg.connect(plain["railway"]) as source:
-        journal.prepare_session(target)
-        journal.prepare_session(source)
-        report = drain.drain_all(source, target, "railway", ConflictPolicy())
+    report = drain_railway(plain)
     assert (report.changes, report.conflicts, journal_size(plain["railway"])) == (4, 0, 0)
     assert query(plain["supabase"], "SELECT id, name FROM parents ORDER BY id") == [
         (2, "b"), (3, "c")]
@@ -324,11 +323,7 @@ def test_identity_keys_and_generated_columns_drain(
     query_none(plain["railway"], "SELECT setval(pg_get_serial_sequence('items', 'id'), 100)")
     journaled(plain["railway"], "INSERT INTO items (price, qty) VALUES (3, 3), (4, 4)",
               "UPDATE items SET qty = 10 WHERE id = 1", "DELETE FROM items WHERE id = 2")
-    with psycopg.connect(plain["supabase"]) as target, \
-            psycopg.connect(plain["railway"]) as source:
-        journal.prepare_session(target)
-        journal.prepare_session(source)
-        report = drain.drain_all(source, target, "railway", ConflictPolicy())
+    report = drain_railway(plain)
     assert (report.changes, report.conflicts, journal_size(plain["railway"])) == (4, 0, 0)
     assert query(plain["supabase"], "SELECT id, price, qty, total FROM items ORDER BY id") == [
         (1, 1, 10, 10), (101, 3, 3, 9), (102, 4, 4, 16)]
@@ -375,17 +370,10 @@ def test_rows_of_every_common_column_type_drain_exactly(
               "jb = jb || '{\"y\": null}' WHERE \"Key\" IN ('one', 'three')",
               "DELETE FROM \"Odd Items\" WHERE \"Key\" = 'four'")
 
-    def run() -> drain.DrainReport:
-        with psycopg.connect(plain["supabase"]) as target, \
-                psycopg.connect(plain["railway"]) as source:
-            journal.prepare_session(target)
-            journal.prepare_session(source)
-            return drain.drain_all(source, target, "railway", ConflictPolicy())
-
     def rows_of(url: str) -> list[Any]:
         return query(url, 'SELECT o::text FROM "Odd Items" o ORDER BY "Key"')
 
-    report = run()
+    report = drain_railway(plain)
     assert (report.changes, report.conflicts, journal_size(plain["railway"])) == (7, 0, 0)
     assert len(rows_of(plain["supabase"])) == 3
     # A json column comes back as jsonb keeps it (keys sorted, spaces dropped):
@@ -396,7 +384,7 @@ def test_rows_of_every_common_column_type_drain_exactly(
     assert rows_of(plain["supabase"]) == rows_of(plain["railway"])
     # The next outage changes these rows again: their images match the primary's.
     journaled(plain["railway"], "UPDATE \"Odd Items\" SET m = 'calm'")
-    report = run()
+    report = drain_railway(plain)
     assert (report.changes, report.conflicts) == (3, 0)
     assert rows_of(plain["supabase"]) == rows_of(plain["railway"])
 
@@ -415,11 +403,7 @@ def test_tables_of_any_schema_and_name_drain(
         journal.install(conn, table)
     journaled(plain["railway"], f"INSERT INTO {table} VALUES (3, 'c')",
               f"UPDATE {table} SET v = 'z' WHERE id = 1", f"DELETE FROM {table} WHERE id = 2")
-    with psycopg.connect(plain["supabase"]) as target, \
-            psycopg.connect(plain["railway"]) as source:
-        journal.prepare_session(target)
-        journal.prepare_session(source)
-        report = drain.drain_all(source, target, "railway", ConflictPolicy())
+    report = drain_railway(plain)
     assert (report.changes, report.stuck, journal_size(plain["railway"])) == (3, 0, 0)
     assert query(plain["supabase"], f"SELECT id, v FROM {table} ORDER BY id") == [
         (1, "z"), (3, "c")]
@@ -453,11 +437,7 @@ def test_a_batch_whose_final_rows_collide_on_a_unique_key_drains_step_by_step(
     journaled(plain["railway"], "DELETE FROM users WHERE id = 1",
               "INSERT INTO users VALUES (2, 'x@example.org')")
     journaled(plain["railway"], "UPDATE slots SET note = 'z' WHERE id = 3")
-    with psycopg.connect(plain["supabase"]) as target, \
-            psycopg.connect(plain["railway"]) as source:
-        journal.prepare_session(target)
-        journal.prepare_session(source)
-        report = drain.drain_all(source, target, "railway", ConflictPolicy())
+    report = drain_railway(plain)
     assert (report.changes, report.conflicts, journal_size(plain["railway"])) == (6, 0, 0)
     for table in ("slots", "users"):
         assert query(plain["supabase"], f"SELECT * FROM {table} ORDER BY id") == \
@@ -497,7 +477,7 @@ def test_a_batch_that_fails_on_the_primary_keeps_its_entries_and_leaves_no_prune
     assert journal_size(plain["railway"]) == 2
     assert query(plain["supabase"], "SELECT id, balance FROM accounts WHERE id <= 2 "
                  "ORDER BY id") == [(1, 1000), (2, 1000)]
-    report = run()
+    report = drain_railway(plain)
     assert (report.changes, report.transactions) == (2, 1)
     assert journal_size(plain["railway"]) == 0
     # Its entries pruned, the drain dropped their marks before it returned.
