@@ -391,7 +391,8 @@ def _try_lock(target: psycopg.Connection[Any], backup: str) -> bool:
 
 
 def _drop_marks(target: psycopg.Connection[Any], backup: str, xids: list[str]) -> None:
-    """Drop the marks of source transactions this drain pruned, under the lock.
+    """Drop the marks of source transactions whose entries are gone from the journal
+    (this drain pruned them, or `_forget_pruned` found them gone), under the lock.
 
     Their entries are gone for good (every entry of each was pruned, and a
     committed transaction records no more): no drainer holding the lock
@@ -420,10 +421,7 @@ def _forget_pruned(source: psycopg.Connection[Any], target: psycopg.Connection[A
     with _steady(source):
         kept = {r[0] for r in source.execute(
             f"SELECT DISTINCT xid::text FROM {JOURNAL} WHERE xid = ANY(%s::xid8[])", (marks,))}
-    gone = [m for m in marks if m not in kept]
-    if gone:
-        target.execute("DELETE FROM agent_factory_drained WHERE provider = %s "
-                       "AND xid = ANY(%s::xid8[])", (backup, gone))
+    _drop_marks(target, backup, [m for m in marks if m not in kept])
     return [m for m in marks if m in kept]
 
 
