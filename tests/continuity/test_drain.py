@@ -44,6 +44,15 @@ from agent_factory.testing.faultproxy import FaultProxy
 from agent_factory.testing.fleet import Fleet
 
 
+def same_tables(plain: dict[str, str], ddl: str, *journaled: str) -> None:
+    """``ddl`` on the primary and on railway, and railway's journal on ``journaled``."""
+    for name in ("supabase", "railway"):
+        query_none(plain[name], ddl)
+    with psycopg.connect(plain["railway"]) as conn:
+        for table in journaled:
+            journal.install(conn, table)
+
+
 def drain_railway(plain: dict[str, str], policy: ConflictPolicy | None = None
                   ) -> drain.DrainReport:
     """Railway's journal drained into the primary to the end, as the CLI does."""
@@ -284,15 +293,12 @@ def test_tables_with_a_foreign_key_drain_parents_first_and_delete_children_first
     children before their parent -- else every attempt fails on the foreign key
     and the changes stay pending for good."""
     plain = direct(healthy_fleet, bank)
-    for name in ("supabase", "railway"):
-        query_none(plain[name], "CREATE TABLE parents (id int PRIMARY KEY, name text); "
-                   "CREATE TABLE children (id int PRIMARY KEY, "
-                   "parent int NOT NULL REFERENCES parents, note text); "
-                   "INSERT INTO parents VALUES (1, 'a'), (2, 'b'); "
-                   "INSERT INTO children VALUES (10, 1, 'x'), (11, 2, 'y')")
-    with psycopg.connect(plain["railway"]) as conn:
-        for table in ("parents", "children"):
-            journal.install(conn, table)
+    same_tables(plain, "CREATE TABLE parents (id int PRIMARY KEY, name text); "
+                "CREATE TABLE children (id int PRIMARY KEY, "
+                "parent int NOT NULL REFERENCES parents, note text); "
+                "INSERT INTO parents VALUES (1, 'a'), (2, 'b'); "
+                "INSERT INTO children VALUES (10, 1, 'x'), (11, 2, 'y')",
+                "parents", "children")
     journaled(plain["railway"], "DELETE FROM children WHERE parent = 1",
               "DELETE FROM parents WHERE id = 1")
     journaled(plain["railway"], "INSERT INTO parents VALUES (3, 'c')",
@@ -311,15 +317,12 @@ def test_identity_keys_and_generated_columns_drain(
     column, as PostgreSQL recommends today: inserts, updates and a delete on
     railway reach the primary, which computes the generated column itself."""
     plain = direct(healthy_fleet, bank)
-    for name in ("supabase", "railway"):
-        query_none(plain[name], "CREATE TABLE items (id bigint GENERATED ALWAYS AS IDENTITY "
-                   "PRIMARY KEY, price int NOT NULL, qty int NOT NULL, "
-                   "total int GENERATED ALWAYS AS (price * qty) STORED)")
+    same_tables(plain, "CREATE TABLE items (id bigint GENERATED ALWAYS AS IDENTITY "
+                "PRIMARY KEY, price int NOT NULL, qty int NOT NULL, "
+                "total int GENERATED ALWAYS AS (price * qty) STORED)", "items")
     query_none(plain["supabase"], "INSERT INTO items (price, qty) VALUES (1, 1), (2, 2)")
     query_none(plain["railway"], "INSERT INTO items (id, price, qty) OVERRIDING SYSTEM VALUE "
                "VALUES (1, 1, 1), (2, 2, 2)")
-    with psycopg.connect(plain["railway"]) as conn:
-        journal.install(conn, "items")
     query_none(plain["railway"], "SELECT setval(pg_get_serial_sequence('items', 'id'), 100)")
     journaled(plain["railway"], "INSERT INTO items (price, qty) VALUES (3, 3), (4, 4)",
               "UPDATE items SET qty = 10 WHERE id = 1", "DELETE FROM items WHERE id = 2")
@@ -353,10 +356,7 @@ def test_rows_of_every_common_column_type_drain_exactly(
     value, and a later outage's update of those rows applies cleanly (its before
     image matches what the primary got)."""
     plain = direct(healthy_fleet, bank)
-    for name in ("supabase", "railway"):
-        query_none(plain[name], TYPES)
-    with psycopg.connect(plain["railway"]) as conn:
-        journal.install(conn, '"Odd Items"')
+    same_tables(plain, TYPES, '"Odd Items"')
     row = ("'{k}', {f}, 12345678901234567890.000000000001, "
            "'2026-12-03 10:00:00.123456+05:30', '2026-12-03 10:00', '2026-12-03', "
            "'1 day 02:03:04.5', decode('00ff10', 'hex'), ARRAY[1, NULL, 3], "
@@ -395,12 +395,9 @@ def test_tables_of_any_schema_and_name_drain(
     """A table outside ``public``, in a schema whose name needs quotes, or with a
     name that does (the trigger records each part quoted where needed)."""
     plain = direct(healthy_fleet, bank)
-    for name in ("supabase", "railway"):
-        query_none(plain[name], 'CREATE SCHEMA app; CREATE SCHEMA "My App"; '
-                   f"CREATE TABLE {table} (id int PRIMARY KEY, v text); "
-                   f"INSERT INTO {table} VALUES (1, 'a'), (2, 'b')")
-    with psycopg.connect(plain["railway"]) as conn:
-        journal.install(conn, table)
+    same_tables(plain, 'CREATE SCHEMA app; CREATE SCHEMA "My App"; '
+                f"CREATE TABLE {table} (id int PRIMARY KEY, v text); "
+                f"INSERT INTO {table} VALUES (1, 'a'), (2, 'b')", table)
     journaled(plain["railway"], f"INSERT INTO {table} VALUES (3, 'c')",
               f"UPDATE {table} SET v = 'z' WHERE id = 1", f"DELETE FROM {table} WHERE id = 2")
     report = drain_railway(plain)
@@ -424,14 +421,10 @@ def test_a_batch_whose_final_rows_collide_on_a_unique_key_drains_step_by_step(
     key at each row); replayed one change at a time, as railway went through
     them, they do not. Every change reaches the primary, none is a conflict."""
     plain = direct(healthy_fleet, bank)
-    for name in ("supabase", "railway"):
-        query_none(plain[name], "CREATE TABLE slots (id int PRIMARY KEY, pos int UNIQUE, "
-                   "note text); INSERT INTO slots VALUES (1, 1, 'a'), (2, 2, 'b'), (3, 3, 'c'); "
-                   "CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE); "
-                   "INSERT INTO users VALUES (1, 'x@example.org')")
-    with psycopg.connect(plain["railway"]) as conn:
-        for table in ("slots", "users"):
-            journal.install(conn, table)
+    same_tables(plain, "CREATE TABLE slots (id int PRIMARY KEY, pos int UNIQUE, note text); "
+                "INSERT INTO slots VALUES (1, 1, 'a'), (2, 2, 'b'), (3, 3, 'c'); "
+                "CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE); "
+                "INSERT INTO users VALUES (1, 'x@example.org')", "slots", "users")
     journaled(plain["railway"], "UPDATE slots SET pos = -1 WHERE id = 1",
               "UPDATE slots SET pos = 1 WHERE id = 2", "UPDATE slots SET pos = 2 WHERE id = 1")
     journaled(plain["railway"], "DELETE FROM users WHERE id = 1",
